@@ -1,0 +1,1 @@
+//! Network modules built from config files: CLIP text encoder, UNet, VAE.

@@ -1,0 +1,3 @@
+//! Samplers (diffusers schedulers) and the torch-compatible random number generator.
+
+pub mod rng;

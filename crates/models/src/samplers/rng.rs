@@ -1,0 +1,1 @@
+//! Torch-compatible CPU random number generator (mt19937 + torch randn).

@@ -1,0 +1,3 @@
+//! Tokenizers.
+
+pub mod clip;
