@@ -17,7 +17,10 @@ pub enum Error {
     Config { path: PathBuf, message: String },
     /// A request value is outside what the model or sampler accepts.
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     /// The run was stopped by its caller between two steps.
     #[error("cancelled")]
     Cancelled,

@@ -4,7 +4,9 @@
 //! builds networks from the model's own config files and runs the denoising loop.
 
 pub mod error;
+pub mod loader;
 pub mod modules;
+pub mod pipelines;
 pub mod samplers;
 pub mod tokenizer;
 

@@ -1,1 +1,46 @@
-fn main() {}
+//! `sd-worker`: a Stable Diffusion image-generation worker.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod device;
+mod generate;
+mod inspect;
+mod png_out;
+
+/// Stable Diffusion image-generation worker on candle.
+#[derive(Parser, Debug)]
+#[command(name = "sd-worker", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate images from a prompt and write them as PNG files.
+    Generate(generate::GenerateArgs),
+    /// Print what was detected in a model folder, without loading the weights.
+    Inspect(inspect::InspectArgs),
+    /// Time CLIP encode, one UNet step and VAE decode on the full-size SD 1.5
+    /// architecture with random weights.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,6 @@
 //! Network modules built from config files: CLIP text encoder, UNet, VAE.
+
+pub mod clip;
+pub mod config;
+pub mod unet;
+pub mod vae;

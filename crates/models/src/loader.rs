@@ -1,0 +1,270 @@
+//! Detects a Stable Diffusion diffusers folder and builds its pipeline.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::modules::clip::{ClipTextConfig, ClipTextModel};
+use crate::modules::config::JsonConfig;
+use crate::modules::unet::{UNet, UNetConfig};
+use crate::modules::vae::{Vae, VaeConfig};
+use crate::pipelines::SdPipeline;
+use crate::samplers::{PredictionType, SchedulerConfig};
+use crate::tokenizer::clip::ClipTokenizer;
+use crate::{Error, Result};
+
+/// Pipeline classes of model_index.json that load as SD 1.x/2.x text-to-image.
+const SD_CLASSES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "OnnxStableDiffusionPipeline",
+];
+
+/// What was found in a model folder.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// A short name for the model (its folder name).
+    pub name: String,
+    pub path: PathBuf,
+    /// `sd1` or `sd2`, judged from the text encoder (CLIP ViT-L vs OpenCLIP).
+    pub family: &'static str,
+    pub pipeline_class: String,
+    pub prediction_type: PredictionType,
+    /// The weight file of each component.
+    pub weights: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// Finds the safetensors weights of a component: the plain file, else the `fp16` variant,
+/// else a sharded index.
+pub fn find_weights(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    for variant in ["", ".fp16"] {
+        let single = dir.join(format!("{stem}{variant}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
+        if index.is_file() {
+            return shards_from_index(&index);
+        }
+    }
+    let pickle = ["bin", "ckpt", "pt", "pth"]
+        .iter()
+        .map(|ext| dir.join(format!("{stem}.{ext}")))
+        .find(|p| p.is_file());
+    match pickle {
+        Some(p) => Err(Error::config(
+            &p,
+            "pickle weights are not loaded (they can run code); convert them to .safetensors",
+        )),
+        None => Err(Error::config(
+            dir,
+            format!("no {stem}.safetensors (or .fp16.safetensors, or a sharded index) found"),
+        )),
+    }
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let cfg = JsonConfig::load(index)?;
+    let map = cfg
+        .value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| cfg.err("missing `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for v in map.values() {
+        let name = v
+            .as_str()
+            .ok_or_else(|| cfg.err("`weight_map` values must be file names"))?;
+        if name.contains('/') || name.contains('\\') || name.contains("..") {
+            return Err(cfg.err(format!("shard name {name:?} must be a plain file name")));
+        }
+        let p = dir.join(name);
+        if !files.contains(&p) {
+            if !p.is_file() {
+                return Err(cfg.err(format!("shard {name} is missing")));
+            }
+            files.push(p);
+        }
+    }
+    Ok(files)
+}
+
+fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in files {
+        // Validate each file's header first so that a corrupt file gets a clear message.
+        let bytes = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+        drop(bytes);
+    }
+    // SAFETY: the files are memory-mapped read-only; they must not be modified while loaded,
+    // which is the documented contract of the weights folder.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
+    vb.map_err(|e| {
+        Error::config(
+            files.first().cloned().unwrap_or_default(),
+            format!("cannot read safetensors weights: {e}"),
+        )
+    })
+}
+
+fn component(root: &Path, name: &str) -> Result<PathBuf> {
+    let dir = root.join(name);
+    if !dir.is_dir() {
+        return Err(Error::config(
+            root,
+            format!("missing the `{name}/` component folder"),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Wraps an error from building a module so that it names the component.
+fn in_component<T>(name: &str, dir: &Path, r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        Error::Candle(c) => {
+            Error::config(dir, format!("{name} weights do not match its config: {c}"))
+        }
+        other => other,
+    })
+}
+
+/// Reads a model folder's description without loading any weights.
+pub fn inspect(root: &Path) -> Result<ModelInfo> {
+    if !root.exists() {
+        return Err(Error::config(root, "no such file or directory"));
+    }
+    if !root.is_dir() {
+        return Err(Error::config(
+            root,
+            "expected a diffusers model folder (with model_index.json)",
+        ));
+    }
+    let index = JsonConfig::load(&root.join("model_index.json"))?;
+    let class = index.str_or("_class_name", "")?.to_string();
+    if !SD_CLASSES.contains(&class.as_str()) {
+        return Err(index.err(format!(
+            "pipeline class {class:?} is not supported; this worker runs Stable Diffusion 1.x/2.x ({})",
+            SD_CLASSES.join(", ")
+        )));
+    }
+    let te = JsonConfig::load(&component(root, "text_encoder")?.join("config.json"))?;
+    let te_cfg = ClipTextConfig::from_config(&te)?;
+    let family = if te_cfg.hidden_act == crate::modules::clip::ClipActivation::QuickGelu {
+        "sd1"
+    } else {
+        "sd2"
+    };
+    let sched =
+        SchedulerConfig::load(&component(root, "scheduler")?.join("scheduler_config.json"))?;
+    let mut weights = Vec::new();
+    for (name, stem) in [
+        ("text_encoder", "model"),
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ] {
+        weights.push((
+            name.to_string(),
+            find_weights(&component(root, name)?, stem)?,
+        ));
+    }
+    let name = root
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| root.display().to_string());
+    Ok(ModelInfo {
+        name,
+        path: root.to_path_buf(),
+        family,
+        pipeline_class: class,
+        prediction_type: sched.prediction_type(),
+        weights,
+    })
+}
+
+/// Loads a Stable Diffusion 1.x/2.x diffusers folder onto `device` with weights in `dtype`.
+/// The VAE stays in f32 when its config asks for `force_upcast` and `dtype` is f16.
+pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline, ModelInfo)> {
+    let info = inspect(root)?;
+    let weights = |name: &str| -> Vec<PathBuf> {
+        info.weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_default()
+    };
+    let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
+
+    let te_dir = component(root, "text_encoder")?;
+    let te_cfg = ClipTextConfig::from_config(&JsonConfig::load(&te_dir.join("config.json"))?)?;
+    let te_vb = var_builder(&weights("text_encoder"), dtype, device)?;
+    let text_encoder = in_component("text_encoder", &te_dir, ClipTextModel::new(te_vb, &te_cfg))?;
+
+    let unet_dir = component(root, "unet")?;
+    let unet_cfg_file = JsonConfig::load(&unet_dir.join("config.json"))?;
+    let unet_cfg = UNetConfig::from_config(&unet_cfg_file)?;
+    let unet_vb = var_builder(&weights("unet"), dtype, device)?;
+    let unet = in_component("unet", &unet_dir, UNet::new(unet_vb, &unet_cfg))?;
+
+    let vae_dir = component(root, "vae")?;
+    let vae_cfg = VaeConfig::from_config(&JsonConfig::load(&vae_dir.join("config.json"))?)?;
+    let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    };
+    let vae_vb = var_builder(&weights("vae"), vae_dtype, device)?;
+    let vae = in_component("vae", &vae_dir, Vae::new(vae_vb, &vae_cfg))?;
+
+    if unet_cfg.in_channels != vae_cfg.latent_channels {
+        return Err(unet_cfg_file.err(format!(
+            "in_channels = {} but the VAE has {} latent channels (inpainting checkpoints are not supported for text-to-image)",
+            unet_cfg.in_channels, vae_cfg.latent_channels
+        )));
+    }
+    if unet_cfg.context_dim() != te_cfg.hidden_size {
+        return Err(unet_cfg_file.err(format!(
+            "cross_attention_dim = {} but the text encoder's hidden_size is {}",
+            unet_cfg.context_dim(),
+            te_cfg.hidden_size
+        )));
+    }
+    if tokenizer.max_length() > te_cfg.max_position_embeddings {
+        return Err(Error::config(
+            root.join("tokenizer"),
+            format!(
+                "model_max_length {} exceeds the text encoder's {} positions",
+                tokenizer.max_length(),
+                te_cfg.max_position_embeddings
+            ),
+        ));
+    }
+    let scheduler =
+        SchedulerConfig::load(&component(root, "scheduler")?.join("scheduler_config.json"))?;
+    let pipeline = SdPipeline {
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler,
+        device: device.clone(),
+        dtype,
+    };
+    Ok((pipeline, info))
+}
+
+/// The UNet config of a model folder.
+pub fn read_unet_config(root: &Path) -> Result<UNetConfig> {
+    UNetConfig::from_config(&JsonConfig::load(
+        &component(root, "unet")?.join("config.json"),
+    )?)
+}
+
+/// The VAE config of a model folder.
+pub fn read_vae_config(root: &Path) -> Result<VaeConfig> {
+    VaeConfig::from_config(&JsonConfig::load(
+        &component(root, "vae")?.join("config.json"),
+    )?)
+}

@@ -1,0 +1,251 @@
+//! CLIP text encoder (transformers `CLIPTextModel`), built from its `config.json`.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::JsonConfig;
+use crate::Result;
+
+/// The activation of the MLP blocks (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    QuickGelu,
+    /// Exact (erf) GELU, as `torch.nn.functional.gelu`.
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl ClipActivation {
+    fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
+            ClipActivation::Gelu => xs.gelu_erf(),
+            ClipActivation::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+/// The fields of a transformers `CLIPTextConfig` that shape the network.
+#[derive(Debug, Clone)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: ClipActivation,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipTextConfig {
+    pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
+        // Some checkpoints nest the text settings under `text_config` (full CLIPModel).
+        let cfg = match cfg.value.get("text_config") {
+            Some(v) if v.is_object() => JsonConfig::from_value(&cfg.path, v.clone()),
+            _ => cfg.clone(),
+        };
+        let hidden_act = match cfg.str_or("hidden_act", "quick_gelu")? {
+            "quick_gelu" => ClipActivation::QuickGelu,
+            "gelu" => ClipActivation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => ClipActivation::GeluTanh,
+            other => {
+                return Err(cfg.err(format!(
+                    "field `hidden_act` = \"{other}\" is not supported (quick_gelu, gelu, gelu_new)"
+                )))
+            }
+        };
+        let c = Self {
+            vocab_size: cfg.usize_or("vocab_size", 49408)?,
+            hidden_size: cfg.usize_or("hidden_size", 512)?,
+            intermediate_size: cfg.usize_or("intermediate_size", 2048)?,
+            num_hidden_layers: cfg.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: cfg.usize_or("num_attention_heads", 8)?,
+            max_position_embeddings: cfg.usize_or("max_position_embeddings", 77)?,
+            hidden_act,
+            layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
+        };
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(cfg.err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        Ok(c)
+    }
+
+    /// The CLIP ViT-L/14 text tower of Stable Diffusion 1.x (used by the benchmark).
+    pub fn sd15() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            scale: ((d / c.num_attention_heads) as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let hd = d / self.heads;
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q.forward(xs)? * self.scale)?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let in_dtype = q.dtype();
+        let scores = q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.out.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: ClipActivation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            ln1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(vb.pp("self_attn"), c)?,
+            ln2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            act: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
+        )?;
+        h + m
+    }
+}
+
+/// `CLIPTextModel`: token + position embeddings, causal encoder, final layer norm.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    pub config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the model; accepts weights saved with or without the `text_model.` prefix.
+    pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let c = config;
+        let emb = vb.pp("embeddings");
+        let token_embedding = embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding = embedding(
+            c.max_position_embeddings,
+            c.hidden_size,
+            emb.pp("position_embedding"),
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm =
+            layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: c.clone(),
+        })
+    }
+
+    fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (1, 1, t, t), device)
+    }
+
+    /// `last_hidden_state` for token ids of shape (batch, seq).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(crate::Error::invalid(
+                "prompt",
+                format!(
+                    "{t} tokens exceed the text encoder's {} positions",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(t, input_ids.device())?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.token_embedding.embeddings().dtype()
+    }
+
+    /// Hidden size of the output embeddings.
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+}

@@ -1,0 +1,802 @@
+//! The Stable Diffusion 1.x/2.x UNet (diffusers `UNet2DConditionModel`), built from its
+//! `config.json`: any number of blocks, block types in any order, per-block head counts,
+//! linear or convolutional projections, exact (erf) GELU in the feed-forward as diffusers.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
+};
+use serde_json::json;
+
+use super::config::JsonConfig;
+use crate::Result;
+
+/// The kind of one down or up block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Plain,
+    CrossAttn,
+}
+
+/// Everything in a UNet `config.json` that shapes the network.
+#[derive(Debug, Clone)]
+pub struct UNetConfig {
+    pub sample_size: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_blocks: Vec<BlockKind>,
+    pub up_blocks: Vec<BlockKind>,
+    pub mid_block: bool,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: Vec<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: Vec<usize>,
+    pub transformer_layers_per_block: Vec<usize>,
+    /// Number of attention heads per block (diffusers' `attention_head_dim` when
+    /// `num_attention_heads` is absent: the config field name is historical).
+    pub num_attention_heads: Vec<usize>,
+    pub only_cross_attention: Vec<bool>,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+}
+
+fn parse_down(cfg: &JsonConfig, name: &str) -> Result<BlockKind> {
+    match name {
+        "DownBlock2D" => Ok(BlockKind::Plain),
+        "CrossAttnDownBlock2D" => Ok(BlockKind::CrossAttn),
+        other => Err(cfg.err(format!(
+            "down block type \"{other}\" is not supported (DownBlock2D, CrossAttnDownBlock2D)"
+        ))),
+    }
+}
+
+fn parse_up(cfg: &JsonConfig, name: &str) -> Result<BlockKind> {
+    match name {
+        "UpBlock2D" => Ok(BlockKind::Plain),
+        "CrossAttnUpBlock2D" => Ok(BlockKind::CrossAttn),
+        other => Err(cfg.err(format!(
+            "up block type \"{other}\" is not supported (UpBlock2D, CrossAttnUpBlock2D)"
+        ))),
+    }
+}
+
+impl UNetConfig {
+    pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
+        // Options with non-default values that change the network and that we do not build.
+        for (key, ok) in [
+            ("class_embed_type", vec![]),
+            ("addition_embed_type", vec![]),
+            ("encoder_hid_dim", vec![]),
+            ("encoder_hid_dim_type", vec![]),
+            ("num_class_embeds", vec![]),
+            ("time_cond_proj_dim", vec![]),
+            ("time_embedding_dim", vec![]),
+            ("time_embedding_act_fn", vec![]),
+            ("timestep_post_act", vec![]),
+            ("dual_cross_attention", vec![json!(false)]),
+            ("class_embeddings_concat", vec![json!(false)]),
+            ("resnet_skip_time_act", vec![json!(false)]),
+            ("resnet_time_scale_shift", vec![json!("default")]),
+            ("resnet_out_scale_factor", vec![json!(1.0), json!(1)]),
+            ("time_embedding_type", vec![json!("positional")]),
+            ("act_fn", vec![json!("silu")]),
+            ("attention_type", vec![json!("default")]),
+            ("cross_attention_norm", vec![]),
+            ("reverse_transformer_layers_per_block", vec![]),
+        ] {
+            cfg.expect_default(key, &ok)?;
+        }
+        let down_types = cfg.str_list("down_block_types")?.unwrap_or_else(|| {
+            vec![
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "DownBlock2D".into(),
+            ]
+        });
+        let up_types = cfg.str_list("up_block_types")?.unwrap_or_else(|| {
+            vec![
+                "UpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+            ]
+        });
+        let down_blocks = down_types
+            .iter()
+            .map(|s| parse_down(cfg, s))
+            .collect::<Result<Vec<_>>>()?;
+        let up_blocks = up_types
+            .iter()
+            .map(|s| parse_up(cfg, s))
+            .collect::<Result<Vec<_>>>()?;
+        let n = down_blocks.len();
+        if n == 0 || up_blocks.len() != n {
+            return Err(cfg.err(format!(
+                "down_block_types ({n}) and up_block_types ({}) must be non-empty and of equal length",
+                up_blocks.len()
+            )));
+        }
+        let block_out_channels = cfg
+            .usize_list("block_out_channels")?
+            .unwrap_or_else(|| vec![320, 640, 1280, 1280]);
+        if block_out_channels.len() != n {
+            return Err(cfg.err(format!(
+                "block_out_channels has {} entries but there are {n} down blocks",
+                block_out_channels.len()
+            )));
+        }
+        let mid_block = match cfg.str_opt("mid_block_type")? {
+            None if cfg.value.get("mid_block_type").is_some_and(|v| v.is_null()) => false,
+            None | Some("UNetMidBlock2DCrossAttn") => true,
+            Some(other) => {
+                return Err(cfg.err(format!(
+                    "mid_block_type \"{other}\" is not supported (UNetMidBlock2DCrossAttn)"
+                )))
+            }
+        };
+        let heads = if cfg.has("num_attention_heads") {
+            cfg.usize_per_block("num_attention_heads", n, None)?
+        } else {
+            cfg.usize_per_block("attention_head_dim", n, Some(8))?
+        };
+        let norm_num_groups = cfg.usize_or("norm_num_groups", 32)?;
+        let c = Self {
+            sample_size: cfg.usize_or("sample_size", 64)?,
+            in_channels: cfg.usize_or("in_channels", 4)?,
+            out_channels: cfg.usize_or("out_channels", 4)?,
+            center_input_sample: cfg.bool_or("center_input_sample", false)?,
+            flip_sin_to_cos: cfg.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: cfg.f64_or("freq_shift", 0.0)?,
+            down_blocks,
+            up_blocks,
+            mid_block,
+            layers_per_block: cfg.usize_per_block("layers_per_block", n, Some(2))?,
+            downsample_padding: cfg.usize_or("downsample_padding", 1)?,
+            mid_block_scale_factor: cfg.f64_or("mid_block_scale_factor", 1.0)?,
+            norm_num_groups,
+            norm_eps: cfg.f64_or("norm_eps", 1e-5)?,
+            cross_attention_dim: cfg.usize_per_block("cross_attention_dim", n, Some(1280))?,
+            transformer_layers_per_block: cfg.usize_per_block(
+                "transformer_layers_per_block",
+                n,
+                Some(1),
+            )?,
+            num_attention_heads: heads,
+            only_cross_attention: cfg.bool_per_block("only_cross_attention", n, false)?,
+            use_linear_projection: cfg.bool_or("use_linear_projection", false)?,
+            upcast_attention: cfg.bool_or("upcast_attention", false)?,
+            conv_in_kernel: cfg.usize_or("conv_in_kernel", 3)?,
+            conv_out_kernel: cfg.usize_or("conv_out_kernel", 3)?,
+            block_out_channels,
+        };
+        if cfg.bool_or("mid_block_only_cross_attention", false)? {
+            return Err(cfg.err("field `mid_block_only_cross_attention` = true is not supported"));
+        }
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            if norm_num_groups == 0 || ch % norm_num_groups != 0 {
+                return Err(cfg.err(format!(
+                    "block_out_channels[{i}] = {ch} is not divisible by norm_num_groups {norm_num_groups}"
+                )));
+            }
+            let h = c.num_attention_heads[i];
+            if h == 0 || ch % h != 0 {
+                return Err(cfg.err(format!(
+                    "block_out_channels[{i}] = {ch} is not divisible by {h} attention heads"
+                )));
+            }
+        }
+        if c.conv_in_kernel % 2 == 0 || c.conv_out_kernel % 2 == 0 {
+            return Err(cfg.err("conv_in_kernel and conv_out_kernel must be odd"));
+        }
+        Ok(c)
+    }
+
+    /// The cross-attention width expected from the text encoder.
+    pub fn context_dim(&self) -> usize {
+        self.cross_attention_dim[0]
+    }
+
+    /// The Stable Diffusion 1.5 UNet (used by the benchmark).
+    pub fn sd15() -> Self {
+        use BlockKind::*;
+        Self {
+            sample_size: 64,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_blocks: vec![CrossAttn, CrossAttn, CrossAttn, Plain],
+            up_blocks: vec![Plain, CrossAttn, CrossAttn, CrossAttn],
+            mid_block: true,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: vec![2; 4],
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: vec![768; 4],
+            transformer_layers_per_block: vec![1; 4],
+            num_attention_heads: vec![8; 4],
+            only_cross_attention: vec![false; 4],
+            use_linear_projection: false,
+            upcast_attention: false,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+        }
+    }
+}
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    Ok(conv2d(cin, cout, k, cfg, vb)?)
+}
+
+#[derive(Debug)]
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        c: &UNetConfig,
+        scale: f64,
+    ) -> Result<Self> {
+        let g = c.norm_num_groups;
+        let eps = c.norm_eps;
+        let shortcut = if cin != cout {
+            Some(conv(cin, cout, 1, 1, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(g, cin, eps, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, 1, vb.pp("conv1"))?,
+            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(g, cout, eps, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, 1, vb.pp("conv2"))?,
+            shortcut,
+            output_scale_factor: scale,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx_dim, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx_dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            scale: (head_dim as f64).powf(-0.5),
+            upcast,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let ctx = ctx.unwrap_or(xs);
+        let (b, n, d) = xs.dims3()?;
+        let m = ctx.dim(1)?;
+        let hd = d / self.heads;
+        let q = (self.to_q.forward(xs)? * self.scale)?
+            .reshape((b, n, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .to_k
+            .forward(ctx)?
+            .reshape((b, m, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .to_v
+            .forward(ctx)?
+            .reshape((b, m, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let in_dtype = q.dtype();
+        let (q, k) = if self.upcast && in_dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if in_dtype == DType::F32 {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
+        };
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.to_out.forward(&o)
+    }
+}
+
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+    only_cross: bool,
+}
+
+impl TransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        ctx: usize,
+        heads: usize,
+        only_cross: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = dim * 4;
+        let attn1_ctx = if only_cross { ctx } else { dim };
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, attn1_ctx, heads, upcast)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, ctx, heads, upcast)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_proj: linear(dim, inner * 2, vb.pp("ff").pp("net").pp("0").pp("proj"))?,
+            ff_out: linear(inner, dim, vb.pp("ff").pp("net").pp("2"))?,
+            only_cross,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        let n1 = self.norm1.forward(xs)?;
+        let a1 = if self.only_cross {
+            self.attn1.forward(&n1, Some(ctx))?
+        } else {
+            self.attn1.forward(&n1, None)?
+        };
+        let xs = (a1 + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
+        let p = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
+        let half = p.dim(D::Minus1)? / 2;
+        let ff = (p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&ff)? + xs
+    }
+}
+
+#[derive(Debug)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+#[derive(Debug)]
+struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2D {
+    fn new(
+        vb: VarBuilder,
+        ch: usize,
+        layers: usize,
+        ctx: usize,
+        heads: usize,
+        only_cross: bool,
+        c: &UNetConfig,
+    ) -> Result<Self> {
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Proj::Linear(linear(ch, ch, vb.pp("proj_in"))?),
+                Proj::Linear(linear(ch, ch, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Proj::Conv(conv(ch, ch, 1, 1, vb.pp("proj_in"))?),
+                Proj::Conv(conv(ch, ch, 1, 1, vb.pp("proj_out"))?),
+            )
+        };
+        let blocks = (0..layers)
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    ch,
+                    ctx,
+                    heads,
+                    only_cross,
+                    c.upcast_attention,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(c.norm_num_groups, ch, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_seq = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let mut hs = match &self.proj_in {
+            Proj::Conv(p) => to_seq(p.forward(&normed)?)?,
+            Proj::Linear(p) => p.forward(&to_seq(normed)?)?,
+        };
+        for block in &self.blocks {
+            hs = block.forward(&hs, ctx)?;
+        }
+        let from_seq = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&from_seq(hs)?)?,
+            Proj::Linear(p) => from_seq(p.forward(&hs)?)?,
+        };
+        out + xs
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+    downsample: Option<Conv2d>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+    upsample: Option<Conv2d>,
+}
+
+#[derive(Debug)]
+struct MidBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+}
+
+/// `UNet2DConditionModel` for SD 1.x / 2.x.
+#[derive(Debug)]
+pub struct UNet {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid: Option<MidBlock>,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        let c = config;
+        let n = c.block_out_channels.len();
+        let ch0 = c.block_out_channels[0];
+        let temb = ch0 * 4;
+        let conv_in = conv(c.in_channels, ch0, c.conv_in_kernel, 1, vb.pp("conv_in"))?;
+        let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding").pp("linear_1"))?;
+        let time_linear_2 = linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?;
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for (i, kind) in c.down_blocks.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let in_ch = out_ch;
+            out_ch = c.block_out_channels[i];
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..c.layers_per_block[i] {
+                let cin = if j == 0 { in_ch } else { out_ch };
+                resnets.push(ResnetBlock::new(
+                    vb.pp("resnets").pp(j),
+                    cin,
+                    out_ch,
+                    temb,
+                    c,
+                    1.0,
+                )?);
+                if *kind == BlockKind::CrossAttn {
+                    attentions.push(Transformer2D::new(
+                        vb.pp("attentions").pp(j),
+                        out_ch,
+                        c.transformer_layers_per_block[i],
+                        c.cross_attention_dim[i],
+                        c.num_attention_heads[i],
+                        c.only_cross_attention[i],
+                        c,
+                    )?);
+                }
+            }
+            let downsample = if i + 1 < n {
+                let cfg = Conv2dConfig {
+                    padding: c.downsample_padding,
+                    stride: 2,
+                    ..Default::default()
+                };
+                Some(conv2d(
+                    out_ch,
+                    out_ch,
+                    3,
+                    cfg,
+                    vb.pp("downsamplers").pp("0").pp("conv"),
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+            });
+        }
+
+        let last = c.block_out_channels[n - 1];
+        let mid = if c.mid_block {
+            let vb = vb.pp("mid_block");
+            let s = c.mid_block_scale_factor;
+            let mut resnets = vec![ResnetBlock::new(
+                vb.pp("resnets").pp(0),
+                last,
+                last,
+                temb,
+                c,
+                s,
+            )?];
+            let mut attentions = Vec::new();
+            // diffusers' mid block has one attention + resnet pair (num_layers = 1).
+            attentions.push(Transformer2D::new(
+                vb.pp("attentions").pp(0),
+                last,
+                c.transformer_layers_per_block[n - 1],
+                c.cross_attention_dim[n - 1],
+                c.num_attention_heads[n - 1],
+                false,
+                c,
+            )?);
+            resnets.push(ResnetBlock::new(
+                vb.pp("resnets").pp(1),
+                last,
+                last,
+                temb,
+                c,
+                s,
+            )?);
+            Some(MidBlock {
+                resnets,
+                attentions,
+            })
+        } else {
+            None
+        };
+
+        let rev_ch: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut out_ch = rev_ch[0];
+        for (i, kind) in c.up_blocks.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let rev = n - 1 - i;
+            let prev_out = out_ch;
+            out_ch = rev_ch[i];
+            let in_ch = rev_ch[(i + 1).min(n - 1)];
+            let layers = c.layers_per_block[rev] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j == layers - 1 { in_ch } else { out_ch };
+                let rin = if j == 0 { prev_out } else { out_ch };
+                resnets.push(ResnetBlock::new(
+                    vb.pp("resnets").pp(j),
+                    rin + skip,
+                    out_ch,
+                    temb,
+                    c,
+                    1.0,
+                )?);
+                if *kind == BlockKind::CrossAttn {
+                    attentions.push(Transformer2D::new(
+                        vb.pp("attentions").pp(j),
+                        out_ch,
+                        c.transformer_layers_per_block[rev],
+                        c.cross_attention_dim[rev],
+                        c.num_attention_heads[rev],
+                        c.only_cross_attention[rev],
+                        c,
+                    )?);
+                }
+            }
+            let upsample = if i + 1 < n {
+                Some(conv(
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    vb.pp("upsamplers").pp("0").pp("conv"),
+                )?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down,
+            mid,
+            up,
+            norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(ch0, c.out_channels, c.conv_out_kernel, 1, vb.pp("conv_out"))?,
+            config: c.clone(),
+        })
+    }
+
+    /// Sinusoidal timestep features (diffusers `Timesteps`), computed in f32.
+    fn time_proj(
+        &self,
+        timestep: f64,
+        batch: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let t = timestep as f32;
+        let shift = self.config.freq_shift as f32;
+        let ln = (10000f64).ln() as f32;
+        let mut sin = Vec::with_capacity(half);
+        let mut cos = Vec::with_capacity(half);
+        for i in 0..half {
+            let exponent = -ln * (i as f32) / (half as f32 - shift);
+            let arg = t * exponent.exp();
+            sin.push(arg.sin());
+            cos.push(arg.cos());
+        }
+        let mut emb = if self.config.flip_sin_to_cos {
+            [cos, sin].concat()
+        } else {
+            [sin, cos].concat()
+        };
+        emb.resize(dim, 0.0);
+        Tensor::from_vec(emb, (1, dim), device)?.repeat((batch, 1))
+    }
+
+    /// Predicts the noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`
+    /// conditioned on `context` (batch, tokens, cross_attention_dim).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, _, _, _) = sample.dims4()?;
+        let dtype = sample.dtype();
+        let t_emb = self
+            .time_proj(timestep, b, sample.device())?
+            .to_dtype(dtype)?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+
+        let sample = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, &emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(ds) = &block.downsample {
+                xs = ds.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+        if let Some(mid) = &self.mid {
+            xs = mid.resnets[0].forward(&xs, &emb)?;
+            for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets[1..]) {
+                xs = attn.forward(&xs, context)?;
+                xs = resnet.forward(&xs, &emb)?;
+            }
+        }
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("unet skip connections exhausted".into())
+                })?;
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = resnet.forward(&xs, &emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+            }
+            if let Some(us) = &block.upsample {
+                // Upsample to the size of the next skip connection, as diffusers does
+                // when the latent size is not a multiple of the total down factor.
+                let (th, tw) = match skips.last() {
+                    Some(s) => (s.dim(2)?, s.dim(3)?),
+                    None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
+                };
+                xs = us.forward(&xs.upsample_nearest2d(th, tw)?)?;
+            }
+        }
+        let xs = self
+            .conv_out
+            .forward(&self.norm_out.forward(&xs)?.silu()?)?;
+        Ok(xs)
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight().dtype()
+    }
+}

@@ -1,0 +1,5 @@
+//! Pipelines: the denoising loop from prompt to image.
+
+pub mod sd;
+
+pub use sd::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};

@@ -1,0 +1,240 @@
+//! Stable Diffusion 1.x / 2.x text-to-image with the semantics of diffusers'
+//! `StableDiffusionPipeline`: same prompt encoding, initial noise, guidance and decoding.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::modules::clip::ClipTextModel;
+use crate::modules::unet::UNet;
+use crate::modules::vae::Vae;
+use crate::samplers::{build_sampler, SamplerKind, SchedulerConfig, TorchRng};
+use crate::tokenizer::clip::ClipTokenizer;
+use crate::{Error, Result};
+
+/// One generation request, already resolved against the model's defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// `None` guides away from the empty prompt, as diffusers does.
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub sampler: SamplerKind,
+    pub batch: usize,
+}
+
+/// Reported after every denoising step.
+pub struct Progress<'a> {
+    /// Steps completed so far (1-based).
+    pub step: usize,
+    pub total: usize,
+    /// The current latents (batch, channels, h / f, w / f).
+    pub latents: &'a Tensor,
+}
+
+/// An 8-bit RGB image, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub images: Vec<RgbImage>,
+    /// How many prompt tokens were dropped by truncation (prompt, negative prompt).
+    pub truncated_tokens: (usize, usize),
+}
+
+/// A loaded Stable Diffusion pipeline.
+pub struct SdPipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Limits checked before any work is done.
+pub const MAX_BATCH: usize = 64;
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+impl SdPipeline {
+    /// The pixel factor between image and latents.
+    pub fn latent_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// Default image size: the UNet's `sample_size` times the latent factor.
+    pub fn default_size(&self) -> usize {
+        self.unet.config.sample_size * self.latent_factor()
+    }
+
+    /// The sampler named by the model's scheduler config, if we implement it.
+    pub fn default_sampler(&self) -> Result<SamplerKind> {
+        SamplerKind::from_config(&self.scheduler)
+    }
+
+    /// Checks a request against the model before running it.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let f = self.latent_factor();
+        for (field, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "must be a positive multiple of {f} (this model's latent factor), got {v}"
+                    ),
+                ));
+            }
+        }
+        let max_steps = self.scheduler.num_train_timesteps;
+        if p.steps == 0 || p.steps > max_steps {
+            return Err(Error::invalid(
+                "steps",
+                format!("must be between 1 and {max_steps}, got {}", p.steps),
+            ));
+        }
+        if !p.guidance.is_finite() || p.guidance < 0.0 || p.guidance > MAX_GUIDANCE {
+            return Err(Error::invalid(
+                "guidance",
+                format!("must be between 0 and {MAX_GUIDANCE}, got {}", p.guidance),
+            ));
+        }
+        if p.batch == 0 || p.batch > MAX_BATCH {
+            return Err(Error::invalid(
+                "batch",
+                format!("must be between 1 and {MAX_BATCH}, got {}", p.batch),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Token ids padded to the tokenizer's max length, and how many tokens were dropped.
+    fn tokenize(&self, text: &str) -> Result<(Tensor, usize)> {
+        let (ids, count) = self.tokenizer.encode_padded(text);
+        let kept = self.tokenizer.max_length().saturating_sub(2);
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        Ok((ids, count.saturating_sub(kept)))
+    }
+
+    /// The text embeddings the UNet is conditioned on: `[negative x batch, prompt x batch]`
+    /// with guidance, `[prompt x batch]` without; as diffusers' `encode_prompt`.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        batch: usize,
+        guidance: bool,
+    ) -> Result<(Tensor, (usize, usize))> {
+        let (ids, dropped) = self.tokenize(prompt)?;
+        let cond = self.text_encoder.forward(&ids)?.repeat((batch, 1, 1))?;
+        if !guidance {
+            return Ok((cond.to_dtype(self.dtype)?, (dropped, 0)));
+        }
+        let (neg_ids, neg_dropped) = self.tokenize(negative.unwrap_or(""))?;
+        let uncond = self.text_encoder.forward(&neg_ids)?.repeat((batch, 1, 1))?;
+        let emb = Tensor::cat(&[uncond, cond], 0)?.to_dtype(self.dtype)?;
+        Ok((emb, (dropped, neg_dropped)))
+    }
+
+    /// Runs text-to-image. `on_step` is called after every step; returning
+    /// `Err(Error::Cancelled)` (or any error) stops the run.
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Generated> {
+        self.validate(p)?;
+        let mut sampler = build_sampler(p.sampler, &self.scheduler, p.steps)?;
+        let cfg = p.guidance > 1.0;
+        let (context, truncated_tokens) =
+            self.encode_prompt(&p.prompt, p.negative_prompt.as_deref(), p.batch, cfg)?;
+
+        let f = self.latent_factor();
+        let shape = [
+            p.batch,
+            self.unet.config.in_channels,
+            p.height / f,
+            p.width / f,
+        ];
+        let mut rng = TorchRng::new(p.seed);
+        let noise = rng.randn(&shape, &self.device)?;
+        let mut latents = (noise * sampler.init_noise_sigma())?;
+
+        let timesteps = sampler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = sampler.scale_model_input(&input, i)?;
+            let out = self
+                .unet
+                .forward(&input.to_dtype(self.dtype)?, t, &context)?
+                .to_dtype(DType::F32)?;
+            let noise_pred = if cfg {
+                let uncond = out.narrow(0, 0, p.batch)?;
+                let cond = out.narrow(0, p.batch, p.batch)?;
+                (&uncond + ((cond - &uncond)? * p.guidance)?)?
+            } else {
+                out
+            };
+            latents = sampler.step(&noise_pred, i, &latents, &mut rng)?;
+            on_step(Progress {
+                step: i + 1,
+                total,
+                latents: &latents,
+            })?;
+        }
+        let images = self.decode(&latents)?;
+        Ok(Generated {
+            images,
+            truncated_tokens,
+        })
+    }
+
+    /// VAE decode and conversion to 8-bit RGB like diffusers' image processor:
+    /// `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
+        let img = self.vae.decode(latents)?;
+        to_rgb8(&img)
+    }
+}
+
+/// Converts a (batch, 3, h, w) f32 tensor in [-1, 1] to 8-bit images.
+pub fn to_rgb8(img: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = img.dims4()?;
+    if c != 3 {
+        return Err(Error::Candle(candle_core::Error::Msg(format!(
+            "decoder produced {c} channels, expected 3"
+        ))));
+    }
+    let scaled = ((img.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let data: Vec<f32> = scaled.get(i)?.flatten_all()?.to_vec1()?;
+        let pixels = data
+            .iter()
+            .map(|v| (v * 255.0).round_ties_even() as u8)
+            .collect();
+        out.push(RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,250 @@
+//! DPM++ 2M: port of diffusers `DPMSolverMultistepScheduler` with
+//! `algorithm_type="dpmsolver++"` and `solver_order=2`, with or without Karras sigmas.
+//!
+//! `scale_model_input` is the identity and `init_noise_sigma` is 1 (the solver works on
+//! `x_t = alpha_t x0 + sigma_t eps`, not on sigma-scaled latents). The UNet timesteps are
+//! integers; with Karras sigmas they are the rounded fractional timesteps of those sigmas,
+//! while the solver itself uses the exact Karras sigmas.
+
+use candle_core::Tensor;
+
+use super::euler::final_sigma;
+use super::schedule::{self, div, f32_tensor, mul};
+use super::{
+    bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing,
+    TorchRng,
+};
+use crate::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SolverType {
+    Midpoint,
+    Heun,
+}
+
+/// DPM-Solver++ (2M), multistep, deterministic.
+#[derive(Debug)]
+pub struct DpmSolverPp2m {
+    sigmas: Vec<f32>,
+    timesteps: Vec<f64>,
+    prediction_type: PredictionType,
+    solver_type: SolverType,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    final_sigma_zero: bool,
+    // Per-run state.
+    prev_model_output: Option<Tensor>,
+    lower_order_nums: usize,
+    next_step: usize,
+}
+
+/// `(alpha_t, sigma_t)` of a sigma, float32 as diffusers' `_sigma_to_alpha_sigma_t`.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+impl DpmSolverPp2m {
+    /// `DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++",
+    /// solver_order=2, use_karras_sigmas=karras)` + `set_timesteps(n)`.
+    pub fn new(cfg: &SchedulerConfig, n: usize, karras: bool) -> Result<Self> {
+        const WHO: &str = "DPM++ 2M";
+        for (key, on) in [
+            ("thresholding", cfg.thresholding),
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("use_lu_lambdas", cfg.use_lu_lambdas),
+            ("use_flow_sigmas", cfg.use_flow_sigmas),
+        ] {
+            if on {
+                return Err(cfg.unsupported(key, true, WHO));
+            }
+        }
+        if let Some(v) = cfg.variance_type.as_deref() {
+            if v == "learned" || v == "learned_range" {
+                return Err(cfg.unsupported("variance_type", format!("{v:?}"), WHO));
+            }
+        }
+        let solver_type = match cfg.solver_type.as_str() {
+            // diffusers maps the DEIS / UniPC solver types to midpoint.
+            "midpoint" | "logrho" | "bh1" | "bh2" => SolverType::Midpoint,
+            "heun" => SolverType::Heun,
+            other => return Err(cfg.unsupported("solver_type", format!("{other:?}"), WHO)),
+        };
+        let num_train = cfg.num_train_timesteps;
+        let ac = schedule::alphas_cumprod(cfg, cfg.rescale_betas_zero_snr, true)?;
+
+        // Timesteps below lambda_min_clipped are cut off the end of the range.
+        let clipped_idx = if cfg.lambda_min_clipped == f64::NEG_INFINITY {
+            0
+        } else {
+            let v = cfg.lambda_min_clipped as f32;
+            // searchsorted(flip(lambda_t), v): the first index whose value is >= v.
+            ac.iter()
+                .rev()
+                .map(|&a| lambda(a.sqrt(), (1.0 - a).sqrt()))
+                .position(|l| l >= v)
+                .unwrap_or(num_train)
+        };
+        let last_timestep = num_train - clipped_idx;
+
+        let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
+        let mut timesteps: Vec<i64> = match spacing {
+            TimestepSpacing::Linspace => {
+                let mut v: Vec<i64> = schedule::np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
+                    .into_iter()
+                    .rev()
+                    .map(|t| t.round_ties_even() as i64)
+                    .collect();
+                v.pop();
+                v
+            }
+            TimestepSpacing::Leading => {
+                let ratio = (last_timestep / (n + 1)) as i64;
+                (1..=n as i64)
+                    .rev()
+                    .map(|i| i * ratio + cfg.steps_offset)
+                    .collect()
+            }
+            TimestepSpacing::Trailing => {
+                let ratio = num_train as f64 / n as f64;
+                schedule::np_arange_f64(last_timestep as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|t| t.round_ties_even() as i64 - 1)
+                    .collect()
+            }
+        };
+
+        let full = schedule::sigmas_from_alphas_cumprod(&ac);
+        let sigmas: Vec<f64> = if karras {
+            let sigma_min = cfg.sigma_min.unwrap_or(f64::from(full[0]));
+            let sigma_max = cfg.sigma_max.unwrap_or(f64::from(full[num_train - 1]));
+            let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
+            let log_sigmas = schedule::log_sigmas(&full);
+            let round = cfg.beta_schedule != "squaredcos_cap_v2";
+            timesteps = sigmas
+                .iter()
+                .map(|&s| {
+                    let t = schedule::sigma_to_t(s, &log_sigmas);
+                    // numpy round (half to even), then torch's float -> int64 truncation.
+                    (if round { t.round_ties_even() } else { t }) as i64
+                })
+                .collect();
+            sigmas
+        } else {
+            timesteps
+                .iter()
+                .map(|&t| schedule::np_interp(t as f64, &full))
+                .collect()
+        };
+        let sigma_last = final_sigma(cfg, &ac, WHO)?;
+        let sigmas: Vec<f32> = sigmas
+            .iter()
+            .map(|&s| s as f32)
+            .chain(std::iter::once(sigma_last))
+            .collect();
+        Ok(DpmSolverPp2m {
+            sigmas,
+            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+            prediction_type: cfg.prediction_type,
+            solver_type,
+            lower_order_final: cfg.lower_order_final,
+            euler_at_final: cfg.euler_at_final,
+            final_sigma_zero: cfg.final_sigmas_type == "zero",
+            prev_model_output: None,
+            lower_order_nums: 0,
+            next_step: 0,
+        })
+    }
+
+    /// `convert_model_output`: the data prediction x0 (dpmsolver++).
+    fn convert_model_output(&self, mo: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
+        Ok(match self.prediction_type {
+            PredictionType::Epsilon => div(&(sample - mul(mo, sigma_t)?)?, alpha_t)?,
+            PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(mo, sigma_t)?)?,
+        })
+    }
+
+    fn first_order(&self, x0: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
+        let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
+        let a = mul(sample, sigma_t / sigma_s)?;
+        let b = mul(x0, alpha_t * ((-h).exp() - 1.0))?;
+        Ok((a - b)?)
+    }
+
+    fn second_order(&self, m0: &Tensor, m1: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
+        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let lambda_s1 = lambda(alpha_s1, sigma_s1);
+        let h = lambda_t - lambda_s0;
+        let h_0 = lambda_s0 - lambda_s1;
+        let r0 = h_0 / h;
+        let d1 = mul(&(m0 - m1)?, 1.0 / r0)?;
+        let c = alpha_t * ((-h).exp() - 1.0);
+        let x = (mul(sample, sigma_t / sigma_s0)? - mul(m0, c)?)?;
+        Ok(match self.solver_type {
+            SolverType::Midpoint => (x - mul(&d1, 0.5 * c)?)?,
+            SolverType::Heun => (x + mul(&d1, alpha_t * (((-h).exp() - 1.0) / h + 1.0))?)?,
+        })
+    }
+}
+
+impl Sampler for DpmSolverPp2m {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
+        let len = self.timesteps.len();
+        check_index(step_index, len)?;
+        if step_index != self.next_step {
+            return Err(bad_step_index(
+                step_index,
+                &format!("step {} (DPM-Solver steps run in order)", self.next_step),
+            ));
+        }
+        let i = step_index;
+        let lower_order_final = i == len - 1
+            && (self.euler_at_final
+                || (self.lower_order_final && len < 15)
+                || self.final_sigma_zero);
+        let model_output = f32_tensor(model_output)?;
+        let sample = f32_tensor(sample)?;
+        let x0 = self.convert_model_output(&model_output, &sample, i)?;
+        let prev = match (&self.prev_model_output, self.lower_order_nums) {
+            (Some(m1), nums) if nums >= 1 && !lower_order_final => {
+                self.second_order(&x0, m1, &sample, i)?
+            }
+            _ => self.first_order(&x0, &sample, i)?,
+        };
+        self.prev_model_output = Some(x0);
+        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
+        self.next_step += 1;
+        Ok(prev)
+    }
+}

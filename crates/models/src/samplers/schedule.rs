@@ -1,0 +1,389 @@
+//! Noise-schedule arithmetic shared by the samplers: betas, `alphas_cumprod`, timestep
+//! spacings, sigma interpolation and the Karras schedule.
+//!
+//! diffusers computes these with a mix of float32 torch tensors and float64 numpy arrays;
+//! each helper says which one it mirrors, so that the resulting float32 tables equal
+//! diffusers' to the last bit where we could make them (and to ~1 ulp where numpy's
+//! vectorised float32 `log` is involved).
+
+use candle_core::{DType, Tensor};
+
+use super::{SchedulerConfig, TimestepSpacing};
+use crate::{Error, Result};
+
+/// `torch.linspace(start, end, steps, dtype=torch.float32)` on the CPU: the step is a float32
+/// division, the first half counts up from `start` and the second half down from `end`,
+/// each value one fused multiply-add (as torch's build compiles it).
+pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    match steps {
+        0 => Vec::new(),
+        1 => vec![start],
+        _ => {
+            let step = (end - start) / (steps - 1) as f32;
+            let halfway = steps / 2;
+            (0..steps)
+                .map(|i| {
+                    if i < halfway {
+                        step.mul_add(i as f32, start)
+                    } else {
+                        (-step).mul_add((steps - i - 1) as f32, end)
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `np.linspace(start, stop, num)` in float64.
+pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 0 {
+        return Vec::new();
+    }
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut v: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    v[num - 1] = stop;
+    v
+}
+
+/// `np.arange(start, stop, step)` for float64 arguments: numpy writes `start`,
+/// `start + step`, then `start + i * delta` with `delta = (start + step) - start`.
+pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil();
+    if !(len > 0.0) {
+        return Vec::new();
+    }
+    let len = len as usize;
+    let second = start + step;
+    let delta = second - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => second,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
+
+/// `np.interp(x, np.arange(len(fp)), fp)` with float32 table values, computed in float64.
+pub(crate) fn np_interp(x: f64, fp: &[f32]) -> f64 {
+    let n = fp.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let last = (n - 1) as f64;
+    if x.is_nan() {
+        return x;
+    }
+    if x <= 0.0 {
+        return f64::from(fp[0]);
+    }
+    if x >= last {
+        return f64::from(fp[n - 1]);
+    }
+    let j = x.floor() as usize;
+    let xj = j as f64;
+    let (y0, y1) = (f64::from(fp[j]), f64::from(fp[j + 1]));
+    if xj == x {
+        return y0;
+    }
+    let slope = (y1 - y0) / 1.0;
+    let r = slope * (x - xj) + y0;
+    if r.is_nan() {
+        let r2 = slope * (x - (xj + 1.0)) + y1;
+        if r2.is_nan() && y0 == y1 {
+            return y0;
+        }
+        return r2;
+    }
+    r
+}
+
+/// float32 `torch.cumprod`: torch's CPU kernel accumulates in float64 and rounds each output.
+fn cumprod(alphas: &[f32]) -> Vec<f32> {
+    let mut acc = 1f64;
+    alphas
+        .iter()
+        .map(|&a| {
+            acc *= f64::from(a);
+            acc as f32
+        })
+        .collect()
+}
+
+/// The betas of a config, as diffusers' scheduler `__init__` builds them (float32).
+fn betas(cfg: &SchedulerConfig) -> Result<Vec<f32>> {
+    let n = cfg.num_train_timesteps;
+    if let Some(tb) = &cfg.trained_betas {
+        if tb.len() != n {
+            return Err(Error::config(
+                &cfg.path,
+                format!(
+                    "trained_betas has {} values but num_train_timesteps is {n}",
+                    tb.len()
+                ),
+            ));
+        }
+        return Ok(tb.iter().map(|&b| b as f32).collect());
+    }
+    match cfg.beta_schedule.as_str() {
+        "linear" => Ok(torch_linspace_f32(
+            cfg.beta_start as f32,
+            cfg.beta_end as f32,
+            n,
+        )),
+        "scaled_linear" => Ok(torch_linspace_f32(
+            cfg.beta_start.powf(0.5) as f32,
+            cfg.beta_end.powf(0.5) as f32,
+            n,
+        )
+        .into_iter()
+        .map(|b| b * b)
+        .collect()),
+        "squaredcos_cap_v2" => Ok(betas_for_alpha_bar(n)),
+        other => Err(Error::config(
+            &cfg.path,
+            format!(
+                "beta_schedule {other:?} is not supported \
+                 (supported: linear, scaled_linear, squaredcos_cap_v2, or trained_betas)"
+            ),
+        )),
+    }
+}
+
+/// diffusers' `betas_for_alpha_bar` with the cosine transform (Python floats, then float32).
+fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powf(2.0)
+    };
+    (0..n)
+        .map(|i| {
+            let t1 = i as f64 / n as f64;
+            let t2 = (i + 1) as f64 / n as f64;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+        })
+        .collect()
+}
+
+/// diffusers' `rescale_zero_terminal_snr`, in float32 like its torch code.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let alphas: Vec<f32> = betas.iter().map(|&b| 1.0 - b).collect();
+    let mut s: Vec<f32> = cumprod(&alphas).iter().map(|a| a.sqrt()).collect();
+    let (Some(&s0), Some(&st)) = (s.first(), s.last()) else {
+        return betas.to_vec();
+    };
+    let scale = s0 / (s0 - st);
+    for v in s.iter_mut() {
+        *v -= st;
+        *v *= scale;
+    }
+    let bar: Vec<f32> = s.iter().map(|v| v * v).collect();
+    let mut out = Vec::with_capacity(bar.len());
+    out.push(1.0 - bar[0]);
+    for w in bar.windows(2) {
+        out.push(1.0 - w[1] / w[0]);
+    }
+    out
+}
+
+/// `alphas_cumprod` (float32) as the scheduler's `__init__` computes it. `rescale` is the
+/// scheduler's `rescale_betas_zero_snr` (PNDM has no such option and passes `false`);
+/// `terminal_floor` sets the last value to 2^-24 after rescaling, as the sigma-based
+/// schedulers (Euler, Euler ancestral, DPM-Solver) do and DDIM does not.
+pub(crate) fn alphas_cumprod(
+    cfg: &SchedulerConfig,
+    rescale: bool,
+    terminal_floor: bool,
+) -> Result<Vec<f32>> {
+    let mut b = betas(cfg)?;
+    if rescale {
+        b = rescale_zero_terminal_snr(&b);
+    }
+    let alphas: Vec<f32> = b.iter().map(|&b| 1.0 - b).collect();
+    let mut ac = cumprod(&alphas);
+    if rescale && terminal_floor {
+        if let Some(last) = ac.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    Ok(ac)
+}
+
+/// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32 (ascending in t).
+pub(crate) fn sigmas_from_alphas_cumprod(ac: &[f32]) -> Vec<f32> {
+    ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// The float32 `log_sigmas` table used by `_sigma_to_t` (numpy float32 `log`; we round the
+/// float64 logarithm, numpy's vectorised float32 log can differ by 1 ulp).
+pub(crate) fn log_sigmas(sigmas: &[f32]) -> Vec<f32> {
+    sigmas.iter().map(|&s| f64::from(s).ln() as f32).collect()
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep of `sigma` by linear
+/// interpolation in log-sigma.
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let n = log_sigmas.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let log_sigma = sigma.max(1e-10).ln();
+    // argmax of cumsum(dists >= 0): the last index where dists >= 0, or 0 if there is none.
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&ls| log_sigma - f64::from(ls) >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let high_idx = low_idx + 1;
+    let low = log_sigmas[low_idx];
+    let high = log_sigmas[high_idx];
+    let w = (f64::from(low) - log_sigma) / f64::from(low - high);
+    let w = w.clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// diffusers' `_convert_to_karras` (rho = 7), float64.
+pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0f64;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// Integer timesteps of DDIM / PNDM-style spacing, in descending loop order, as numpy
+/// computes them in `set_timesteps` (before any scheduler-specific reshuffling).
+pub(crate) fn int_timesteps(
+    spacing: TimestepSpacing,
+    num_train: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<i64> {
+    match spacing {
+        TimestepSpacing::Linspace => np_linspace(0.0, (num_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|v| v.round_ties_even() as i64)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train / n) as i64;
+            (0..n as i64)
+                .rev()
+                .map(|i| i * ratio + steps_offset)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train as f64 / n as f64;
+            np_arange_f64(num_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|v| v.round_ties_even() as i64 - 1)
+                .collect()
+        }
+    }
+}
+
+/// Float timesteps of the Euler-family `set_timesteps` (numpy float32), descending.
+pub(crate) fn float_timesteps(
+    spacing: TimestepSpacing,
+    num_train: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<f32> {
+    match spacing {
+        TimestepSpacing::Linspace => np_linspace(0.0, (num_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|v| v as f32)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train / n) as i64;
+            (0..n as i64)
+                .rev()
+                .map(|i| (i * ratio) as f32 + steps_offset as f32)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train as f64 / n as f64;
+            np_arange_f64(num_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|v| v.round_ties_even() as f32 - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// Checks that every timestep indexes the `alphas_cumprod` table.
+pub(crate) fn check_timesteps_in_range(
+    cfg: &SchedulerConfig,
+    what: &str,
+    timesteps: impl IntoIterator<Item = i64>,
+) -> Result<()> {
+    let n = cfg.num_train_timesteps as i64;
+    for t in timesteps {
+        if t < 0 || t >= n {
+            return Err(Error::config(
+                &cfg.path,
+                format!(
+                    "{what}: timestep {t} is outside the training range 0..{n} \
+                     (check timestep_spacing / steps_offset)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `tensor * c` for a float32 scalar `c` (exactly torch's float32 multiplication).
+pub(crate) fn mul(t: &Tensor, c: f32) -> Result<Tensor> {
+    Ok(t.affine(f64::from(c), 0.0)?)
+}
+
+/// `tensor / c` for a float32 scalar `c` (a true division, as torch does; not a multiply by
+/// the reciprocal).
+pub(crate) fn div(t: &Tensor, c: f32) -> Result<Tensor> {
+    let d = Tensor::new(c, t.device())?.to_dtype(t.dtype())?;
+    Ok(t.broadcast_div(&d)?)
+}
+
+/// The tensor as float32 (diffusers' samplers upcast `sample` to float32).
+pub(crate) fn f32_tensor(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interp_matches_numpy_rules() {
+        let fp = [1.0f32, 3.0, 7.0];
+        assert_eq!(np_interp(-1.0, &fp), 1.0);
+        assert_eq!(np_interp(0.5, &fp), 2.0);
+        assert_eq!(np_interp(1.0, &fp), 3.0);
+        assert_eq!(np_interp(1.25, &fp), 4.0);
+        assert_eq!(np_interp(2.0, &fp), 7.0);
+        assert_eq!(np_interp(9.0, &fp), 7.0);
+    }
+
+    #[test]
+    fn arange_length_and_values() {
+        assert_eq!(np_arange_f64(10.0, 0.0, -2.5), vec![10.0, 7.5, 5.0, 2.5]);
+        assert_eq!(np_arange_f64(1000.0, 0.0, -1000.0), vec![1000.0]);
+        assert!(np_arange_f64(0.0, 1.0, -1.0).is_empty());
+    }
+
+    #[test]
+    fn sigma_to_t_inverts_the_table() {
+        let ls = [0.0f32, 1.0, 2.0, 3.0];
+        assert_eq!(sigma_to_t(1f64.exp(), &ls), 1.0);
+        assert!((sigma_to_t(1.5f64.exp(), &ls) - 1.5).abs() < 1e-12);
+        assert_eq!(sigma_to_t(1e-3, &ls), 0.0);
+        assert_eq!(sigma_to_t(1e3, &ls), 3.0);
+    }
+}

@@ -1,0 +1,474 @@
+//! Sampler parity with Hugging Face diffusers, plus config / name handling.
+//!
+//! Reference: `tests/fixtures/samplers/<config>.json`, written by
+//! `scripts/make_sampler_fixtures.py` (diffusers 0.42.1, torch 2.15 CPU). For each scheduler
+//! config and (sampler, steps) pair it records diffusers' `timesteps` and `init_noise_sigma`
+//! after `XScheduler.from_config(config, **overrides)` + `set_timesteps(steps)`, and a full
+//! denoising loop in which the "UNet" is `x_in * 0.5 + base * float32(0.3 + 0.01 i)`, with
+//! the initial latents and the Euler-ancestral noise drawn from `torch.Generator("cpu")`
+//! seeded like the pipeline would. The same loop runs here and must agree:
+//!
+//! - integer timesteps (DDIM, PNDM, DPM-Solver) and `init_noise_sigma` exactly (f32);
+//! - float timesteps (Euler) within 1e-4 absolute (Karras timesteps go through numpy's
+//!   vectorised float32 `log`, which differs from a correctly rounded log by 1 ulp, moving
+//!   `_sigma_to_t` by ~1e-5; the others match exactly);
+//! - every tensor element within `1e-5 + 1e-5 * |reference|` (absolute 1e-5 for O(1)
+//!   values, relative 1e-5 for sigma-scaled latents, whose magnitudes reach 4096 under
+//!   zero-terminal-SNR);
+//! - the L1 norm of the latents after every step within relative 1e-5.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use sd_models::samplers::{
+    build_sampler, PredictionType, SamplerKind, SchedulerConfig, TimestepSpacing, TorchRng,
+};
+use sd_models::Error;
+use serde_json::{json, Value};
+
+const ATOL: f64 = 1e-5;
+const RTOL: f64 = 1e-5;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers")
+}
+
+fn sampler_fixtures() -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(fixture_dir()).expect("fixture dir") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json")
+            || path.file_stem().and_then(|s| s.to_str()) == Some("rng")
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read fixture");
+        out.push((path, serde_json::from_str(&text).expect("parse fixture")));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("tensor to vec")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// Worst `|got - want| / (ATOL + RTOL |want|)`; <= 1 passes.
+fn worst(got: &[f64], want: &[f64]) -> (f64, usize) {
+    assert_eq!(got.len(), want.len(), "length");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let r = (g - w).abs() / (ATOL + RTOL * w.abs());
+        if !(r <= worst.0) {
+            worst = (r, i);
+        }
+    }
+    worst
+}
+
+fn check(failures: &mut Vec<String>, what: &str, got: &[f64], want: &[f64]) {
+    let (r, i) = worst(got, want);
+    if !(r <= 1.0) {
+        failures.push(format!(
+            "{what}: element {i}: got {}, diffusers {} (error {r:.2} x tolerance)",
+            got[i], want[i]
+        ));
+    }
+}
+
+/// Runs one fixture case; returns the number of tensors compared.
+fn run_case(path: &Path, fx: &Value, case: &Value, failures: &mut Vec<String>) -> usize {
+    let cfg = SchedulerConfig::from_json(&fx["config"], path).expect("config parses");
+    let name = case["sampler"].as_str().expect("sampler");
+    let steps = case["steps"].as_u64().expect("steps") as usize;
+    let kind = SamplerKind::from_name(name).expect("sampler name");
+    let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+    let label = format!("{file} {name} {steps} steps");
+
+    if let Some(err) = case.get("error") {
+        match build_sampler(kind, &cfg, steps) {
+            Err(Error::Invalid { field: "steps", .. }) => {}
+            Err(e) => failures.push(format!("{label}: wrong error {e} (diffusers: {err})")),
+            Ok(_) => failures.push(format!("{label}: built, but diffusers refuses: {err}")),
+        }
+        return 0;
+    }
+    let mut sampler = build_sampler(kind, &cfg, steps).expect("build_sampler");
+
+    // Timesteps.
+    let want_ts = f64s(&case["timesteps"]);
+    let got_ts = sampler.timesteps().to_vec();
+    let ts_tol = if matches!(kind, SamplerKind::Euler) && cfg.use_karras_sigmas {
+        1e-4
+    } else {
+        0.0
+    };
+    if got_ts.len() != want_ts.len()
+        || got_ts
+            .iter()
+            .zip(&want_ts)
+            .any(|(g, w)| !((g - w).abs() <= ts_tol))
+    {
+        failures.push(format!(
+            "{label}: timesteps {got_ts:?}, diffusers {want_ts:?}"
+        ));
+        return 0;
+    }
+    let want_sigma = case["init_noise_sigma"].as_f64().expect("init_noise_sigma");
+    if sampler.init_noise_sigma() != want_sigma {
+        failures.push(format!(
+            "{label}: init_noise_sigma {}, diffusers {want_sigma}",
+            sampler.init_noise_sigma()
+        ));
+    }
+
+    // The loop, as the pipeline runs it.
+    let shape: Vec<usize> = f64s(&fx["shape"]).iter().map(|&d| d as usize).collect();
+    let seed = fx["seed"].as_u64().expect("seed");
+    let dev = Device::Cpu;
+    let mut rng = TorchRng::new(seed);
+    let mut latents = (rng.randn(&shape, &dev).expect("randn") * sampler.init_noise_sigma())
+        .expect("init latents");
+    let base = TorchRng::new(seed + 1000)
+        .randn(&shape, &dev)
+        .expect("randn base");
+    let trace = f64s(&case["l1_trace"]);
+    let mut compared = 0;
+    for i in 0..got_ts.len() {
+        let x_in = sampler.scale_model_input(&latents, i).expect("scale");
+        let c = (0.3 + 0.01 * i as f64) as f32;
+        let mo = (x_in.affine(0.5, 0.0).expect("mul")
+            + base.affine(f64::from(c), 0.0).expect("mul"))
+        .expect("model output");
+        latents = sampler.step(&mo, i, &latents, &mut rng).expect("step");
+        if i == 0 {
+            check(
+                failures,
+                &format!("{label}: first scaled input"),
+                &to_vec(&x_in),
+                &f64s(&case["first_scaled_input"]),
+            );
+            check(
+                failures,
+                &format!("{label}: first prev_sample"),
+                &to_vec(&latents),
+                &f64s(&case["first_prev_sample"]),
+            );
+            compared += 2;
+        }
+        let l1: f64 = to_vec(&latents).iter().map(|v| v.abs()).sum();
+        if !((l1 - trace[i]).abs() <= RTOL * trace[i].abs()) {
+            failures.push(format!(
+                "{label}: step {i}: |latents|_1 = {l1}, diffusers {}",
+                trace[i]
+            ));
+        }
+    }
+    check(
+        failures,
+        &format!("{label}: final sample"),
+        &to_vec(&latents),
+        &f64s(&case["final_sample"]),
+    );
+    compared + 1
+}
+
+#[test]
+fn samplers_match_diffusers() {
+    let fixtures = sampler_fixtures();
+    assert!(fixtures.len() >= 10, "fixtures missing");
+    let mut failures = Vec::new();
+    let (mut cases, mut tensors) = (0, 0);
+    let mut kinds_seen = std::collections::HashSet::new();
+    for (path, fx) in &fixtures {
+        for case in fx["cases"].as_array().expect("cases") {
+            let kind = SamplerKind::from_name(case["sampler"].as_str().expect("sampler"))
+                .expect("kind");
+            kinds_seen.insert(kind);
+            tensors += run_case(path, fx, case, &mut failures);
+            cases += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches with diffusers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(kinds_seen.len(), SamplerKind::ALL.len());
+    assert!(cases > 100 && tensors > 300, "{cases} cases, {tensors} tensors");
+}
+
+// ---------------------------------------------------------------------------------------
+// Names and configs.
+
+fn cfg(v: Value) -> SchedulerConfig {
+    SchedulerConfig::from_json(&v, Path::new("scheduler_config.json")).expect("config")
+}
+
+fn config_error(r: sd_models::Result<impl Sized>) -> String {
+    match r {
+        Err(e @ Error::Config { .. }) => e.to_string(),
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error, got Ok"),
+    }
+}
+
+fn build_err(kind: SamplerKind, c: &SchedulerConfig, n: usize) -> sd_models::Result<()> {
+    build_sampler(kind, c, n).map(|_| ())
+}
+
+#[test]
+fn names_round_trip_and_aliases() {
+    for kind in SamplerKind::ALL {
+        assert_eq!(SamplerKind::from_name(kind.name()).expect("name"), kind);
+        assert_eq!(SamplerKind::from_name(kind.a1111_name()).expect("a1111"), kind);
+        assert_eq!(kind.to_string(), kind.name());
+    }
+    for (alias, kind) in [
+        ("PLMS", SamplerKind::Pndm),
+        ("euler_a", SamplerKind::EulerAncestral),
+        ("Euler Ancestral", SamplerKind::EulerAncestral),
+        ("euler_ancestral", SamplerKind::EulerAncestral),
+        ("dpm++2m", SamplerKind::DpmPp2m),
+        ("DPMPP_2M", SamplerKind::DpmPp2m),
+        ("dpm++ 2m karras", SamplerKind::DpmPp2mKarras),
+        ("dpmpp_2m_karras", SamplerKind::DpmPp2mKarras),
+    ] {
+        assert_eq!(SamplerKind::from_name(alias).expect(alias), kind, "{alias}");
+    }
+    match SamplerKind::from_name("lms") {
+        Err(Error::Invalid { field, message }) => {
+            assert_eq!(field, "scheduler");
+            assert!(message.contains("\"lms\""), "{message}");
+            for kind in SamplerKind::ALL {
+                assert!(message.contains(kind.name()), "{message}");
+            }
+        }
+        other => panic!("expected an invalid-scheduler error, got {other:?}"),
+    }
+}
+
+#[test]
+fn model_default_sampler_from_class_name() {
+    let k = |v: Value| SamplerKind::from_config(&cfg(v));
+    assert_eq!(k(json!({"_class_name": "DDIMScheduler"})).expect("ddim"), SamplerKind::Ddim);
+    assert_eq!(k(json!({"_class_name": "PNDMScheduler"})).expect("pndm"), SamplerKind::Pndm);
+    assert_eq!(
+        k(json!({"_class_name": "EulerDiscreteScheduler"})).expect("euler"),
+        SamplerKind::Euler
+    );
+    assert_eq!(
+        k(json!({"_class_name": "EulerAncestralDiscreteScheduler"})).expect("euler-a"),
+        SamplerKind::EulerAncestral
+    );
+    assert_eq!(
+        k(json!({"_class_name": "DPMSolverMultistepScheduler"})).expect("dpm"),
+        SamplerKind::DpmPp2m
+    );
+    assert_eq!(
+        k(json!({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": true}))
+            .expect("dpm karras"),
+        SamplerKind::DpmPp2mKarras
+    );
+    let msg = config_error(k(json!({"_class_name": "LMSDiscreteScheduler"})));
+    assert!(msg.contains("LMSDiscreteScheduler") && msg.contains("--scheduler"), "{msg}");
+    let msg = config_error(k(json!({
+        "_class_name": "DPMSolverMultistepScheduler",
+        "algorithm_type": "sde-dpmsolver++"
+    })));
+    assert!(msg.contains("algorithm_type") && msg.contains("sde-dpmsolver++"), "{msg}");
+    let msg = config_error(k(json!({
+        "_class_name": "DPMSolverMultistepScheduler",
+        "solver_order": 3
+    })));
+    assert!(msg.contains("solver_order"), "{msg}");
+    let msg = config_error(k(json!({})));
+    assert!(msg.contains("_class_name"), "{msg}");
+}
+
+#[test]
+fn config_defaults_and_parsing() {
+    let c = cfg(json!({}));
+    assert_eq!(c, SchedulerConfig {
+        path: PathBuf::from("scheduler_config.json"),
+        ..SchedulerConfig::default()
+    });
+    assert_eq!(c.num_train_timesteps, 1000);
+    assert_eq!(c.prediction_type(), PredictionType::Epsilon);
+    assert_eq!(c.timestep_spacing, None);
+
+    let c = cfg(json!({
+        "_class_name": "DDIMScheduler",
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "num_train_timesteps": 500.0,
+        "trained_betas": null,
+        "sigma_min": null,
+        "some_future_key": {"anything": 1}
+    }));
+    assert_eq!(c.class_name.as_deref(), Some("DDIMScheduler"));
+    assert_eq!(c.prediction_type(), PredictionType::VPrediction);
+    assert_eq!(c.timestep_spacing, Some(TimestepSpacing::Trailing));
+    assert_eq!(c.num_train_timesteps, 500);
+    assert_eq!(c.sigma_min, None);
+
+    // Keys listed in `_use_default_values` count as absent (diffusers' from_config).
+    let c = cfg(json!({
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+        "_use_default_values": ["timestep_spacing"]
+    }));
+    assert_eq!(c.timestep_spacing, None);
+    assert_eq!(c.steps_offset, 1);
+
+    let msg = config_error(SchedulerConfig::from_json(
+        &json!({"prediction_type": "sample"}),
+        Path::new("x.json"),
+    ));
+    assert!(msg.contains("prediction_type") && msg.contains("sample") && msg.contains("x.json"));
+    let msg = config_error(SchedulerConfig::from_json(
+        &json!({"timestep_spacing": "quadratic"}),
+        Path::new("x.json"),
+    ));
+    assert!(msg.contains("timestep_spacing") && msg.contains("quadratic"), "{msg}");
+    let msg = config_error(SchedulerConfig::from_json(
+        &json!({"num_train_timesteps": "many"}),
+        Path::new("x.json"),
+    ));
+    assert!(msg.contains("num_train_timesteps"), "{msg}");
+    let msg = config_error(SchedulerConfig::from_json(&json!([1, 2]), Path::new("x.json")));
+    assert!(msg.contains("object"), "{msg}");
+}
+
+#[test]
+fn load_reads_a_file() {
+    let dir = std::env::temp_dir().join(format!("sd-samplers-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let path = dir.join("scheduler_config.json");
+    std::fs::write(
+        &path,
+        r#"{"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"}"#,
+    )
+    .expect("write");
+    let c = SchedulerConfig::load(&path).expect("load");
+    assert_eq!(c.class_name.as_deref(), Some("EulerDiscreteScheduler"));
+    assert_eq!(c.path, path);
+    std::fs::write(&path, "{not json").expect("write");
+    let msg = config_error(SchedulerConfig::load(&path));
+    assert!(msg.contains("scheduler_config.json"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(matches!(
+        SchedulerConfig::load(&dir.join("missing.json")),
+        Err(Error::Io { .. })
+    ));
+}
+
+#[test]
+fn step_count_limits() {
+    let c = cfg(json!({"num_train_timesteps": 100}));
+    for kind in SamplerKind::ALL {
+        for n in [0, 101] {
+            match build_sampler(kind, &c, n) {
+                Err(Error::Invalid { field, message }) => {
+                    assert_eq!(field, "steps");
+                    assert!(
+                        message.contains("100") && message.contains(&n.to_string()),
+                        "{message}"
+                    );
+                }
+                Err(e) => panic!("{kind} {n}: wrong error {e}"),
+                Ok(_) => panic!("{kind} {n}: accepted"),
+            }
+        }
+        // skip_prk_steps defaults to false for PNDM, which needs at least 4 steps.
+        let ok_steps = if kind == SamplerKind::Pndm { 4 } else { 1 };
+        assert!(build_sampler(kind, &c, ok_steps).is_ok(), "{kind}");
+        assert!(build_sampler(kind, &c, 100).is_ok(), "{kind}");
+    }
+}
+
+#[test]
+fn unsupported_settings_are_errors_not_ignored() {
+    let cases: Vec<(SamplerKind, Value, &str, &str)> = vec![
+        (SamplerKind::Ddim, json!({"thresholding": true}), "thresholding", "true"),
+        (SamplerKind::DpmPp2m, json!({"thresholding": true}), "thresholding", "true"),
+        (SamplerKind::Euler, json!({"use_exponential_sigmas": true}), "use_exponential_sigmas", "true"),
+        (SamplerKind::Euler, json!({"use_beta_sigmas": true}), "use_beta_sigmas", "true"),
+        (SamplerKind::DpmPp2mKarras, json!({"use_beta_sigmas": true}), "use_beta_sigmas", "true"),
+        (SamplerKind::DpmPp2m, json!({"use_lu_lambdas": true}), "use_lu_lambdas", "true"),
+        (SamplerKind::DpmPp2m, json!({"use_flow_sigmas": true}), "use_flow_sigmas", "true"),
+        (SamplerKind::DpmPp2m, json!({"variance_type": "learned_range"}), "variance_type", "learned_range"),
+        (SamplerKind::DpmPp2m, json!({"solver_type": "rk4"}), "solver_type", "rk4"),
+        (SamplerKind::DpmPp2m, json!({"final_sigmas_type": "one"}), "final_sigmas_type", "one"),
+        (
+            SamplerKind::Euler,
+            json!({"timestep_type": "continuous", "prediction_type": "v_prediction"}),
+            "timestep_type",
+            "continuous",
+        ),
+        (SamplerKind::Euler, json!({"interpolation_type": "cubic"}), "interpolation_type", "cubic"),
+        (SamplerKind::Ddim, json!({"beta_schedule": "sigmoid"}), "beta_schedule", "sigmoid"),
+        (
+            SamplerKind::Ddim,
+            json!({"trained_betas": [0.1, 0.2], "num_train_timesteps": 10}),
+            "trained_betas",
+            "2",
+        ),
+        (
+            SamplerKind::Ddim,
+            json!({"steps_offset": 1000, "timestep_spacing": "leading"}),
+            "timestep",
+            "1000",
+        ),
+    ];
+    for (kind, v, key, value) in cases {
+        let msg = config_error(build_err(kind, &cfg(v.clone()), 10));
+        assert!(
+            msg.contains(key) && msg.contains(value) && msg.contains("scheduler_config.json"),
+            "{kind} {v}: {msg}"
+        );
+    }
+    // Keys a scheduler does not have are ignored, as diffusers' from_config ignores them.
+    let c = cfg(json!({"thresholding": true, "use_karras_sigmas": true, "skip_prk_steps": true}));
+    for kind in [SamplerKind::Euler, SamplerKind::EulerAncestral, SamplerKind::Pndm] {
+        assert!(build_sampler(kind, &c, 10).is_ok(), "{kind}");
+    }
+    // The DPM++ 2M samplers override algorithm_type and solver_order, as
+    // from_config(..., algorithm_type="dpmsolver++", solver_order=2) does.
+    let c = cfg(json!({"algorithm_type": "sde-dpmsolver++", "solver_order": 3}));
+    assert!(build_sampler(SamplerKind::DpmPp2m, &c, 10).is_ok());
+}
+
+#[test]
+fn steps_must_run_in_order_for_multistep_samplers() {
+    let c = cfg(json!({"skip_prk_steps": true}));
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &dev).expect("zeros");
+    for kind in [SamplerKind::Pndm, SamplerKind::DpmPp2m] {
+        let mut s = build_sampler(kind, &c, 5).expect("build");
+        let mut rng = TorchRng::new(0);
+        assert!(s.step(&x, 1, &x, &mut rng).is_err(), "{kind}: skipped step 0");
+        assert!(s.step(&x, 0, &x, &mut rng).is_ok(), "{kind}");
+    }
+    for kind in SamplerKind::ALL {
+        let mut s = build_sampler(kind, &c, 5).expect("build");
+        let n = s.timesteps().len();
+        let mut rng = TorchRng::new(0);
+        assert!(s.scale_model_input(&x, n).is_err(), "{kind}");
+        assert!(s.step(&x, n, &x, &mut rng).is_err(), "{kind}");
+    }
+}

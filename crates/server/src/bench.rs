@@ -1,0 +1,230 @@
+//! `sd-worker bench`: times the three model stages on the full-size SD 1.5 architecture
+//! with random weights made in-process (speed does not depend on the weight values).
+//! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::clip::text_model as candle_clip;
+use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
+use clap::Args;
+use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
+use sd_models::modules::unet::{UNet, UNetConfig};
+use sd_models::modules::vae::{Vae, VaeConfig};
+
+use crate::device::{dtype_name, parse_device, parse_dtype};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Timed runs per stage (the median is reported).
+    #[arg(long, env = "SD_BENCH_RUNS", default_value_t = 3)]
+    pub runs: usize,
+    /// Untimed warm-up runs per stage.
+    #[arg(long, env = "SD_BENCH_WARMUP", default_value_t = 1)]
+    pub warmup: usize,
+    /// Stages to time, comma-separated: clip, unet, vae (ours); candle-clip, candle-unet
+    /// (candle-transformers' own modules, for comparison).
+    #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
+    pub stages: String,
+    /// Device: cpu, cuda[:N] or metal[:N].
+    #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight precision: f32, f16 or bf16.
+    #[arg(long, env = "SD_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const STAGES: [&str; 5] = ["clip", "unet", "vae", "candle-clip", "candle-unet"];
+
+/// candle-transformers' SD 1.5 UNet config.
+fn candle_unet_config() -> candle_unet::UNet2DConditionModelConfig {
+    let block = |out_channels, cross: bool| candle_unet::BlockConfig {
+        out_channels,
+        use_cross_attn: cross.then_some(1),
+        attention_head_dim: 8,
+    };
+    candle_unet::UNet2DConditionModelConfig {
+        center_input_sample: false,
+        flip_sin_to_cos: true,
+        freq_shift: 0.0,
+        blocks: vec![
+            block(320, true),
+            block(640, true),
+            block(1280, true),
+            block(1280, false),
+        ],
+        layers_per_block: 2,
+        downsample_padding: 1,
+        mid_block_scale_factor: 1.0,
+        norm_num_groups: 32,
+        norm_eps: 1e-5,
+        cross_attention_dim: 768,
+        sliced_attention_size: None,
+        use_linear_projection: false,
+    }
+}
+
+fn random_vb(dtype: DType, device: &Device) -> (VarMap, VarBuilder<'static>) {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, dtype, device);
+    (map, vb)
+}
+
+fn time<F: FnMut() -> Result<()>>(
+    warmup: usize,
+    runs: usize,
+    device: &Device,
+    mut f: F,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+        device.synchronize()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.runs == 0 {
+        bail!("invalid --runs 0: at least one timed run is needed");
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let stages: Vec<String> = args
+        .stages
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for s in &stages {
+        if !STAGES.contains(&s.as_str()) {
+            bail!(
+                "invalid --stages entry {s:?}: expected one of {}",
+                STAGES.join(", ")
+            );
+        }
+    }
+    let mut results: Vec<(String, String, Vec<f64>)> = Vec::new();
+    for stage in &stages {
+        let (shape, times) = match stage.as_str() {
+            "clip" => {
+                let (_map, vb) = random_vb(dtype, &device);
+                let model = ClipTextModel::new(vb, &ClipTextConfig::sd15())?;
+                let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.forward(&ids)?;
+                    Ok(())
+                })?;
+                ("1x77 tokens".to_string(), times)
+            }
+            "unet" => {
+                let (_map, vb) = random_vb(dtype, &device);
+                let model = UNet::new(vb, &UNetConfig::sd15())?;
+                let x = Tensor::randn(0f32, 1f32, (2, 4, 64, 64), &device)?.to_dtype(dtype)?;
+                let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.forward(&x, 999.0, &ctx)?;
+                    Ok(())
+                })?;
+                ("batch 2 (CFG), 4x64x64 latents".to_string(), times)
+            }
+            "candle-clip" => {
+                let (_map, vb) = random_vb(dtype, &device);
+                let cfg = candle_clip::ClipTextConfig {
+                    vocab_size: 49408,
+                    embed_dim: 768,
+                    activation: candle_clip::Activation::QuickGelu,
+                    intermediate_size: 3072,
+                    max_position_embeddings: 77,
+                    pad_with: None,
+                    num_hidden_layers: 12,
+                    num_attention_heads: 12,
+                    projection_dim: 768,
+                };
+                let model = candle_clip::ClipTextTransformer::new(vb, &cfg)?;
+                let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.forward_with_mask(&ids, usize::MAX)?;
+                    Ok(())
+                })?;
+                ("1x77 tokens".to_string(), times)
+            }
+            "candle-unet" => {
+                let (_map, vb) = random_vb(dtype, &device);
+                let model =
+                    candle_unet::UNet2DConditionModel::new(vb, 4, 4, false, candle_unet_config())?;
+                let x = Tensor::randn(0f32, 1f32, (2, 4, 64, 64), &device)?.to_dtype(dtype)?;
+                let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.forward(&x, 999.0, &ctx)?;
+                    Ok(())
+                })?;
+                ("batch 2 (CFG), 4x64x64 latents".to_string(), times)
+            }
+            _ => {
+                let (_map, vb) = random_vb(dtype, &device);
+                let model = Vae::new(vb, &VaeConfig::sd15())?;
+                let z = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.decode(&z)?;
+                    Ok(())
+                })?;
+                ("1x4x64x64 latents -> 512x512".to_string(), times)
+            }
+        };
+        if !args.json {
+            eprintln!(
+                "{stage}: median {:.3}s over {} runs",
+                median(&times),
+                times.len()
+            );
+        }
+        results.push((stage.clone(), shape, times));
+    }
+    if args.json {
+        let stages: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|(name, shape, times)| {
+                (
+                    name.clone(),
+                    serde_json::json!({"shape": shape, "median_s": median(times), "times_s": times}),
+                )
+            })
+            .collect();
+        let out = serde_json::json!({
+            "impl": "sd-worker (candle)",
+            "device": args.device,
+            "dtype": dtype_name(dtype),
+            "stages": stages,
+        });
+        println!("{out}");
+    } else {
+        println!("{:<6} {:<34} {:>10}", "stage", "shape", "median s");
+        for (name, shape, times) in &results {
+            println!("{name:<6} {shape:<34} {:>10.3}", median(times));
+        }
+    }
+    Ok(())
+}

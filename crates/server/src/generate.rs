@@ -1,0 +1,192 @@
+//! `sd-worker generate`: one prompt to PNG files.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_models::pipelines::GenerateParams;
+use sd_models::samplers::SamplerKind;
+
+use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::png_out::{write_png, Parameters};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A Stable Diffusion 1.x/2.x diffusers folder (with model_index.json).
+    #[arg(long, env = "SD_MODEL")]
+    pub model: PathBuf,
+    /// The text prompt.
+    #[arg(long, env = "SD_PROMPT")]
+    pub prompt: String,
+    /// What to guide away from (used when --guidance > 1). Default: the empty prompt.
+    #[arg(long, env = "SD_NEGATIVE_PROMPT")]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels, a multiple of the model's latent factor.
+    /// Default: the UNet's sample_size times the latent factor.
+    #[arg(long, env = "SD_WIDTH")]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of the model's latent factor.
+    /// Default: the UNet's sample_size times the latent factor.
+    #[arg(long, env = "SD_HEIGHT")]
+    pub height: Option<usize>,
+    /// Number of denoising steps (1 to the scheduler's num_train_timesteps).
+    #[arg(long, env = "SD_STEPS", default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is applied when it is above 1.
+    #[arg(long, env = "SD_GUIDANCE", default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Seed of the torch-compatible CPU generator (same noise as
+    /// torch.Generator("cpu").manual_seed(SEED)). Default: a random seed, reported.
+    #[arg(long, env = "SD_SEED")]
+    pub seed: Option<u64>,
+    /// Sampler: ddim, pndm, euler, euler-a, dpmpp-2m, dpmpp-2m-karras.
+    /// Default: the model's own scheduler (scheduler/scheduler_config.json).
+    #[arg(long, env = "SD_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// Number of images generated from the prompt in one batch.
+    #[arg(long, env = "SD_BATCH", default_value_t = 1)]
+    pub batch: usize,
+    /// Device: cpu, cuda[:N] or metal[:N] (CUDA and Metal need the `cuda` / `metal` build features).
+    #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight precision: f32, f16 or bf16.
+    #[arg(long, env = "SD_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Output PNG file. A batch writes FILE-0.png, FILE-1.png, ...
+    #[arg(long, short, env = "SD_OUTPUT")]
+    pub output: PathBuf,
+}
+
+/// The files a batch writes: `out.png` for one image, `out-0.png`, `out-1.png`... for more.
+pub fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let ext = output
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    (0..n)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    match args.output.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("png") => {}
+        _ => bail!(
+            "invalid --output {}: the file name must end in .png",
+            args.output.display()
+        ),
+    }
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "invalid --output {}: folder {} does not exist",
+                args.output.display(),
+                dir.display()
+            );
+        }
+    }
+    if args.prompt.trim().is_empty() {
+        bail!("invalid --prompt: must not be empty");
+    }
+    let sampler_override = args
+        .scheduler
+        .as_deref()
+        .map(SamplerKind::from_name)
+        .transpose()?;
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let quiet = !std::io::stderr().is_terminal();
+
+    let started = Instant::now();
+    let (pipeline, info) = sd_models::loader::load_sd(&args.model, &device, dtype)?;
+    let sampler = match sampler_override {
+        Some(s) => s,
+        None => pipeline.default_sampler()?,
+    };
+    let size = pipeline.default_size();
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let params = GenerateParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args.width.unwrap_or(size),
+        height: args.height.unwrap_or(size),
+        steps: args.steps,
+        guidance: args.guidance,
+        seed,
+        sampler,
+        batch: args.batch,
+    };
+    pipeline.validate(&params)?;
+    if !quiet {
+        eprintln!(
+            "loaded {} ({}, {}, {}) in {:.1}s; seed {seed}, sampler {}",
+            info.name,
+            info.family,
+            args.device,
+            dtype_name(dtype),
+            started.elapsed().as_secs_f64(),
+            sampler.name()
+        );
+    }
+
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(0);
+        let style =
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar
+    };
+    let run_started = Instant::now();
+    let generated = pipeline.generate(&params, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let (dropped, neg_dropped) = generated.truncated_tokens;
+    if dropped > 0 {
+        eprintln!("warning: the prompt was truncated; {dropped} tokens beyond the text encoder's limit were dropped");
+    }
+    if neg_dropped > 0 {
+        eprintln!("warning: the negative prompt was truncated; {neg_dropped} tokens were dropped");
+    }
+
+    let paths = output_paths(&args.output, generated.images.len());
+    let n = generated.images.len();
+    for (i, (image, path)) in generated.images.iter().zip(&paths).enumerate() {
+        let text = Parameters {
+            prompt: &params.prompt,
+            negative_prompt: params.negative_prompt.as_deref(),
+            steps: params.steps,
+            sampler: sampler.a1111_name(),
+            guidance: params.guidance,
+            seed,
+            width: params.width,
+            height: params.height,
+            model: &info.name,
+            batch: (n > 1).then_some((n, i)),
+        }
+        .to_text();
+        write_png(path, image, &text)?;
+    }
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    eprintln!(
+        "wrote {} (seed {seed}, {:.1}s)",
+        names.join(", "),
+        run_started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! `sd-worker inspect`: what a model folder holds.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A Stable Diffusion diffusers folder (with model_index.json).
+    #[arg(env = "SD_MODEL")]
+    pub model: PathBuf,
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let info = sd_models::loader::inspect(&args.model)?;
+    let unet = sd_models::loader::read_unet_config(&args.model)?;
+    let vae = sd_models::loader::read_vae_config(&args.model)?;
+    println!("model:        {}", info.name);
+    println!("path:         {}", info.path.display());
+    println!("family:       {}", info.family);
+    println!("layout:       diffusers folder ({})", info.pipeline_class);
+    println!("prediction:   {:?}", info.prediction_type);
+    println!("latent factor: {}", vae.scale_factor());
+    println!(
+        "default size: {}x{}",
+        unet.sample_size * vae.scale_factor(),
+        unet.sample_size * vae.scale_factor()
+    );
+    for (name, files) in &info.weights {
+        let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        println!("{name:<13} {}", list.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! PNG output with the AUTOMATIC1111-style `parameters` text chunk.
+
+use std::io::BufWriter;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sd_models::pipelines::RgbImage;
+
+/// The generation settings, written in AUTOMATIC1111's `parameters` format.
+pub struct Parameters<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: Option<&'a str>,
+    pub steps: usize,
+    pub sampler: &'a str,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub model: &'a str,
+    /// (batch size, position) when more than one image was generated.
+    pub batch: Option<(usize, usize)>,
+}
+
+impl Parameters<'_> {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        s.push_str(self.prompt);
+        s.push('\n');
+        if let Some(neg) = self.negative_prompt.filter(|n| !n.is_empty()) {
+            s.push_str("Negative prompt: ");
+            s.push_str(neg);
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model
+        ));
+        if let Some((size, pos)) = self.batch {
+            s.push_str(&format!(", Batch size: {size}, Batch pos: {pos}"));
+        }
+        s
+    }
+}
+
+/// Encodes an RGB image as PNG bytes with a `parameters` text chunk (tEXt when the text is
+/// Latin-1, iTXt otherwise).
+pub fn encode_png(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(
+            BufWriter::new(&mut out),
+            image.width as u32,
+            image.height as u32,
+        );
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        if parameters.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk("parameters".into(), parameters.into())?;
+        } else {
+            enc.add_itxt_chunk("parameters".into(), parameters.into())?;
+        }
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&image.pixels)?;
+        writer.finish()?;
+    }
+    Ok(out)
+}
+
+pub fn write_png(path: &Path, image: &RgbImage, parameters: &str) -> Result<()> {
+    let bytes = encode_png(image, parameters)?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
