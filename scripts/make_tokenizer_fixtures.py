@@ -36,7 +36,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -58,22 +57,22 @@ _BPE_PATH: Path | None = None
 # --------------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> list[str]:
-    """GPT-2's reversible byte -> printable character table, in CLIP's vocabulary order."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table. Its insertion order (the printable
+    bytes, which map to themselves, then the others, mapped to U+0100 upwards by byte value)
+    is the order of the byte tokens in CLIP's vocabulary."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("\u00a1"), ord("\u00ac") + 1))
         + list(range(ord("\u00ae"), ord("\u00ff") + 1))
     )
-    chars = printable[:]
+    table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
+        if b not in table:
+            table[b] = chr(256 + extra)
             extra += 1
-    # CLIP's vocabulary lists the characters in the order of this table: the printable bytes
-    # (which map to themselves) first, then the others (mapped to U+0100 upwards) by byte value.
-    return [chr(c) for c in chars]
+    return table
 
 
 def _read_bpe_gz(path: Path) -> list[tuple[str, str]]:
@@ -119,7 +118,7 @@ def clip_merges() -> list[tuple[str, str]]:
 
 
 def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    chars = bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -482,7 +481,7 @@ def _unicode_tables(tok) -> dict:
 def _random_prompts(vocab: dict[str, int], n: int, seed: int) -> list[str]:
     """Random strings that exercise the character classes and many merges."""
     rng = random.Random(seed)
-    byte_decoder = {c: b for b, c in enumerate(_byte_order())}
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
     pieces = []
     for token in list(vocab)[512:-2]:
         word = token[:-4] if token.endswith("</w>") else token
@@ -509,28 +508,12 @@ def _random_prompts(vocab: dict[str, int], n: int, seed: int) -> list[str]:
     return out
 
 
-def _byte_order() -> list[str]:
-    """Characters of bytes 0..=255 (the inverse view of `bytes_to_unicode`)."""
-    printable = set(
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _write_variant(name, cfg, smap, base: Path) -> Path:
+def _write_variant(name: str, cfg, smap, full: Path, base: Path) -> Path:
+    """A tokenizer folder with the vocabulary of `full` and the given config files."""
     d = base / name
     d.mkdir(parents=True, exist_ok=True)
     for f in ["vocab.json", "merges.txt"]:
-        os.symlink(FIXTURE_TMP_FULL / f, d / f)
+        os.symlink(full / f, d / f)
     if cfg is not None:
         with open(d / "tokenizer_config.json", "w") as f:
             json.dump(cfg, f, indent=1)
@@ -540,11 +523,8 @@ def _write_variant(name, cfg, smap, base: Path) -> Path:
     return d
 
 
-FIXTURE_TMP_FULL = Path()
-
-
 def main() -> None:
-    global _BPE_PATH, FIXTURE_TMP_FULL
+    global _BPE_PATH
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpe", type=Path, help="bpe_simple_vocab_16e6.txt.gz (or a merges.txt.gz)")
     ap.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -561,7 +541,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="clip-tok-"))
     try:
         full = write_full_clip_tokenizer(tmp / "full", EOS)
-        FIXTURE_TMP_FULL = full
         expected = {"transformers": transformers.__version__, "tokenizers": {}, "variants": {}}
 
         out.mkdir(parents=True, exist_ok=True)
@@ -601,9 +580,10 @@ def main() -> None:
         if vdir.exists():
             shutil.rmtree(vdir)
         for name, (cfg, smap) in VARIANTS.items():
-            d = _write_variant(name, cfg, smap, tmp / "variants")
+            d = _write_variant(name, cfg, smap, full, tmp / "variants")
             tok = _load(d)
-            expected["variants"][name] = _describe(tok, VARIANT_PROMPTS, tok.model_max_length < 10**9)
+            has_max = tok.model_max_length < 10**9
+            expected["variants"][name] = _describe(tok, VARIANT_PROMPTS, has_max)
             (vdir / name).mkdir(parents=True, exist_ok=True)
             if cfg is not None:
                 shutil.copy(d / "tokenizer_config.json", vdir / name / "tokenizer_config.json")

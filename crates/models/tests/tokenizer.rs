@@ -1,5 +1,5 @@
 //! The CLIP tokenizer against transformers' `CLIPTokenizer` (ids written by
-//! scripts/make_tokenizer_fixtures.py into tests/fixtures/clip-tokenizer/expected.json).
+//! scripts/make_tokenizer_fixtures.py into tests/fixtures/clip-tokenizer/expected.json.gz).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ fn fixtures() -> PathBuf {
 fn expected() -> &'static Value {
     static EXPECTED: OnceLock<Value> = OnceLock::new();
     EXPECTED.get_or_init(|| {
-        let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
+        let bytes = gunzip(&fixtures().join("expected.json.gz"));
+        serde_json::from_slice(&bytes).unwrap()
     })
 }
 
@@ -147,7 +147,26 @@ fn sd1_full_vocab_matches_transformers() {
         tok.encode("a photo of a cat"),
         [49406, 320, 1125, 539, 320, 2368, 49407]
     );
-    assert_clean(check(&tok, "sd1", &expected()["tokenizers"]["sd1"]));
+    let mut bad = check(&tok, "sd1", &expected()["tokenizers"]["sd1"]);
+    // 1500 random strings: mixed scripts, punctuation, whitespace, glued vocabulary pieces.
+    let random = &expected()["random"];
+    assert_eq!(random["cases"].as_array().unwrap().len(), 1500);
+    bad.extend(check(&tok, "sd1-random", random));
+    assert_clean(bad);
+}
+
+#[test]
+fn long_words_take_linear_time() {
+    let tok = ClipTokenizer::from_dir(&fixtures().join("tiny-sd1")).unwrap();
+    let start = std::time::Instant::now();
+    let word: String = "abcdefghij".repeat(20_000);
+    let (ids, count) = tok.encode_padded(&word);
+    assert_eq!(ids.len(), 77);
+    assert!(count > 1000);
+    let (_, count) = tok.encode_padded(&"a".repeat(200_000));
+    assert!(count > 1000);
+    let elapsed = start.elapsed();
+    assert!(elapsed.as_secs() < 10, "{elapsed:?}");
 }
 
 #[test]
@@ -281,7 +300,10 @@ fn errors_name_the_file() {
     )
     .unwrap();
     let e = error_of(&dir);
-    assert!(e.contains("<pad>"), "{e}");
+    assert!(
+        e.contains("<pad>") && e.contains("special_tokens_map.json"),
+        "{e}"
+    );
 
     let dir = scratch("short-max-length");
     std::fs::write(

@@ -137,8 +137,14 @@ impl Vae {
         if let Some(shift) = self.config.shift_factor {
             z = (z + shift)?;
         }
-        let img = self.inner.decode(&z.to_dtype(self.dtype)?)?;
-        Ok(img.to_dtype(DType::F32)?)
+        // One image at a time: bounds the decoder's peak memory, and candle-transformers'
+        // VAE attention gives wrong results for the second image of a batch on some
+        // shapes (observed with 8x8 latents; single-image decodes match diffusers).
+        let z = z.to_dtype(self.dtype)?;
+        let images = (0..z.dim(0)?)
+            .map(|i| self.inner.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&images, 0)?)
     }
 
     pub fn dtype(&self) -> DType {

@@ -232,10 +232,6 @@ impl Sampler for EulerAncestral {
             / (sigma_from * sigma_from))
             .sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
-        eprintln!(
-            "DBG sigmas {:?} up {sigma_up} down {sigma_down}",
-            &self.sigmas
-        );
         let derivative = div(&(&sample - pred_x0)?, sigma)?;
         let dt = sigma_down - sigma;
         let prev = (&sample + mul(&derivative, dt)?)?;

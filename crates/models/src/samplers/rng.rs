@@ -117,7 +117,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             normal_fill_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -156,7 +156,8 @@ fn normal_fill_16(data: &mut [f32]) {
 /// (The constants are spelled as in the cephes / avx_mathfun sources.)
 #[allow(clippy::excessive_precision)]
 fn log_ps(x: f32) -> f32 {
-    const SQRTHF: f32 = 0.707106781186547524;
+    // cephes' SQRTHF, 0.707106781186547524.
+    const SQRTHF: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const P: [f32; 9] = [
         7.0376836292E-2,
         -1.1514610310E-1,

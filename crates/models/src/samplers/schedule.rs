@@ -52,7 +52,7 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `start + step`, then `start + i * delta` with `delta = (start + step) - start`.
 pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;

@@ -191,11 +191,12 @@ impl ClipTokenizer {
             "cls_token",
             "mask_token",
         ];
-        let mut named: HashMap<&str, TokenSpec> = HashMap::new();
+        // name -> (token, the file that gave it)
+        let mut named: HashMap<&str, (TokenSpec, &Path)> = HashMap::new();
         for name in NAMES {
             if let Some(value) = config.get(name) {
                 if let Some(spec) = parse_named(value, name, &config_path)? {
-                    named.insert(name, spec);
+                    named.insert(name, (spec, &config_path));
                 }
             }
         }
@@ -204,7 +205,7 @@ impl ClipTokenizer {
                 for name in NAMES {
                     if let Some(value) = map.get(name) {
                         match parse_named(value, name, &map_path)? {
-                            Some(spec) => named.insert(name, spec),
+                            Some(spec) => named.insert(name, (spec, &map_path)),
                             None => named.remove(name),
                         };
                     }
@@ -220,10 +221,10 @@ impl ClipTokenizer {
         ] {
             named
                 .entry(name)
-                .or_insert_with(|| TokenSpec::plain(content));
+                .or_insert_with(|| (TokenSpec::plain(content), &vocab_path));
         }
         // A named token that `added_tokens_decoder` lists takes the decoder's flags.
-        for spec in named.values_mut() {
+        for (spec, _) in named.values_mut() {
             if let Some((_, d)) = decoder.iter().find(|(_, d)| d.content == spec.content) {
                 *spec = d.clone();
             }
@@ -243,7 +244,7 @@ impl ClipTokenizer {
             let id = vocab.get(&spec.content).copied().unwrap_or(*id);
             push(id, spec.clone());
         }
-        let token_id = |name: &str, spec: &TokenSpec, path: &Path| -> Result<u32> {
+        let token_id = |name: &str, (spec, path): &(TokenSpec, &Path)| -> Result<u32> {
             vocab
                 .get(&spec.content)
                 .copied()
@@ -265,19 +266,19 @@ impl ClipTokenizer {
                 })
         };
         for name in NAMES {
-            if let Some(spec) = named.get(name) {
-                if decoder.iter().any(|(_, d)| d.content == spec.content) {
+            if let Some(entry) = named.get(name) {
+                if decoder.iter().any(|(_, d)| d.content == entry.0.content) {
                     continue;
                 }
-                let id = token_id(name, spec, &config_path)?;
-                push(id, spec.clone());
+                let id = token_id(name, entry)?;
+                push(id, entry.0.clone());
             }
         }
         let named_id = |name: &str| -> Result<u32> {
-            let spec = named
+            let entry = named
                 .get(name)
                 .ok_or_else(|| Error::config(&config_path, format!("no {name}")))?;
-            token_id(name, spec, &config_path)
+            token_id(name, entry)
         };
         let bos_id = named_id("bos_token")?;
         let eos_id = named_id("eos_token")?;
