@@ -26,7 +26,18 @@ pub enum Error {
     Cancelled,
     /// A tensor operation failed.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Drops candle's captured backtraces so that messages stay one line.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Candle(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -74,6 +74,11 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
         .collect()
 }
 
+/// `|diff| > tol`, with NaN outside any tolerance.
+fn outside(diff: f64, tol: f64) -> bool {
+    diff.is_nan() || diff.abs() > tol
+}
+
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
@@ -84,7 +89,8 @@ fn worst(got: &[f64], want: &[f64], scale: f64) -> (f64, usize) {
     let mut worst = (0.0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let r = (g - w).abs() / (ATOL + RTOL * w.abs() + MAG_TOL * scale);
-        if !(r <= worst.0) {
+        // (NaN counts as the worst error.)
+        if r.is_nan() || r > worst.0 {
             worst = (r, i);
         }
     }
@@ -116,7 +122,7 @@ impl Findings {
         if rp > self.worst_plain.0 {
             self.worst_plain = (rp, what.to_string());
         }
-        if !(r <= 1.0) {
+        if r.is_nan() || r > 1.0 {
             self.fail(format!(
                 "{what}: element {i}: got {}, diffusers {} (error {r:.2} x tolerance)",
                 got[i], want[i]
@@ -158,7 +164,7 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
         || got_ts
             .iter()
             .zip(&want_ts)
-            .any(|(g, w)| !((*g as f32 - *w as f32).abs() as f64 <= ts_tol))
+            .any(|(g, w)| outside((*g as f32 - *w as f32) as f64, ts_tol))
     {
         found.fail(format!(
             "{label}: timesteps {got_ts:?}, diffusers {want_ts:?}"
@@ -186,7 +192,8 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
     let trace = f64s(&case["l1_trace"]);
     let mut compared = 0;
     let mut last_scale = 0.0;
-    for i in 0..got_ts.len() {
+    assert_eq!(trace.len(), got_ts.len(), "{label}: trace length");
+    for (i, &l1_want) in trace.iter().enumerate() {
         let before = to_vec(&latents);
         let scale = max_abs(&before);
         let x_in = sampler.scale_model_input(&latents, i).expect("scale");
@@ -212,12 +219,11 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
         }
         let after = to_vec(&latents);
         let l1: f64 = after.iter().map(|v| v.abs()).sum();
-        let tol =
-            ATOL * after.len() as f64 + RTOL * trace[i] + MAG_TOL * scale * after.len() as f64;
-        if !((l1 - trace[i]).abs() <= tol) {
+        let tol = ATOL * after.len() as f64 + RTOL * l1_want + MAG_TOL * scale * after.len() as f64;
+        if outside(l1 - l1_want, tol) {
             found.fail(format!(
                 "{label}: step {i}: |latents|_1 = {l1}, diffusers {}",
-                trace[i]
+                l1_want
             ));
         }
         last_scale = scale;

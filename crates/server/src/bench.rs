@@ -14,7 +14,7 @@ use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
 use sd_models::modules::unet::{UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
 
-use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -112,6 +112,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    check_dtype_on_device(dtype, &device)?;
     let stages: Vec<String> = args
         .stages
         .split(',')

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sd_models::pipelines::GenerateParams;
 use sd_models::samplers::SamplerKind;
 
-use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
 use crate::png_out::{write_png, Parameters};
 
 #[derive(Args, Debug)]
@@ -105,6 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .transpose()?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
 
     let started = Instant::now();

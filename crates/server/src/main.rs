@@ -39,7 +39,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the source error looks like.
+            let message = format!("{e:#}");
+            let message: Vec<&str> = message.split_whitespace().collect();
+            eprintln!("error: {}", message.join(" "));
             ExitCode::FAILURE
         }
     }

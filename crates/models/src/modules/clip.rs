@@ -66,7 +66,7 @@ impl ClipTextConfig {
             hidden_act,
             layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(cfg.err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

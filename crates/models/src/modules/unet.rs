@@ -183,19 +183,19 @@ impl UNetConfig {
             return Err(cfg.err("field `mid_block_only_cross_attention` = true is not supported"));
         }
         for (i, &ch) in c.block_out_channels.iter().enumerate() {
-            if norm_num_groups == 0 || ch % norm_num_groups != 0 {
+            if norm_num_groups == 0 || !ch.is_multiple_of(norm_num_groups) {
                 return Err(cfg.err(format!(
                     "block_out_channels[{i}] = {ch} is not divisible by norm_num_groups {norm_num_groups}"
                 )));
             }
             let h = c.num_attention_heads[i];
-            if h == 0 || ch % h != 0 {
+            if h == 0 || !ch.is_multiple_of(h) {
                 return Err(cfg.err(format!(
                     "block_out_channels[{i}] = {ch} is not divisible by {h} attention heads"
                 )));
             }
         }
-        if c.conv_in_kernel % 2 == 0 || c.conv_out_kernel % 2 == 0 {
+        if c.conv_in_kernel.is_multiple_of(2) || c.conv_out_kernel.is_multiple_of(2) {
             return Err(cfg.err("conv_in_kernel and conv_out_kernel must be odd"));
         }
         Ok(c)
@@ -608,9 +608,8 @@ impl UNet {
                 c,
                 s,
             )?];
-            let mut attentions = Vec::new();
             // diffusers' mid block has one attention + resnet pair (num_layers = 1).
-            attentions.push(Transformer2D::new(
+            let attentions = vec![Transformer2D::new(
                 vb.pp("attentions").pp(0),
                 last,
                 c.transformer_layers_per_block[n - 1],
@@ -618,7 +617,7 @@ impl UNet {
                 c.num_attention_heads[n - 1],
                 false,
                 c,
-            )?);
+            )?];
             resnets.push(ResnetBlock::new(
                 vb.pp("resnets").pp(1),
                 last,

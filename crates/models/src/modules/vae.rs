@@ -54,7 +54,7 @@ impl VaeConfig {
         let norm_num_groups = cfg.usize_or("norm_num_groups", 32)?;
         if let Some(&bad) = block_out_channels
             .iter()
-            .find(|&&c| norm_num_groups == 0 || c % norm_num_groups != 0)
+            .find(|&&c| norm_num_groups == 0 || !c.is_multiple_of(norm_num_groups))
         {
             return Err(cfg.err(format!(
                 "block_out_channels entry {bad} is not divisible by norm_num_groups {norm_num_groups}"

@@ -85,7 +85,7 @@ impl SdPipeline {
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         let f = self.latent_factor();
         for (field, v) in [("width", p.width), ("height", p.height)] {
-            if v == 0 || v % f != 0 {
+            if v == 0 || !v.is_multiple_of(f) {
                 return Err(Error::invalid(
                     field,
                     format!(
