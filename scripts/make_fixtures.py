@@ -8,6 +8,9 @@ Writes, under fixtures/ at the repository root:
   reference/<case>.safetensors  diffusers' outputs: final uint8 images, the initial noise,
                      the first UNet call's inputs and output, the latents after step 1
   reference/cases.json          the parameters of every case
+  unets/<name>/      UNets with the less common config options (lists per block, heads that
+                     do not divide the channels, no mid block, padding 0, ...), and
+  reference/<name>.safetensors  one diffusers forward pass of each
 
 Run with the venv described in the README:  python scripts/make_fixtures.py
 Weights are random (seeded), so the folders are only useful for parity tests.
@@ -283,12 +286,83 @@ def run_case(pipe, base_sched_config, case, default_size):
     }
 
 
+# UNets with the less common config options, checked with one forward pass each.
+UNET_CONFIGS = {
+    "unet-mixed": dict(
+        sample_size=(8, 12),
+        in_channels=4,
+        out_channels=4,
+        center_input_sample=True,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=(1, 2, 1),
+        transformer_layers_per_block=(1, 2, 1),
+        attention_head_dim=(2, 3, 4),
+        only_cross_attention=(False, True, False),
+        downsample_padding=0,
+        mid_block_scale_factor=1.5,
+        resnet_out_scale_factor=1.25,
+        time_embedding_dim=48,
+        conv_in_kernel=5,
+        conv_out_kernel=1,
+        cross_attention_dim=12,
+        act_fn="swish",
+        norm_num_groups=4,
+        norm_eps=1e-4,
+    ),
+    "unet-nomid-linear": dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type=None,
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        cross_attention_dim=12,
+        norm_num_groups=4,
+    ),
+}
+
+
+def build_unets():
+    """Writes fixtures/unets/<name>/ and a reference forward pass for each."""
+    out = {}
+    for i, (name, cfg) in enumerate(UNET_CONFIGS.items()):
+        gen = torch.Generator().manual_seed(100 + i)
+        torch.manual_seed(100 + i)
+        unet = UNet2DConditionModel(**cfg).eval()
+        jitter_norms(unet, gen)
+        folder = ROOT / "unets" / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        unet.save_pretrained(folder, safe_serialization=True)
+        # Odd latent sizes exercise the upsampling to the skip connections' sizes.
+        sample = torch.randn((2, 4, 7, 5), generator=gen)
+        context = torch.randn((2, 6, 12), generator=gen)
+        t = torch.tensor(617)
+        with torch.no_grad():
+            y = unet(sample, t, encoder_hidden_states=context).sample
+        save_file({"sample": sample, "context": context, "timestep": torch.tensor([617.0]),
+                   "output": y.contiguous()}, ROOT / "reference" / f"{name}.safetensors")
+        print(f"{name}: output std {y.std():.3f}")
+        out[name] = True
+    return out
+
+
 def main():
     torch.set_num_threads(2)
     ref = ROOT / "reference"
     if ref.exists():
         shutil.rmtree(ref)
     ref.mkdir(parents=True)
+    build_unets()
     cases = []
     for kind, kind_cases in [("sd1", SD1_CASES), ("sd2", SD2_CASES)]:
         build(kind)

@@ -93,18 +93,23 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    // Open each file on its own first so that a corrupt one is named in the error.
     for f in files {
-        // Validate each file's header first so that a corrupt file gets a clear message.
-        let bytes = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-        drop(bytes);
+        // SAFETY: the files are memory-mapped read-only; they must not be modified while
+        // loaded, which is the contract of a model folder.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
+            Error::config(
+                f,
+                format!("cannot read safetensors weights: {}", Error::from(e)),
+            )
+        })?;
     }
-    // SAFETY: the files are memory-mapped read-only; they must not be modified while loaded,
-    // which is the documented contract of the weights folder.
+    // SAFETY: as above.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
     vb.map_err(|e| {
         Error::config(
             files.first().cloned().unwrap_or_default(),
-            format!("cannot read safetensors weights: {e}"),
+            format!("cannot read safetensors weights: {}", Error::from(e)),
         )
     })
 }
@@ -204,18 +209,14 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
 
     let unet_dir = component(root, "unet")?;
     let unet_cfg_file = JsonConfig::load(&unet_dir.join("config.json"))?;
-    let unet_cfg = UNetConfig::from_config(&unet_cfg_file)?;
-    let unet_vb = var_builder(&weights("unet"), dtype, device)?;
-    let unet = in_component("unet", &unet_dir, UNet::new(unet_vb, &unet_cfg))?;
+    let unet = load_unet(&unet_dir, device, dtype)?;
+    let unet_cfg = unet.config.clone();
 
     let vae_dir = component(root, "vae")?;
     let vae_cfg = VaeConfig::from_config(&JsonConfig::load(&vae_dir.join("config.json"))?)?;
-    let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
-        DType::F32
-    } else {
-        dtype
-    };
-    let vae_vb = var_builder(&weights("vae"), vae_dtype, device)?;
+    // As diffusers' SD 1.x/2.x pipelines: the VAE runs in the pipeline's dtype
+    // (`force_upcast` is honoured by the SDXL pipelines only).
+    let vae_vb = var_builder(&weights("vae"), dtype, device)?;
     let vae = in_component("vae", &vae_dir, Vae::new(vae_vb, &vae_cfg))?;
 
     if unet_cfg.in_channels != vae_cfg.latent_channels {
@@ -224,12 +225,40 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
             unet_cfg.in_channels, vae_cfg.latent_channels
         )));
     }
-    if unet_cfg.context_dim() != te_cfg.hidden_size {
+    if unet_cfg.out_channels != vae_cfg.latent_channels {
         return Err(unet_cfg_file.err(format!(
-            "cross_attention_dim = {} but the text encoder's hidden_size is {}",
-            unet_cfg.context_dim(),
+            "out_channels = {} but the VAE has {} latent channels",
+            unet_cfg.out_channels, vae_cfg.latent_channels
+        )));
+    }
+    if let Some((i, d)) = unet_cfg
+        .cross_attention_dim
+        .iter()
+        .enumerate()
+        .find(|(_, &d)| d != te_cfg.hidden_size)
+    {
+        return Err(unet_cfg_file.err(format!(
+            "cross_attention_dim[{i}] = {d} but the text encoder's hidden_size is {}",
             te_cfg.hidden_size
         )));
+    }
+    let max_id = [
+        tokenizer.pad_id(),
+        tokenizer.bos_id(),
+        tokenizer.eos_id(),
+        tokenizer.vocab_size().saturating_sub(1) as u32,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if max_id as usize >= te_cfg.vocab_size {
+        return Err(Error::config(
+            root.join("tokenizer"),
+            format!(
+                "token id {max_id} is outside the text encoder's vocab_size {}",
+                te_cfg.vocab_size
+            ),
+        ));
     }
     if tokenizer.max_length() > te_cfg.max_position_embeddings {
         return Err(Error::config(
@@ -267,4 +296,15 @@ pub fn read_vae_config(root: &Path) -> Result<VaeConfig> {
     VaeConfig::from_config(&JsonConfig::load(
         &component(root, "vae")?.join("config.json"),
     )?)
+}
+
+/// Loads a UNet from a diffusers `unet/` folder (its `config.json` and weights).
+pub fn load_unet(dir: &Path, device: &Device, dtype: DType) -> Result<UNet> {
+    let cfg = UNetConfig::from_config(&JsonConfig::load(&dir.join("config.json"))?)?;
+    let vb = var_builder(
+        &find_weights(dir, "diffusion_pytorch_model")?,
+        dtype,
+        device,
+    )?;
+    in_component("unet", dir, UNet::new(vb, &cfg))
 }

@@ -95,9 +95,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             );
         }
     }
-    if args.prompt.trim().is_empty() {
-        bail!("invalid --prompt: must not be empty");
-    }
     let sampler_override = args
         .scheduler
         .as_deref()
@@ -114,13 +111,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(s) => s,
         None => pipeline.default_sampler()?,
     };
-    let size = pipeline.default_size();
+    let (default_width, default_height) = pipeline.default_size();
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let params = GenerateParams {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        width: args.width.unwrap_or(size),
-        height: args.height.unwrap_or(size),
+        width: args.width.unwrap_or(default_width),
+        height: args.height.unwrap_or(default_height),
         steps: args.steps,
         guidance: args.guidance,
         seed,
@@ -150,6 +147,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bar.set_style(style);
         bar
     };
+    if params.negative_prompt.is_some() && params.guidance <= 1.0 {
+        eprintln!(
+            "warning: --negative-prompt has no effect when --guidance ({}) is not above 1",
+            params.guidance
+        );
+    }
     let run_started = Instant::now();
     let generated = pipeline.generate(&params, &mut |p| {
         bar.set_length(p.total as u64);

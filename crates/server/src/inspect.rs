@@ -22,10 +22,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("layout:       diffusers folder ({})", info.pipeline_class);
     println!("prediction:   {:?}", info.prediction_type);
     println!("latent factor: {}", vae.scale_factor());
+    let (h, w) = unet.sample_size;
     println!(
-        "default size: {}x{}",
-        unet.sample_size * vae.scale_factor(),
-        unet.sample_size * vae.scale_factor()
+        "default size: {}x{} (width x height)",
+        w * vae.scale_factor(),
+        h * vae.scale_factor()
     );
     for (name, files) in &info.weights {
         let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

@@ -31,9 +31,15 @@ impl Parameters<'_> {
             s.push_str(neg);
             s.push('\n');
         }
+        // A1111 prints the scale as a Python float: 7.0, 7.5.
+        let cfg = if self.guidance.fract() == 0.0 {
+            format!("{:.1}", self.guidance)
+        } else {
+            format!("{}", self.guidance)
+        };
         s.push_str(&format!(
-            "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-            self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model
+            "Steps: {}, Sampler: {}, CFG scale: {cfg}, Seed: {}, Size: {}x{}, Model: {}",
+            self.steps, self.sampler, self.seed, self.width, self.height, self.model
         ));
         if let Some((size, pos)) = self.batch {
             s.push_str(&format!(", Batch size: {size}, Batch pos: {pos}"));

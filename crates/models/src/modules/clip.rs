@@ -46,6 +46,11 @@ impl ClipTextConfig {
             Some(v) if v.is_object() => JsonConfig::from_value(&cfg.path, v.clone()),
             _ => cfg.clone(),
         };
+        if cfg.bool_or("use_attention_mask", false)? {
+            return Err(
+                cfg.err("field `use_attention_mask` = true is not supported (padding-masked CLIP)")
+            );
+        }
         let hidden_act = match cfg.str_or("hidden_act", "quick_gelu")? {
             "quick_gelu" => ClipActivation::QuickGelu,
             "gelu" => ClipActivation::Gelu,

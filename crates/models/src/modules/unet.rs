@@ -22,7 +22,8 @@ pub enum BlockKind {
 /// Everything in a UNet `config.json` that shapes the network.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
-    pub sample_size: usize,
+    /// Default latent size as (height, width); the config holds one int or `[h, w]`.
+    pub sample_size: (usize, usize),
     pub in_channels: usize,
     pub out_channels: usize,
     pub center_input_sample: bool,
@@ -47,6 +48,8 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// Width of the time embedding (default 4 x block_out_channels[0]).
+    pub time_embedding_dim: usize,
 }
 
 fn parse_down(cfg: &JsonConfig, name: &str) -> Result<BlockKind> {
@@ -79,18 +82,15 @@ impl UNetConfig {
             ("encoder_hid_dim_type", vec![]),
             ("num_class_embeds", vec![]),
             ("time_cond_proj_dim", vec![]),
-            ("time_embedding_dim", vec![]),
             ("time_embedding_act_fn", vec![]),
             ("timestep_post_act", vec![]),
             ("dual_cross_attention", vec![json!(false)]),
             ("class_embeddings_concat", vec![json!(false)]),
             ("resnet_skip_time_act", vec![json!(false)]),
             ("resnet_time_scale_shift", vec![json!("default")]),
-            ("resnet_out_scale_factor", vec![json!(1.0), json!(1)]),
             ("time_embedding_type", vec![json!("positional")]),
-            ("act_fn", vec![json!("silu")]),
+            ("act_fn", vec![json!("silu"), json!("swish")]),
             ("attention_type", vec![json!("default")]),
-            ("cross_attention_norm", vec![]),
             ("reverse_transformer_layers_per_block", vec![]),
         ] {
             cfg.expect_default(key, &ok)?;
@@ -151,7 +151,18 @@ impl UNetConfig {
         };
         let norm_num_groups = cfg.usize_or("norm_num_groups", 32)?;
         let c = Self {
-            sample_size: cfg.usize_or("sample_size", 64)?,
+            sample_size: match cfg.usize_list("sample_size") {
+                Ok(Some(list)) if list.len() == 2 => (list[0], list[1]),
+                Ok(Some(list)) => {
+                    return Err(cfg.err(format!(
+                        "field `sample_size` must be an integer or [height, width], got {list:?}"
+                    )))
+                }
+                _ => {
+                    let s = cfg.usize_or("sample_size", 64)?;
+                    (s, s)
+                }
+            },
             in_channels: cfg.usize_or("in_channels", 4)?,
             out_channels: cfg.usize_or("out_channels", 4)?,
             center_input_sample: cfg.bool_or("center_input_sample", false)?,
@@ -177,10 +188,14 @@ impl UNetConfig {
             upcast_attention: cfg.bool_or("upcast_attention", false)?,
             conv_in_kernel: cfg.usize_or("conv_in_kernel", 3)?,
             conv_out_kernel: cfg.usize_or("conv_out_kernel", 3)?,
+            time_embedding_dim: cfg.usize_or("time_embedding_dim", block_out_channels[0] * 4)?,
             block_out_channels,
         };
-        if cfg.bool_or("mid_block_only_cross_attention", false)? {
-            return Err(cfg.err("field `mid_block_only_cross_attention` = true is not supported"));
+        // `mid_block_only_cross_attention`, `cross_attention_norm` and
+        // `resnet_out_scale_factor` only affect block types we do not build
+        // (UNetMidBlock2DSimpleCrossAttn, SimpleCrossAttn and Resnet*sample blocks).
+        if c.time_embedding_dim == 0 {
+            return Err(cfg.err("field `time_embedding_dim` must be positive"));
         }
         for (i, &ch) in c.block_out_channels.iter().enumerate() {
             if norm_num_groups == 0 || !ch.is_multiple_of(norm_num_groups) {
@@ -189,14 +204,19 @@ impl UNetConfig {
                 )));
             }
             let h = c.num_attention_heads[i];
-            if h == 0 || !ch.is_multiple_of(h) {
+            if h == 0 || h > ch {
                 return Err(cfg.err(format!(
-                    "block_out_channels[{i}] = {ch} is not divisible by {h} attention heads"
+                    "block {i} has {h} attention heads for {ch} channels (must be 1 to {ch})"
                 )));
             }
         }
-        if c.conv_in_kernel.is_multiple_of(2) || c.conv_out_kernel.is_multiple_of(2) {
-            return Err(cfg.err("conv_in_kernel and conv_out_kernel must be odd"));
+        for (key, k) in [
+            ("conv_in_kernel", c.conv_in_kernel),
+            ("conv_out_kernel", c.conv_out_kernel),
+        ] {
+            if k.is_multiple_of(2) {
+                return Err(cfg.err(format!("field `{key}` must be odd, got {k}")));
+            }
         }
         Ok(c)
     }
@@ -210,7 +230,7 @@ impl UNetConfig {
     pub fn sd15() -> Self {
         use BlockKind::*;
         Self {
-            sample_size: 64,
+            sample_size: (64, 64),
             in_channels: 4,
             out_channels: 4,
             center_input_sample: false,
@@ -233,6 +253,7 @@ impl UNetConfig {
             upcast_attention: false,
             conv_in_kernel: 3,
             conv_out_kernel: 3,
+            time_embedding_dim: 1280,
         }
     }
 }
@@ -444,22 +465,24 @@ impl Transformer2D {
         only_cross: bool,
         c: &UNetConfig,
     ) -> Result<Self> {
+        // diffusers: inner_dim = heads * (channels // heads).
+        let inner = heads * (ch / heads);
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
-                Proj::Linear(linear(ch, ch, vb.pp("proj_in"))?),
-                Proj::Linear(linear(ch, ch, vb.pp("proj_out"))?),
+                Proj::Linear(linear(ch, inner, vb.pp("proj_in"))?),
+                Proj::Linear(linear(inner, ch, vb.pp("proj_out"))?),
             )
         } else {
             (
-                Proj::Conv(conv(ch, ch, 1, 1, vb.pp("proj_in"))?),
-                Proj::Conv(conv(ch, ch, 1, 1, vb.pp("proj_out"))?),
+                Proj::Conv(conv(ch, inner, 1, 1, vb.pp("proj_in"))?),
+                Proj::Conv(conv(inner, ch, 1, 1, vb.pp("proj_out"))?),
             )
         };
         let blocks = (0..layers)
             .map(|i| {
                 TransformerBlock::new(
                     vb.pp("transformer_blocks").pp(i),
-                    ch,
+                    inner,
                     ctx,
                     heads,
                     only_cross,
@@ -476,9 +499,10 @@ impl Transformer2D {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
+        let (b, _, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let to_seq = |t: Tensor| -> candle_core::Result<Tensor> {
+            let c = t.dim(1)?;
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
         };
         let mut hs = match &self.proj_in {
@@ -489,6 +513,7 @@ impl Transformer2D {
             hs = block.forward(&hs, ctx)?;
         }
         let from_seq = |t: Tensor| -> candle_core::Result<Tensor> {
+            let c = t.dim(2)?;
             t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
         };
         let out = match &self.proj_out {
@@ -499,11 +524,30 @@ impl Transformer2D {
     }
 }
 
+/// diffusers' `Downsample2D` with a convolution: stride 2; with `padding = 0` the input is
+/// first zero-padded by one pixel on the right and bottom.
+#[derive(Debug)]
+struct Downsample {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad_right_bottom {
+            let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
 #[derive(Debug)]
 struct DownBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
-    downsample: Option<Conv2d>,
+    downsample: Option<Downsample>,
 }
 
 #[derive(Debug)]
@@ -538,7 +582,7 @@ impl UNet {
         let c = config;
         let n = c.block_out_channels.len();
         let ch0 = c.block_out_channels[0];
-        let temb = ch0 * 4;
+        let temb = c.time_embedding_dim;
         let conv_in = conv(c.in_channels, ch0, c.conv_in_kernel, 1, vb.pp("conv_in"))?;
         let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding").pp("linear_1"))?;
         let time_linear_2 = linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?;
@@ -579,13 +623,16 @@ impl UNet {
                     stride: 2,
                     ..Default::default()
                 };
-                Some(conv2d(
-                    out_ch,
-                    out_ch,
-                    3,
-                    cfg,
-                    vb.pp("downsamplers").pp("0").pp("conv"),
-                )?)
+                Some(Downsample {
+                    conv: conv2d(
+                        out_ch,
+                        out_ch,
+                        3,
+                        cfg,
+                        vb.pp("downsamplers").pp("0").pp("conv"),
+                    )?,
+                    pad_right_bottom: c.downsample_padding == 0,
+                })
             } else {
                 None
             };

@@ -19,24 +19,28 @@ pub struct VaeConfig {
     pub in_channels: usize,
     pub out_channels: usize,
     pub scaling_factor: f64,
-    pub shift_factor: Option<f64>,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub force_upcast: bool,
-    pub sample_size: Option<usize>,
 }
+
+/// More blocks than any published VAE; bounds the latent factor.
+pub const MAX_VAE_BLOCKS: usize = 8;
 
 impl VaeConfig {
     pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
-        cfg.expect_default("act_fn", &[json!("silu")])?;
+        // `shift_factor`, `latents_mean` and `latents_std` are not used by the SD 1.x/2.x
+        // pipelines (diffusers decodes `latents / scaling_factor` only).
+        cfg.expect_default("act_fn", &[json!("silu"), json!("swish")])?;
         cfg.expect_default("mid_block_add_attention", &[json!(true)])?;
-        cfg.expect_default("latents_mean", &[])?;
-        cfg.expect_default("latents_std", &[])?;
         let block_out_channels = cfg
             .usize_list("block_out_channels")?
             .unwrap_or_else(|| vec![64]);
-        if block_out_channels.is_empty() {
-            return Err(cfg.err("field `block_out_channels` must not be empty"));
+        if block_out_channels.is_empty() || block_out_channels.len() > MAX_VAE_BLOCKS {
+            return Err(cfg.err(format!(
+                "field `block_out_channels` must have 1 to {MAX_VAE_BLOCKS} entries, got {}",
+                block_out_channels.len()
+            )));
         }
         let n = block_out_channels.len();
         for (key, want) in [
@@ -54,10 +58,16 @@ impl VaeConfig {
         let norm_num_groups = cfg.usize_or("norm_num_groups", 32)?;
         if let Some(&bad) = block_out_channels
             .iter()
-            .find(|&&c| norm_num_groups == 0 || !c.is_multiple_of(norm_num_groups))
+            .find(|&&c| c == 0 || norm_num_groups == 0 || !c.is_multiple_of(norm_num_groups))
         {
             return Err(cfg.err(format!(
                 "block_out_channels entry {bad} is not divisible by norm_num_groups {norm_num_groups}"
+            )));
+        }
+        let out_channels = cfg.usize_or("out_channels", 3)?;
+        if out_channels != 3 {
+            return Err(cfg.err(format!(
+                "field `out_channels` must be 3 (RGB), got {out_channels}"
             )));
         }
         Ok(Self {
@@ -65,13 +75,11 @@ impl VaeConfig {
             latent_channels: cfg.usize_or("latent_channels", 4)?,
             norm_num_groups,
             in_channels: cfg.usize_or("in_channels", 3)?,
-            out_channels: cfg.usize_or("out_channels", 3)?,
+            out_channels,
             scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
-            shift_factor: cfg.f64_opt("shift_factor")?,
             use_quant_conv: cfg.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: cfg.bool_or("use_post_quant_conv", true)?,
             force_upcast: cfg.bool_or("force_upcast", true)?,
-            sample_size: cfg.usize_opt("sample_size")?,
             block_out_channels,
         })
     }
@@ -91,11 +99,9 @@ impl VaeConfig {
             in_channels: 3,
             out_channels: 3,
             scaling_factor: 0.18215,
-            shift_factor: None,
             use_quant_conv: true,
             use_post_quant_conv: true,
             force_upcast: true,
-            sample_size: Some(512),
         }
     }
 }
@@ -133,10 +139,7 @@ impl Vae {
     /// Decodes denoised latents (in the UNet's scaled space) to images in [-1, 1]
     /// of shape (batch, 3, h * f, w * f), as f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
-        if let Some(shift) = self.config.shift_factor {
-            z = (z + shift)?;
-        }
+        let z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
         // One image at a time: bounds the decoder's peak memory, and candle-transformers'
         // VAE attention gives wrong results for the second image of a batch on some
         // shapes (observed with 8x8 latents; single-image decodes match diffusers).

@@ -63,6 +63,8 @@ pub struct SdPipeline {
 
 /// Limits checked before any work is done.
 pub const MAX_BATCH: usize = 64;
+/// Largest image side in pixels.
+pub const MAX_SIDE: usize = 8192;
 pub const MAX_GUIDANCE: f64 = 100.0;
 
 impl SdPipeline {
@@ -71,9 +73,10 @@ impl SdPipeline {
         self.vae.config.scale_factor()
     }
 
-    /// Default image size: the UNet's `sample_size` times the latent factor.
-    pub fn default_size(&self) -> usize {
-        self.unet.config.sample_size * self.latent_factor()
+    /// Default image size (width, height): the UNet's `sample_size` times the latent factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let (h, w) = self.unet.config.sample_size;
+        (w * self.latent_factor(), h * self.latent_factor())
     }
 
     /// The sampler named by the model's scheduler config, if we implement it.
@@ -91,6 +94,12 @@ impl SdPipeline {
                     format!(
                         "must be a positive multiple of {f} (this model's latent factor), got {v}"
                     ),
+                ));
+            }
+            if v > MAX_SIDE {
+                return Err(Error::invalid(
+                    field,
+                    format!("must be at most {MAX_SIDE} pixels, got {v}"),
                 ));
             }
         }
