@@ -30,6 +30,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A bug must still end in one line on stderr, not a multi-line panic report.
+    std::panic::set_hook(Box::new(|info| {
+        let message: Vec<String> = info
+            .to_string()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        eprintln!(
+            "error: internal error (please report): {}",
+            message.join(" ")
+        );
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -577,10 +577,16 @@ pub trait Sampler: Send {
     /// such as 999.0 or 946.4245 for the Euler samplers.
     fn timesteps(&self) -> &[f64];
     /// The factor for the initial noise (`latents = randn * init_noise_sigma`); a float32
-    /// value widened to f64.
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' `scale_model_input` for loop index `step_index`.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// value widened to f64. 1 unless the sampler works in sigma space.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' `scale_model_input` for loop index `step_index`; the identity unless the
+    /// sampler works in sigma space.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps().len())?;
+        Ok(sample.clone())
+    }
     /// diffusers' `step(...).prev_sample` for loop index `step_index`. Ancestral samplers
     /// draw their noise from `rng` exactly as diffusers draws it from the pipeline's
     /// generator (`randn_tensor(model_output.shape, generator=generator)`).
