@@ -2,6 +2,7 @@
 //! with random weights made in-process (speed does not depend on the weight values).
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -34,6 +35,9 @@ pub struct BenchArgs {
     /// Weight precision: f32, f16 or bf16.
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Image size in pixels (latents are size / 8); the SD 1.5 default is 512.
+    #[arg(long, env = "SD_BENCH_SIZE", default_value_t = 512)]
+    pub size: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -69,10 +73,33 @@ fn candle_unet_config() -> candle_unet::UNet2DConditionModelConfig {
     }
 }
 
-fn random_vb(dtype: DType, device: &Device) -> (VarMap, VarBuilder<'static>) {
+/// Builds a model with random weights that are plain tensors, like weights loaded from a
+/// file. (Weights that stay `Var`s make candle record every op for backpropagation, which
+/// keeps all intermediate tensors of a forward pass alive.)
+fn random_model<T>(
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+) -> Result<T> {
     let map = VarMap::new();
-    let vb = VarBuilder::from_varmap(&map, dtype, device);
-    (map, vb)
+    drop(build(VarBuilder::from_varmap(&map, dtype, device))?);
+    let tensors: HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+        .collect();
+    drop(map);
+    Ok(build(VarBuilder::from_tensors(tensors, dtype, device))?)
+}
+
+/// Our modules return the models crate's error; `random_model` wants candle's.
+fn candle_error(e: sd_models::Error) -> candle_core::Error {
+    match e {
+        sd_models::Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
 }
 
 fn time<F: FnMut() -> Result<()>>(
@@ -107,6 +134,13 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.size == 0 || !args.size.is_multiple_of(64) || args.size > 2048 {
+        bail!(
+            "invalid --size {}: must be a multiple of 64 between 64 and 2048",
+            args.size
+        );
+    }
+    let lat = args.size / 8;
     if args.runs == 0 {
         bail!("invalid --runs 0: at least one timed run is needed");
     }
@@ -131,8 +165,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for stage in &stages {
         let (shape, times) = match stage.as_str() {
             "clip" => {
-                let (_map, vb) = random_vb(dtype, &device);
-                let model = ClipTextModel::new(vb, &ClipTextConfig::sd15())?;
+                let model = random_model(dtype, &device, |vb| {
+                    ClipTextModel::new(vb, &ClipTextConfig::sd15()).map_err(candle_error)
+                })?;
                 let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.forward(&ids)?;
@@ -141,18 +176,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ("1x77 tokens".to_string(), times)
             }
             "unet" => {
-                let (_map, vb) = random_vb(dtype, &device);
-                let model = UNet::new(vb, &UNetConfig::sd15())?;
-                let x = Tensor::randn(0f32, 1f32, (2, 4, 64, 64), &device)?.to_dtype(dtype)?;
+                let model = random_model(dtype, &device, |vb| {
+                    UNet::new(vb, &UNetConfig::sd15()).map_err(candle_error)
+                })?;
+                let x = Tensor::randn(0f32, 1f32, (2, 4, lat, lat), &device)?.to_dtype(dtype)?;
                 let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.forward(&x, 999.0, &ctx)?;
                     Ok(())
                 })?;
-                ("batch 2 (CFG), 4x64x64 latents".to_string(), times)
+                (format!("batch 2 (CFG), 4x{lat}x{lat} latents"), times)
             }
             "candle-clip" => {
-                let (_map, vb) = random_vb(dtype, &device);
                 let cfg = candle_clip::ClipTextConfig {
                     vocab_size: 49408,
                     embed_dim: 768,
@@ -164,7 +199,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     num_attention_heads: 12,
                     projection_dim: 768,
                 };
-                let model = candle_clip::ClipTextTransformer::new(vb, &cfg)?;
+                let model = random_model(dtype, &device, |vb| {
+                    candle_clip::ClipTextTransformer::new(vb, &cfg)
+                })?;
                 let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.forward_with_mask(&ids, usize::MAX)?;
@@ -173,26 +210,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ("1x77 tokens".to_string(), times)
             }
             "candle-unet" => {
-                let (_map, vb) = random_vb(dtype, &device);
-                let model =
-                    candle_unet::UNet2DConditionModel::new(vb, 4, 4, false, candle_unet_config())?;
-                let x = Tensor::randn(0f32, 1f32, (2, 4, 64, 64), &device)?.to_dtype(dtype)?;
+                let model = random_model(dtype, &device, |vb| {
+                    candle_unet::UNet2DConditionModel::new(vb, 4, 4, false, candle_unet_config())
+                })?;
+                let x = Tensor::randn(0f32, 1f32, (2, 4, lat, lat), &device)?.to_dtype(dtype)?;
                 let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.forward(&x, 999.0, &ctx)?;
                     Ok(())
                 })?;
-                ("batch 2 (CFG), 4x64x64 latents".to_string(), times)
+                (format!("batch 2 (CFG), 4x{lat}x{lat} latents"), times)
             }
             _ => {
-                let (_map, vb) = random_vb(dtype, &device);
-                let model = Vae::new(vb, &VaeConfig::sd15())?;
-                let z = Tensor::randn(0f32, 1f32, (1, 4, 64, 64), &device)?;
+                let model = random_model(dtype, &device, |vb| {
+                    Vae::new(vb, &VaeConfig::sd15()).map_err(candle_error)
+                })?;
+                let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.decode(&z)?;
                     Ok(())
                 })?;
-                ("1x4x64x64 latents -> 512x512".to_string(), times)
+                (
+                    format!("1x4x{lat}x{lat} latents -> {0}x{0}", args.size),
+                    times,
+                )
             }
         };
         if !args.json {
