@@ -9,7 +9,8 @@ pub enum Error {
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
-        #[source]
+        // Not marked #[source]: the message already carries it, and error-chain printers
+        // would repeat it.
         source: std::io::Error,
     },
     /// A config or tokenizer file is malformed or holds an unsupported value.

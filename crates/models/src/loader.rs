@@ -146,6 +146,12 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
             "expected a diffusers model folder (with model_index.json)",
         ));
     }
+    if !root.join("model_index.json").is_file() {
+        return Err(Error::config(
+            root,
+            "not a diffusers model folder: it has no model_index.json",
+        ));
+    }
     let index = JsonConfig::load(&root.join("model_index.json"))?;
     let class = index.str_or("_class_name", "")?.to_string();
     if !SD_CLASSES.contains(&class.as_str()) {

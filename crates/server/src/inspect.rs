@@ -20,7 +20,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("path:         {}", info.path.display());
     println!("family:       {}", info.family);
     println!("layout:       diffusers folder ({})", info.pipeline_class);
-    println!("prediction:   {:?}", info.prediction_type);
+    println!("prediction:   {}", info.prediction_type.as_str());
     println!("latent factor: {}", vae.scale_factor());
     let (h, w) = unet.sample_size;
     println!(
