@@ -908,9 +908,10 @@ mod tests {
     #[test]
     fn sliced_attention_equals_the_full_computation() {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (3, 50, 8), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (3, 37, 8), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (3, 37, 8), &dev).unwrap();
+        let mut rng = crate::samplers::TorchRng::new(7);
+        let q = rng.randn(&[3, 50, 8], &dev).unwrap();
+        let k = rng.randn(&[3, 37, 8], &dev).unwrap();
+        let v = rng.randn(&[3, 37, 8], &dev).unwrap();
         let full = sliced_attention(&q, &k, &v, false, usize::MAX).unwrap();
         // 100 elements per slice: 2 query rows at a time, one head at a time.
         let sliced = sliced_attention(&q, &k, &v, false, 100).unwrap();
@@ -925,6 +926,7 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(diff < 1e-6, "sliced attention differs by {diff}");
+        // Only the summation order of the matmuls differs: a few ulp.
+        assert!(diff < 1e-5, "sliced attention differs by {diff}");
     }
 }
