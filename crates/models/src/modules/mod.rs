@@ -2,5 +2,6 @@
 
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod unet;
 pub mod vae;

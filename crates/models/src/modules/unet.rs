@@ -4,12 +4,13 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, LayerNorm,
+    Linear, VarBuilder,
 };
 use serde_json::json;
 
 use super::config::JsonConfig;
+use super::conv::Conv2d;
 use crate::Result;
 
 /// The kind of one down or up block.
@@ -264,7 +265,7 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Res
         stride,
         ..Default::default()
     };
-    Ok(conv2d(cin, cout, k, cfg, vb)?)
+    Ok(Conv2d::new(conv2d(cin, cout, k, cfg, vb)?)?)
 }
 
 #[derive(Debug)]
@@ -677,13 +678,13 @@ impl UNet {
                     ..Default::default()
                 };
                 Some(Downsample {
-                    conv: conv2d(
+                    conv: Conv2d::new(conv2d(
                         out_ch,
                         out_ch,
                         3,
                         cfg,
                         vb.pp("downsamplers").pp("0").pp("conv"),
-                    )?,
+                    )?)?,
                     pad_right_bottom: c.downsample_padding == 0,
                 })
             } else {
