@@ -6,7 +6,8 @@ Writes, under fixtures/ at the repository root:
   models/tiny-sd2/   an SD 2.x-like diffusers folder (v_prediction, DDIM trailing, gelu, pad "!",
                      linear projections, upcast attention, fp16 VAE variant, text_model. prefix)
   reference/<case>.safetensors  diffusers' outputs: final uint8 images, the initial noise,
-                     the first UNet call's inputs and output, the latents after step 1
+                     the first UNet call's inputs and output, the latents after step 1, the
+                     final latents and the VAE's float decode of them
   reference/cases.json          the parameters of every case
   unets/<name>/      UNets with the less common config options (lists per block, heads that
                      do not divide the channels, no mid block, padding 0, ...), and
@@ -240,6 +241,7 @@ def run_case(pipe, base_sched_config, case, default_size):
     def on_step_end(p, i, t, kw):
         if i == 0:
             captured["latents_step1"] = kw["latents"].detach().clone()
+        captured["latents_final"] = kw["latents"].detach().clone()
         return {}
 
     f = pipe.vae_scale_factor
@@ -260,6 +262,10 @@ def run_case(pipe, base_sched_config, case, default_size):
             callback_on_step_end_tensor_inputs=["latents"],
         )
     handle.remove()
+    with torch.no_grad():
+        captured["decoded"] = pipe.vae.decode(
+            captured["latents_final"] / pipe.vae.config.scaling_factor
+        ).sample
     images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in result.images])
     tensors = {
         "images": torch.from_numpy(images),

@@ -4,11 +4,11 @@
 //! `StableDiffusionPipeline` (diffusers 0.42.1, transformers 5.24.0, torch 2.15.0, CPU, f32)
 //! on the same weights and stores, per case in `fixtures/reference/<case>.safetensors`:
 //! the final uint8 images, the seeded initial noise, the first UNet call's inputs and output,
-//! and the latents after the first sampler step.
+//! the latents after the first sampler step, and the VAE's float decode of the final latents.
 //!
 //! Tolerances: images within max 3 and mean 0.5 levels of 255; initial noise within 1e-6;
-//! text embeddings, the first UNet input and output and the step-1 latents within 1e-4
-//! relative to the tensor's largest magnitude.
+//! text embeddings, the first UNet input and output, the step-1 latents and the VAE decode
+//! within 1e-4 relative to the tensor's largest magnitude.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -159,6 +159,10 @@ fn check_case(name: &str) {
         &reference["unet_out"],
         1e-4,
     );
+
+    // The VAE alone, on diffusers' final latents.
+    let decoded = pipe.vae.decode(&reference["latents_final"]).unwrap();
+    assert_close(name, "VAE decode", &decoded, &reference["decoded"], 1e-4);
 
     // The full run: step-1 latents and the final images.
     let mut step1 = None;

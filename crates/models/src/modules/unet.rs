@@ -9,8 +9,10 @@ use candle_nn::{
 };
 use serde_json::json;
 
+use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
 use super::conv::Conv2d;
+use super::resnet::{conv, ResnetBlock, ResnetSpec};
 use crate::Result;
 
 /// The kind of one down or up block.
@@ -259,75 +261,6 @@ impl UNetConfig {
     }
 }
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::new(conv2d(cin, cout, k, cfg, vb)?)?)
-}
-
-#[derive(Debug)]
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
-    output_scale_factor: f64,
-}
-
-impl ResnetBlock {
-    fn new(
-        vb: VarBuilder,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        c: &UNetConfig,
-        scale: f64,
-    ) -> Result<Self> {
-        let g = c.norm_num_groups;
-        let eps = c.norm_eps;
-        let shortcut = if cin != cout {
-            Some(conv(cin, cout, 1, 1, vb.pp("conv_shortcut"))?)
-        } else {
-            None
-        };
-        Ok(Self {
-            norm1: group_norm(g, cin, eps, vb.pp("norm1"))?,
-            conv1: conv(cin, cout, 3, 1, vb.pp("conv1"))?,
-            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(g, cout, eps, vb.pp("norm2"))?,
-            conv2: conv(cout, cout, 3, 1, vb.pp("conv2"))?,
-            shortcut,
-            output_scale_factor: scale,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        let skip = match &self.shortcut {
-            Some(s) => s.forward(xs)?,
-            None => xs.clone(),
-        };
-        let out = (skip + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Attention {
     to_q: Linear,
@@ -384,64 +317,6 @@ impl Attention {
             .reshape((b, n, d))?;
         self.to_out.forward(&o)
     }
-}
-
-/// Largest attention score matrix computed in one piece, in elements. Above it the scores
-/// are computed per (batch, head) and per block of query rows: row-wise softmax makes this
-/// exact, and it keeps the peak memory of a 64x64-latent self-attention at a few MB instead
-/// of gigabytes (on the CPU, fresh gigabyte buffers also cost more to page in than the
-/// matmul that fills them).
-fn score_budget(device: &candle_core::Device) -> usize {
-    if device.is_cpu() {
-        1 << 22
-    } else {
-        1 << 28
-    }
-}
-
-/// softmax(q k^T) v for q (bh, n, d), k and v (bh, m, d); q is already scaled. Score
-/// matrices above `budget` elements are computed in slices.
-fn sliced_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    upcast: bool,
-    budget: usize,
-) -> candle_core::Result<Tensor> {
-    let (bh, n, _) = q.dims3()?;
-    let m = k.dim(1)?;
-    let in_dtype = q.dtype();
-    let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
-        let (q, k) = if upcast && in_dtype != DType::F32 {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q.clone(), k.clone())
-        };
-        let scores = q.matmul(&k.t()?)?;
-        let probs = if scores.dtype() == DType::F32 && in_dtype == DType::F32 {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
-        };
-        probs.matmul(v)
-    };
-    if bh * n * m <= budget {
-        return attend(q, k, v);
-    }
-    let rows = (budget / m).clamp(1, n);
-    let mut per_head = Vec::with_capacity(bh);
-    for i in 0..bh {
-        let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-        let mut chunks = Vec::with_capacity(n.div_ceil(rows));
-        let mut start = 0;
-        while start < n {
-            let len = rows.min(n - start);
-            chunks.push(attend(&qi.narrow(1, start, len)?, &ki, &vi)?);
-            start += len;
-        }
-        per_head.push(Tensor::cat(&chunks, 1)?);
-    }
-    Tensor::cat(&per_head, 0)
 }
 
 #[derive(Debug)]
@@ -653,11 +528,14 @@ impl UNet {
                 let cin = if j == 0 { in_ch } else { out_ch };
                 resnets.push(ResnetBlock::new(
                     vb.pp("resnets").pp(j),
-                    cin,
-                    out_ch,
-                    temb,
-                    c,
-                    1.0,
+                    &ResnetSpec {
+                        cin,
+                        cout: out_ch,
+                        temb: Some(temb),
+                        groups: c.norm_num_groups,
+                        eps: c.norm_eps,
+                        output_scale_factor: 1.0,
+                    },
                 )?);
                 if *kind == BlockKind::CrossAttn {
                     attentions.push(Transformer2D::new(
@@ -703,11 +581,14 @@ impl UNet {
             let s = c.mid_block_scale_factor;
             let mut resnets = vec![ResnetBlock::new(
                 vb.pp("resnets").pp(0),
-                last,
-                last,
-                temb,
-                c,
-                s,
+                &ResnetSpec {
+                    cin: last,
+                    cout: last,
+                    temb: Some(temb),
+                    groups: c.norm_num_groups,
+                    eps: c.norm_eps,
+                    output_scale_factor: s,
+                },
             )?];
             // diffusers' mid block has one attention + resnet pair (num_layers = 1).
             let attentions = vec![Transformer2D::new(
@@ -721,11 +602,14 @@ impl UNet {
             )?];
             resnets.push(ResnetBlock::new(
                 vb.pp("resnets").pp(1),
-                last,
-                last,
-                temb,
-                c,
-                s,
+                &ResnetSpec {
+                    cin: last,
+                    cout: last,
+                    temb: Some(temb),
+                    groups: c.norm_num_groups,
+                    eps: c.norm_eps,
+                    output_scale_factor: s,
+                },
             )?);
             Some(MidBlock {
                 resnets,
@@ -752,11 +636,14 @@ impl UNet {
                 let rin = if j == 0 { prev_out } else { out_ch };
                 resnets.push(ResnetBlock::new(
                     vb.pp("resnets").pp(j),
-                    rin + skip,
-                    out_ch,
-                    temb,
-                    c,
-                    1.0,
+                    &ResnetSpec {
+                        cin: rin + skip,
+                        cout: out_ch,
+                        temb: Some(temb),
+                        groups: c.norm_num_groups,
+                        eps: c.norm_eps,
+                        output_scale_factor: 1.0,
+                    },
                 )?);
                 if *kind == BlockKind::CrossAttn {
                     attentions.push(Transformer2D::new(
@@ -850,7 +737,7 @@ impl UNet {
         let mut skips = vec![xs.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, &emb)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, context)?;
                 }
@@ -862,10 +749,10 @@ impl UNet {
             }
         }
         if let Some(mid) = &self.mid {
-            xs = mid.resnets[0].forward(&xs, &emb)?;
+            xs = mid.resnets[0].forward(&xs, Some(&emb))?;
             for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets[1..]) {
                 xs = attn.forward(&xs, context)?;
-                xs = resnet.forward(&xs, &emb)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
             }
         }
         for block in &self.up {
@@ -874,7 +761,7 @@ impl UNet {
                     candle_core::Error::Msg("unet skip connections exhausted".into())
                 })?;
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
-                xs = resnet.forward(&xs, &emb)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, context)?;
                 }
@@ -898,36 +785,5 @@ impl UNet {
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.conv_in.weight().dtype()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn sliced_attention_equals_the_full_computation() {
-        let dev = Device::Cpu;
-        let mut rng = crate::samplers::TorchRng::new(7);
-        let q = rng.randn(&[3, 50, 8], &dev).unwrap();
-        let k = rng.randn(&[3, 37, 8], &dev).unwrap();
-        let v = rng.randn(&[3, 37, 8], &dev).unwrap();
-        let full = sliced_attention(&q, &k, &v, false, usize::MAX).unwrap();
-        // 100 elements per slice: 2 query rows at a time, one head at a time.
-        let sliced = sliced_attention(&q, &k, &v, false, 100).unwrap();
-        assert_eq!(sliced.dims(), &[3, 50, 8]);
-        let diff: f32 = (full - sliced)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        // Only the summation order of the matmuls differs: a few ulp.
-        assert!(diff < 1e-5, "sliced attention differs by {diff}");
     }
 }

@@ -1,12 +1,13 @@
 //! The KL autoencoder (diffusers `AutoencoderKL`) configured from its `config.json`.
-//! The network itself is candle-transformers' `AutoEncoderKL`, which matches diffusers.
 
-use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{group_norm, GroupNorm, Linear, VarBuilder};
 use serde_json::json;
 
+use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
+use super::conv::Conv2d;
+use super::resnet::{conv, ResnetBlock, ResnetSpec};
 use crate::Result;
 
 /// The fields of a VAE `config.json` that we use.
@@ -106,9 +107,156 @@ impl VaeConfig {
     }
 }
 
-/// The autoencoder with its latent scaling.
+/// diffusers' single-head spatial self-attention of the VAE mid block.
+#[derive(Debug)]
+struct SpatialAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    channels: usize,
+}
+
+impl SpatialAttention {
+    fn new(vb: VarBuilder, ch: usize, groups: usize) -> Result<Self> {
+        // Weights saved before diffusers 0.14 use query/key/value/proj_attn.
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let lin = |name: &str| -> Result<Linear> {
+            let vb = vb.pp(name);
+            // Some single-file conversions store these as 1x1 convolutions.
+            let w = match vb.get((ch, ch), "weight") {
+                Ok(w) => w,
+                Err(_) => vb.get((ch, ch, 1, 1), "weight")?.reshape((ch, ch))?,
+            };
+            Ok(Linear::new(w, Some(vb.get(ch, "bias")?)))
+        };
+        Ok(Self {
+            norm: group_norm(groups, ch, 1e-6, vb.pp("group_norm"))?,
+            q: lin(names[0])?,
+            k: lin(names[1])?,
+            v: lin(names[2])?,
+            out: lin(names[3])?,
+            channels: ch,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let seq = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scale = (self.channels as f64).powf(-0.5);
+        let q = (self.q.forward(&seq)? * scale)?;
+        let k = self.k.forward(&seq)?;
+        let v = self.v.forward(&seq)?;
+        let o = sliced_attention(&q, &k, &v, true, score_budget(xs.device()))?;
+        let o = self
+            .out
+            .forward(&o)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        o + xs
+    }
+}
+
+/// diffusers' VAE `Decoder`: conv_in, mid block (resnet, attention, resnet), up blocks of
+/// `layers_per_block + 1` resnets with a nearest-2x upsampler, norm, SiLU, conv_out.
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: SpatialAttention,
+    up: Vec<(Vec<ResnetBlock>, Option<Conv2d>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+        let g = c.norm_num_groups;
+        let spec = |cin, cout| ResnetSpec {
+            cin,
+            cout,
+            temb: None,
+            groups: g,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+        };
+        let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let top = rev[0];
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            ResnetBlock::new(mid.pp("resnets").pp(0), &spec(top, top))?,
+            ResnetBlock::new(mid.pp("resnets").pp(1), &spec(top, top))?,
+        ];
+        let mid_attention = SpatialAttention::new(mid.pp("attentions").pp(0), top, g)?;
+        let mut up = Vec::with_capacity(rev.len());
+        let mut out_ch = top;
+        for (i, &ch) in rev.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let prev = out_ch;
+            out_ch = ch;
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { out_ch };
+                    ResnetBlock::new(vb.pp("resnets").pp(j), &spec(cin, out_ch))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(conv(
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    vb.pp("upsamplers").pp(0).pp("conv"),
+                )?)
+            } else {
+                None
+            };
+            up.push((resnets, upsample));
+        }
+        let ch0 = c.block_out_channels[0];
+        Ok(Self {
+            conv_in: conv(c.latent_channels, top, 3, 1, vb.pp("conv_in"))?,
+            mid_resnets,
+            mid_attention,
+            up,
+            norm_out: group_norm(g, ch0, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv(ch0, c.out_channels, 3, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self.conv_in.forward(z)?;
+        xs = self.mid_resnets[0].forward(&xs, None)?;
+        xs = self.mid_attention.forward(&xs)?;
+        xs = self.mid_resnets[1].forward(&xs, None)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(conv) = upsample {
+                let (_, _, h, w) = xs.dims4()?;
+                xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+    }
+}
+
+/// The autoencoder's decoding half with its latent scaling (the encoder arrives with
+/// image-to-image).
 pub struct Vae {
-    inner: AutoEncoderKL,
+    post_quant_conv: Option<Conv2d>,
+    decoder: Decoder,
     pub config: VaeConfig,
     dtype: DType,
 }
@@ -116,36 +264,35 @@ pub struct Vae {
 impl Vae {
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         let dtype = vb.dtype();
-        let inner = AutoEncoderKL::new(
-            vb,
-            config.in_channels,
-            config.out_channels,
-            AutoEncoderKLConfig {
-                block_out_channels: config.block_out_channels.clone(),
-                layers_per_block: config.layers_per_block,
-                latent_channels: config.latent_channels,
-                norm_num_groups: config.norm_num_groups,
-                use_quant_conv: config.use_quant_conv,
-                use_post_quant_conv: config.use_post_quant_conv,
-            },
-        )?;
+        let lc = config.latent_channels;
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(conv(lc, lc, 1, 1, vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
         Ok(Self {
-            inner,
+            post_quant_conv,
+            decoder: Decoder::new(vb.pp("decoder"), config)?,
             config: config.clone(),
             dtype,
         })
     }
 
     /// Decodes denoised latents (in the UNet's scaled space) to images in [-1, 1]
-    /// of shape (batch, 3, h * f, w * f), as f32.
+    /// of shape (batch, 3, h * f, w * f), as f32. One image at a time, which bounds the
+    /// decoder's peak memory.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
-        // One image at a time: bounds the decoder's peak memory, and candle-transformers'
-        // VAE attention gives wrong results for the second image of a batch on some
-        // shapes (observed with 8x8 latents; single-image decodes match diffusers).
-        let z = z.to_dtype(self.dtype)?;
+        let z =
+            (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?.to_dtype(self.dtype)?;
         let images = (0..z.dim(0)?)
-            .map(|i| self.inner.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
+            .map(|i| {
+                let zi = z.narrow(0, i, 1)?;
+                let zi = match &self.post_quant_conv {
+                    Some(c) => c.forward(&zi)?,
+                    None => zi,
+                };
+                self.decoder.forward(&zi)?.to_dtype(DType::F32)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }
