@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::clip::text_model as candle_clip;
 use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
+use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
 use sd_models::modules::unet::{UNet, UNetConfig};
@@ -25,8 +26,8 @@ pub struct BenchArgs {
     /// Untimed warm-up runs per stage.
     #[arg(long, env = "SD_BENCH_WARMUP", default_value_t = 1)]
     pub warmup: usize,
-    /// Stages to time, comma-separated: clip, unet, vae (ours); candle-clip, candle-unet
-    /// (candle-transformers' own modules, for comparison).
+    /// Stages to time, comma-separated: clip, unet, vae (ours); candle-clip, candle-unet,
+    /// candle-vae (candle-transformers' own modules, for comparison).
     #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
     pub stages: String,
     /// Device: cpu, cuda[:N] or metal[:N].
@@ -43,7 +44,14 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-const STAGES: [&str; 5] = ["clip", "unet", "vae", "candle-clip", "candle-unet"];
+const STAGES: [&str; 6] = [
+    "clip",
+    "unet",
+    "vae",
+    "candle-clip",
+    "candle-unet",
+    "candle-vae",
+];
 
 /// candle-transformers' SD 1.5 UNet config.
 fn candle_unet_config() -> candle_unet::UNet2DConditionModelConfig {
@@ -220,6 +228,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Ok(())
                 })?;
                 (format!("batch 2 (CFG), 4x{lat}x{lat} latents"), times)
+            }
+            "candle-vae" => {
+                let cfg = candle_vae::AutoEncoderKLConfig {
+                    block_out_channels: vec![128, 256, 512, 512],
+                    layers_per_block: 2,
+                    latent_channels: 4,
+                    norm_num_groups: 32,
+                    use_quant_conv: true,
+                    use_post_quant_conv: true,
+                };
+                let model = random_model(dtype, &device, |vb| {
+                    candle_vae::AutoEncoderKL::new(vb, 3, 3, cfg.clone())
+                })?;
+                let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?.to_dtype(dtype)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.decode(&z)?;
+                    Ok(())
+                })?;
+                (
+                    format!("1x4x{lat}x{lat} latents -> {0}x{0}", args.size),
+                    times,
+                )
             }
             _ => {
                 let model = random_model(dtype, &device, |vb| {
