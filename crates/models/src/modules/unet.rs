@@ -492,6 +492,45 @@ struct MidBlock {
     attentions: Vec<Transformer2D>,
 }
 
+/// Layer `j` of a down or up block: a resnet, followed by a transformer in cross-attention
+/// blocks. `b` indexes the per-block config lists (for up blocks, the mirrored down block).
+#[allow(clippy::too_many_arguments)]
+fn block_layer(
+    vb: &VarBuilder,
+    j: usize,
+    cin: usize,
+    cout: usize,
+    temb: usize,
+    kind: BlockKind,
+    b: usize,
+    c: &UNetConfig,
+) -> Result<(ResnetBlock, Option<Transformer2D>)> {
+    let resnet = ResnetBlock::new(
+        vb.pp("resnets").pp(j),
+        &ResnetSpec {
+            cin,
+            cout,
+            temb: Some(temb),
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            output_scale_factor: 1.0,
+        },
+    )?;
+    let attn = match kind {
+        BlockKind::CrossAttn => Some(Transformer2D::new(
+            vb.pp("attentions").pp(j),
+            cout,
+            c.transformer_layers_per_block[b],
+            c.cross_attention_dim[b],
+            c.num_attention_heads[b],
+            c.only_cross_attention[b],
+            c,
+        )?),
+        BlockKind::Plain => None,
+    };
+    Ok((resnet, attn))
+}
+
 /// `UNet2DConditionModel` for SD 1.x / 2.x.
 #[derive(Debug)]
 pub struct UNet {
@@ -526,28 +565,9 @@ impl UNet {
             let mut attentions = Vec::new();
             for j in 0..c.layers_per_block[i] {
                 let cin = if j == 0 { in_ch } else { out_ch };
-                resnets.push(ResnetBlock::new(
-                    vb.pp("resnets").pp(j),
-                    &ResnetSpec {
-                        cin,
-                        cout: out_ch,
-                        temb: Some(temb),
-                        groups: c.norm_num_groups,
-                        eps: c.norm_eps,
-                        output_scale_factor: 1.0,
-                    },
-                )?);
-                if *kind == BlockKind::CrossAttn {
-                    attentions.push(Transformer2D::new(
-                        vb.pp("attentions").pp(j),
-                        out_ch,
-                        c.transformer_layers_per_block[i],
-                        c.cross_attention_dim[i],
-                        c.num_attention_heads[i],
-                        c.only_cross_attention[i],
-                        c,
-                    )?);
-                }
+                let (resnet, attn) = block_layer(&vb, j, cin, out_ch, temb, *kind, i, c)?;
+                resnets.push(resnet);
+                attentions.extend(attn);
             }
             let downsample = if i + 1 < n {
                 let cfg = Conv2dConfig {
@@ -634,28 +654,9 @@ impl UNet {
             for j in 0..layers {
                 let skip = if j == layers - 1 { in_ch } else { out_ch };
                 let rin = if j == 0 { prev_out } else { out_ch };
-                resnets.push(ResnetBlock::new(
-                    vb.pp("resnets").pp(j),
-                    &ResnetSpec {
-                        cin: rin + skip,
-                        cout: out_ch,
-                        temb: Some(temb),
-                        groups: c.norm_num_groups,
-                        eps: c.norm_eps,
-                        output_scale_factor: 1.0,
-                    },
-                )?);
-                if *kind == BlockKind::CrossAttn {
-                    attentions.push(Transformer2D::new(
-                        vb.pp("attentions").pp(j),
-                        out_ch,
-                        c.transformer_layers_per_block[rev],
-                        c.cross_attention_dim[rev],
-                        c.num_attention_heads[rev],
-                        c.only_cross_attention[rev],
-                        c,
-                    )?);
-                }
+                let (resnet, attn) = block_layer(&vb, j, rin + skip, out_ch, temb, *kind, rev, c)?;
+                resnets.push(resnet);
+                attentions.extend(attn);
             }
             let upsample = if i + 1 < n {
                 Some(conv(
