@@ -291,25 +291,16 @@ impl Attention {
         let (b, n, d) = xs.dims3()?;
         let m = ctx.dim(1)?;
         let hd = d / self.heads;
-        let q = (self.to_q.forward(xs)? * self.scale)?
-            .reshape((b, n, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .to_k
-            .forward(ctx)?
-            .reshape((b, m, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .to_v
-            .forward(ctx)?
-            .reshape((b, m, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = q.reshape((b * self.heads, n, hd))?;
-        let k = k.reshape((b * self.heads, m, hd))?;
-        let v = v.reshape((b * self.heads, m, hd))?;
+        // (b, len, heads * hd) -> (b * heads, len, hd)
+        let heads = |t: Tensor, len: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, len, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * self.heads, len, hd))
+        };
+        let q = heads((self.to_q.forward(xs)? * self.scale)?, n)?;
+        let k = heads(self.to_k.forward(ctx)?, m)?;
+        let v = heads(self.to_v.forward(ctx)?, m)?;
         let o = sliced_attention(&q, &k, &v, self.upcast, score_budget(q.device()))?;
         let o = o
             .reshape((b, self.heads, n, hd))?
