@@ -4,14 +4,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_models::pipelines::GenerateParams;
 use sd_models::samplers::SamplerKind;
 
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
-use crate::png_out::{write_png, Parameters};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -169,22 +168,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 
     let paths = output_paths(&args.output, generated.images.len());
-    let n = generated.images.len();
-    for (i, (image, path)) in generated.images.iter().zip(&paths).enumerate() {
-        let text = Parameters {
-            prompt: &params.prompt,
-            negative_prompt: params.negative_prompt.as_deref(),
-            steps: params.steps,
-            sampler: sampler.a1111_name(),
-            guidance: params.guidance,
-            seed,
-            width: params.width,
-            height: params.height,
-            model: &info.name,
-            batch: (n > 1).then_some((n, i)),
-        }
-        .to_text();
-        write_png(path, image, &text)?;
+    let pngs = crate::engine::encode_results(&params, &info.name, &generated.images)?;
+    for (png, path) in pngs.iter().zip(&paths) {
+        std::fs::write(path, png)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     eprintln!(

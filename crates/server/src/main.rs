@@ -4,11 +4,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod api;
 mod bench;
 mod device;
+mod engine;
 mod generate;
 mod inspect;
+mod metrics;
+mod openapi;
 mod png_out;
+mod request;
+mod serve;
 
 /// Stable Diffusion image-generation worker on candle.
 #[derive(Parser, Debug)]
@@ -22,6 +28,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt and write them as PNG files.
     Generate(generate::GenerateArgs),
+    /// Serve the model over HTTP: a job queue with progress and previews over SSE.
+    Serve(serve::ServeArgs),
     /// Print what was detected in a model folder, without loading the weights.
     Inspect(inspect::InspectArgs),
     /// Time CLIP encode, one UNet step and VAE decode on the full-size SD 1.5
@@ -68,6 +76,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -1,10 +1,9 @@
 //! PNG output with the AUTOMATIC1111-style `parameters` text chunk.
 
 use std::io::BufWriter;
-use std::path::Path;
 
-use anyhow::{Context, Result};
-use sd_models::pipelines::RgbImage;
+use anyhow::Result;
+use sd_models::pipelines::{GenerateParams, RgbImage};
 
 /// The generation settings, written in AUTOMATIC1111's `parameters` format.
 pub struct Parameters<'a> {
@@ -21,7 +20,28 @@ pub struct Parameters<'a> {
     pub batch: Option<(usize, usize)>,
 }
 
-impl Parameters<'_> {
+impl<'a> Parameters<'a> {
+    /// The settings of a generation job; `batch` is (batch size, position) when the job made
+    /// more than one image.
+    pub fn for_job(
+        params: &'a GenerateParams,
+        model: &'a str,
+        batch: Option<(usize, usize)>,
+    ) -> Self {
+        Parameters {
+            prompt: &params.prompt,
+            negative_prompt: params.negative_prompt.as_deref(),
+            steps: params.steps,
+            sampler: params.sampler.a1111_name(),
+            guidance: params.guidance,
+            seed: params.seed,
+            width: params.width,
+            height: params.height,
+            model,
+            batch,
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         s.push_str(self.prompt);
@@ -70,9 +90,4 @@ pub fn encode_png(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
         writer.finish()?;
     }
     Ok(out)
-}
-
-pub fn write_png(path: &Path, image: &RgbImage, parameters: &str) -> Result<()> {
-    let bytes = encode_png(image, parameters)?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,5 +1,7 @@
 //! Pipelines: the denoising loop from prompt to image.
 
+pub mod preview;
 pub mod sd;
 
+pub use preview::latent_preview;
 pub use sd::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};

@@ -1,0 +1,1083 @@
+//! The generation engine: one thread owns the model and runs queued jobs one at a time.
+//!
+//! HTTP handlers only touch the job store (behind a mutex): they submit, cancel, read status
+//! and subscribe to events. The engine thread pops jobs in FIFO order and runs them on its
+//! [`Backend`]; every event of a running job (progress, preview, the result) goes through a
+//! second thread, the publisher, which encodes images (PNG, base64) off the engine thread and
+//! then updates the store and broadcasts, so events reach subscribers in order.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use candle_core::Tensor;
+use sd_models::pipelines::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};
+use sd_models::samplers::SamplerKind;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+use crate::png_out::{encode_png, Parameters};
+
+/// What a preview shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviewKind {
+    /// A linear latent-to-RGB map at latent resolution (no VAE).
+    Approx,
+    /// A full VAE decode at image resolution.
+    Full,
+}
+
+impl PreviewKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PreviewKind::Approx => "approx",
+            PreviewKind::Full => "full",
+        }
+    }
+}
+
+/// What the engine runs jobs on: the loaded pipeline, or a fake one in tests.
+pub trait Backend {
+    fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
+    ) -> sd_models::Result<Generated>;
+    /// A preview of the first image of `latents`.
+    fn preview(&self, latents: &Tensor, kind: PreviewKind) -> sd_models::Result<RgbImage>;
+}
+
+impl Backend for SdPipeline {
+    fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
+    ) -> sd_models::Result<Generated> {
+        SdPipeline::generate(self, params, on_step)
+    }
+
+    fn preview(&self, latents: &Tensor, kind: PreviewKind) -> sd_models::Result<RgbImage> {
+        let first = latents.narrow(0, 0, 1)?;
+        let mut images = match kind {
+            PreviewKind::Approx => sd_models::pipelines::latent_preview(&first)?,
+            PreviewKind::Full => self.decode(&first)?,
+        };
+        images.pop().ok_or_else(|| {
+            sd_models::Error::Candle(candle_core::Error::Msg("empty preview".into()))
+        })
+    }
+}
+
+/// What the HTTP layer needs to know about the loaded model to validate requests.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Short name (the folder name), written into the PNG `parameters`.
+    pub name: String,
+    pub path: PathBuf,
+    pub family: String,
+    pub pipeline_class: String,
+    pub prediction_type: String,
+    pub latent_factor: usize,
+    pub default_width: usize,
+    pub default_height: usize,
+    /// The model's own scheduler, or why it cannot be used.
+    pub default_sampler: Result<SamplerKind, String>,
+    pub num_train_timesteps: usize,
+    pub device: String,
+    pub dtype: String,
+}
+
+/// A validated job, with every default already applied.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub params: GenerateParams,
+    /// A preview every this many steps (0: none).
+    pub preview_every: usize,
+    pub preview: PreviewKind,
+    pub hive_id: Option<String>,
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// Why a job was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// `DELETE /v1/jobs/{id}`.
+    Client,
+    /// `--job-timeout` passed since the job started.
+    Timeout,
+    /// The worker is shutting down.
+    Shutdown,
+}
+
+impl CancelReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            CancelReason::Client => "client",
+            CancelReason::Timeout => "timeout",
+            CancelReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            CancelReason::Client => 1,
+            CancelReason::Timeout => 2,
+            CancelReason::Shutdown => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(CancelReason::Client),
+            2 => Some(CancelReason::Timeout),
+            3 => Some(CancelReason::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// One Server-Sent Event, serialised once and shared by every subscriber.
+#[derive(Debug)]
+pub struct JobEvent {
+    /// The SSE `event:` name, also the `type` field of `data`.
+    pub name: &'static str,
+    /// JSON text.
+    pub data: String,
+}
+
+pub type EventRef = Arc<JobEvent>;
+
+fn event(name: &'static str, mut data: Value) -> EventRef {
+    if let Value::Object(map) = &mut data {
+        map.insert("type".into(), Value::String(name.into()));
+    }
+    Arc::new(JobEvent {
+        name,
+        data: data.to_string(),
+    })
+}
+
+/// Limits and lifetimes of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Waiting jobs at most (the running one is not counted).
+    pub max_queue: usize,
+    /// How long finished jobs are kept.
+    pub result_ttl: Duration,
+    /// Finished jobs kept at most.
+    pub max_results: usize,
+    /// A running job is cancelled this long after it started.
+    pub job_timeout: Duration,
+}
+
+/// Seconds spent in each phase of a job.
+#[derive(Debug, Clone, Default)]
+struct Timings {
+    queue: Option<f64>,
+    generation: Option<f64>,
+    preview: f64,
+    encode: Option<f64>,
+    total: Option<f64>,
+}
+
+impl Timings {
+    fn to_json(&self) -> Value {
+        json!({
+            "queue": self.queue,
+            "generation": self.generation,
+            "preview": self.preview,
+            "encode": self.encode,
+            "total": self.total,
+        })
+    }
+}
+
+struct Job {
+    id: String,
+    request: Arc<JobRequest>,
+    state: JobState,
+    step: usize,
+    total: usize,
+    created_unix: f64,
+    queued_at: Instant,
+    started_at: Option<Instant>,
+    finished_at: Option<Instant>,
+    timings: Timings,
+    cancel: Arc<AtomicU8>,
+    cancel_reason: Option<CancelReason>,
+    error: Option<(String, String)>,
+    events: broadcast::Sender<EventRef>,
+    /// The `complete`, `error` or `cancelled` event once the job is final.
+    final_event: Option<EventRef>,
+    /// PNG bytes of each result image.
+    images: Vec<Arc<Vec<u8>>>,
+}
+
+/// Where the worker is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Loading,
+    Ready,
+    Draining,
+    /// Loading the model failed; the process exits.
+    Failed(String),
+}
+
+struct Store {
+    phase: Phase,
+    spec: Option<Arc<ModelSpec>>,
+    jobs: HashMap<String, Job>,
+    queue: VecDeque<String>,
+    /// Finished job ids, oldest first.
+    finished: VecDeque<String>,
+    /// The engine thread should exit once the queue is empty.
+    stopping: bool,
+    metrics: Metrics,
+}
+
+impl Store {
+    /// Drops finished jobs past their time to live, then the oldest beyond `max_results`.
+    fn prune(&mut self, config: &EngineConfig, now: Instant) {
+        while let Some(id) = self.finished.front() {
+            let expired = match self.jobs.get(id) {
+                Some(job) => job
+                    .finished_at
+                    .is_none_or(|t| now.duration_since(t) >= config.result_ttl),
+                None => true,
+            };
+            if !expired && self.finished.len() <= config.max_results {
+                break;
+            }
+            if let Some(id) = self.finished.pop_front() {
+                self.jobs.remove(&id);
+            }
+        }
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.queue.iter().position(|q| q == id).map(|p| p + 1)
+    }
+
+    /// Tells every queued job from index `from` on its new position.
+    fn announce_positions(&self, from: usize) {
+        for (i, id) in self.queue.iter().enumerate().skip(from) {
+            if let Some(job) = self.jobs.get(id) {
+                let _ = job
+                    .events
+                    .send(event("queued", json!({ "position": i + 1 })));
+            }
+        }
+    }
+
+    /// Marks a job final and broadcasts its last event.
+    fn finish(&mut self, id: &str, state: JobState, ev: EventRef, now: Instant) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.state = state;
+        job.finished_at = Some(now);
+        job.timings.total = Some(now.duration_since(job.queued_at).as_secs_f64());
+        if job.timings.queue.is_none() {
+            job.timings.queue = job.timings.total;
+        }
+        job.final_event = Some(ev.clone());
+        let _ = job.events.send(ev);
+        let total = job.timings.total.unwrap_or(0.0);
+        self.metrics.job_finished(state, total);
+        self.finished.push_back(id.to_string());
+    }
+
+    fn cancelled_event(reason: CancelReason) -> EventRef {
+        event("cancelled", json!({ "reason": reason.name() }))
+    }
+
+    fn view(&self, job: &Job) -> Value {
+        let r = &job.request;
+        let p = &r.params;
+        let images: Vec<String> = (0..job.images.len())
+            .map(|n| format!("/v1/jobs/{}/images/{n}", job.id))
+            .collect();
+        let percent = if job.total > 0 {
+            (job.step as f64 * 100.0 / job.total as f64 * 10.0).round() / 10.0
+        } else {
+            0.0
+        };
+        json!({
+            "job_id": job.id,
+            "operation": "image_generation",
+            "state": job.state.name(),
+            "position": self.position(&job.id),
+            "step": job.step,
+            "total": job.total,
+            "percent": percent,
+            "created_at": job.created_unix,
+            "timings": job.timings.to_json(),
+            "seed": p.seed,
+            "error": job.error.as_ref().map(|(t, m)| json!({"type": t, "message": m})),
+            "cancel_reason": job.cancel_reason.map(CancelReason::name),
+            "cancel_requested": job.state == JobState::Running
+                && job.cancel.load(Ordering::SeqCst) != 0,
+            "hive_id": r.hive_id,
+            "worker_id": r.worker_id,
+            "images": images,
+            "status_url": format!("/v1/jobs/{}", job.id),
+            "events_url": format!("/v1/jobs/{}/events", job.id),
+            "request": {
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt,
+                "width": p.width,
+                "height": p.height,
+                "steps": p.steps,
+                "guidance_scale": p.guidance,
+                "seed": p.seed,
+                "scheduler": p.sampler.name(),
+                "batch": p.batch,
+                "preview_every": r.preview_every,
+                "preview": r.preview.name(),
+            },
+        })
+    }
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    NotReady(String),
+    Draining,
+    QueueFull { max: usize, retry_after_s: u64 },
+}
+
+/// Outcome of a cancel request.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Cancelled(Value),
+    /// The job is running and stops after its current step.
+    Stopping(Value),
+    /// The job had already finished.
+    AlreadyFinished(JobState),
+    NotFound,
+}
+
+struct Inner {
+    store: Mutex<Store>,
+    wake: Condvar,
+    config: EngineConfig,
+}
+
+impl Inner {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock is a bug in this file; the data stays usable.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle on the engine, cheap to clone and share between handlers.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Loads the model on the engine thread.
+pub type Loader<B> = Box<dyn FnOnce() -> anyhow::Result<(B, ModelSpec)> + Send>;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn new_job_id() -> String {
+    let a: u64 = rand::random();
+    let b: u64 = rand::random();
+    format!("{a:016x}{b:016x}")
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".into()
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread, which first runs `loader`. The returned receiver gets the
+    /// loading outcome once.
+    pub fn start<B: Backend + 'static>(
+        config: EngineConfig,
+        loader: Loader<B>,
+    ) -> (Engine, mpsc::Receiver<Result<(), String>>) {
+        let inner = Arc::new(Inner {
+            store: Mutex::new(Store {
+                phase: Phase::Loading,
+                spec: None,
+                jobs: HashMap::new(),
+                queue: VecDeque::new(),
+                finished: VecDeque::new(),
+                stopping: false,
+                metrics: Metrics::default(),
+            }),
+            wake: Condvar::new(),
+            config,
+        });
+        let (loaded_tx, loaded_rx) = mpsc::channel();
+        let thread_inner = inner.clone();
+        let spawned = thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || engine_main(thread_inner, loader, loaded_tx));
+        if let Err(e) = spawned {
+            let message = format!("cannot start the engine thread: {e}");
+            inner.store().phase = Phase::Failed(message.clone());
+            let (tx, rx) = mpsc::channel();
+            let _ = tx.send(Err(message));
+            return (Engine { inner }, rx);
+        }
+        (Engine { inner }, loaded_rx)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.inner.store().phase.clone()
+    }
+
+    pub fn spec(&self) -> Option<Arc<ModelSpec>> {
+        self.inner.store().spec.clone()
+    }
+
+    /// Queues a job; returns its id.
+    pub fn submit(&self, request: JobRequest) -> Result<String, SubmitError> {
+        let mut s = self.inner.store();
+        match &s.phase {
+            Phase::Loading => return Err(SubmitError::NotReady("loading".into())),
+            Phase::Failed(m) => return Err(SubmitError::NotReady(m.clone())),
+            Phase::Draining => return Err(SubmitError::Draining),
+            Phase::Ready => {}
+        }
+        let max = self.inner.config.max_queue;
+        if s.queue.len() >= max {
+            s.metrics.rejected_queue_full += 1;
+            let per_job = s.metrics.mean_job_seconds().unwrap_or(1.0);
+            return Err(SubmitError::QueueFull {
+                max,
+                retry_after_s: per_job.ceil().clamp(1.0, 3600.0) as u64,
+            });
+        }
+        let id = new_job_id();
+        let (events, _) = broadcast::channel(256);
+        let job = Job {
+            id: id.clone(),
+            request: Arc::new(request),
+            state: JobState::Queued,
+            step: 0,
+            total: 0,
+            created_unix: unix_now(),
+            queued_at: Instant::now(),
+            started_at: None,
+            finished_at: None,
+            timings: Timings::default(),
+            cancel: Arc::new(AtomicU8::new(0)),
+            cancel_reason: None,
+            error: None,
+            events,
+            final_event: None,
+            images: Vec::new(),
+        };
+        s.jobs.insert(id.clone(), job);
+        s.queue.push_back(id.clone());
+        s.metrics.submitted += 1;
+        drop(s);
+        self.inner.wake.notify_all();
+        Ok(id)
+    }
+
+    /// The status of one job.
+    pub fn status(&self, id: &str) -> Option<Value> {
+        let mut s = self.inner.store();
+        s.prune(&self.inner.config, Instant::now());
+        s.jobs.get(id).map(|job| s.view(job))
+    }
+
+    /// Queued (in queue order), running, then finished jobs (newest first).
+    pub fn list(&self) -> Value {
+        let mut s = self.inner.store();
+        s.prune(&self.inner.config, Instant::now());
+        let mut out = Vec::new();
+        for id in &s.queue {
+            if let Some(job) = s.jobs.get(id) {
+                out.push(s.view(job));
+            }
+        }
+        for job in s.jobs.values().filter(|j| j.state == JobState::Running) {
+            out.push(s.view(job));
+        }
+        for id in s.finished.iter().rev() {
+            if let Some(job) = s.jobs.get(id) {
+                out.push(s.view(job));
+            }
+        }
+        Value::Array(out)
+    }
+
+    /// Cancels a queued job at once, or asks a running one to stop after its current step.
+    pub fn cancel(&self, id: &str) -> CancelOutcome {
+        let mut s = self.inner.store();
+        let now = Instant::now();
+        s.prune(&self.inner.config, now);
+        let Some(job) = s.jobs.get(id) else {
+            return CancelOutcome::NotFound;
+        };
+        match job.state {
+            JobState::Queued => {
+                let index = s.queue.iter().position(|q| q == id);
+                if let Some(i) = index {
+                    s.queue.remove(i);
+                }
+                if let Some(job) = s.jobs.get_mut(id) {
+                    job.cancel_reason = Some(CancelReason::Client);
+                }
+                s.finish(
+                    id,
+                    JobState::Cancelled,
+                    Store::cancelled_event(CancelReason::Client),
+                    now,
+                );
+                s.announce_positions(index.unwrap_or(0));
+                match s.jobs.get(id) {
+                    Some(job) => CancelOutcome::Cancelled(s.view(job)),
+                    None => CancelOutcome::NotFound,
+                }
+            }
+            JobState::Running => {
+                let _ = job.cancel.compare_exchange(
+                    0,
+                    CancelReason::Client.code(),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                CancelOutcome::Stopping(s.view(job))
+            }
+            state => CancelOutcome::AlreadyFinished(state),
+        }
+    }
+
+    /// The events a new subscriber starts with (the job's current state, or its final event),
+    /// and the live feed unless the job is already final. `None` for an unknown job.
+    pub fn subscribe(
+        &self,
+        id: &str,
+    ) -> Option<(Vec<EventRef>, Option<broadcast::Receiver<EventRef>>)> {
+        let mut s = self.inner.store();
+        s.prune(&self.inner.config, Instant::now());
+        let job = s.jobs.get(id)?;
+        let mut first = Vec::new();
+        match job.state {
+            JobState::Queued => {
+                let position = s.position(id).unwrap_or(0);
+                first.push(event("queued", json!({ "position": position })));
+            }
+            JobState::Running => {
+                first.push(event("started", json!({})));
+                if job.step > 0 {
+                    first.push(progress_event(job.step, job.total));
+                }
+            }
+            _ => {
+                if let Some(ev) = &job.final_event {
+                    first.push(ev.clone());
+                }
+                return Some((first, None));
+            }
+        }
+        Some((first, Some(job.events.subscribe())))
+    }
+
+    /// PNG bytes of result image `n`.
+    pub fn image(&self, id: &str, n: usize) -> Option<Result<Arc<Vec<u8>>, JobState>> {
+        let s = self.inner.store();
+        let job = s.jobs.get(id)?;
+        if job.state != JobState::Completed {
+            return Some(Err(job.state));
+        }
+        job.images.get(n).cloned().map(Ok)
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics_text(&self) -> String {
+        let s = self.inner.store();
+        let running = s
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .count();
+        s.metrics.render(s.queue.len(), running, &s.phase)
+    }
+
+    /// Stops admitting jobs and cancels the queued ones.
+    pub fn begin_drain(&self) {
+        let mut s = self.inner.store();
+        if matches!(s.phase, Phase::Ready | Phase::Loading) {
+            s.phase = Phase::Draining;
+        }
+        s.stopping = true;
+        let now = Instant::now();
+        let queued: Vec<String> = s.queue.drain(..).collect();
+        for id in queued {
+            if let Some(job) = s.jobs.get_mut(&id) {
+                job.cancel_reason = Some(CancelReason::Shutdown);
+            }
+            s.finish(
+                &id,
+                JobState::Cancelled,
+                Store::cancelled_event(CancelReason::Shutdown),
+                now,
+            );
+        }
+        drop(s);
+        self.inner.wake.notify_all();
+    }
+
+    /// True while a job is queued or running (or its result is still being published).
+    pub fn busy(&self) -> bool {
+        let s = self.inner.store();
+        s.jobs.values().any(|j| !j.state.is_final())
+    }
+
+    /// Asks running jobs to stop after their current step.
+    pub fn cancel_running(&self, reason: CancelReason) {
+        let s = self.inner.store();
+        for job in s.jobs.values().filter(|j| j.state == JobState::Running) {
+            let _ = job.cancel.compare_exchange(
+                0,
+                reason.code(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+
+    /// Drains: cancels queued jobs, waits up to `grace` for the running job, then cancels it
+    /// and waits for it to stop (it stops after its current step). Blocking.
+    pub fn shutdown(&self, grace: Duration) {
+        self.begin_drain();
+        let deadline = Instant::now() + grace;
+        while self.busy() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if self.busy() {
+            self.cancel_running(CancelReason::Shutdown);
+            while self.busy() {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn progress_event(step: usize, total: usize) -> EventRef {
+    let percent = if total > 0 {
+        (step as f64 * 1000.0 / total as f64).round() / 10.0
+    } else {
+        0.0
+    };
+    event(
+        "progress",
+        json!({ "step": step, "total": total, "percent": percent }),
+    )
+}
+
+/// What the engine thread hands to the publisher.
+enum Publish {
+    Progress {
+        id: String,
+        step: usize,
+        total: usize,
+    },
+    Preview {
+        id: String,
+        step: usize,
+        total: usize,
+        image: RgbImage,
+        seconds: f64,
+    },
+    Finish {
+        id: String,
+        outcome: Outcome,
+        generation: f64,
+    },
+}
+
+enum Outcome {
+    Completed(Generated),
+    Failed { kind: &'static str, message: String },
+    Cancelled(CancelReason),
+}
+
+fn engine_main<B: Backend + 'static>(
+    inner: Arc<Inner>,
+    loader: Loader<B>,
+    loaded: mpsc::Sender<Result<(), String>>,
+) {
+    let backend = match catch_unwind(AssertUnwindSafe(loader)) {
+        Ok(Ok((backend, spec))) => {
+            let mut s = inner.store();
+            s.spec = Some(Arc::new(spec));
+            if s.phase == Phase::Loading {
+                s.phase = Phase::Ready;
+            }
+            backend
+        }
+        Ok(Err(e)) => {
+            let message = format!("{e:#}");
+            inner.store().phase = Phase::Failed(message.clone());
+            let _ = loaded.send(Err(message));
+            return;
+        }
+        Err(panic) => {
+            let message = format!(
+                "internal error while loading: {}",
+                panic_message(panic.as_ref())
+            );
+            inner.store().phase = Phase::Failed(message.clone());
+            let _ = loaded.send(Err(message));
+            return;
+        }
+    };
+    let _ = loaded.send(Ok(()));
+
+    let (tx, rx) = mpsc::channel();
+    let publisher_inner = inner.clone();
+    let publisher = thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || publisher_main(publisher_inner, rx));
+    let publisher = match publisher {
+        Ok(p) => p,
+        Err(e) => {
+            inner.store().phase = Phase::Failed(format!("cannot start the publisher: {e}"));
+            return;
+        }
+    };
+
+    loop {
+        let next = {
+            let mut s = inner.store();
+            loop {
+                s.prune(&inner.config, Instant::now());
+                if let Some(id) = s.queue.pop_front() {
+                    let now = Instant::now();
+                    let started = s.jobs.get_mut(&id).map(|job| {
+                        job.state = JobState::Running;
+                        job.started_at = Some(now);
+                        job.timings.queue = Some(now.duration_since(job.queued_at).as_secs_f64());
+                        let _ = job.events.send(event("started", json!({})));
+                        (job.request.clone(), job.cancel.clone())
+                    });
+                    s.announce_positions(0);
+                    if let Some((request, cancel)) = started {
+                        break Some((id, request, cancel, now));
+                    }
+                    continue;
+                }
+                if s.stopping {
+                    break None;
+                }
+                s = inner
+                    .wake
+                    .wait_timeout(s, Duration::from_secs(1))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        };
+        let Some((id, request, cancel, started)) = next else {
+            break;
+        };
+        run_job(&backend, &inner, &tx, id, &request, &cancel, started);
+    }
+    drop(tx);
+    let _ = publisher.join();
+}
+
+fn run_job<B: Backend>(
+    backend: &B,
+    inner: &Inner,
+    tx: &mpsc::Sender<Publish>,
+    id: String,
+    request: &JobRequest,
+    cancel: &AtomicU8,
+    started: Instant,
+) {
+    let deadline = started + inner.config.job_timeout;
+    let mut stop: Option<CancelReason> = None;
+    let mut last = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        backend.generate(&request.params, &mut |p| {
+            let now = Instant::now();
+            inner
+                .store()
+                .metrics
+                .observe_step(now.duration_since(last).as_secs_f64());
+            let _ = tx.send(Publish::Progress {
+                id: id.clone(),
+                step: p.step,
+                total: p.total,
+            });
+            if let Some(reason) = CancelReason::from_code(cancel.load(Ordering::SeqCst)) {
+                stop = Some(reason);
+                return Err(sd_models::Error::Cancelled);
+            }
+            if now >= deadline {
+                stop = Some(CancelReason::Timeout);
+                return Err(sd_models::Error::Cancelled);
+            }
+            let every = request.preview_every;
+            if every > 0 && p.step % every == 0 && p.step < p.total {
+                let t = Instant::now();
+                match backend.preview(p.latents, request.preview) {
+                    Ok(image) => {
+                        let _ = tx.send(Publish::Preview {
+                            id: id.clone(),
+                            step: p.step,
+                            total: p.total,
+                            image,
+                            seconds: t.elapsed().as_secs_f64(),
+                        });
+                    }
+                    Err(e) => eprintln!("warning: job {id}: preview failed: {e}"),
+                }
+            }
+            last = Instant::now();
+            Ok(())
+        })
+    }));
+    let generation = started.elapsed().as_secs_f64();
+    let outcome = match result {
+        Ok(Ok(generated)) => Outcome::Completed(generated),
+        Ok(Err(sd_models::Error::Cancelled)) => {
+            Outcome::Cancelled(stop.unwrap_or(CancelReason::Client))
+        }
+        Ok(Err(e)) => {
+            let message = format!("{e}");
+            Outcome::Failed {
+                kind: match e {
+                    sd_models::Error::Invalid { .. } => "invalid_request",
+                    _ => "generation_failed",
+                },
+                message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+            }
+        }
+        Err(panic) => Outcome::Failed {
+            kind: "internal",
+            message: format!("internal error: {}", panic_message(panic.as_ref())),
+        },
+    };
+    let _ = tx.send(Publish::Finish {
+        id,
+        outcome,
+        generation,
+    });
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// PNG files of a finished job, with the same `parameters` text as `sd-worker generate`.
+pub fn encode_results(
+    params: &GenerateParams,
+    model: &str,
+    images: &[RgbImage],
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let n = images.len();
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let text = Parameters::for_job(params, model, (n > 1).then_some((n, i))).to_text();
+            encode_png(image, &text)
+        })
+        .collect()
+}
+
+fn publisher_main(inner: Arc<Inner>, rx: mpsc::Receiver<Publish>) {
+    for message in rx {
+        match message {
+            Publish::Progress { id, step, total } => {
+                let mut s = inner.store();
+                if let Some(job) = s.jobs.get_mut(&id) {
+                    job.step = step;
+                    job.total = total;
+                    let _ = job.events.send(progress_event(step, total));
+                }
+            }
+            Publish::Preview {
+                id,
+                step,
+                total,
+                image,
+                seconds,
+            } => {
+                let t = Instant::now();
+                let encoded = encode_png(&image, "");
+                let seconds = seconds + t.elapsed().as_secs_f64();
+                let mut s = inner.store();
+                if let Some(job) = s.jobs.get_mut(&id) {
+                    job.timings.preview += seconds;
+                    match encoded {
+                        Ok(png) => {
+                            let ev = event(
+                                "preview",
+                                json!({
+                                    "step": step,
+                                    "total": total,
+                                    "width": image.width,
+                                    "height": image.height,
+                                    "image": b64(&png),
+                                    "format": "png",
+                                }),
+                            );
+                            let _ = job.events.send(ev);
+                        }
+                        Err(e) => eprintln!("warning: job {id}: preview encoding failed: {e:#}"),
+                    }
+                }
+            }
+            Publish::Finish {
+                id,
+                outcome,
+                generation,
+            } => finish_job(&inner, &id, outcome, generation),
+        }
+    }
+}
+
+fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
+    let (request, model) = {
+        let s = inner.store();
+        let Some(job) = s.jobs.get(id) else {
+            return;
+        };
+        let model = s.spec.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        (job.request.clone(), model)
+    };
+    // Encode outside the lock: status requests keep being answered meanwhile.
+    let t = Instant::now();
+    let (state, outcome) = match outcome {
+        Outcome::Completed(generated) => {
+            match encode_results(&request.params, &model, &generated.images) {
+                Ok(pngs) => {
+                    let encoded: Vec<String> = pngs.iter().map(|p| b64(p)).collect();
+                    (JobState::Completed, Ok((pngs, encoded)))
+                }
+                Err(e) => (
+                    JobState::Failed,
+                    Err(("encoding_failed", format!("cannot encode the image: {e:#}"))),
+                ),
+            }
+        }
+        Outcome::Failed { kind, message } => (JobState::Failed, Err((kind, message))),
+        Outcome::Cancelled(reason) => {
+            let mut s = inner.store();
+            if let Some(job) = s.jobs.get_mut(id) {
+                job.cancel_reason = Some(reason);
+                job.timings.generation = Some(generation);
+            }
+            s.finish(
+                id,
+                JobState::Cancelled,
+                Store::cancelled_event(reason),
+                Instant::now(),
+            );
+            s.prune(&inner.config, Instant::now());
+            eprintln!("job {id}: cancelled ({})", reason.name());
+            return;
+        }
+    };
+    let encode = t.elapsed().as_secs_f64();
+    let mut s = inner.store();
+    let now = Instant::now();
+    let Some(job) = s.jobs.get_mut(id) else {
+        return;
+    };
+    job.timings.generation = Some(generation);
+    job.timings.encode = Some(encode);
+    job.timings.total = Some(now.duration_since(job.queued_at).as_secs_f64());
+    let seed = job.request.params.seed;
+    let ev = match outcome {
+        Ok((pngs, encoded)) => {
+            job.images = pngs.into_iter().map(Arc::new).collect();
+            let first = encoded.first().cloned().unwrap_or_default();
+            event(
+                "complete",
+                json!({
+                    "images": encoded,
+                    "image": first,
+                    "format": "png",
+                    "seed": seed,
+                    "timings": job.timings.to_json(),
+                }),
+            )
+        }
+        Err((kind, message)) => {
+            job.error = Some((kind.to_string(), message.clone()));
+            event(
+                "error",
+                json!({
+                    "message": message,
+                    "error": { "type": kind, "message": message },
+                }),
+            )
+        }
+    };
+    s.finish(id, state, ev, now);
+    s.prune(&inner.config, now);
+    match state {
+        JobState::Completed => eprintln!("job {id}: completed in {generation:.2}s"),
+        _ => eprintln!(
+            "job {id}: failed: {}",
+            s.jobs
+                .get(id)
+                .and_then(|j| j.error.as_ref())
+                .map(|e| e.1.as_str())
+                .unwrap_or("")
+        ),
+    }
+}

@@ -1,0 +1,438 @@
+//! Parsing and validation of `POST /v1/jobs` bodies.
+//!
+//! Fields are read one by one from the JSON object so that every error names its field, the
+//! limit and the value it got.
+
+use std::path::Path;
+
+use sd_models::pipelines::GenerateParams;
+use sd_models::samplers::SamplerKind;
+use serde_json::{Map, Value};
+
+use crate::engine::{JobRequest, ModelSpec, PreviewKind};
+
+/// Per-worker request limits (from the command line).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Width x height of one image at most.
+    pub max_pixels: usize,
+    pub max_steps: usize,
+    pub max_batch: usize,
+}
+
+/// Defaults for omitted fields that the model does not define.
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+pub const DEFAULT_PREVIEW_EVERY: usize = 5;
+/// Largest classifier-free guidance scale accepted.
+pub const MAX_GUIDANCE: f64 = sd_models::pipelines::sd::MAX_GUIDANCE;
+/// Largest image side in pixels.
+pub const MAX_SIDE: usize = sd_models::pipelines::sd::MAX_SIDE;
+/// Longest prompt, negative prompt or id string, in characters.
+pub const MAX_TEXT_CHARS: usize = 20_000;
+pub const MAX_ID_CHARS: usize = 256;
+
+pub const OPERATIONS: [&str; 3] = ["image_generation", "image_transform", "image_inpaint"];
+
+const FIELDS: [&str; 15] = [
+    "operation",
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "scheduler",
+    "batch",
+    "preview_every",
+    "preview",
+    "hive_id",
+    "model",
+    "worker_id",
+];
+
+/// A request the worker refuses. `malformed` marks JSON that does not parse (400);
+/// everything else is a bad field (422).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestError {
+    pub malformed: bool,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> RequestError {
+    RequestError {
+        malformed: false,
+        message: format!("invalid `{field}`: {message}"),
+    }
+}
+
+fn describe(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        let cut: String = s.chars().take(60).collect();
+        format!("{cut}...")
+    } else {
+        s
+    }
+}
+
+/// The value of an optional field; JSON `null` counts as omitted.
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn uint(obj: &Map<String, Value>, name: &str) -> Result<Option<u64>, RequestError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid(name, format!("must be a non-negative integer, got {}", describe(v)))),
+    }
+}
+
+fn text(obj: &Map<String, Value>, name: &str, max: usize) -> Result<Option<String>, RequestError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => {
+            let n = s.chars().count();
+            if n > max {
+                return Err(invalid(name, format!("must be at most {max} characters, got {n}")));
+            }
+            Ok(Some(s.clone()))
+        }
+        Some(v) => Err(invalid(name, format!("must be a string, got {}", describe(v)))),
+    }
+}
+
+/// Parses the JSON text of a job submission.
+pub fn parse_json(body: &[u8]) -> Result<Value, RequestError> {
+    serde_json::from_slice(body).map_err(|e| RequestError {
+        malformed: true,
+        message: format!("the body is not valid JSON: {e}"),
+    })
+}
+
+/// Whether `given` names the loaded model: its folder name, the path it was loaded from, or
+/// that path made canonical.
+pub fn names_model(spec: &ModelSpec, given: &str) -> bool {
+    if given == spec.name || Path::new(given) == spec.path {
+        return true;
+    }
+    match (
+        std::fs::canonicalize(given),
+        std::fs::canonicalize(&spec.path),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Validates a submission against the loaded model and the worker's limits, filling in
+/// defaults. `random_seed` is used when the request has no seed (or seed -1).
+pub fn parse_job(
+    body: &Value,
+    spec: &ModelSpec,
+    limits: &Limits,
+    random_seed: u64,
+) -> Result<JobRequest, RequestError> {
+    let Value::Object(obj) = body else {
+        return Err(RequestError {
+            malformed: false,
+            message: format!("the body must be a JSON object, got {}", describe(body)),
+        });
+    };
+    let operation = match field(obj, "operation") {
+        None => {
+            return Err(invalid(
+                "operation",
+                "is required; this worker runs \"image_generation\"",
+            ))
+        }
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => return Err(invalid("operation", format!("must be a string, got {}", describe(v)))),
+    };
+    match operation {
+        "image_generation" => {}
+        "image_transform" | "image_inpaint" => {
+            return Err(invalid(
+                "operation",
+                format!("\"{operation}\" (image-to-image / inpainting) is not supported by this worker yet; it runs \"image_generation\""),
+            ))
+        }
+        other => {
+            return Err(invalid(
+                "operation",
+                format!("unknown operation {other:?}; expected one of {}", OPERATIONS.join(", ")),
+            ))
+        }
+    }
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(invalid(
+            unknown,
+            format!("unknown field; the fields of image_generation are {}", FIELDS.join(", ")),
+        ));
+    }
+
+    if let Some(model) = text(obj, "model", 4096)? {
+        if !names_model(spec, &model) {
+            return Err(invalid(
+                "model",
+                format!(
+                    "this worker serves {:?} (loaded from {}), got {model:?}",
+                    spec.name,
+                    spec.path.display()
+                ),
+            ));
+        }
+    }
+
+    let prompt = match field(obj, "prompt") {
+        None => return Err(invalid("prompt", "is required")),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(invalid("prompt", format!("must be a string, got {}", describe(v)))),
+    };
+    if prompt.trim().is_empty() {
+        return Err(invalid("prompt", "must not be empty"));
+    }
+    let n = prompt.chars().count();
+    if n > MAX_TEXT_CHARS {
+        return Err(invalid(
+            "prompt",
+            format!("must be at most {MAX_TEXT_CHARS} characters, got {n}"),
+        ));
+    }
+    let negative_prompt = text(obj, "negative_prompt", MAX_TEXT_CHARS)?;
+
+    let f = spec.latent_factor;
+    let size = |name: &str, default: usize| -> Result<usize, RequestError> {
+        let v = uint(obj, name)?.map_or(default as u64, |v| v);
+        if v == 0 || v % f as u64 != 0 {
+            return Err(invalid(
+                name,
+                format!("must be a positive multiple of {f} (this model's latent factor), got {v}"),
+            ));
+        }
+        if v > MAX_SIDE as u64 {
+            return Err(invalid(name, format!("must be at most {MAX_SIDE} pixels, got {v}")));
+        }
+        Ok(v as usize)
+    };
+    let width = size("width", spec.default_width)?;
+    let height = size("height", spec.default_height)?;
+    if width * height > limits.max_pixels {
+        return Err(invalid(
+            if uint(obj, "width")?.is_some() { "width" } else { "height" },
+            format!(
+                "{width}x{height} = {} pixels is over this worker's budget of {} pixels per image (--max-pixels)",
+                width * height,
+                limits.max_pixels
+            ),
+        ));
+    }
+
+    let max_steps = limits.max_steps.min(spec.num_train_timesteps);
+    let steps = uint(obj, "steps")?.unwrap_or(DEFAULT_STEPS as u64);
+    if steps == 0 || steps > max_steps as u64 {
+        return Err(invalid("steps", format!("must be between 1 and {max_steps}, got {steps}")));
+    }
+
+    let guidance = match field(obj, "guidance_scale") {
+        None => DEFAULT_GUIDANCE,
+        Some(v) => v.as_f64().ok_or_else(|| {
+            invalid("guidance_scale", format!("must be a number, got {}", describe(v)))
+        })?,
+    };
+    if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+        return Err(invalid(
+            "guidance_scale",
+            format!("must be between 0 and {MAX_GUIDANCE}, got {guidance}"),
+        ));
+    }
+
+    let seed = match field(obj, "seed") {
+        None => random_seed,
+        Some(v) if v.as_i64() == Some(-1) => random_seed,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            invalid(
+                "seed",
+                format!("must be an integer from 0 to {} (or -1 for a random seed), got {}", u64::MAX, describe(v)),
+            )
+        })?,
+    };
+
+    let sampler = match field(obj, "scheduler") {
+        None => spec.default_sampler.clone().map_err(|e| {
+            invalid(
+                "scheduler",
+                format!("is required: the model's own scheduler cannot be used ({e})"),
+            )
+        })?,
+        Some(Value::String(s)) => {
+            SamplerKind::from_name(s).map_err(|e| match e {
+                sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
+                other => invalid("scheduler", other),
+            })?
+        }
+        Some(v) => return Err(invalid("scheduler", format!("must be a string, got {}", describe(v)))),
+    };
+
+    let max_batch = limits.max_batch;
+    let batch = uint(obj, "batch")?.unwrap_or(1);
+    if batch == 0 || batch > max_batch as u64 {
+        return Err(invalid("batch", format!("must be between 1 and {max_batch}, got {batch}")));
+    }
+
+    let preview_every = uint(obj, "preview_every")?.unwrap_or(DEFAULT_PREVIEW_EVERY as u64);
+    let preview_every = usize::try_from(preview_every).unwrap_or(usize::MAX);
+    let preview = match field(obj, "preview") {
+        None => PreviewKind::Approx,
+        Some(Value::String(s)) if s == "approx" => PreviewKind::Approx,
+        Some(Value::String(s)) if s == "full" => PreviewKind::Full,
+        Some(v) => {
+            return Err(invalid(
+                "preview",
+                format!("must be \"approx\" or \"full\", got {}", describe(v)),
+            ))
+        }
+    };
+    let hive_id = text(obj, "hive_id", MAX_ID_CHARS)?;
+    let worker_id = text(obj, "worker_id", MAX_ID_CHARS)?;
+
+    Ok(JobRequest {
+        params: GenerateParams {
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps: steps as usize,
+            guidance,
+            seed,
+            sampler,
+            batch: batch as usize,
+        },
+        preview_every,
+        preview,
+        hive_id,
+        worker_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            name: "tiny".into(),
+            path: "/models/tiny".into(),
+            family: "sd1".into(),
+            pipeline_class: "StableDiffusionPipeline".into(),
+            prediction_type: "epsilon".into(),
+            latent_factor: 8,
+            default_width: 512,
+            default_height: 512,
+            default_sampler: Ok(SamplerKind::Pndm),
+            num_train_timesteps: 1000,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_pixels: 1024 * 1024,
+            max_steps: 150,
+            max_batch: 8,
+        }
+    }
+
+    fn parse(v: Value) -> Result<JobRequest, RequestError> {
+        parse_job(&v, &spec(), &limits(), 7)
+    }
+
+    fn err(v: Value) -> String {
+        let e = parse(v).unwrap_err();
+        assert!(!e.malformed);
+        e.message
+    }
+
+    #[test]
+    fn defaults_come_from_the_model() {
+        let r = parse(json!({"operation": "image_generation", "prompt": "a cat"})).unwrap();
+        let p = &r.params;
+        assert_eq!((p.width, p.height, p.steps, p.batch), (512, 512, 50, 1));
+        assert_eq!(p.guidance, 7.5);
+        assert_eq!(p.seed, 7);
+        assert_eq!(p.sampler, SamplerKind::Pndm);
+        assert_eq!(r.preview_every, 5);
+        assert_eq!(r.preview, PreviewKind::Approx);
+        let r = parse(json!({"operation": "image_generation", "prompt": "a", "seed": -1, "width": null})).unwrap();
+        assert_eq!((r.params.seed, r.params.width), (7, 512));
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let r = parse(json!({
+            "operation": "image_generation", "prompt": "a", "negative_prompt": "b",
+            "width": 256, "height": 128, "steps": 20, "guidance_scale": 3, "seed": 42,
+            "scheduler": "euler-a", "batch": 2, "preview_every": 0, "preview": "full",
+            "hive_id": "h", "worker_id": "w", "model": "tiny"
+        }))
+        .unwrap();
+        let p = &r.params;
+        assert_eq!(p.negative_prompt.as_deref(), Some("b"));
+        assert_eq!((p.width, p.height, p.steps, p.batch, p.seed), (256, 128, 20, 2, 42));
+        assert_eq!(p.guidance, 3.0);
+        assert_eq!(p.sampler, SamplerKind::EulerAncestral);
+        assert_eq!((r.preview_every, r.preview), (0, PreviewKind::Full));
+        assert_eq!((r.hive_id.as_deref(), r.worker_id.as_deref()), (Some("h"), Some("w")));
+    }
+
+    #[test]
+    fn errors_name_the_field_the_limit_and_the_value() {
+        let base = |extra: Value| {
+            let mut v = json!({"operation": "image_generation", "prompt": "a"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let cases = [
+            (json!({"width": 100}), ["`width`", "multiple of 8", "100"]),
+            (json!({"width": 2048, "height": 2048}), ["`width`", "1048576", "4194304"]),
+            (json!({"steps": 0}), ["`steps`", "150", "0"]),
+            (json!({"steps": 151}), ["`steps`", "150", "151"]),
+            (json!({"guidance_scale": 101}), ["`guidance_scale`", "100", "101"]),
+            (json!({"batch": 9}), ["`batch`", "8", "9"]),
+            (json!({"scheduler": "lms"}), ["`scheduler`", "euler", "lms"]),
+            (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
+            (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
+            (json!({"width": "512"}), ["`width`", "integer", "\"512\""]),
+            (json!({"seed": 1.5}), ["`seed`", "integer", "1.5"]),
+            (json!({"model": "other"}), ["`model`", "tiny", "other"]),
+            (json!({"preview": "vae"}), ["`preview`", "full", "vae"]),
+            (json!({"operation": "image_transform"}), ["`operation`", "not supported", "image_transform"]),
+            (json!({"operation": "paint"}), ["`operation`", "image_generation", "paint"]),
+        ];
+        for (extra, needles) in cases {
+            let message = err(base(extra.clone()));
+            for n in needles {
+                assert!(message.contains(n), "{extra}: {message:?} lacks {n:?}");
+            }
+        }
+        assert!(err(json!({"prompt": "a"})).contains("`operation`"));
+        assert!(err(json!({"operation": "image_generation"})).contains("`prompt`"));
+        assert!(err(json!([1])).contains("JSON object"));
+        assert!(parse_json(b"{").unwrap_err().malformed);
+    }
+
+    #[test]
+    fn the_model_is_named_by_folder_or_path() {
+        assert!(names_model(&spec(), "tiny"));
+        assert!(names_model(&spec(), "/models/tiny"));
+        assert!(!names_model(&spec(), "tiny2"));
+    }
+}

@@ -1,0 +1,250 @@
+//! `sd-worker serve`: the HTTP job server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use sd_models::pipelines::SdPipeline;
+
+use crate::api::{router, AppState};
+use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
+use crate::engine::{Engine, EngineConfig, Loader, ModelSpec};
+use crate::request::Limits;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// A Stable Diffusion 1.x/2.x diffusers folder (with model_index.json).
+    #[arg(long, env = "SD_MODEL")]
+    pub model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "SD_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed on stderr).
+    #[arg(long, env = "SD_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Device: cpu, cuda[:N] or metal[:N] (CUDA and Metal need the `cuda` / `metal` build features).
+    #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight precision: f32, f16 or bf16.
+    #[arg(long, env = "SD_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Waiting jobs at most (the running job is not counted); more get 429.
+    #[arg(long, env = "SD_MAX_QUEUE", default_value_t = 32)]
+    pub max_queue: usize,
+    /// Seconds a finished job (and its images) is kept.
+    #[arg(long, env = "SD_RESULT_TTL", default_value_t = 600)]
+    pub result_ttl: u64,
+    /// Finished jobs kept at most; the oldest are dropped first.
+    #[arg(long, env = "SD_MAX_RESULTS", default_value_t = 256)]
+    pub max_results: usize,
+    /// Seconds a job may run before it is cancelled (checked after every step).
+    #[arg(long, env = "SD_JOB_TIMEOUT", default_value_t = 600)]
+    pub job_timeout: u64,
+    /// Width x height of one image at most.
+    #[arg(long, env = "SD_MAX_PIXELS", default_value_t = 1024 * 1024)]
+    pub max_pixels: usize,
+    /// Steps per job at most (also capped by the scheduler's num_train_timesteps).
+    #[arg(long, env = "SD_MAX_STEPS", default_value_t = 150)]
+    pub max_steps: usize,
+    /// Images per job at most.
+    #[arg(long, env = "SD_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, env = "SD_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Bearer token required on every route but /health and /ready. Default: no auth.
+    #[arg(long, env = "SD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds the running job may go on after SIGTERM/SIGINT before it is cancelled.
+    #[arg(long, env = "SD_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+    /// Seconds between keep-alive comments on event streams.
+    #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
+    pub sse_keepalive: u64,
+}
+
+fn check_args(args: &ServeArgs) -> Result<()> {
+    let positive = [
+        ("--max-queue", args.max_queue as u64),
+        ("--max-results", args.max_results as u64),
+        ("--job-timeout", args.job_timeout),
+        ("--max-pixels", args.max_pixels as u64),
+        ("--max-steps", args.max_steps as u64),
+        ("--max-batch", args.max_batch as u64),
+        ("--max-body-bytes", args.max_body_bytes as u64),
+        ("--sse-keepalive", args.sse_keepalive),
+    ];
+    for (flag, v) in positive {
+        if v == 0 {
+            bail!("invalid {flag} 0: must be at least 1");
+        }
+    }
+    if let Some(key) = &args.api_key {
+        if key.trim().is_empty() {
+            bail!("invalid --api-key: must not be empty (omit it to run without auth)");
+        }
+    }
+    if !args.model.join("model_index.json").is_file() {
+        bail!(
+            "invalid --model {}: no model_index.json there (expected a diffusers folder)",
+            args.model.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    check_args(&args)?;
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    check_dtype_on_device(dtype, &device)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args, device, dtype))
+}
+
+enum Exit {
+    Signal(&'static str),
+    LoadFailed(String),
+}
+
+async fn wait_for_signal() -> &'static str {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "SIGINT",
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                "SIGTERM"
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<&'static str>();
+    tokio::select! {
+        s = ctrl_c => s,
+        s = term => s,
+    }
+}
+
+async fn serve(args: ServeArgs, device: candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!("listening on http://{addr}");
+
+    let model = args.model.clone();
+    let device_name = args.device.trim().to_ascii_lowercase();
+    let loader: Loader<SdPipeline> = Box::new(move || {
+        let started = Instant::now();
+        let (pipeline, info) = sd_models::loader::load_sd(&model, &device, dtype)?;
+        let (default_width, default_height) = pipeline.default_size();
+        let spec = ModelSpec {
+            name: info.name.clone(),
+            path: model.clone(),
+            family: info.family.to_string(),
+            pipeline_class: info.pipeline_class.clone(),
+            prediction_type: info.prediction_type.as_str().to_string(),
+            latent_factor: pipeline.latent_factor(),
+            default_width,
+            default_height,
+            default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),
+            num_train_timesteps: pipeline.scheduler.num_train_timesteps,
+            device: device_name,
+            dtype: dtype_name(dtype).to_string(),
+        };
+        eprintln!(
+            "ready: {} ({}, {}, {}) loaded in {:.1}s",
+            spec.name,
+            spec.family,
+            spec.device,
+            spec.dtype,
+            started.elapsed().as_secs_f64()
+        );
+        Ok((pipeline, spec))
+    });
+    let config = EngineConfig {
+        max_queue: args.max_queue,
+        result_ttl: Duration::from_secs(args.result_ttl),
+        max_results: args.max_results,
+        job_timeout: Duration::from_secs(args.job_timeout),
+    };
+    let (engine, loaded) = Engine::start(config, loader);
+
+    let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
+    std::thread::spawn(move || {
+        if let Ok(Err(message)) = loaded.recv() {
+            let _ = fail_tx.send(message);
+        }
+    });
+
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        limits: Limits {
+            max_pixels: args.max_pixels,
+            max_steps: args.max_steps,
+            max_batch: args.max_batch,
+        },
+        api_key: args.api_key.clone(),
+        max_body_bytes: args.max_body_bytes,
+        keep_alive: Duration::from_secs(args.sse_keepalive),
+    });
+    let app = router(state);
+
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<Exit>();
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let drain_engine = engine.clone();
+    let shutdown = async move {
+        let load_failed = async {
+            match fail_rx.await {
+                Ok(m) => m,
+                // Loaded: only a signal ends the server.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let exit = tokio::select! {
+            s = wait_for_signal() => Exit::Signal(s),
+            m = load_failed => Exit::LoadFailed(m),
+        };
+        if let Exit::Signal(name) = &exit {
+            eprintln!("{name}: draining (no new jobs; the running job has {}s)", grace.as_secs());
+            let engine = drain_engine.clone();
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
+        }
+        let _ = exit_tx.send(exit);
+    };
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    let exit = tokio::select! {
+        // The server ends only after the shutdown future has sent the reason.
+        biased;
+        exit = exit_rx => exit.context("the server stopped unexpectedly")?,
+        result = &mut server => {
+            result.context("the server task failed")?.context("the server failed")?;
+            bail!("the server stopped unexpectedly");
+        }
+    };
+    // The drain is over: give open connections a moment to close.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    match exit {
+        Exit::Signal(_) => {
+            eprintln!("stopped");
+            Ok(())
+        }
+        Exit::LoadFailed(m) => bail!("cannot load the model: {m}"),
+    }
+}
