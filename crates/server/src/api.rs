@@ -140,7 +140,11 @@ pub fn router(state: Shared) -> Router {
 }
 
 async fn not_found_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see /openapi.json",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -227,7 +231,11 @@ async fn submit(
         if e.malformed {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.message)
         } else {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.message)
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.message,
+            )
         }
     };
     let value = parse_json(&body).map_err(to_error)?;
@@ -357,7 +365,9 @@ async fn job_image(
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no image {index} for job {id:?} (unknown job, expired, or index out of range)"),
+            format!(
+                "no image {index} for job {id:?} (unknown job, expired, or index out of range)"
+            ),
         )),
         Some(Err(state)) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -392,7 +402,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "defaults": {
             "width": spec.default_width,
             "height": spec.default_height,
-            "steps": crate::request::DEFAULT_STEPS,
+            "steps": crate::request::default_steps(&spec, &st.limits),
             "guidance_scale": crate::request::DEFAULT_GUIDANCE,
             "scheduler": default_scheduler,
             "batch": 1,

@@ -687,12 +687,9 @@ impl Engine {
     pub fn cancel_running(&self, reason: CancelReason) {
         let s = self.inner.store();
         for job in s.jobs.values().filter(|j| j.state == JobState::Running) {
-            let _ = job.cancel.compare_exchange(
-                0,
-                reason.code(),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
+            let _ =
+                job.cancel
+                    .compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst);
         }
     }
 
@@ -1081,3 +1078,7 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
         ),
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -170,8 +170,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let paths = output_paths(&args.output, generated.images.len());
     let pngs = crate::engine::encode_results(&params, &info.name, &generated.images)?;
     for (png, path) in pngs.iter().zip(&paths) {
-        std::fs::write(path, png)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     eprintln!(

@@ -16,7 +16,8 @@ fn job_id_param() -> Value {
 /// The whole document.
 pub fn document() -> Value {
     let unauthorized = error_response("Missing or wrong bearer token (when --api-key is set).");
-    let not_found = error_response("Unknown job, or finished and expired (--result-ttl, --max-results).");
+    let not_found =
+        error_response("Unknown job, or finished and expired (--result-ttl, --max-results).");
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -85,10 +85,12 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 fn uint(obj: &Map<String, Value>, name: &str) -> Result<Option<u64>, RequestError> {
     match field(obj, name) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| invalid(name, format!("must be a non-negative integer, got {}", describe(v)))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            invalid(
+                name,
+                format!("must be a non-negative integer, got {}", describe(v)),
+            )
+        }),
     }
 }
 
@@ -98,12 +100,25 @@ fn text(obj: &Map<String, Value>, name: &str, max: usize) -> Result<Option<Strin
         Some(Value::String(s)) => {
             let n = s.chars().count();
             if n > max {
-                return Err(invalid(name, format!("must be at most {max} characters, got {n}")));
+                return Err(invalid(
+                    name,
+                    format!("must be at most {max} characters, got {n}"),
+                ));
             }
             Ok(Some(s.clone()))
         }
-        Some(v) => Err(invalid(name, format!("must be a string, got {}", describe(v)))),
+        Some(v) => Err(invalid(
+            name,
+            format!("must be a string, got {}", describe(v)),
+        )),
     }
+}
+
+/// Steps when the request has none: 50, or the worker's limit when that is lower.
+pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
+    DEFAULT_STEPS
+        .min(limits.max_steps)
+        .min(spec.num_train_timesteps)
 }
 
 /// Parses the JSON text of a job submission.
@@ -151,7 +166,12 @@ pub fn parse_job(
             ))
         }
         Some(Value::String(s)) => s.as_str(),
-        Some(v) => return Err(invalid("operation", format!("must be a string, got {}", describe(v)))),
+        Some(v) => {
+            return Err(invalid(
+                "operation",
+                format!("must be a string, got {}", describe(v)),
+            ))
+        }
     };
     match operation {
         "image_generation" => {}
@@ -171,7 +191,10 @@ pub fn parse_job(
     if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(invalid(
             unknown,
-            format!("unknown field; the fields of image_generation are {}", FIELDS.join(", ")),
+            format!(
+                "unknown field; the fields of image_generation are {}",
+                FIELDS.join(", ")
+            ),
         ));
     }
 
@@ -191,7 +214,12 @@ pub fn parse_job(
     let prompt = match field(obj, "prompt") {
         None => return Err(invalid("prompt", "is required")),
         Some(Value::String(s)) => s.clone(),
-        Some(v) => return Err(invalid("prompt", format!("must be a string, got {}", describe(v)))),
+        Some(v) => {
+            return Err(invalid(
+                "prompt",
+                format!("must be a string, got {}", describe(v)),
+            ))
+        }
     };
     if prompt.trim().is_empty() {
         return Err(invalid("prompt", "must not be empty"));
@@ -215,7 +243,10 @@ pub fn parse_job(
             ));
         }
         if v > MAX_SIDE as u64 {
-            return Err(invalid(name, format!("must be at most {MAX_SIDE} pixels, got {v}")));
+            return Err(invalid(
+                name,
+                format!("must be at most {MAX_SIDE} pixels, got {v}"),
+            ));
         }
         Ok(v as usize)
     };
@@ -233,15 +264,21 @@ pub fn parse_job(
     }
 
     let max_steps = limits.max_steps.min(spec.num_train_timesteps);
-    let steps = uint(obj, "steps")?.unwrap_or(DEFAULT_STEPS as u64);
+    let steps = uint(obj, "steps")?.unwrap_or(default_steps(spec, limits) as u64);
     if steps == 0 || steps > max_steps as u64 {
-        return Err(invalid("steps", format!("must be between 1 and {max_steps}, got {steps}")));
+        return Err(invalid(
+            "steps",
+            format!("must be between 1 and {max_steps}, got {steps}"),
+        ));
     }
 
     let guidance = match field(obj, "guidance_scale") {
         None => DEFAULT_GUIDANCE,
         Some(v) => v.as_f64().ok_or_else(|| {
-            invalid("guidance_scale", format!("must be a number, got {}", describe(v)))
+            invalid(
+                "guidance_scale",
+                format!("must be a number, got {}", describe(v)),
+            )
         })?,
     };
     if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
@@ -257,7 +294,11 @@ pub fn parse_job(
         Some(v) => v.as_u64().ok_or_else(|| {
             invalid(
                 "seed",
-                format!("must be an integer from 0 to {} (or -1 for a random seed), got {}", u64::MAX, describe(v)),
+                format!(
+                    "must be an integer from 0 to {} (or -1 for a random seed), got {}",
+                    u64::MAX,
+                    describe(v)
+                ),
             )
         })?,
     };
@@ -269,19 +310,25 @@ pub fn parse_job(
                 format!("is required: the model's own scheduler cannot be used ({e})"),
             )
         })?,
-        Some(Value::String(s)) => {
-            SamplerKind::from_name(s).map_err(|e| match e {
-                sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
-                other => invalid("scheduler", other),
-            })?
+        Some(Value::String(s)) => SamplerKind::from_name(s).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
+            other => invalid("scheduler", other),
+        })?,
+        Some(v) => {
+            return Err(invalid(
+                "scheduler",
+                format!("must be a string, got {}", describe(v)),
+            ))
         }
-        Some(v) => return Err(invalid("scheduler", format!("must be a string, got {}", describe(v)))),
     };
 
     let max_batch = limits.max_batch;
     let batch = uint(obj, "batch")?.unwrap_or(1);
     if batch == 0 || batch > max_batch as u64 {
-        return Err(invalid("batch", format!("must be between 1 and {max_batch}, got {batch}")));
+        return Err(invalid(
+            "batch",
+            format!("must be between 1 and {max_batch}, got {batch}"),
+        ));
     }
 
     let preview_every = uint(obj, "preview_every")?.unwrap_or(DEFAULT_PREVIEW_EVERY as u64);
@@ -369,7 +416,10 @@ mod tests {
         assert_eq!(p.sampler, SamplerKind::Pndm);
         assert_eq!(r.preview_every, 5);
         assert_eq!(r.preview, PreviewKind::Approx);
-        let r = parse(json!({"operation": "image_generation", "prompt": "a", "seed": -1, "width": null})).unwrap();
+        let r = parse(
+            json!({"operation": "image_generation", "prompt": "a", "seed": -1, "width": null}),
+        )
+        .unwrap();
         assert_eq!((r.params.seed, r.params.width), (7, 512));
     }
 
@@ -384,11 +434,17 @@ mod tests {
         .unwrap();
         let p = &r.params;
         assert_eq!(p.negative_prompt.as_deref(), Some("b"));
-        assert_eq!((p.width, p.height, p.steps, p.batch, p.seed), (256, 128, 20, 2, 42));
+        assert_eq!(
+            (p.width, p.height, p.steps, p.batch, p.seed),
+            (256, 128, 20, 2, 42)
+        );
         assert_eq!(p.guidance, 3.0);
         assert_eq!(p.sampler, SamplerKind::EulerAncestral);
         assert_eq!((r.preview_every, r.preview), (0, PreviewKind::Full));
-        assert_eq!((r.hive_id.as_deref(), r.worker_id.as_deref()), (Some("h"), Some("w")));
+        assert_eq!(
+            (r.hive_id.as_deref(), r.worker_id.as_deref()),
+            (Some("h"), Some("w"))
+        );
     }
 
     #[test]
@@ -402,10 +458,16 @@ mod tests {
         };
         let cases = [
             (json!({"width": 100}), ["`width`", "multiple of 8", "100"]),
-            (json!({"width": 2048, "height": 2048}), ["`width`", "1048576", "4194304"]),
+            (
+                json!({"width": 2048, "height": 2048}),
+                ["`width`", "1048576", "4194304"],
+            ),
             (json!({"steps": 0}), ["`steps`", "150", "0"]),
             (json!({"steps": 151}), ["`steps`", "150", "151"]),
-            (json!({"guidance_scale": 101}), ["`guidance_scale`", "100", "101"]),
+            (
+                json!({"guidance_scale": 101}),
+                ["`guidance_scale`", "100", "101"],
+            ),
             (json!({"batch": 9}), ["`batch`", "8", "9"]),
             (json!({"scheduler": "lms"}), ["`scheduler`", "euler", "lms"]),
             (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
@@ -414,8 +476,14 @@ mod tests {
             (json!({"seed": 1.5}), ["`seed`", "integer", "1.5"]),
             (json!({"model": "other"}), ["`model`", "tiny", "other"]),
             (json!({"preview": "vae"}), ["`preview`", "full", "vae"]),
-            (json!({"operation": "image_transform"}), ["`operation`", "not supported", "image_transform"]),
-            (json!({"operation": "paint"}), ["`operation`", "image_generation", "paint"]),
+            (
+                json!({"operation": "image_transform"}),
+                ["`operation`", "not supported", "image_transform"],
+            ),
+            (
+                json!({"operation": "paint"}),
+                ["`operation`", "image_generation", "paint"],
+            ),
         ];
         for (extra, needles) in cases {
             let message = err(base(extra.clone()));

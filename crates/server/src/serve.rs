@@ -137,7 +137,11 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-async fn serve(args: ServeArgs, device: candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+async fn serve(
+    args: ServeArgs,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -218,7 +222,10 @@ async fn serve(args: ServeArgs, device: candle_core::Device, dtype: candle_core:
             m = load_failed => Exit::LoadFailed(m),
         };
         if let Exit::Signal(name) = &exit {
-            eprintln!("{name}: draining (no new jobs; the running job has {}s)", grace.as_secs());
+            eprintln!(
+                "{name}: draining (no new jobs; the running job has {}s)",
+                grace.as_secs()
+            );
             let engine = drain_engine.clone();
             let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
         }

@@ -1,0 +1,403 @@
+//! Engine tests with a fake pipeline: ordering, previews, cancellation, deadlines, panic
+//! isolation, queue bounds, result lifetimes and shutdown. No model is loaded.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use sd_models::pipelines::{GenerateParams, Generated, Progress, RgbImage};
+use sd_models::samplers::SamplerKind;
+use serde_json::Value;
+
+use super::*;
+
+/// Runs `steps` steps of `step_ms` each; the prompt "panic" panics at step 2 and "fail" errors.
+struct Fake {
+    step_ms: u64,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Backend for Fake {
+    fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
+    ) -> sd_models::Result<Generated> {
+        self.log.lock().unwrap().push(params.prompt.clone());
+        let latents = Tensor::zeros(
+            (params.batch, 4, 2, 2),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        for step in 1..=params.steps {
+            std::thread::sleep(Duration::from_millis(self.step_ms));
+            if params.prompt == "panic" && step == 2 {
+                panic!("fake pipeline panicked");
+            }
+            if params.prompt == "fail" && step == 2 {
+                return Err(sd_models::Error::Candle(candle_core::Error::Msg(
+                    "boom".into(),
+                )));
+            }
+            on_step(Progress {
+                step,
+                total: params.steps,
+                latents: &latents,
+            })?;
+        }
+        let image = RgbImage {
+            width: params.width,
+            height: params.height,
+            pixels: vec![params.seed as u8; params.width * params.height * 3],
+        };
+        Ok(Generated {
+            images: vec![image; params.batch],
+            truncated_tokens: (0, 0),
+        })
+    }
+
+    fn preview(&self, _latents: &Tensor, _kind: PreviewKind) -> sd_models::Result<RgbImage> {
+        Ok(RgbImage {
+            width: 2,
+            height: 2,
+            pixels: vec![0; 12],
+        })
+    }
+}
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        name: "fake".into(),
+        path: "/fake".into(),
+        family: "sd1".into(),
+        pipeline_class: "StableDiffusionPipeline".into(),
+        prediction_type: "epsilon".into(),
+        latent_factor: 8,
+        default_width: 16,
+        default_height: 16,
+        default_sampler: Ok(SamplerKind::Euler),
+        num_train_timesteps: 1000,
+        device: "cpu".into(),
+        dtype: "f32".into(),
+    }
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_queue: 8,
+        result_ttl: Duration::from_secs(60),
+        max_results: 100,
+        job_timeout: Duration::from_secs(60),
+    }
+}
+
+fn start(config: EngineConfig, step_ms: u64) -> (Engine, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let fake = Fake {
+        step_ms,
+        log: log.clone(),
+    };
+    let loader: Loader<Fake> = Box::new(move || Ok((fake, spec())));
+    let (engine, loaded) = Engine::start(config, loader);
+    loaded.recv().unwrap().unwrap();
+    (engine, log)
+}
+
+fn job(prompt: &str, steps: usize) -> JobRequest {
+    JobRequest {
+        params: GenerateParams {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: 16,
+            height: 16,
+            steps,
+            guidance: 7.5,
+            seed: 3,
+            sampler: SamplerKind::Euler,
+            batch: 1,
+        },
+        preview_every: 0,
+        preview: PreviewKind::Approx,
+        hive_id: None,
+        worker_id: None,
+    }
+}
+
+fn state(engine: &Engine, id: &str) -> String {
+    engine.status(id).unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn wait_final(engine: &Engine, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = engine.status(id).unwrap();
+        if ["completed", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never finished: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_running(engine: &Engine, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state(engine, id) != "running" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Every event until the stream's final one.
+fn collect_events(engine: &Engine, id: &str) -> Vec<(String, Value)> {
+    let (first, live) = engine.subscribe(id).unwrap();
+    let mut out: Vec<(String, Value)> = first
+        .iter()
+        .map(|e| (e.name.to_string(), serde_json::from_str(&e.data).unwrap()))
+        .collect();
+    if let Some(mut rx) = live {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            while !out
+                .last()
+                .is_some_and(|(n, _)| ["complete", "error", "cancelled"].contains(&n.as_str()))
+            {
+                let ev = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                    .await
+                    .expect("event within 20 s")
+                    .unwrap();
+                out.push((ev.name.to_string(), serde_json::from_str(&ev.data).unwrap()));
+            }
+        });
+    }
+    out
+}
+
+#[test]
+fn jobs_run_in_submission_order() {
+    let (engine, log) = start(config(), 1);
+    let ids: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|p| engine.submit(job(p, 3)).unwrap())
+        .collect();
+    for id in &ids {
+        let v = wait_final(&engine, id);
+        assert_eq!(v["state"], "completed");
+        assert_eq!(v["images"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(*log.lock().unwrap(), vec!["a", "b", "c", "d"]);
+    let png = engine.image(&ids[0], 0).unwrap().unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn progress_every_step_in_order_and_previews_at_the_interval() {
+    let (engine, _) = start(config(), 5);
+    let mut request = job("p", 7);
+    request.preview_every = 3;
+    let id = engine.submit(request).unwrap();
+    let events = collect_events(&engine, &id);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    // queued (or started, if the engine was quicker than the subscription) ... complete
+    assert_eq!(*names.last().unwrap(), "complete");
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| n == "progress")
+        .map(|(_, v)| v["step"].as_u64().unwrap())
+        .collect();
+    let first_step = steps[0];
+    assert_eq!(steps, (first_step..=7).collect::<Vec<_>>());
+    // A subscriber that arrived mid-run may have missed the preview of its first step.
+    let previews: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| n == "preview")
+        .map(|(_, v)| v["step"].as_u64().unwrap())
+        .filter(|&s| s > first_step)
+        .collect();
+    let expected: Vec<u64> = [3u64, 6].into_iter().filter(|&s| s > first_step).collect();
+    assert_eq!(previews, expected);
+    for (name, data) in &events {
+        assert_eq!(data["type"], name.as_str());
+    }
+    let (_, complete) = events.last().unwrap();
+    assert_eq!(complete["seed"], 3);
+    assert_eq!(complete["format"], "png");
+    assert_eq!(complete["images"][0], complete["image"]);
+}
+
+#[test]
+fn queue_is_bounded_and_full_queue_loses_nothing() {
+    let mut c = config();
+    c.max_queue = 2;
+    let (engine, _) = start(c, 20);
+    let running = engine.submit(job("run", 50)).unwrap();
+    wait_running(&engine, &running);
+    let a = engine.submit(job("a", 1)).unwrap();
+    let b = engine.submit(job("b", 1)).unwrap();
+    match engine.submit(job("c", 1)) {
+        Err(SubmitError::QueueFull { max, retry_after_s }) => {
+            assert_eq!(max, 2);
+            assert!(retry_after_s >= 1);
+        }
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert_eq!(engine.status(&a).unwrap()["position"], 1);
+    assert_eq!(engine.status(&b).unwrap()["position"], 2);
+    assert!(matches!(
+        engine.cancel(&running),
+        CancelOutcome::Stopping(_)
+    ));
+    for id in [&a, &b] {
+        assert_eq!(wait_final(&engine, id)["state"], "completed");
+    }
+}
+
+#[test]
+fn cancel_queued_and_running_jobs() {
+    let (engine, log) = start(config(), 10);
+    let running = engine.submit(job("run", 1000)).unwrap();
+    let queued = engine.submit(job("queued", 1)).unwrap();
+    let after = engine.submit(job("after", 1)).unwrap();
+    wait_running(&engine, &running);
+    assert_eq!(engine.status(&after).unwrap()["position"], 2);
+    let CancelOutcome::Cancelled(v) = engine.cancel(&queued) else {
+        panic!("queued job not cancelled at once");
+    };
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["cancel_reason"], "client");
+    assert_eq!(engine.status(&after).unwrap()["position"], 1);
+    let t = Instant::now();
+    assert!(matches!(
+        engine.cancel(&running),
+        CancelOutcome::Stopping(_)
+    ));
+    let v = wait_final(&engine, &running);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "running job took {:?} to stop",
+        t.elapsed()
+    );
+    assert_eq!(v["state"], "cancelled");
+    assert!(v["step"].as_u64().unwrap() < 1000);
+    assert_eq!(wait_final(&engine, &after)["state"], "completed");
+    assert!(matches!(
+        engine.cancel(&after),
+        CancelOutcome::AlreadyFinished(JobState::Completed)
+    ));
+    assert!(matches!(engine.cancel("nope"), CancelOutcome::NotFound));
+    assert_eq!(*log.lock().unwrap(), vec!["run", "after"]);
+    let events = collect_events(&engine, &running);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "cancelled");
+    assert_eq!(events[0].1["reason"], "client");
+}
+
+#[test]
+fn deadline_cancels_a_long_job() {
+    let mut c = config();
+    c.job_timeout = Duration::from_millis(100);
+    let (engine, _) = start(c, 10);
+    let id = engine.submit(job("slow", 10_000)).unwrap();
+    let v = wait_final(&engine, &id);
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["cancel_reason"], "timeout");
+    let next = engine.submit(job("next", 2)).unwrap();
+    assert_eq!(wait_final(&engine, &next)["state"], "completed");
+}
+
+#[test]
+fn a_panic_or_error_fails_only_its_job() {
+    let (engine, _) = start(config(), 1);
+    let panics = engine.submit(job("panic", 5)).unwrap();
+    let fails = engine.submit(job("fail", 5)).unwrap();
+    let fine = engine.submit(job("fine", 5)).unwrap();
+    let v = wait_final(&engine, &panics);
+    assert_eq!(v["state"], "failed");
+    assert_eq!(v["error"]["type"], "internal");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("fake pipeline panicked"));
+    let v = wait_final(&engine, &fails);
+    assert_eq!(v["state"], "failed");
+    assert_eq!(v["error"]["type"], "generation_failed");
+    assert!(v["error"]["message"].as_str().unwrap().contains("boom"));
+    assert_eq!(wait_final(&engine, &fine)["state"], "completed");
+    let events = collect_events(&engine, &panics);
+    assert_eq!(events[0].0, "error");
+    assert_eq!(events[0].1["error"]["type"], "internal");
+    assert!(engine
+        .metrics_text()
+        .contains("sd_worker_jobs_total{outcome=\"failed\"} 2"));
+}
+
+#[test]
+fn finished_jobs_expire_after_the_ttl_and_beyond_max_results() {
+    let mut c = config();
+    c.result_ttl = Duration::from_millis(150);
+    let (engine, _) = start(c, 1);
+    let id = engine.submit(job("a", 1)).unwrap();
+    wait_final(&engine, &id);
+    assert!(engine.status(&id).is_some());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(engine.status(&id).is_none());
+    assert!(engine.image(&id, 0).is_none());
+
+    let mut c = config();
+    c.max_results = 2;
+    let (engine, _) = start(c, 1);
+    let ids: Vec<String> = (0..4)
+        .map(|i| engine.submit(job(&format!("j{i}"), 1)).unwrap())
+        .collect();
+    wait_final(&engine, &ids[3]);
+    assert!(engine.status(&ids[0]).is_none());
+    assert!(engine.status(&ids[1]).is_none());
+    assert!(engine.status(&ids[2]).is_some());
+    assert_eq!(engine.list().as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn shutdown_cancels_the_queue_and_lets_the_running_job_finish_within_grace() {
+    let (engine, log) = start(config(), 5);
+    let running = engine.submit(job("run", 20)).unwrap();
+    let queued = engine.submit(job("queued", 5)).unwrap();
+    wait_running(&engine, &running);
+    engine.shutdown(Duration::from_secs(10));
+    assert_eq!(engine.phase(), Phase::Draining);
+    assert_eq!(state(&engine, &running), "completed");
+    let v = engine.status(&queued).unwrap();
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["cancel_reason"], "shutdown");
+    assert_eq!(engine.submit(job("late", 1)), Err(SubmitError::Draining));
+    assert_eq!(*log.lock().unwrap(), vec!["run"]);
+}
+
+#[test]
+fn shutdown_cancels_the_running_job_after_the_grace() {
+    let (engine, _) = start(config(), 10);
+    let running = engine.submit(job("run", 100_000)).unwrap();
+    wait_running(&engine, &running);
+    let t = Instant::now();
+    engine.shutdown(Duration::from_millis(50));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let v = engine.status(&running).unwrap();
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["cancel_reason"], "shutdown");
+}
+
+#[test]
+fn a_failed_load_is_reported() {
+    let loader: Loader<Fake> = Box::new(|| anyhow::bail!("no weights"));
+    let (engine, loaded) = Engine::start(config(), loader);
+    assert_eq!(loaded.recv().unwrap(), Err("no weights".to_string()));
+    assert!(matches!(engine.phase(), Phase::Failed(_)));
+    assert!(matches!(
+        engine.submit(job("a", 1)),
+        Err(SubmitError::NotReady(_))
+    ));
+}
