@@ -26,8 +26,9 @@ pub struct BenchArgs {
     /// Untimed warm-up runs per stage.
     #[arg(long, env = "SD_BENCH_WARMUP", default_value_t = 1)]
     pub warmup: usize,
-    /// Stages to time, comma-separated: clip, unet, vae (ours); candle-clip, candle-unet,
-    /// candle-vae (candle-transformers' own modules, for comparison).
+    /// Stages to time, comma-separated: clip, unet, vae (ours); preview (the server's cheap
+    /// latent-to-RGB preview of one image, PNG-encoded); candle-clip, candle-unet, candle-vae
+    /// (candle-transformers' own modules, for comparison).
     #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
     pub stages: String,
     /// Device: cpu, cuda[:N] or metal[:N].
@@ -44,10 +45,11 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 7] = [
     "clip",
     "unet",
     "vae",
+    "preview",
     "candle-clip",
     "candle-unet",
     "candle-vae",
@@ -194,6 +196,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Ok(())
                 })?;
                 (format!("batch 2 (CFG), 4x{lat}x{lat} latents"), times)
+            }
+            "preview" => {
+                let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    let images = sd_models::pipelines::latent_preview(&z)?;
+                    for image in &images {
+                        crate::png_out::encode_png(image, "")?;
+                    }
+                    Ok(())
+                })?;
+                (format!("1x4x{lat}x{lat} latents -> {lat}x{lat} PNG"), times)
             }
             "candle-clip" => {
                 let cfg = candle_clip::ClipTextConfig {

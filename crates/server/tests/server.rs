@@ -550,3 +550,72 @@ fn shutdown_grace_cancels_a_long_job() {
     assert_eq!(events.last().unwrap().0, "cancelled");
     assert_eq!(events.last().unwrap().1["reason"], "shutdown");
 }
+
+/// The port opens before the model is loaded: /ready says "loading" (503) and jobs get 503
+/// until loading ends. Loading is held on a named pipe in place of the tokenizer's merges.txt
+/// (read once).
+#[cfg(unix)]
+#[test]
+fn ready_is_503_while_the_model_loads() {
+    let dir = common::model_with_fifo("tiny-sd1", "tokenizer/merges.txt", "loading");
+    let server = Server::spawn(&dir.display().to_string(), &[]);
+    let r = server.get("/ready");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json(), json!({"ready": false, "reason": "loading"}));
+    assert_eq!(server.get("/health").status, 200);
+    let r = server.post_json(
+        "/v1/jobs",
+        &json!({"operation": "image_generation", "prompt": "a"}),
+    );
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error().0, "not_ready");
+    assert_eq!(server.get("/v1/info").status, 503);
+    assert!(server.get("/metrics").text().contains("sd_worker_ready 0"));
+
+    // Let loading go on: feed the pipe the real file.
+    let merges =
+        std::fs::read(common::root().join("fixtures/models/tiny-sd1/tokenizer/merges.txt"))
+            .unwrap();
+    std::fs::write(dir.join("tokenizer/merges.txt"), merges).unwrap();
+    server.wait_ready();
+    let id = server.submit(&json!({"operation": "image_generation", "prompt": "a", "steps": 2}));
+    assert_eq!(server.wait_final(&id)["state"], "completed");
+}
+
+/// A model that fails to load ends the process with one line and status 1.
+#[test]
+fn a_model_that_fails_to_load_exits_1() {
+    let dir = std::env::temp_dir().join(format!("sd-worker-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("model_index.json"),
+        "{\"_class_name\": \"StableDiffusionPipeline\"}",
+    )
+    .unwrap();
+    let mut server = Server::spawn(&dir.display().to_string(), &[]);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(100));
+    let log = server.log();
+    let last = log.last().unwrap();
+    assert!(last.starts_with("error: cannot load the model:"), "{log:?}");
+}
+
+/// At the defaults (a cheap preview every 5 steps) previews cost under 5% of the job's time.
+#[test]
+fn default_previews_cost_under_5_percent() {
+    let server = Server::start(&[]);
+    let id = server.submit(&json!({"operation": "image_generation", "prompt": "a", "seed": 5}));
+    let status = server.wait_final(&id);
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["request"]["preview_every"], 5);
+    assert_eq!(status["request"]["steps"], 50);
+    let preview = status["timings"]["preview"].as_f64().unwrap();
+    let generation = status["timings"]["generation"].as_f64().unwrap();
+    assert!(preview > 0.0, "previews were made");
+    assert!(
+        preview < 0.05 * generation,
+        "previews took {preview:.4}s of a {generation:.4}s job"
+    );
+}

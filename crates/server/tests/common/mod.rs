@@ -33,8 +33,22 @@ pub struct Server {
 impl Server {
     /// Starts the worker on the tiny SD 1.x model and waits until it is ready.
     pub fn start(extra: &[&str]) -> Server {
-        let tiny = model("tiny-sd1");
-        let mut args = vec!["serve", "--model", tiny.as_str(), "--port", "0"];
+        let server = Server::spawn(&model("tiny-sd1"), extra);
+        server.wait_ready();
+        server
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.get("/ready").status != 200 {
+            assert!(Instant::now() < deadline, "not ready: {:?}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the worker on `model_dir` once its port is open (the model may still be loading).
+    pub fn spawn(model_dir: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", model_dir, "--port", "0"];
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-worker"))
             .args(&args)
@@ -61,18 +75,12 @@ impl Server {
             .iter()
             .position(|a| *a == "--api-key")
             .map(|i| args[i + 1].to_string());
-        let server = Server {
+        Server {
             child,
             addr,
             log,
             token,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while server.get("/ready").status != 200 {
-            assert!(Instant::now() < deadline, "not ready: {:?}", server.log());
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -324,4 +332,33 @@ pub fn parse_sse(text: &str) -> Vec<(String, Value)> {
 pub fn b64decode(s: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+/// A copy of a fixture model made of symbolic links, with `replace` (a path inside the model)
+/// swapped for a named pipe, so that loading blocks on it until the test writes the file.
+#[cfg(unix)]
+pub fn model_with_fifo(name: &str, replace: &str, tag: &str) -> PathBuf {
+    let src = root().join("fixtures/models").join(name);
+    let dst = std::env::temp_dir().join(format!("sd-worker-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_links(&src, &dst);
+    let target = dst.join(replace);
+    std::fs::remove_file(&target).unwrap();
+    let ok = Command::new("mkfifo").arg(&target).status().unwrap();
+    assert!(ok.success());
+    dst
+}
+
+#[cfg(unix)]
+fn copy_links(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_links(&entry.path(), &to);
+        } else {
+            std::os::unix::fs::symlink(entry.path().canonicalize().unwrap(), &to).unwrap();
+        }
+    }
 }
