@@ -69,7 +69,7 @@ impl<'a> Parameters<'a> {
 }
 
 /// Encodes an RGB image as PNG bytes with a `parameters` text chunk (tEXt when the text is
-/// Latin-1, iTXt otherwise).
+/// Latin-1, iTXt otherwise; none when `parameters` is empty).
 pub fn encode_png(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     {
@@ -80,7 +80,9 @@ pub fn encode_png(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
         );
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        if parameters.chars().all(|c| (c as u32) < 256) {
+        if parameters.is_empty() {
+            // Previews: no text chunk.
+        } else if parameters.chars().all(|c| (c as u32) < 256) {
             enc.add_text_chunk("parameters".into(), parameters.into())?;
         } else {
             enc.add_itxt_chunk("parameters".into(), parameters.into())?;

@@ -619,3 +619,55 @@ fn default_previews_cost_under_5_percent() {
         "previews took {preview:.4}s of a {generation:.4}s job"
     );
 }
+
+/// A subscriber to a queued job gets keep-alive comments while it waits, and several
+/// subscribers can watch one job.
+#[test]
+fn queued_subscribers_get_keep_alive_comments() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--sse-keepalive", "1"]);
+    let busy = server.submit(&blocker());
+    server.wait_state(&busy, &["running"]);
+    let id = server.submit(&json!({"operation": "image_generation", "prompt": "k", "steps": 2}));
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(
+        stream,
+        "GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(2500)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2400) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.contains("event: queued"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(':')),
+        "no keep-alive comment in {text:?}"
+    );
+    // A second watcher of the same job.
+    let other = {
+        let addr = server.addr.clone();
+        let path = format!("/v1/jobs/{id}/events");
+        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    server.delete(&format!("/v1/jobs/{busy}"));
+    let mut rest = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = stream.read_to_string(&mut rest);
+    assert!(rest.contains("event: complete"), "{rest}");
+    let other = common::parse_sse(&other.join().unwrap().text());
+    assert_eq!(other.last().unwrap().0, "complete");
+}
