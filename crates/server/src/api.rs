@@ -242,7 +242,7 @@ async fn submit(
     let seed = rand::random::<u32>() as u64;
     let request = parse_job(&value, &spec, &st.limits, seed).map_err(to_error)?;
     let id = st.engine.submit(request).map_err(|e| match e {
-        SubmitError::NotReady(_) => unavailable(&Phase::Loading),
+        SubmitError::NotReady(_) => unavailable(&st.engine.phase()),
         SubmitError::Draining => unavailable(&Phase::Draining),
         SubmitError::QueueFull { max, retry_after_s } => ApiError {
             retry_after: Some(retry_after_s),
@@ -296,6 +296,13 @@ async fn cancel_job(
             StatusCode::CONFLICT,
             "conflict",
             format!("job {id} is already {}", state.name()),
+        )),
+        CancelOutcome::Finishing => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "job {id} is finishing: its last step is done and its images are being decoded"
+            ),
         )),
         CancelOutcome::NotFound => Err(ApiError::not_found(&id)),
     }

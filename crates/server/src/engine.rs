@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use candle_core::Tensor;
 use sd_models::pipelines::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};
-use sd_models::samplers::SamplerKind;
+use sd_models::samplers::{SamplerKind, SchedulerConfig};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -89,6 +89,8 @@ pub struct ModelSpec {
     /// The model's own scheduler, or why it cannot be used.
     pub default_sampler: Result<SamplerKind, String>,
     pub num_train_timesteps: usize,
+    /// The model's scheduler config, to validate step counts against the chosen sampler.
+    pub scheduler: SchedulerConfig,
     pub device: String,
     pub dtype: String,
 }
@@ -240,12 +242,18 @@ struct Job {
     cancel: Arc<AtomicU8>,
     cancel_reason: Option<CancelReason>,
     error: Option<(String, String)>,
+    /// The job's last step is done: it can no longer be cancelled.
+    finishing: bool,
     events: broadcast::Sender<EventRef>,
-    /// The `complete`, `error` or `cancelled` event once the job is final.
+    /// The `error` or `cancelled` event once the job failed or was cancelled (the `complete`
+    /// event is rebuilt from `images` for late subscribers, so that results are kept once).
     final_event: Option<EventRef>,
     /// PNG bytes of each result image.
     images: Vec<Arc<Vec<u8>>>,
 }
+
+/// Events buffered per job for slow subscribers.
+const EVENT_BUFFER: usize = 64;
 
 /// Where the worker is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +274,8 @@ struct Store {
     finished: VecDeque<String>,
     /// The engine thread should exit once the queue is empty.
     stopping: bool,
+    /// False once the engine thread has ended.
+    engine_alive: bool,
     metrics: Metrics,
 }
 
@@ -314,11 +324,28 @@ impl Store {
         if job.timings.queue.is_none() {
             job.timings.queue = job.timings.total;
         }
-        job.final_event = Some(ev.clone());
+        if state != JobState::Completed {
+            job.final_event = Some(ev.clone());
+        }
         let _ = job.events.send(ev);
+        // Nothing follows the final event: drop the sender, so that buffered events are freed
+        // once the current subscribers have read them.
+        job.events = broadcast::channel(1).0;
         let total = job.timings.total.unwrap_or(0.0);
         self.metrics.job_finished(state, total);
         self.finished.push_back(id.to_string());
+    }
+
+    /// Fails a job that is not final yet (queued or running).
+    fn fail(&mut self, id: &str, kind: &str, message: &str, now: Instant) {
+        match self.jobs.get_mut(id) {
+            Some(job) if !job.state.is_final() => {
+                job.error = Some((kind.to_string(), message.to_string()));
+            }
+            _ => return,
+        }
+        self.queue.retain(|q| q != id);
+        self.finish(id, JobState::Failed, error_event(kind, message), now);
     }
 
     fn cancelled_event(reason: CancelReason) -> EventRef {
@@ -390,6 +417,8 @@ pub enum CancelOutcome {
     Stopping(Value),
     /// The job had already finished.
     AlreadyFinished(JobState),
+    /// The job's last step is done; its images are being decoded and encoded.
+    Finishing,
     NotFound,
 }
 
@@ -453,6 +482,7 @@ impl Engine {
                 queue: VecDeque::new(),
                 finished: VecDeque::new(),
                 stopping: false,
+                engine_alive: true,
                 metrics: Metrics::default(),
             }),
             wake: Condvar::new(),
@@ -504,7 +534,8 @@ impl Engine {
             });
         }
         let id = new_job_id();
-        let (events, _) = broadcast::channel(256);
+        // A reader more than this many events behind skips to the newest ones.
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let job = Job {
             id: id.clone(),
             request: Arc::new(request),
@@ -519,6 +550,7 @@ impl Engine {
             cancel: Arc::new(AtomicU8::new(0)),
             cancel_reason: None,
             error: None,
+            finishing: false,
             events,
             final_event: None,
             images: Vec::new(),
@@ -588,6 +620,7 @@ impl Engine {
                     None => CancelOutcome::NotFound,
                 }
             }
+            JobState::Running if job.finishing => CancelOutcome::Finishing,
             JobState::Running => {
                 let _ = job.cancel.compare_exchange(
                     0,
@@ -622,6 +655,16 @@ impl Engine {
                     first.push(progress_event(job.step, job.total));
                 }
             }
+            JobState::Completed => {
+                let images = job.images.clone();
+                let seed = job.request.params.seed;
+                let timings = job.timings.to_json();
+                drop(s);
+                // Base64 outside the lock.
+                let encoded: Vec<String> = images.iter().map(|p| b64(p)).collect();
+                first.push(complete_event(encoded, seed, timings));
+                return Some((first, None));
+            }
             _ => {
                 if let Some(ev) = &job.final_event {
                     first.push(ev.clone());
@@ -634,7 +677,8 @@ impl Engine {
 
     /// PNG bytes of result image `n`.
     pub fn image(&self, id: &str, n: usize) -> Option<Result<Arc<Vec<u8>>, JobState>> {
-        let s = self.inner.store();
+        let mut s = self.inner.store();
+        s.prune(&self.inner.config, Instant::now());
         let job = s.jobs.get(id)?;
         if job.state != JobState::Completed {
             return Some(Err(job.state));
@@ -680,7 +724,7 @@ impl Engine {
     /// True while a job is queued or running (or its result is still being published).
     pub fn busy(&self) -> bool {
         let s = self.inner.store();
-        s.jobs.values().any(|j| !j.state.is_final())
+        s.engine_alive && s.jobs.values().any(|j| !j.state.is_final())
     }
 
     /// Asks running jobs to stop after their current step.
@@ -697,8 +741,8 @@ impl Engine {
     /// and waits for it to stop (it stops after its current step). Blocking.
     pub fn shutdown(&self, grace: Duration) {
         self.begin_drain();
-        let deadline = Instant::now() + grace;
-        while self.busy() && Instant::now() < deadline {
+        let deadline = Instant::now().checked_add(grace);
+        while self.busy() && deadline.is_none_or(|d| Instant::now() < d) {
             thread::sleep(Duration::from_millis(20));
         }
         if self.busy() {
@@ -708,6 +752,30 @@ impl Engine {
             }
         }
     }
+}
+
+fn error_event(kind: &str, message: &str) -> EventRef {
+    event(
+        "error",
+        json!({
+            "message": message,
+            "error": { "type": kind, "message": message },
+        }),
+    )
+}
+
+fn complete_event(encoded: Vec<String>, seed: u64, timings: Value) -> EventRef {
+    let first = encoded.first().cloned().unwrap_or_default();
+    event(
+        "complete",
+        json!({
+            "images": encoded,
+            "image": first,
+            "format": "png",
+            "seed": seed,
+            "timings": timings,
+        }),
+    )
 }
 
 fn progress_event(step: usize, total: usize) -> EventRef {
@@ -749,11 +817,45 @@ enum Outcome {
     Cancelled(CancelReason),
 }
 
+/// Marks the engine thread gone when it ends, however it ends. If that was not asked for,
+/// the worker stops being ready and the jobs it held fail instead of waiting forever.
+struct EngineGuard(Arc<Inner>);
+
+impl Drop for EngineGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.store();
+        s.engine_alive = false;
+        if s.stopping {
+            return;
+        }
+        if !matches!(s.phase, Phase::Failed(_)) {
+            s.phase = Phase::Failed("the engine thread stopped unexpectedly".into());
+            eprintln!("error: the engine thread stopped unexpectedly; no more jobs can run");
+        }
+        let now = Instant::now();
+        let open: Vec<String> = s
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_final())
+            .map(|j| j.id.clone())
+            .collect();
+        for id in open {
+            s.fail(
+                &id,
+                "internal",
+                "the engine thread stopped unexpectedly",
+                now,
+            );
+        }
+    }
+}
+
 fn engine_main<B: Backend + 'static>(
     inner: Arc<Inner>,
     loader: Loader<B>,
     loaded: mpsc::Sender<Result<(), String>>,
 ) {
+    let _guard = EngineGuard(inner.clone());
     let backend = match catch_unwind(AssertUnwindSafe(loader)) {
         Ok(Ok((backend, spec))) => {
             let mut s = inner.store();
@@ -842,16 +944,20 @@ fn run_job<B: Backend>(
     cancel: &AtomicU8,
     started: Instant,
 ) {
-    let deadline = started + inner.config.job_timeout;
+    // A timeout too large to represent means no deadline.
+    let deadline = started.checked_add(inner.config.job_timeout);
     let mut stop: Option<CancelReason> = None;
     let mut last = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
         backend.generate(&request.params, &mut |p| {
             let now = Instant::now();
-            inner
-                .store()
-                .metrics
-                .observe_step(now.duration_since(last).as_secs_f64());
+            if p.step > 1 {
+                // The first interval also holds prompt encoding: not a step time.
+                inner
+                    .store()
+                    .metrics
+                    .observe_step(now.duration_since(last).as_secs_f64());
+            }
             let _ = tx.send(Publish::Progress {
                 id: id.clone(),
                 step: p.step,
@@ -861,9 +967,24 @@ fn run_job<B: Backend>(
                 stop = Some(reason);
                 return Err(sd_models::Error::Cancelled);
             }
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 stop = Some(CancelReason::Timeout);
                 return Err(sd_models::Error::Cancelled);
+            }
+            if p.step == p.total {
+                // Past the last check: from here the job completes (or fails).
+                let mut s = inner.store();
+                if let Some(job) = s.jobs.get_mut(&id) {
+                    job.finishing = true;
+                }
+                // A cancel that raced with the lock still wins.
+                if let Some(reason) = CancelReason::from_code(cancel.load(Ordering::SeqCst)) {
+                    if let Some(job) = s.jobs.get_mut(&id) {
+                        job.finishing = false;
+                    }
+                    stop = Some(reason);
+                    return Err(sd_models::Error::Cancelled);
+                }
             }
             let every = request.preview_every;
             if every > 0 && p.step % every == 0 && p.step < p.total {
@@ -936,6 +1057,25 @@ pub fn encode_results(
 
 fn publisher_main(inner: Arc<Inner>, rx: mpsc::Receiver<Publish>) {
     for message in rx {
+        let (id, last) = match &message {
+            Publish::Progress { id, .. } | Publish::Preview { id, .. } => (id.clone(), false),
+            Publish::Finish { id, .. } => (id.clone(), true),
+        };
+        let handled = catch_unwind(AssertUnwindSafe(|| publish(&inner, message)));
+        if let Err(panic) = handled {
+            let message = format!("internal error: {}", panic_message(panic.as_ref()));
+            eprintln!("error: job {id}: publishing failed: {message}");
+            if last {
+                inner
+                    .store()
+                    .fail(&id, "internal", &message, Instant::now());
+            }
+        }
+    }
+}
+
+fn publish(inner: &Inner, message: Publish) {
+    {
         match message {
             Publish::Progress { id, step, total } => {
                 let mut s = inner.store();
@@ -981,7 +1121,7 @@ fn publisher_main(inner: Arc<Inner>, rx: mpsc::Receiver<Publish>) {
                 id,
                 outcome,
                 generation,
-            } => finish_job(&inner, &id, outcome, generation),
+            } => finish_job(inner, &id, outcome, generation),
         }
     }
 }
@@ -1041,27 +1181,11 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let ev = match outcome {
         Ok((pngs, encoded)) => {
             job.images = pngs.into_iter().map(Arc::new).collect();
-            let first = encoded.first().cloned().unwrap_or_default();
-            event(
-                "complete",
-                json!({
-                    "images": encoded,
-                    "image": first,
-                    "format": "png",
-                    "seed": seed,
-                    "timings": job.timings.to_json(),
-                }),
-            )
+            complete_event(encoded, seed, job.timings.to_json())
         }
         Err((kind, message)) => {
             job.error = Some((kind.to_string(), message.clone()));
-            event(
-                "error",
-                json!({
-                    "message": message,
-                    "error": { "type": kind, "message": message },
-                }),
-            )
+            error_event(kind, &message)
         }
     };
     s.finish(id, state, ev, now);

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::*;
 
-/// Runs `steps` steps of `step_ms` each; the prompt "panic" panics at step 2 and "fail" errors.
+/// Runs `steps` steps of `step_ms` each; the prompt "panic" panics at step 2, "fail" errors
+/// at step 2 and "slow-decode" takes 400 ms after its last step.
 struct Fake {
     step_ms: u64,
     log: Arc<Mutex<Vec<String>>>,
@@ -45,6 +46,9 @@ impl Backend for Fake {
                 latents: &latents,
             })?;
         }
+        if params.prompt == "slow-decode" {
+            std::thread::sleep(Duration::from_millis(400));
+        }
         let image = RgbImage {
             width: params.width,
             height: params.height,
@@ -77,6 +81,7 @@ fn spec() -> ModelSpec {
         default_height: 16,
         default_sampler: Ok(SamplerKind::Euler),
         num_train_timesteps: 1000,
+        scheduler: sd_models::samplers::SchedulerConfig::default(),
         device: "cpu".into(),
         dtype: "f32".into(),
     }
@@ -198,7 +203,7 @@ fn jobs_run_in_submission_order() {
 #[test]
 fn progress_every_step_in_order_and_previews_at_the_interval() {
     let (engine, _) = start(config(), 5);
-    let mut request = job("p", 7);
+    let mut request = job("p", 6);
     request.preview_every = 3;
     let id = engine.submit(request).unwrap();
     let events = collect_events(&engine, &id);
@@ -211,7 +216,7 @@ fn progress_every_step_in_order_and_previews_at_the_interval() {
         .map(|(_, v)| v["step"].as_u64().unwrap())
         .collect();
     let first_step = steps[0];
-    assert_eq!(steps, (first_step..=7).collect::<Vec<_>>());
+    assert_eq!(steps, (first_step..=6).collect::<Vec<_>>());
     // A subscriber that arrived mid-run may have missed the preview of its first step.
     let previews: Vec<u64> = events
         .iter()
@@ -219,7 +224,8 @@ fn progress_every_step_in_order_and_previews_at_the_interval() {
         .map(|(_, v)| v["step"].as_u64().unwrap())
         .filter(|&s| s > first_step)
         .collect();
-    let expected: Vec<u64> = [3u64, 6].into_iter().filter(|&s| s > first_step).collect();
+    // None on the last step (6): its image is the result.
+    let expected: Vec<u64> = [3u64].into_iter().filter(|&s| s > first_step).collect();
     assert_eq!(previews, expected);
     for (name, data) in &events {
         assert_eq!(data["type"], name.as_str());
@@ -339,12 +345,12 @@ fn a_panic_or_error_fails_only_its_job() {
 #[test]
 fn finished_jobs_expire_after_the_ttl_and_beyond_max_results() {
     let mut c = config();
-    c.result_ttl = Duration::from_millis(150);
+    c.result_ttl = Duration::from_secs(1);
     let (engine, _) = start(c, 1);
     let id = engine.submit(job("a", 1)).unwrap();
     wait_final(&engine, &id);
     assert!(engine.status(&id).is_some());
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1200));
     assert!(engine.status(&id).is_none());
     assert!(engine.image(&id, 0).is_none());
 
@@ -400,4 +406,54 @@ fn a_failed_load_is_reported() {
         engine.submit(job("a", 1)),
         Err(SubmitError::NotReady(_))
     ));
+}
+
+#[test]
+fn the_deadline_counts_from_the_start_not_the_submission() {
+    let mut c = config();
+    c.job_timeout = Duration::from_millis(1500);
+    let (engine, _) = start(c, 10);
+    // 1 s running, then 0.6 s: over the timeout from submission, under it from the start.
+    let first = engine.submit(job("first", 100)).unwrap();
+    let second = engine.submit(job("second", 60)).unwrap();
+    assert_eq!(wait_final(&engine, &first)["state"], "completed");
+    let v = wait_final(&engine, &second);
+    assert_eq!(v["state"], "completed", "{v}");
+    assert!(v["timings"]["total"].as_f64().unwrap() > 1.5);
+}
+
+#[test]
+fn a_late_subscriber_to_a_running_job_gets_started_and_the_latest_progress() {
+    let (engine, _) = start(config(), 10);
+    let id = engine.submit(job("run", 60)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.status(&id).unwrap()["step"].as_u64().unwrap() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let events = collect_events(&engine, &id);
+    assert_eq!(events[0].0, "started");
+    assert_eq!(events[1].0, "progress");
+    let first = events[1].1["step"].as_u64().unwrap();
+    assert!(first >= 3);
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| n == "progress")
+        .map(|(_, v)| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (first..=60).collect::<Vec<_>>());
+    assert_eq!(events.last().unwrap().0, "complete");
+}
+
+#[test]
+fn a_job_past_its_last_step_cannot_be_cancelled() {
+    let (engine, _) = start(config(), 1);
+    let id = engine.submit(job("slow-decode", 3)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.status(&id).unwrap()["step"].as_u64().unwrap() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(matches!(engine.cancel(&id), CancelOutcome::Finishing));
+    assert_eq!(wait_final(&engine, &id)["state"], "completed");
 }

@@ -142,7 +142,7 @@ pub fn document() -> Value {
                         "202": {"description": "The job is running and stops after its current step (state becomes cancelled).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
                         "401": unauthorized,
                         "404": not_found,
-                        "409": error_response("The job already finished.")
+                        "409": error_response("The job already finished, or its last step is done (only decoding and encoding remain).")
                     }
                 }
             },

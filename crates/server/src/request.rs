@@ -263,12 +263,19 @@ pub fn parse_job(
         ));
     }
 
-    let max_steps = limits.max_steps.min(spec.num_train_timesteps);
+    let (max_steps, source) = if limits.max_steps <= spec.num_train_timesteps {
+        (limits.max_steps, "this worker's --max-steps")
+    } else {
+        (
+            spec.num_train_timesteps,
+            "the scheduler's num_train_timesteps",
+        )
+    };
     let steps = uint(obj, "steps")?.unwrap_or(default_steps(spec, limits) as u64);
     if steps == 0 || steps > max_steps as u64 {
         return Err(invalid(
             "steps",
-            format!("must be between 1 and {max_steps}, got {steps}"),
+            format!("must be between 1 and {max_steps} ({source}), got {steps}"),
         ));
     }
 
@@ -327,8 +334,29 @@ pub fn parse_job(
     if batch == 0 || batch > max_batch as u64 {
         return Err(invalid(
             "batch",
-            format!("must be between 1 and {max_batch}, got {batch}"),
+            format!("must be between 1 and {max_batch} (this worker's --max-batch), got {batch}"),
         ));
+    }
+    // What the sampler itself refuses (e.g. PNDM with PRK warm-up needs 4 steps) is refused
+    // here, not after queueing.
+    if let Err(e) = sd_models::samplers::build_sampler(sampler, &spec.scheduler, steps as usize) {
+        return Err(match e {
+            sd_models::Error::Invalid { field, message } => invalid(
+                if field == "steps" {
+                    "steps"
+                } else {
+                    "scheduler"
+                },
+                format!("{message} (sampler {})", sampler.name()),
+            ),
+            other => invalid(
+                "scheduler",
+                format!(
+                    "{} cannot run with this model's scheduler config: {other}",
+                    sampler.name()
+                ),
+            ),
+        });
     }
 
     let preview_every = uint(obj, "preview_every")?.unwrap_or(DEFAULT_PREVIEW_EVERY as u64);
@@ -369,6 +397,7 @@ pub fn parse_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sd_models::samplers::SchedulerConfig;
     use serde_json::json;
 
     fn spec() -> ModelSpec {
@@ -383,6 +412,7 @@ mod tests {
             default_height: 512,
             default_sampler: Ok(SamplerKind::Pndm),
             num_train_timesteps: 1000,
+            scheduler: SchedulerConfig::default(),
             device: "cpu".into(),
             dtype: "f32".into(),
         }
@@ -495,6 +525,21 @@ mod tests {
         assert!(err(json!({"operation": "image_generation"})).contains("`prompt`"));
         assert!(err(json!([1])).contains("JSON object"));
         assert!(parse_json(b"{").unwrap_err().malformed);
+    }
+
+    #[test]
+    fn what_the_sampler_refuses_is_refused_before_queueing() {
+        let mut spec = spec();
+        spec.scheduler.skip_prk_steps = false;
+        let body = json!({"operation": "image_generation", "prompt": "a", "scheduler": "pndm", "steps": 3});
+        let e = parse_job(&body, &spec, &limits(), 1).unwrap_err();
+        assert!(
+            e.message.contains("`steps`") && e.message.contains("at least 4"),
+            "{}",
+            e.message
+        );
+        let body = json!({"operation": "image_generation", "prompt": "a", "scheduler": "pndm", "steps": 4});
+        assert!(parse_job(&body, &spec, &limits(), 1).is_ok());
     }
 
     #[test]

@@ -81,6 +81,32 @@ fn check_args(args: &ServeArgs) -> Result<()> {
             bail!("invalid {flag} 0: must be at least 1");
         }
     }
+    const YEAR_S: u64 = 365 * 24 * 3600;
+    for (flag, v) in [
+        ("--result-ttl", args.result_ttl),
+        ("--job-timeout", args.job_timeout),
+        ("--shutdown-grace", args.shutdown_grace),
+        ("--sse-keepalive", args.sse_keepalive),
+    ] {
+        if v > YEAR_S {
+            bail!("invalid {flag} {v}: must be at most {YEAR_S} seconds (one year)");
+        }
+    }
+    let max_batch = sd_models::pipelines::sd::MAX_BATCH;
+    if args.max_batch > max_batch {
+        bail!(
+            "invalid --max-batch {}: must be at most {max_batch}",
+            args.max_batch
+        );
+    }
+    let max_side = sd_models::pipelines::sd::MAX_SIDE;
+    if args.max_pixels > max_side * max_side {
+        bail!(
+            "invalid --max-pixels {}: must be at most {} ({max_side} x {max_side})",
+            args.max_pixels,
+            max_side * max_side
+        );
+    }
     if let Some(key) = &args.api_key {
         if key.trim().is_empty() {
             bail!("invalid --api-key: must not be empty (omit it to run without auth)");
@@ -165,6 +191,7 @@ async fn serve(
             default_height,
             default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),
             num_train_timesteps: pipeline.scheduler.num_train_timesteps,
+            scheduler: pipeline.scheduler.clone(),
             device: device_name,
             dtype: dtype_name(dtype).to_string(),
         };
@@ -222,6 +249,14 @@ async fn serve(
             m = load_failed => Exit::LoadFailed(m),
         };
         if let Exit::Signal(name) = &exit {
+            // A second signal does not wait for the drain.
+            tokio::spawn(async {
+                let name = wait_for_signal().await;
+                eprintln!(
+                    "error: {name} while draining: exiting without waiting for the running job"
+                );
+                std::process::exit(1);
+            });
             eprintln!(
                 "{name}: draining (no new jobs; the running job has {}s)",
                 grace.as_secs()

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{b64decode, http, model, Server};
+use common::{b64decode, http, model, Server, Watch};
 use serde_json::{json, Value};
 
 /// A job that keeps the engine busy (150 steps at 64x64: several seconds on the tiny model)
@@ -39,14 +39,13 @@ fn result_equals_generate_and_events_arrive_in_order() {
     assert_eq!(status["position"], 1);
     assert_eq!(status["hive_id"], "hive-1");
     assert_eq!(status["worker_id"], "w-7");
-    let stream = {
-        let addr = server.addr.clone();
-        let path = format!("/v1/jobs/{id}/stream");
-        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
-    };
-    std::thread::sleep(Duration::from_millis(200));
+    let stream = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{id}/stream"),
+        "event: queued",
+    );
     assert_eq!(server.delete(&format!("/v1/jobs/{busy}")).status, 202);
-    let events = common::parse_sse(&stream.join().unwrap().text());
+    let events = stream.finish();
 
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names[0], "queued");
@@ -180,14 +179,13 @@ fn full_previews_and_batches() {
         "operation": "image_generation", "prompt": "x", "steps": 3, "scheduler": "euler",
         "preview_every": 1, "preview": "full", "width": 48, "height": 32
     }));
-    let stream = {
-        let addr = server.addr.clone();
-        let path = format!("/v1/jobs/{id}/events");
-        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
-    };
-    std::thread::sleep(Duration::from_millis(200));
+    let stream = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{id}/events"),
+        "event: queued",
+    );
     server.delete(&format!("/v1/jobs/{busy}"));
-    let events = common::parse_sse(&stream.join().unwrap().text());
+    let events = stream.finish();
     let previews: Vec<&Value> = events
         .iter()
         .filter(|(n, _)| n == "preview")
@@ -500,14 +498,16 @@ fn sigterm_drains_and_exits_zero() {
     let queued =
         server.submit(&json!({"operation": "image_generation", "prompt": "q", "steps": 2}));
     server.wait_state(&running, &["running"]);
-    let watch = |id: &str| {
-        let addr = server.addr.clone();
-        let path = format!("/v1/jobs/{id}/events");
-        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
-    };
-    let running_events = watch(&running);
-    let queued_events = watch(&queued);
-    std::thread::sleep(Duration::from_millis(100));
+    let running_events = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{running}/events"),
+        "event: started",
+    );
+    let queued_events = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{queued}/events"),
+        "event: queued",
+    );
     server.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -521,13 +521,13 @@ fn sigterm_drains_and_exits_zero() {
     }
     let status = server.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "exit {status:?}: {:?}", server.log());
-    let running = common::parse_sse(&running_events.join().unwrap().text());
+    let running = running_events.finish();
     assert_eq!(
         running.last().unwrap().0,
         "complete",
         "the running job finished within the grace"
     );
-    let queued = common::parse_sse(&queued_events.join().unwrap().text());
+    let queued = queued_events.finish();
     assert_eq!(queued.last().unwrap().0, "cancelled");
     assert_eq!(queued.last().unwrap().1["reason"], "shutdown");
 }
@@ -537,16 +537,15 @@ fn shutdown_grace_cancels_a_long_job() {
     let mut server = Server::start(&["--shutdown-grace", "0"]);
     let running = server.submit(&blocker());
     server.wait_state(&running, &["running"]);
-    let events = {
-        let addr = server.addr.clone();
-        let path = format!("/v1/jobs/{running}/events");
-        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
-    };
-    std::thread::sleep(Duration::from_millis(100));
+    let events = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{running}/events"),
+        "event: started",
+    );
     server.signal("INT");
     let status = server.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "exit {status:?}");
-    let events = common::parse_sse(&events.join().unwrap().text());
+    let events = events.finish();
     assert_eq!(events.last().unwrap().0, "cancelled");
     assert_eq!(events.last().unwrap().1["reason"], "shutdown");
 }
@@ -596,7 +595,6 @@ fn a_model_that_fails_to_load_exits_1() {
     let mut server = Server::spawn(&dir.display().to_string(), &[]);
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
-    std::thread::sleep(Duration::from_millis(100));
     let log = server.log();
     let last = log.last().unwrap();
     assert!(last.starts_with("error: cannot load the model:"), "{log:?}");
@@ -655,12 +653,11 @@ fn queued_subscribers_get_keep_alive_comments() {
         "no keep-alive comment in {text:?}"
     );
     // A second watcher of the same job.
-    let other = {
-        let addr = server.addr.clone();
-        let path = format!("/v1/jobs/{id}/events");
-        std::thread::spawn(move || http(&addr, "GET", &path, &[], None))
-    };
-    std::thread::sleep(Duration::from_millis(100));
+    let other = Watch::open(
+        &server.addr,
+        &format!("/v1/jobs/{id}/events"),
+        "event: queued",
+    );
     server.delete(&format!("/v1/jobs/{busy}"));
     let mut rest = String::new();
     stream
@@ -668,6 +665,22 @@ fn queued_subscribers_get_keep_alive_comments() {
         .unwrap();
     let _ = stream.read_to_string(&mut rest);
     assert!(rest.contains("event: complete"), "{rest}");
-    let other = common::parse_sse(&other.join().unwrap().text());
+    let other = other.finish();
     assert_eq!(other.last().unwrap().0, "complete");
+}
+
+/// `--job-timeout` cancels a job that runs too long, and the next job runs.
+#[test]
+fn job_timeout_cancels_a_long_job() {
+    let server = Server::start(&["--job-timeout", "1"]);
+    let long = server.submit(&blocker());
+    let next = server.submit(&json!({"operation": "image_generation", "prompt": "n", "steps": 2}));
+    let v = server.wait_final(&long);
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["cancel_reason"], "timeout");
+    assert!(v["step"].as_u64().unwrap() < 150);
+    let events = server.events(&long);
+    assert_eq!(events[0].0, "cancelled");
+    assert_eq!(events[0].1["reason"], "timeout");
+    assert_eq!(server.wait_final(&next)["state"], "completed");
 }

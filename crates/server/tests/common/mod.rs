@@ -27,6 +27,7 @@ pub struct Server {
     pub child: Child,
     pub addr: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
     pub token: Option<String>,
 }
 
@@ -66,7 +67,7 @@ impl Server {
             .to_string();
         let log = Arc::new(Mutex::new(vec![first]));
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -79,6 +80,7 @@ impl Server {
             child,
             addr,
             log,
+            log_reader: Some(log_reader),
             token,
         }
     }
@@ -160,11 +162,14 @@ impl Server {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit (and for its last stderr line to be read).
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(reader) = self.log_reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(
@@ -231,6 +236,47 @@ impl Response {
                 .unwrap_or_default()
                 .to_string(),
         )
+    }
+}
+
+/// An open event stream, read until some text was seen.
+pub struct Watch {
+    stream: TcpStream,
+    raw: Vec<u8>,
+}
+
+impl Watch {
+    /// Opens `path` and reads until the raw response contains `until` (e.g. `event: queued`).
+    pub fn open(addr: &str, path: &str, until: &str) -> Watch {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !String::from_utf8_lossy(&raw).contains(until) {
+            let n = stream.read(&mut buf).expect("read the event stream");
+            assert!(
+                n > 0,
+                "stream ended before {until:?}: {}",
+                String::from_utf8_lossy(&raw)
+            );
+            raw.extend_from_slice(&buf[..n]);
+        }
+        Watch { stream, raw }
+    }
+
+    /// Reads the rest of the stream and parses its events.
+    pub fn finish(mut self) -> Vec<(String, Value)> {
+        let _ = self.stream.read_to_end(&mut self.raw);
+        let response = parse_response(&self.raw);
+        assert_eq!(response.status, 200, "{}", response.text());
+        parse_sse(&response.text())
     }
 }
 
