@@ -399,6 +399,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "model": {
             "name": spec.name,
             "path": spec.path.display().to_string(),
+            "repo_id": spec.repo_id,
             "family": spec.family,
             "variant": spec.prediction_type,
             "pipeline_class": spec.pipeline_class,

@@ -80,6 +80,9 @@ pub struct ModelSpec {
     /// Short name (the folder name), written into the PNG `parameters`.
     pub name: String,
     pub path: PathBuf,
+    /// `org/name` when the folder is a snapshot in a Hugging Face hub cache
+    /// (`.../models--org--name/snapshots/REV`).
+    pub repo_id: Option<String>,
     pub family: String,
     pub pipeline_class: String,
     pub prediction_type: String,

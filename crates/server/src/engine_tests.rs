@@ -73,6 +73,7 @@ fn spec() -> ModelSpec {
     ModelSpec {
         name: "fake".into(),
         path: "/fake".into(),
+        repo_id: None,
         family: "sd1".into(),
         pipeline_class: "StableDiffusionPipeline".into(),
         prediction_type: "epsilon".into(),

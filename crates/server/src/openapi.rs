@@ -59,7 +59,7 @@ pub fn document() -> Value {
                         "preview": {"type": ["string", "null"], "enum": ["approx", "full", null], "default": "approx", "description": "approx: latent-to-RGB map at latent resolution; full: VAE decode."},
                         "hive_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "worker_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
-                        "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name or path)."}
+                        "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name, path, or hub repo id of a Hugging Face cache snapshot)."}
                     }
                 },
                 "Submitted": {

@@ -129,10 +129,23 @@ pub fn parse_json(body: &[u8]) -> Result<Value, RequestError> {
     })
 }
 
-/// Whether `given` names the loaded model: its folder name, the path it was loaded from, or
-/// that path made canonical.
+/// The hub repo id of a folder inside a Hugging Face cache
+/// (`.../models--org--name/snapshots/REV`), if it is one.
+pub fn hub_repo_id(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    path.ancestors().find_map(|dir| {
+        let name = dir.file_name()?.to_str()?;
+        let rest = name.strip_prefix("models--")?;
+        let parts: Vec<&str> = rest.split("--").collect();
+        (!parts.iter().any(|p| p.is_empty())).then(|| parts.join("/"))
+    })
+}
+
+/// Whether `given` names the loaded model: its hub repo id, its folder name, the path it was
+/// loaded from, or that path made canonical.
 pub fn names_model(spec: &ModelSpec, given: &str) -> bool {
-    if given == spec.name || Path::new(given) == spec.path {
+    if given == spec.name || Path::new(given) == spec.path || spec.repo_id.as_deref() == Some(given)
+    {
         return true;
     }
     match (
@@ -203,8 +216,12 @@ pub fn parse_job(
             return Err(invalid(
                 "model",
                 format!(
-                    "this worker serves {:?} (loaded from {}), got {model:?}",
+                    "this worker serves {:?}{} (loaded from {}), got {model:?}",
                     spec.name,
+                    spec.repo_id
+                        .as_ref()
+                        .map(|r| format!(" = {r}"))
+                        .unwrap_or_default(),
                     spec.path.display()
                 ),
             ));
@@ -404,6 +421,7 @@ mod tests {
         ModelSpec {
             name: "tiny".into(),
             path: "/models/tiny".into(),
+            repo_id: Some("org/tiny".into()),
             family: "sd1".into(),
             pipeline_class: "StableDiffusionPipeline".into(),
             prediction_type: "epsilon".into(),
@@ -528,6 +546,16 @@ mod tests {
     }
 
     #[test]
+    fn hub_cache_folders_have_a_repo_id() {
+        let p = Path::new("/c/hub/models--runwayml--stable-diffusion-v1-5/snapshots/abc");
+        assert_eq!(
+            hub_repo_id(p).as_deref(),
+            Some("runwayml/stable-diffusion-v1-5")
+        );
+        assert_eq!(hub_repo_id(Path::new("/models/tiny")), None);
+    }
+
+    #[test]
     fn what_the_sampler_refuses_is_refused_before_queueing() {
         let mut spec = spec();
         spec.scheduler.skip_prk_steps = false;
@@ -545,6 +573,7 @@ mod tests {
     #[test]
     fn the_model_is_named_by_folder_or_path() {
         assert!(names_model(&spec(), "tiny"));
+        assert!(names_model(&spec(), "org/tiny"));
         assert!(names_model(&spec(), "/models/tiny"));
         assert!(!names_model(&spec(), "tiny2"));
     }

@@ -183,6 +183,7 @@ async fn serve(
         let spec = ModelSpec {
             name: info.name.clone(),
             path: model.clone(),
+            repo_id: crate::request::hub_repo_id(&model),
             family: info.family.to_string(),
             pipeline_class: info.pipeline_class.clone(),
             prediction_type: info.prediction_type.as_str().to_string(),
