@@ -252,9 +252,97 @@ impl Decoder {
     }
 }
 
-/// The autoencoder's decoding half with its latent scaling (the encoder arrives with
-/// image-to-image).
+/// diffusers' VAE `Encoder`: conv_in, down blocks of `layers_per_block` resnets with a
+/// stride-2 convolution (after a right/bottom zero pad) on all but the last, mid block
+/// (resnet, attention, resnet), norm, SiLU, conv_out to mean and log-variance.
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<(Vec<ResnetBlock>, Option<Conv2d>)>,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: SpatialAttention,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+        let g = c.norm_num_groups;
+        let spec = |cin, cout| ResnetSpec {
+            cin,
+            cout,
+            temb: None,
+            groups: g,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+        };
+        let chans = &c.block_out_channels;
+        let mut down = Vec::with_capacity(chans.len());
+        let mut out_ch = chans[0];
+        for (i, &ch) in chans.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let prev = out_ch;
+            out_ch = ch;
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { out_ch };
+                    ResnetBlock::new(vb.pp("resnets").pp(j), &spec(cin, out_ch))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < chans.len() {
+                let cfg = candle_nn::Conv2dConfig {
+                    padding: 0,
+                    stride: 2,
+                    ..Default::default()
+                };
+                let vb = vb.pp("downsamplers").pp(0).pp("conv");
+                Some(Conv2d::new(candle_nn::conv2d(out_ch, out_ch, 3, cfg, vb)?)?)
+            } else {
+                None
+            };
+            down.push((resnets, downsample));
+        }
+        let top = out_ch;
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            ResnetBlock::new(mid.pp("resnets").pp(0), &spec(top, top))?,
+            ResnetBlock::new(mid.pp("resnets").pp(1), &spec(top, top))?,
+        ];
+        let mid_attention = SpatialAttention::new(mid.pp("attentions").pp(0), top, g)?;
+        Ok(Self {
+            conv_in: conv(c.in_channels, chans[0], 3, 1, vb.pp("conv_in"))?,
+            down,
+            mid_resnets,
+            mid_attention,
+            norm_out: group_norm(g, top, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv(top, 2 * c.latent_channels, 3, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self.conv_in.forward(x)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(conv) = downsample {
+                // diffusers pads (0, 1, 0, 1) before a padding-0 stride-2 convolution.
+                let padded = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+                xs = conv.forward(&padded)?;
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, None)?;
+        xs = self.mid_attention.forward(&xs)?;
+        xs = self.mid_resnets[1].forward(&xs, None)?;
+        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+    }
+}
+
+/// The KL autoencoder with its latent scaling. The encoder is loaded when the weights have
+/// one (image-to-image and inpainting need it; text-to-image does not).
 pub struct Vae {
+    quant_conv: Option<Conv2d>,
+    encoder: Option<Encoder>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     pub config: VaeConfig,
@@ -270,12 +358,57 @@ impl Vae {
         } else {
             None
         };
+        let (encoder, quant_conv) = if vb.contains_tensor("encoder.conv_in.weight") {
+            let quant_conv = if config.use_quant_conv {
+                Some(conv(2 * lc, 2 * lc, 1, 1, vb.pp("quant_conv"))?)
+            } else {
+                None
+            };
+            (Some(Encoder::new(vb.pp("encoder"), config)?), quant_conv)
+        } else {
+            (None, None)
+        };
         Ok(Self {
+            quant_conv,
+            encoder,
             post_quant_conv,
             decoder: Decoder::new(vb.pp("decoder"), config)?,
             config: config.clone(),
             dtype,
         })
+    }
+
+    /// Whether the weights had an encoder.
+    pub fn has_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// The latent distribution of images in [-1, 1] (batch, 3, H, W): diffusers'
+    /// `DiagonalGaussianDistribution` as (mean, std), unscaled, f32. H and W must be
+    /// multiples of the latent factor.
+    pub fn encode(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Some(encoder) = &self.encoder else {
+            return Err(crate::Error::Candle(candle_core::Error::Msg(
+                "this VAE has no encoder weights (needed for image-to-image and inpainting)".into(),
+            )));
+        };
+        let x = images.to_dtype(self.dtype)?;
+        let moments = (0..x.dim(0)?)
+            .map(|i| {
+                let m = encoder.forward(&x.narrow(0, i, 1)?)?;
+                let m = match &self.quant_conv {
+                    Some(c) => c.forward(&m)?,
+                    None => m,
+                };
+                m.to_dtype(DType::F32)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let moments = Tensor::cat(&moments, 0)?;
+        let lc = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, lc)?;
+        let logvar = moments.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok((mean, std))
     }
 
     /// Decodes denoised latents (in the UNet's scaled space) to images in [-1, 1]

@@ -1,6 +1,7 @@
 //! Pipelines: the denoising loop from prompt to image.
 
 pub mod preview;
+pub mod resize;
 pub mod sd;
 
 pub use preview::latent_preview;

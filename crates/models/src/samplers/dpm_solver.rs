@@ -213,7 +213,8 @@ impl Sampler for DpmSolverPp2m {
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
         check_index(step_index, len)?;
-        if step_index != self.next_step {
+        // The first step may be at any index (image-to-image starts late); then in order.
+        if self.prev_model_output.is_some() && step_index != self.next_step {
             return Err(bad_step_index(
                 step_index,
                 &format!("step {} (DPM-Solver steps run in order)", self.next_step),
@@ -235,7 +236,7 @@ impl Sampler for DpmSolverPp2m {
         };
         self.prev_model_output = Some(x0);
         self.lower_order_nums = (self.lower_order_nums + 1).min(2);
-        self.next_step += 1;
+        self.next_step = step_index + 1;
         Ok(prev)
     }
 }

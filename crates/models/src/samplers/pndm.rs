@@ -32,6 +32,8 @@ pub struct Pndm {
     prk_timesteps: Vec<i64>,
     // Per-run state, as in diffusers.
     counter: usize,
+    /// Loop index of the first step run.
+    start: Option<usize>,
     ets: Vec<Tensor>,
     cur_model_output: Option<Tensor>,
     cur_sample: Option<Tensor>,
@@ -108,40 +110,57 @@ impl Pndm {
             ts,
             prk_timesteps: prk,
             counter: 0,
+            start: None,
             ets: Vec::new(),
             cur_model_output: None,
             cur_sample: None,
         };
         // Every alphas_cumprod index the run will use must exist.
         let used = (0..sampler.ts.len()).flat_map(|i| {
-            let (t, prev) = sampler.plan(i);
+            let (t, prev) = sampler.plan(i, i);
             [t, prev.max(0)]
         });
         schedule::check_timesteps_in_range(cfg, "PNDM", used)?;
         Ok(sampler)
     }
 
-    fn in_prk(&self, i: usize) -> bool {
-        i < self.num_prk && !self.skip_prk_steps
+    /// diffusers decides PRK vs PLMS by its call counter, not by the timestep.
+    fn in_prk(&self, counter: usize) -> bool {
+        counter < self.num_prk && !self.skip_prk_steps
     }
 
-    /// The (timestep, previous timestep) that `_get_prev_sample` uses at loop index `i`.
-    fn plan(&self, i: usize) -> (i64, i64) {
+    /// The (timestep, previous timestep) that `_get_prev_sample` uses on call number `c`
+    /// (counted from 0 at the first step run) with the timestep at loop index `i`. Text-to-
+    /// image runs `c == i`; image-to-image starts the loop at a later index with `c == 0`,
+    /// and diffusers keys the PRK timestep and the special second PLMS step on the counter.
+    fn plan(&self, c: usize, i: usize) -> (i64, i64) {
         let t = self.ts[i];
-        if self.in_prk(i) {
-            let diff = if i % 2 == 1 { 0 } else { self.ratio / 2 };
-            (self.prk_timesteps[i / 4 * 4], t - diff)
-        } else if i == 1 {
+        if self.in_prk(c) {
+            let diff = if c % 2 == 1 { 0 } else { self.ratio / 2 };
+            (self.prk_timesteps[c / 4 * 4], t - diff)
+        } else if c == 1 {
             (t + self.ratio, t)
         } else {
             (t, t - self.ratio)
         }
     }
 
+    fn alpha(&self, t: i64) -> Result<f32> {
+        usize::try_from(t)
+            .ok()
+            .and_then(|t| self.alphas_cumprod.get(t).copied())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "steps",
+                    format!("PNDM reached timestep {t}, outside the trained range"),
+                )
+            })
+    }
+
     fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, mo: &Tensor) -> Result<Tensor> {
-        let a_t = self.alphas_cumprod[t as usize];
+        let a_t = self.alpha(t)?;
         let a_prev = if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
+            self.alpha(prev_t)?
         } else {
             self.final_alpha_cumprod
         };
@@ -157,9 +176,9 @@ impl Pndm {
         Ok((mul(sample, sample_coeff)? - rhs)?)
     }
 
-    fn step_prk(&mut self, mo: Tensor, sample: Tensor) -> Result<Tensor> {
+    fn step_prk(&mut self, mo: Tensor, sample: Tensor, index: usize) -> Result<Tensor> {
         let i = self.counter;
-        let (t, prev_t) = self.plan(i);
+        let (t, prev_t) = self.plan(i, index);
         let mo = match i % 4 {
             0 => {
                 self.add_cur(&mul(&mo, (1.0f64 / 6.0) as f32)?)?;
@@ -193,7 +212,7 @@ impl Pndm {
         Ok(())
     }
 
-    fn step_plms(&mut self, mo: Tensor, mut sample: Tensor) -> Result<Tensor> {
+    fn step_plms(&mut self, mo: Tensor, mut sample: Tensor, index: usize) -> Result<Tensor> {
         let i = self.counter;
         if !self.skip_prk_steps && self.ets.len() < 3 {
             return Err(Error::invalid(
@@ -201,7 +220,7 @@ impl Pndm {
                 "PNDM can only run PLMS steps after 12 PRK warm-up steps".to_string(),
             ));
         }
-        let (t, prev_t) = self.plan(i);
+        let (t, prev_t) = self.plan(i, index);
         if i != 1 {
             let keep = self.ets.len().saturating_sub(3);
             self.ets.drain(..keep);
@@ -249,18 +268,20 @@ impl Sampler for Pndm {
         _rng: &mut TorchRng,
     ) -> Result<Tensor> {
         check_index(step_index, self.ts.len())?;
-        if step_index != self.counter {
+        // The first step may be at any index (image-to-image starts late); then in order.
+        let start = *self.start.get_or_insert(step_index);
+        if step_index != start + self.counter {
             return Err(bad_step_index(
                 step_index,
-                &format!("step {} (PNDM steps run in order)", self.counter),
+                &format!("step {} (PNDM steps run in order)", start + self.counter),
             ));
         }
         let mo = f32_tensor(model_output)?;
         let sample = f32_tensor(sample)?;
-        if self.in_prk(step_index) {
-            self.step_prk(mo, sample)
+        if self.in_prk(self.counter) {
+            self.step_prk(mo, sample, step_index)
         } else {
-            self.step_plms(mo, sample)
+            self.step_plms(mo, sample, step_index)
         }
     }
 }

@@ -1,0 +1,217 @@
+//! Input images for image-to-image and inpainting: base64 or `data:` URLs, PNG, JPEG or WebP,
+//! size-checked from the header before any pixel is decoded.
+
+use std::io::Cursor;
+
+use base64::Engine as _;
+use image::{ImageFormat, ImageReader};
+use sd_models::pipelines::RgbImage;
+
+/// An 8-bit single-channel image (masks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrayImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// Why an input image was refused; the message names no field (the caller adds it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageError(pub String);
+
+impl std::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(message: impl Into<String>) -> ImageError {
+    ImageError(message.into())
+}
+
+/// The bytes of a base64 string or a `data:<mime>;base64,<data>` URL.
+pub fn decode_base64(text: &str) -> Result<Vec<u8>, ImageError> {
+    let text = text.trim();
+    let payload = if let Some(rest) = text.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| err("is a data: URL without a comma before its data"))?;
+        if !meta.ends_with(";base64") {
+            return Err(err(format!(
+                "is a data: URL that is not base64 (\"data:{meta},...\")"
+            )));
+        }
+        data
+    } else {
+        text
+    };
+    let cleaned: String = payload.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(cleaned.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()))
+        .map_err(|e| err(format!("is not valid base64: {e}")))
+}
+
+fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Ok(ImageFormat::Png)
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Ok(ImageFormat::Jpeg)
+    } else if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Ok(ImageFormat::WebP)
+    } else if bytes.is_empty() {
+        Err(err("is empty"))
+    } else {
+        Err(err(
+            "is not a PNG, JPEG or WebP image (unrecognised header)",
+        ))
+    }
+}
+
+/// Decodes an image, refusing it from its header alone when it has more than `max_pixels`
+/// pixels or a side over `max_side` (decompression bombs never reach the decoder).
+fn decode(
+    bytes: &[u8],
+    max_pixels: usize,
+    max_side: usize,
+) -> Result<image::DynamicImage, ImageError> {
+    let format = sniff(bytes)?;
+    let name = format!("{format:?}").to_uppercase();
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| err(format!("is not a readable {name} image: {e}")))?;
+    let (w, h) = (w as usize, h as usize);
+    if w == 0 || h == 0 {
+        return Err(err(format!("has no pixels ({w}x{h})")));
+    }
+    if w > max_side || h > max_side || w.saturating_mul(h) > max_pixels {
+        return Err(err(format!(
+            "is {w}x{h} = {} pixels, over this worker's limit of {max_pixels} pixels (and {max_side} per side) for input images",
+            w.saturating_mul(h)
+        )));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w as u32);
+    limits.max_image_height = Some(h as u32);
+    // RGBA at 16 bits per channel, with room for the decoder's own buffers.
+    limits.max_alloc = Some((w * h * 8 * 2 + (1 << 20)) as u64);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| err(format!("is not a readable {name} image: {e}")))
+}
+
+/// An RGB image: grayscale is expanded, alpha is dropped (not composited), 16-bit channels
+/// are reduced to 8 bits.
+pub fn decode_rgb(
+    bytes: &[u8],
+    max_pixels: usize,
+    max_side: usize,
+) -> Result<RgbImage, ImageError> {
+    let img = decode(bytes, max_pixels, max_side)?.into_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        pixels: img.into_raw(),
+    })
+}
+
+/// A mask as 8-bit luma. RGB is converted as PIL's `convert("L")` does
+/// (`(19595 R + 38470 G + 7471 B + 32768) >> 16`); alpha is dropped.
+pub fn decode_mask(
+    bytes: &[u8],
+    max_pixels: usize,
+    max_side: usize,
+) -> Result<GrayImage, ImageError> {
+    let img = decode(bytes, max_pixels, max_side)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let pixels = match img {
+        image::DynamicImage::ImageLuma8(g) => g.into_raw(),
+        other => other
+            .into_rgb8()
+            .pixels()
+            .map(|p| {
+                let [r, g, b] = p.0;
+                ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
+            })
+            .collect(),
+    };
+    Ok(GrayImage {
+        width: w,
+        height: h,
+        pixels,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32, color: png::ColorType, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, w, h);
+            enc.set_color(color);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut wr = enc.write_header().unwrap();
+            wr.write_image_data(data).unwrap();
+        }
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn base64_and_data_urls() {
+        assert_eq!(decode_base64("aGk=").unwrap(), b"hi");
+        assert_eq!(decode_base64("data:image/png;base64,aGk=").unwrap(), b"hi");
+        assert_eq!(decode_base64("aGk").unwrap(), b"hi");
+        assert!(decode_base64("data:image/png,hi").is_err());
+        assert!(decode_base64("***").is_err());
+    }
+
+    #[test]
+    fn gray_and_rgba_inputs_become_rgb() {
+        let g = png(2, 1, png::ColorType::Grayscale, &[10, 200]);
+        let img = decode_rgb(&g, 100, 100).unwrap();
+        assert_eq!(img.pixels, vec![10, 10, 10, 200, 200, 200]);
+        let rgba = png(1, 1, png::ColorType::Rgba, &[1, 2, 3, 0]);
+        assert_eq!(decode_rgb(&rgba, 100, 100).unwrap().pixels, vec![1, 2, 3]);
+        let rgb = png(1, 1, png::ColorType::Rgb, &[255, 0, 0]);
+        assert_eq!(decode_mask(&rgb, 100, 100).unwrap().pixels, vec![76]);
+    }
+
+    #[test]
+    fn bombs_and_garbage_are_refused_before_decoding() {
+        // A PNG header claiming 100000 x 100000 pixels with no data.
+        let mut bomb = png(1, 1, png::ColorType::Rgb, &[0, 0, 0]);
+        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        // The IHDR chunk's CRC covers its type and data (bytes 12..29).
+        let crc = crc32(&bomb[12..29]);
+        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+        let e = decode_rgb(&bomb, 1 << 20, 8192).unwrap_err();
+        assert!(e.0.contains("100000x100000"), "{e}");
+        assert!(decode_rgb(b"GIF89a....", 100, 100)
+            .unwrap_err()
+            .0
+            .contains("PNG, JPEG or WebP"));
+        assert!(decode_rgb(b"\x89PNG\r\n\x1a\nbroken", 100, 100).is_err());
+    }
+}
