@@ -610,8 +610,14 @@ fn steps_run_in_order_for_multistep_samplers() {
         let mut s = build_sampler(kind, &c, 5).expect("build");
         let mut rng = TorchRng::new(0);
         assert!(s.step(&x, 1, &x, &mut rng).is_ok(), "{kind}: start at 1");
-        assert!(s.step(&x, 3, &x, &mut rng).is_err(), "{kind}: skipped step 2");
-        assert!(s.step(&x, 1, &x, &mut rng).is_err(), "{kind}: repeated step 1");
+        assert!(
+            s.step(&x, 3, &x, &mut rng).is_err(),
+            "{kind}: skipped step 2"
+        );
+        assert!(
+            s.step(&x, 1, &x, &mut rng).is_err(),
+            "{kind}: repeated step 1"
+        );
         assert!(s.step(&x, 2, &x, &mut rng).is_ok(), "{kind}");
     }
     for kind in SamplerKind::ALL {

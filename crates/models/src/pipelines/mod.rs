@@ -5,4 +5,4 @@ pub mod resize;
 pub mod sd;
 
 pub use preview::latent_preview;
-pub use sd::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};
+pub use sd::{GenerateParams, Generated, GrayImage, ImageInput, Progress, RgbImage, SdPipeline};

@@ -42,6 +42,36 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// An 8-bit single-channel image (inpainting masks), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrayImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// The input of image-to-image (and, with a mask, inpainting).
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    /// The init image, any size: it is resized to the job's width x height (Lanczos, as
+    /// Pillow).
+    pub image: RgbImage,
+    /// `strength` in (0, 1]: the share of the schedule that is run, from the noisiest end.
+    pub strength: f64,
+}
+
+impl ImageInput {
+    /// diffusers' default size for an input image: its own size rounded down to a multiple
+    /// of the latent factor.
+    pub fn default_size(&self, factor: usize) -> (usize, usize) {
+        let f = factor.max(1);
+        (
+            self.image.width - self.image.width % f,
+            self.image.height - self.image.height % f,
+        )
+    }
+}
+
 /// The result of one run.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -154,6 +184,68 @@ impl SdPipeline {
         Ok((emb, (dropped, neg_dropped)))
     }
 
+    /// The loop index image-to-image starts at, as diffusers' `get_timesteps`:
+    /// `init = min(int(steps * strength), steps)`, `t_start = steps - init` (every sampler
+    /// here has order 1). Errors when `strength` is outside (0, 1] or runs no step.
+    pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::invalid(
+                "strength",
+                format!("must be in (0, 1], got {strength}"),
+            ));
+        }
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        if init == 0 {
+            return Err(Error::invalid(
+                "strength",
+                format!(
+                    "{strength} x {steps} steps runs no step (int(steps x strength) must be at least 1); raise strength or steps"
+                ),
+            ));
+        }
+        Ok(steps - init)
+    }
+
+    /// An input image as the VAE takes it, as diffusers' `VaeImageProcessor.preprocess`:
+    /// Lanczos resize to (width, height), `x / 255` in float32, then `2x - 1`; (1, 3, H, W).
+    pub fn preprocess(&self, image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
+        if image.pixels.len() != image.width * image.height * 3 {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "{} bytes do not make a {}x{} RGB image",
+                    image.pixels.len(),
+                    image.width,
+                    image.height
+                ),
+            ));
+        }
+        let px = super::resize::resize_lanczos(
+            &image.pixels,
+            image.width,
+            image.height,
+            3,
+            width,
+            height,
+        );
+        let data: Vec<f32> = px
+            .iter()
+            .map(|&v| 2.0f32 * (f32::from(v) / 255.0f32) - 1.0f32)
+            .collect();
+        Ok(Tensor::from_vec(data, (1, height, width, 3), &self.device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+
+    /// `vae.encode(image).latent_dist.sample(generator) * scaling_factor` (one draw of the
+    /// latent shape from `rng`).
+    pub fn encode_sample(&self, image: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+        let (mean, std) = self.vae.encode(image)?;
+        let eps = rng.randn(mean.dims(), &self.device)?;
+        let sample = (mean + (std * eps)?)?;
+        Ok((sample * self.vae.config.scaling_factor)?)
+    }
+
     /// Runs text-to-image. `on_step` is called after every step; returning
     /// `Err(Error::Cancelled)` (or any error) stops the run.
     pub fn generate(
@@ -161,7 +253,40 @@ impl SdPipeline {
         p: &GenerateParams,
         on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<Generated> {
+        self.run(p, None, on_step)
+    }
+
+    /// Runs image-to-image with diffusers' `StableDiffusionImg2ImgPipeline` semantics: the
+    /// input resized to `p.width` x `p.height`, encoded with one latent draw from the seeded
+    /// generator, repeated for the batch, noised to the first timestep kept by `strength`.
+    pub fn generate_from_image(
+        &self,
+        p: &GenerateParams,
+        input: &ImageInput,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Generated> {
+        self.run(p, Some(input), on_step)
+    }
+
+    fn run(
+        &self,
+        p: &GenerateParams,
+        input: Option<&ImageInput>,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Generated> {
         self.validate(p)?;
+        let start = match input {
+            Some(input) => {
+                if !self.vae.has_encoder() {
+                    return Err(Error::invalid(
+                        "image",
+                        "this model's VAE has no encoder weights; image-to-image needs them",
+                    ));
+                }
+                Self::img2img_start(p.steps, input.strength)?
+            }
+            None => 0,
+        };
         let mut sampler = build_sampler(p.sampler, &self.scheduler, p.steps)?;
         let cfg = p.guidance > 1.0;
         let (context, truncated_tokens) =
@@ -175,12 +300,25 @@ impl SdPipeline {
             p.width / f,
         ];
         let mut rng = TorchRng::new(p.seed);
-        let noise = rng.randn(&shape, &self.device)?;
-        let mut latents = (noise * sampler.init_noise_sigma())?;
+        let mut latents = match input {
+            None => {
+                let noise = rng.randn(&shape, &self.device)?;
+                (noise * sampler.init_noise_sigma())?
+            }
+            Some(input) => {
+                let image = self.preprocess(&input.image, p.width, p.height)?;
+                let init = self
+                    .encode_sample(&image, &mut rng)?
+                    .repeat((p.batch, 1, 1, 1))?;
+                let noise = rng.randn(init.dims(), &self.device)?;
+                sampler.add_noise(&init, &noise, start)?
+            }
+        };
 
-        let timesteps = sampler.timesteps().to_vec();
+        let timesteps = sampler.timesteps()[start..].to_vec();
         let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (k, &t) in timesteps.iter().enumerate() {
+            let i = start + k;
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -200,7 +338,7 @@ impl SdPipeline {
             };
             latents = sampler.step(&noise_pred, i, &latents, &mut rng)?;
             on_step(Progress {
-                step: i + 1,
+                step: k + 1,
                 total,
                 latents: &latents,
             })?;

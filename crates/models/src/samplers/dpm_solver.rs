@@ -204,6 +204,13 @@ impl Sampler for DpmSolverPp2m {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+        Ok((mul(&x, alpha_t)? + mul(&n, sigma_t)?)?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -139,6 +139,13 @@ impl Sampler for Euler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        let sigma = self.sigmas[step_index];
+        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+        Ok((x + mul(&n, sigma)?)?)
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         f64::from(self.init_noise_sigma)
     }
@@ -203,6 +210,13 @@ impl EulerAncestral {
 impl Sampler for EulerAncestral {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        let sigma = self.sigmas[step_index];
+        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+        Ok((x + mul(&n, sigma)?)?)
     }
 
     fn init_noise_sigma(&self) -> f64 {

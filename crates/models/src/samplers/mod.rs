@@ -587,6 +587,11 @@ pub trait Sampler: Send {
         check_index(step_index, self.timesteps().len())?;
         Ok(sample.clone())
     }
+    /// diffusers' `add_noise(original, noise, timesteps[step_index])` as the image-to-image
+    /// and inpainting pipelines call it: DDPM-style `sqrt(a) x + sqrt(1 - a) n` at that
+    /// timestep for DDIM / PNDM, `x + sigma n` for the Euler samplers and
+    /// `alpha_t x + sigma_t n` for DPM-Solver, at the sigma of loop index `step_index`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// diffusers' `step(...).prev_sample` for loop index `step_index`. Ancestral samplers
     /// draw their noise from `rng` exactly as diffusers draws it from the pipeline's
     /// generator (`randn_tensor(model_output.shape, generator=generator)`).

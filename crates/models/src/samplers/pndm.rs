@@ -260,6 +260,19 @@ impl Sampler for Pndm {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        let t = self.timesteps[step_index] as usize;
+        let a = *self.alphas_cumprod.get(t).ok_or_else(|| {
+            crate::Error::invalid(
+                "steps",
+                format!("timestep {t} is outside the trained range"),
+            )
+        })?;
+        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+        Ok((mul(&x, a.sqrt())? + mul(&n, (1.0 - a).sqrt())?)?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
