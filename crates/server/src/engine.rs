@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use candle_core::Tensor;
-use sd_models::pipelines::{GenerateParams, Generated, Progress, RgbImage, SdPipeline};
+use sd_models::pipelines::{
+    GenerateParams, Generated, ImageInput, Progress, RgbImage, SdPipeline,
+};
 use sd_models::samplers::{SamplerKind, SchedulerConfig};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -44,9 +46,11 @@ impl PreviewKind {
 
 /// What the engine runs jobs on: the loaded pipeline, or a fake one in tests.
 pub trait Backend {
+    /// Text-to-image, or image-to-image when `input` is given.
     fn generate(
         &self,
         params: &GenerateParams,
+        input: Option<&ImageInput>,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated>;
     /// A preview of the first image of `latents`.
@@ -57,9 +61,13 @@ impl Backend for SdPipeline {
     fn generate(
         &self,
         params: &GenerateParams,
+        input: Option<&ImageInput>,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
-        SdPipeline::generate(self, params, on_step)
+        match input {
+            Some(input) => self.generate_from_image(params, input, on_step),
+            None => SdPipeline::generate(self, params, on_step),
+        }
     }
 
     fn preview(&self, latents: &Tensor, kind: PreviewKind) -> sd_models::Result<RgbImage> {
@@ -98,10 +106,29 @@ pub struct ModelSpec {
     pub dtype: String,
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ImageGeneration,
+    ImageTransform,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::ImageGeneration => "image_generation",
+            Operation::ImageTransform => "image_transform",
+        }
+    }
+}
+
 /// A validated job, with every default already applied.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
+    pub operation: Operation,
     pub params: GenerateParams,
+    /// The init image and strength of image-to-image.
+    pub input: Option<Arc<ImageInput>>,
     /// A preview every this many steps (0: none).
     pub preview_every: usize,
     pub preview: PreviewKind,
@@ -368,7 +395,7 @@ impl Store {
         };
         json!({
             "job_id": job.id,
-            "operation": "image_generation",
+            "operation": r.operation.name(),
             "state": job.state.name(),
             "position": self.position(&job.id),
             "step": job.step,
@@ -398,6 +425,7 @@ impl Store {
                 "batch": p.batch,
                 "preview_every": r.preview_every,
                 "preview": r.preview.name(),
+                "strength": r.input.as_ref().map(|i| i.strength),
             },
         })
     }
@@ -661,11 +689,12 @@ impl Engine {
             JobState::Completed => {
                 let images = job.images.clone();
                 let seed = job.request.params.seed;
+                let operation = job.request.operation;
                 let timings = job.timings.to_json();
                 drop(s);
                 // Base64 outside the lock.
                 let encoded: Vec<String> = images.iter().map(|p| b64(p)).collect();
-                first.push(complete_event(encoded, seed, timings));
+                first.push(complete_event(encoded, operation, seed, timings));
                 return Some((first, None));
             }
             _ => {
@@ -767,11 +796,17 @@ fn error_event(kind: &str, message: &str) -> EventRef {
     )
 }
 
-fn complete_event(encoded: Vec<String>, seed: u64, timings: Value) -> EventRef {
+fn complete_event(
+    encoded: Vec<String>,
+    operation: Operation,
+    seed: u64,
+    timings: Value,
+) -> EventRef {
     let first = encoded.first().cloned().unwrap_or_default();
     event(
         "complete",
         json!({
+            "operation": operation.name(),
             "images": encoded,
             "image": first,
             "format": "png",
@@ -952,7 +987,7 @@ fn run_job<B: Backend>(
     let mut stop: Option<CancelReason> = None;
     let mut last = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        backend.generate(&request.params, &mut |p| {
+        backend.generate(&request.params, request.input.as_deref(), &mut |p| {
             let now = Instant::now();
             if p.step > 1 {
                 // The first interval also holds prompt encoding: not a step time.
@@ -1044,6 +1079,7 @@ fn b64(bytes: &[u8]) -> String {
 /// PNG files of a finished job, with the same `parameters` text as `sd-worker generate`.
 pub fn encode_results(
     params: &GenerateParams,
+    strength: Option<f64>,
     model: &str,
     images: &[RgbImage],
 ) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -1052,8 +1088,9 @@ pub fn encode_results(
         .iter()
         .enumerate()
         .map(|(i, image)| {
-            let text = Parameters::for_job(params, model, (n > 1).then_some((n, i))).to_text();
-            encode_png(image, &text)
+            let mut text = Parameters::for_job(params, model, (n > 1).then_some((n, i)));
+            text.strength = strength;
+            encode_png(image, &text.to_text())
         })
         .collect()
 }
@@ -1142,7 +1179,8 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let t = Instant::now();
     let (state, outcome) = match outcome {
         Outcome::Completed(generated) => {
-            match encode_results(&request.params, &model, &generated.images) {
+            let strength = request.input.as_ref().map(|i| i.strength);
+            match encode_results(&request.params, strength, &model, &generated.images) {
                 Ok(pngs) => {
                     let encoded: Vec<String> = pngs.iter().map(|p| b64(p)).collect();
                     (JobState::Completed, Ok((pngs, encoded)))
@@ -1181,10 +1219,11 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     job.timings.encode = Some(encode);
     job.timings.total = Some(now.duration_since(job.queued_at).as_secs_f64());
     let seed = job.request.params.seed;
+    let operation = job.request.operation;
     let ev = match outcome {
         Ok((pngs, encoded)) => {
             job.images = pngs.into_iter().map(Arc::new).collect();
-            complete_event(encoded, seed, job.timings.to_json())
+            complete_event(encoded, operation, seed, job.timings.to_json())
         }
         Err((kind, message)) => {
             job.error = Some((kind.to_string(), message.clone()));

@@ -7,10 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sd_models::pipelines::GenerateParams;
+use sd_models::pipelines::{GenerateParams, ImageInput, SdPipeline};
 use sd_models::samplers::SamplerKind;
 
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
+use crate::input_image::decode_rgb;
+use crate::request::DEFAULT_TRANSFORM_STRENGTH;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -45,6 +47,14 @@ pub struct GenerateArgs {
     /// Default: the model's own scheduler (scheduler/scheduler_config.json).
     #[arg(long, env = "SD_SCHEDULER")]
     pub scheduler: Option<String>,
+    /// Image-to-image: the init image (PNG, JPEG or WebP; grayscale is expanded, alpha
+    /// dropped). --width / --height then default to its size rounded down to the latent factor.
+    #[arg(long, env = "SD_INIT_IMAGE")]
+    pub init_image: Option<PathBuf>,
+    /// Image-to-image strength in (0, 1]: the share of the steps that run, from the noisiest.
+    /// Default 0.8; needs --init-image.
+    #[arg(long, env = "SD_STRENGTH")]
+    pub strength: Option<f64>,
     /// Number of images generated from the prompt in one batch.
     #[arg(long, env = "SD_BATCH", default_value_t = 1)]
     pub batch: usize,
@@ -110,7 +120,40 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(s) => s,
         None => pipeline.default_sampler()?,
     };
-    let (default_width, default_height) = pipeline.default_size();
+    let input = match &args.init_image {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read --init-image {}", path.display()))?;
+            let max_side = sd_models::pipelines::sd::MAX_SIDE;
+            let image = decode_rgb(&bytes, max_side * max_side, max_side)
+                .map_err(|e| anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display()))?;
+            Some(ImageInput {
+                image,
+                strength: args.strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH),
+            })
+        }
+        None => {
+            if let Some(s) = args.strength {
+                bail!("--strength {s} needs --init-image (strength applies to image-to-image)");
+            }
+            None
+        }
+    };
+    let (default_width, default_height) = match &input {
+        Some(i) => {
+            let (w, h) = i.default_size(pipeline.latent_factor());
+            if w == 0 || h == 0 {
+                bail!(
+                    "invalid --init-image: {}x{} is smaller than the latent factor {}",
+                    i.image.width,
+                    i.image.height,
+                    pipeline.latent_factor()
+                );
+            }
+            (w, h)
+        }
+        None => pipeline.default_size(),
+    };
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let params = GenerateParams {
         prompt: args.prompt.clone(),
@@ -124,6 +167,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         batch: args.batch,
     };
     pipeline.validate(&params)?;
+    if let Some(i) = &input {
+        SdPipeline::img2img_start(params.steps, i.strength).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => {
+                anyhow::anyhow!("invalid --strength: {message}")
+            }
+            other => other.into(),
+        })?;
+    }
     if !quiet {
         eprintln!(
             "loaded {} ({}, {}, {}) in {:.1}s; seed {seed}, sampler {}",
@@ -153,11 +204,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
     }
     let run_started = Instant::now();
-    let generated = pipeline.generate(&params, &mut |p| {
+    let mut on_step = |p: sd_models::pipelines::Progress<'_>| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         Ok(())
-    })?;
+    };
+    let generated = match &input {
+        Some(i) => pipeline.generate_from_image(&params, i, &mut on_step)?,
+        None => pipeline.generate(&params, &mut on_step)?,
+    };
     bar.finish_and_clear();
     let (dropped, neg_dropped) = generated.truncated_tokens;
     if dropped > 0 {
@@ -168,7 +223,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 
     let paths = output_paths(&args.output, generated.images.len());
-    let pngs = crate::engine::encode_results(&params, &info.name, &generated.images)?;
+    let strength = input.as_ref().map(|i| i.strength);
+    let pngs = crate::engine::encode_results(&params, strength, &info.name, &generated.images)?;
     for (png, path) in pngs.iter().zip(&paths) {
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }

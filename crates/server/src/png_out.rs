@@ -18,6 +18,8 @@ pub struct Parameters<'a> {
     pub model: &'a str,
     /// (batch size, position) when more than one image was generated.
     pub batch: Option<(usize, usize)>,
+    /// Image-to-image strength (A1111's "Denoising strength").
+    pub strength: Option<f64>,
 }
 
 impl<'a> Parameters<'a> {
@@ -39,6 +41,7 @@ impl<'a> Parameters<'a> {
             height: params.height,
             model,
             batch,
+            strength: None,
         }
     }
 
@@ -52,19 +55,27 @@ impl<'a> Parameters<'a> {
             s.push('\n');
         }
         // A1111 prints the scale as a Python float: 7.0, 7.5.
-        let cfg = if self.guidance.fract() == 0.0 {
-            format!("{:.1}", self.guidance)
-        } else {
-            format!("{}", self.guidance)
-        };
+        let cfg = py_float(self.guidance);
         s.push_str(&format!(
             "Steps: {}, Sampler: {}, CFG scale: {cfg}, Seed: {}, Size: {}x{}, Model: {}",
             self.steps, self.sampler, self.seed, self.width, self.height, self.model
         ));
+        if let Some(strength) = self.strength {
+            s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
+        }
         if let Some((size, pos)) = self.batch {
             s.push_str(&format!(", Batch size: {size}, Batch pos: {pos}"));
         }
         s
+    }
+}
+
+/// A float as Python prints it: `7.0`, `7.5`.
+fn py_float(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
     }
 }
 

@@ -5,17 +5,22 @@
 
 use std::path::Path;
 
-use sd_models::pipelines::GenerateParams;
+use std::sync::Arc;
+
+use sd_models::pipelines::{GenerateParams, ImageInput, RgbImage, SdPipeline};
 use sd_models::samplers::SamplerKind;
 use serde_json::{Map, Value};
 
-use crate::engine::{JobRequest, ModelSpec, PreviewKind};
+use crate::engine::{JobRequest, ModelSpec, Operation, PreviewKind};
+use crate::input_image::{decode_base64, decode_rgb};
 
 /// Per-worker request limits (from the command line).
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Width x height of one image at most.
     pub max_pixels: usize,
+    /// Width x height of an input image at most (checked from its header).
+    pub max_input_pixels: usize,
     pub max_steps: usize,
     pub max_batch: usize,
 }
@@ -33,6 +38,11 @@ pub const MAX_TEXT_CHARS: usize = 20_000;
 pub const MAX_ID_CHARS: usize = 256;
 
 pub const OPERATIONS: [&str; 3] = ["image_generation", "image_transform", "image_inpaint"];
+
+/// The fields `image_transform` adds.
+const TRANSFORM_FIELDS: [&str; 2] = ["input_image", "strength"];
+/// Default image-to-image strength.
+pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
 
 const FIELDS: [&str; 15] = [
     "operation",
@@ -121,6 +131,17 @@ pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
         .min(spec.num_train_timesteps)
 }
 
+/// Decodes the base64 image of `name` (required).
+fn input_image(obj: &Map<String, Value>, name: &str, limits: &Limits) -> Result<RgbImage, RequestError> {
+    let text = match field(obj, name) {
+        None => return Err(invalid(name, "is required (a base64 PNG, JPEG or WebP, or a data: URL)")),
+        Some(Value::String(s)) => s,
+        Some(v) => return Err(invalid(name, format!("must be a base64 string, got {}", describe(v)))),
+    };
+    let bytes = decode_base64(text).map_err(|e| invalid(name, e))?;
+    decode_rgb(&bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(name, e))
+}
+
 /// Parses the JSON text of a job submission.
 pub fn parse_json(body: &[u8]) -> Result<Value, RequestError> {
     serde_json::from_slice(body).map_err(|e| RequestError {
@@ -175,7 +196,7 @@ pub fn parse_job(
         None => {
             return Err(invalid(
                 "operation",
-                "is required; this worker runs \"image_generation\"",
+                "is required: \"image_generation\" or \"image_transform\"",
             ))
         }
         Some(Value::String(s)) => s.as_str(),
@@ -186,12 +207,13 @@ pub fn parse_job(
             ))
         }
     };
-    match operation {
-        "image_generation" => {}
-        "image_transform" | "image_inpaint" => {
+    let op = match operation {
+        "image_generation" => Operation::ImageGeneration,
+        "image_transform" => Operation::ImageTransform,
+        "image_inpaint" => {
             return Err(invalid(
                 "operation",
-                format!("\"{operation}\" (image-to-image / inpainting) is not supported by this worker yet; it runs \"image_generation\""),
+                "\"image_inpaint\" is not supported by this worker yet; it runs \"image_generation\" and \"image_transform\"",
             ))
         }
         other => {
@@ -200,16 +222,25 @@ pub fn parse_job(
                 format!("unknown operation {other:?}; expected one of {}", OPERATIONS.join(", ")),
             ))
         }
-    }
-    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+    };
+    let extra: &[&str] = match op {
+        Operation::ImageGeneration => &[],
+        Operation::ImageTransform => &TRANSFORM_FIELDS,
+    };
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !FIELDS.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+    {
+        let all: Vec<&str> = FIELDS.iter().chain(extra).copied().collect();
         return Err(invalid(
             unknown,
-            format!(
-                "unknown field; the fields of image_generation are {}",
-                FIELDS.join(", ")
-            ),
+            format!("unknown field; the fields of {operation} are {}", all.join(", ")),
         ));
     }
+    let input = match op {
+        Operation::ImageGeneration => None,
+        Operation::ImageTransform => Some(input_image(obj, "input_image", limits)?),
+    };
 
     if let Some(model) = text(obj, "model", 4096)? {
         if !names_model(spec, &model) {
@@ -267,8 +298,29 @@ pub fn parse_job(
         }
         Ok(v as usize)
     };
-    let width = size("width", spec.default_width)?;
-    let height = size("height", spec.default_height)?;
+    // With an input image, the default size is the image's, rounded down to the factor.
+    let (default_width, default_height) = match &input {
+        Some(image) => {
+            let (w, h) = ImageInput {
+                image: image.clone(),
+                strength: 1.0,
+            }
+            .default_size(f);
+            if w == 0 || h == 0 {
+                return Err(invalid(
+                    "input_image",
+                    format!(
+                        "is {}x{}, smaller than this model's latent factor {f} on a side",
+                        image.width, image.height
+                    ),
+                ));
+            }
+            (w, h)
+        }
+        None => (spec.default_width, spec.default_height),
+    };
+    let width = size("width", default_width)?;
+    let height = size("height", default_height)?;
     if width * height > limits.max_pixels {
         return Err(invalid(
             if uint(obj, "width")?.is_some() { "width" } else { "height" },
@@ -376,6 +428,25 @@ pub fn parse_job(
         });
     }
 
+    let input = match input {
+        None => None,
+        Some(image) => {
+            let strength = match field(obj, "strength") {
+                None => DEFAULT_TRANSFORM_STRENGTH,
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    invalid("strength", format!("must be a number, got {}", describe(v)))
+                })?,
+            };
+            if let Err(e) = SdPipeline::img2img_start(steps as usize, strength) {
+                return Err(match e {
+                    sd_models::Error::Invalid { message, .. } => invalid("strength", message),
+                    other => invalid("strength", other),
+                });
+            }
+            Some(Arc::new(ImageInput { image, strength }))
+        }
+    };
+
     let preview_every = uint(obj, "preview_every")?.unwrap_or(DEFAULT_PREVIEW_EVERY as u64);
     let preview_every = usize::try_from(preview_every).unwrap_or(usize::MAX);
     let preview = match field(obj, "preview") {
@@ -393,6 +464,8 @@ pub fn parse_job(
     let worker_id = text(obj, "worker_id", MAX_ID_CHARS)?;
 
     Ok(JobRequest {
+        operation: op,
+        input,
         params: GenerateParams {
             prompt,
             negative_prompt,
@@ -439,6 +512,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_pixels: 1024 * 1024,
+            max_input_pixels: 4096 * 4096,
             max_steps: 150,
             max_batch: 8,
         }
@@ -525,8 +599,8 @@ mod tests {
             (json!({"model": "other"}), ["`model`", "tiny", "other"]),
             (json!({"preview": "vae"}), ["`preview`", "full", "vae"]),
             (
-                json!({"operation": "image_transform"}),
-                ["`operation`", "not supported", "image_transform"],
+                json!({"operation": "image_inpaint"}),
+                ["`operation`", "not supported", "image_inpaint"],
             ),
             (
                 json!({"operation": "paint"}),

@@ -48,11 +48,15 @@ pub struct ServeArgs {
     /// Steps per job at most (also capped by the scheduler's num_train_timesteps).
     #[arg(long, env = "SD_MAX_STEPS", default_value_t = 150)]
     pub max_steps: usize,
+    /// Pixels (width x height) of an input image at most, checked from its header before
+    /// decoding.
+    #[arg(long, env = "SD_MAX_INPUT_PIXELS", default_value_t = 4096 * 4096)]
+    pub max_input_pixels: usize,
     /// Images per job at most.
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
     /// Largest request body in bytes; larger ones get 413.
-    #[arg(long, env = "SD_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "SD_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
     /// Bearer token required on every route but /health and /ready. Default: no auth.
     #[arg(long, env = "SD_API_KEY", hide_env_values = true)]
@@ -71,6 +75,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
         ("--max-results", args.max_results as u64),
         ("--job-timeout", args.job_timeout),
         ("--max-pixels", args.max_pixels as u64),
+        ("--max-input-pixels", args.max_input_pixels as u64),
         ("--max-steps", args.max_steps as u64),
         ("--max-batch", args.max_batch as u64),
         ("--max-body-bytes", args.max_body_bytes as u64),
@@ -100,6 +105,13 @@ fn check_args(args: &ServeArgs) -> Result<()> {
         );
     }
     let max_side = sd_models::pipelines::sd::MAX_SIDE;
+    if args.max_input_pixels > max_side * max_side {
+        bail!(
+            "invalid --max-input-pixels {}: must be at most {} ({max_side} x {max_side})",
+            args.max_input_pixels,
+            max_side * max_side
+        );
+    }
     if args.max_pixels > max_side * max_side {
         bail!(
             "invalid --max-pixels {}: must be at most {} ({max_side} x {max_side})",
@@ -225,6 +237,7 @@ async fn serve(
         engine: engine.clone(),
         limits: Limits {
             max_pixels: args.max_pixels,
+            max_input_pixels: args.max_input_pixels,
             max_steps: args.max_steps,
             max_batch: args.max_batch,
         },
