@@ -14,7 +14,8 @@ use crate::samplers::{PredictionType, SchedulerConfig};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::{Error, Result};
 
-/// Pipeline classes of model_index.json that load as SD 1.x/2.x text-to-image.
+/// Pipeline classes of model_index.json that load as SD 1.x/2.x (an inpainting UNet is
+/// recognised by its input channels, whatever the class).
 const SD_CLASSES: &[&str] = &[
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
@@ -225,10 +226,14 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
     let vae_vb = var_builder(&weights("vae"), dtype, device)?;
     let vae = in_component("vae", &vae_dir, Vae::new(vae_vb, &vae_cfg))?;
 
-    if unet_cfg.in_channels != vae_cfg.latent_channels {
+    // Regular UNets take the latents; inpainting UNets also the mask and the masked image's
+    // latents (2 x latent channels + 1).
+    let lc = vae_cfg.latent_channels;
+    if unet_cfg.in_channels != lc && unet_cfg.in_channels != 2 * lc + 1 {
         return Err(unet_cfg_file.err(format!(
-            "in_channels = {} but the VAE has {} latent channels (inpainting checkpoints are not supported for text-to-image)",
-            unet_cfg.in_channels, vae_cfg.latent_channels
+            "in_channels = {} but the VAE has {lc} latent channels: expected {lc}, or {} for an inpainting UNet",
+            unet_cfg.in_channels,
+            2 * lc + 1
         )));
     }
     if unet_cfg.out_channels != vae_cfg.latent_channels {

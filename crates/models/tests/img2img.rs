@@ -82,7 +82,11 @@ fn run(name: &str, case: &Value) {
         pixels: input.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
     };
     let strength = case["strength"].as_f64().unwrap();
-    let input = ImageInput { image, strength };
+    let input = ImageInput {
+        image,
+        strength,
+        mask: None,
+    };
     let (dw, dh) = input.default_size(pipe.latent_factor());
     let width = case["width"].as_u64().map_or(dw, |v| v as usize);
     let height = case["height"].as_u64().map_or(dh, |v| v as usize);

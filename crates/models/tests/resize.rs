@@ -1,12 +1,13 @@
 //! Lanczos resizing equals Pillow's `Image.resize(size, Image.LANCZOS)` byte for byte.
 //!
 //! Expected bytes come from `scripts/make_resize_fixtures.py` (Pillow 13.0.0) on small random
-//! RGB and grayscale images, down- and upscaled, square and not.
+//! RGB and grayscale images, down- and upscaled, square and not, with both pass orders of
+//! Pillow 13; palette images take Pillow's nearest-neighbour path.
 
 use std::path::Path;
 
 use candle_core::Device;
-use sd_models::pipelines::resize::resize_lanczos;
+use sd_models::pipelines::resize::{resize_lanczos, resize_nearest};
 
 #[test]
 fn resize_equals_pillow_lanczos() {
@@ -34,5 +35,23 @@ fn resize_equals_pillow_lanczos() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 16);
+    assert_eq!(checked, 24);
+}
+
+#[test]
+fn palette_images_resize_with_pillow_nearest() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resize/resize.safetensors");
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let src = &t["src_p"];
+    let (h, w) = src.dims2().unwrap();
+    let px = src.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mut checked = 0;
+    for name in t.keys().filter(|k| k.starts_with("nearest_")) {
+        let (oh, ow) = t[name].dims2().unwrap();
+        let want = t[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        assert_eq!(resize_nearest(&px, w, h, 1, ow, oh), want, "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
 }

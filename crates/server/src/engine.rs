@@ -16,9 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use candle_core::Tensor;
-use sd_models::pipelines::{
-    GenerateParams, Generated, ImageInput, Progress, RgbImage, SdPipeline,
-};
+use sd_models::pipelines::{GenerateParams, Generated, ImageInput, Progress, RgbImage, SdPipeline};
 use sd_models::samplers::{SamplerKind, SchedulerConfig};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -95,6 +93,11 @@ pub struct ModelSpec {
     pub pipeline_class: String,
     pub prediction_type: String,
     pub latent_factor: usize,
+    /// An inpainting UNet: the model runs `image_inpaint` only.
+    pub inpainting_model: bool,
+    /// How the model inpaints: `inpaint-unet` or `latent-blend` (reported by /v1/info and
+    /// the `complete` event of inpainting jobs).
+    pub inpaint_method: &'static str,
     pub default_width: usize,
     pub default_height: usize,
     /// The model's own scheduler, or why it cannot be used.
@@ -109,15 +112,17 @@ pub struct ModelSpec {
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
-    ImageGeneration,
-    ImageTransform,
+    Generation,
+    Transform,
+    Inpaint,
 }
 
 impl Operation {
     pub fn name(self) -> &'static str {
         match self {
-            Operation::ImageGeneration => "image_generation",
-            Operation::ImageTransform => "image_transform",
+            Operation::Generation => "image_generation",
+            Operation::Transform => "image_transform",
+            Operation::Inpaint => "image_inpaint",
         }
     }
 }
@@ -127,7 +132,7 @@ impl Operation {
 pub struct JobRequest {
     pub operation: Operation,
     pub params: GenerateParams,
-    /// The init image and strength of image-to-image.
+    /// The init image, strength and (inpainting) mask.
     pub input: Option<Arc<ImageInput>>,
     /// A preview every this many steps (0: none).
     pub preview_every: usize,
@@ -690,11 +695,14 @@ impl Engine {
                 let images = job.images.clone();
                 let seed = job.request.params.seed;
                 let operation = job.request.operation;
+                let method = (operation == Operation::Inpaint)
+                    .then(|| s.spec.as_ref().map(|m| m.inpaint_method))
+                    .flatten();
                 let timings = job.timings.to_json();
                 drop(s);
                 // Base64 outside the lock.
                 let encoded: Vec<String> = images.iter().map(|p| b64(p)).collect();
-                first.push(complete_event(encoded, operation, seed, timings));
+                first.push(complete_event(encoded, operation, method, seed, timings));
                 return Some((first, None));
             }
             _ => {
@@ -799,6 +807,7 @@ fn error_event(kind: &str, message: &str) -> EventRef {
 fn complete_event(
     encoded: Vec<String>,
     operation: Operation,
+    inpaint_method: Option<&str>,
     seed: u64,
     timings: Value,
 ) -> EventRef {
@@ -807,6 +816,7 @@ fn complete_event(
         "complete",
         json!({
             "operation": operation.name(),
+            "inpaint_method": inpaint_method,
             "images": encoded,
             "image": first,
             "format": "png",
@@ -1212,6 +1222,9 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let encode = t.elapsed().as_secs_f64();
     let mut s = inner.store();
     let now = Instant::now();
+    let method = (request.operation == Operation::Inpaint)
+        .then(|| s.spec.as_ref().map(|m| m.inpaint_method))
+        .flatten();
     let Some(job) = s.jobs.get_mut(id) else {
         return;
     };
@@ -1223,7 +1236,7 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let ev = match outcome {
         Ok((pngs, encoded)) => {
             job.images = pngs.into_iter().map(Arc::new).collect();
-            complete_event(encoded, operation, seed, job.timings.to_json())
+            complete_event(encoded, operation, method, seed, job.timings.to_json())
         }
         Err((kind, message)) => {
             job.error = Some((kind.to_string(), message.clone()));

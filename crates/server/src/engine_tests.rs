@@ -22,6 +22,7 @@ impl Backend for Fake {
     fn generate(
         &self,
         params: &GenerateParams,
+        _input: Option<&sd_models::pipelines::ImageInput>,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
         self.log.lock().unwrap().push(params.prompt.clone());
@@ -78,6 +79,8 @@ fn spec() -> ModelSpec {
         pipeline_class: "StableDiffusionPipeline".into(),
         prediction_type: "epsilon".into(),
         latent_factor: 8,
+        inpainting_model: false,
+        inpaint_method: "latent-blend",
         default_width: 16,
         default_height: 16,
         default_sampler: Ok(SamplerKind::Euler),
@@ -111,6 +114,8 @@ fn start(config: EngineConfig, step_ms: u64) -> (Engine, Arc<Mutex<Vec<String>>>
 
 fn job(prompt: &str, steps: usize) -> JobRequest {
     JobRequest {
+        operation: Operation::Generation,
+        input: None,
         params: GenerateParams {
             prompt: prompt.into(),
             negative_prompt: None,

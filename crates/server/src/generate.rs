@@ -11,8 +11,8 @@ use sd_models::pipelines::{GenerateParams, ImageInput, SdPipeline};
 use sd_models::samplers::SamplerKind;
 
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
-use crate::input_image::decode_rgb;
-use crate::request::DEFAULT_TRANSFORM_STRENGTH;
+use crate::input_image::{decode_mask, decode_rgb};
+use crate::request::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -51,10 +51,15 @@ pub struct GenerateArgs {
     /// dropped). --width / --height then default to its size rounded down to the latent factor.
     #[arg(long, env = "SD_INIT_IMAGE")]
     pub init_image: Option<PathBuf>,
-    /// Image-to-image strength in (0, 1]: the share of the steps that run, from the noisiest.
-    /// Default 0.8; needs --init-image.
+    /// Strength in (0, 1]: the share of the steps that run, from the noisiest. Default 0.8
+    /// for image-to-image, 1.0 for inpainting; needs --init-image.
     #[arg(long, env = "SD_STRENGTH")]
     pub strength: Option<f64>,
+    /// Inpainting: the mask (PNG, JPEG or WebP; white = repaint, binarised at 50% luma after
+    /// resizing to the output size). Needs --init-image. --width / --height then default to
+    /// the model's size, as in diffusers.
+    #[arg(long, env = "SD_MASK")]
+    pub mask: Option<PathBuf>,
     /// Number of images generated from the prompt in one batch.
     #[arg(long, env = "SD_BATCH", default_value_t = 1)]
     pub batch: usize,
@@ -114,32 +119,58 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
 
+    // Inputs are read before the model loads, so that a bad file fails at once.
+    let max_side = sd_models::pipelines::sd::MAX_SIDE;
+    let read = |flag: &str, path: &Path| -> Result<Vec<u8>> {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let mask = match (&args.mask, &args.init_image) {
+        (Some(path), Some(_)) => Some(
+            decode_mask(&read("--mask", path)?, max_side * max_side, max_side)
+                .map_err(|e| anyhow::anyhow!("invalid --mask {}: the file {e}", path.display()))?,
+        ),
+        (Some(_), None) => bail!("--mask needs --init-image (the image to inpaint)"),
+        (None, _) => None,
+    };
+    let input = match &args.init_image {
+        Some(path) => {
+            let image = decode_rgb(&read("--init-image", path)?, max_side * max_side, max_side)
+                .map_err(|e| {
+                    anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display())
+                })?;
+            let default_strength = if mask.is_some() {
+                DEFAULT_INPAINT_STRENGTH
+            } else {
+                DEFAULT_TRANSFORM_STRENGTH
+            };
+            Some(ImageInput {
+                image,
+                strength: args.strength.unwrap_or(default_strength),
+                mask,
+            })
+        }
+        None => {
+            if let Some(s) = args.strength {
+                bail!("--strength {s} needs --init-image (strength applies to image-to-image and inpainting)");
+            }
+            None
+        }
+    };
     let started = Instant::now();
     let (pipeline, info) = sd_models::loader::load_sd(&args.model, &device, dtype)?;
     let sampler = match sampler_override {
         Some(s) => s,
         None => pipeline.default_sampler()?,
     };
-    let input = match &args.init_image {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read --init-image {}", path.display()))?;
-            let max_side = sd_models::pipelines::sd::MAX_SIDE;
-            let image = decode_rgb(&bytes, max_side * max_side, max_side)
-                .map_err(|e| anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display()))?;
-            Some(ImageInput {
-                image,
-                strength: args.strength.unwrap_or(DEFAULT_TRANSFORM_STRENGTH),
-            })
-        }
-        None => {
-            if let Some(s) = args.strength {
-                bail!("--strength {s} needs --init-image (strength applies to image-to-image)");
-            }
-            None
-        }
-    };
+    if pipeline.is_inpainting_model() && input.as_ref().is_none_or(|i| i.mask.is_none()) {
+        bail!(
+            "{} is an inpainting model: it needs --init-image and --mask",
+            info.name
+        );
+    }
     let (default_width, default_height) = match &input {
+        // Inpainting defaults to the model's size, as diffusers' inpainting pipeline does.
+        Some(i) if i.mask.is_some() => pipeline.default_size(),
         Some(i) => {
             let (w, h) = i.default_size(pipeline.latent_factor());
             if w == 0 || h == 0 {

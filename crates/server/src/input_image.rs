@@ -5,15 +5,7 @@ use std::io::Cursor;
 
 use base64::Engine as _;
 use image::{ImageFormat, ImageReader};
-use sd_models::pipelines::RgbImage;
-
-/// An 8-bit single-channel image (masks).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrayImage {
-    pub width: usize,
-    pub height: usize,
-    pub pixels: Vec<u8>,
-}
+use sd_models::pipelines::{MaskImage, RgbImage};
 
 /// Why an input image was refused; the message names no field (the caller adds it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,30 +111,42 @@ pub fn decode_rgb(
     })
 }
 
-/// A mask as 8-bit luma. RGB is converted as PIL's `convert("L")` does
-/// (`(19595 R + 38470 G + 7471 B + 32768) >> 16`); alpha is dropped.
+/// A mask as diffusers' mask processor reads it with Pillow: grayscale stays one channel,
+/// colour stays RGB (converted to luma after resizing), alpha is dropped, 16-bit channels are
+/// reduced to 8 bits. PNG palette and 1-bit images are marked for nearest-neighbour resizing,
+/// as Pillow resizes "P" and "1" images.
 pub fn decode_mask(
     bytes: &[u8],
     max_pixels: usize,
     max_side: usize,
-) -> Result<GrayImage, ImageError> {
+) -> Result<MaskImage, ImageError> {
+    let nearest = sniff(bytes)? == ImageFormat::Png && {
+        let decoder = png::Decoder::new(Cursor::new(bytes));
+        match decoder.read_info() {
+            Ok(reader) => {
+                let info = reader.info();
+                info.color_type == png::ColorType::Indexed
+                    || (info.color_type == png::ColorType::Grayscale
+                        && info.bit_depth == png::BitDepth::One)
+            }
+            Err(_) => false,
+        }
+    };
     let img = decode(bytes, max_pixels, max_side)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let pixels = match img {
-        image::DynamicImage::ImageLuma8(g) => g.into_raw(),
-        other => other
-            .into_rgb8()
-            .pixels()
-            .map(|p| {
-                let [r, g, b] = p.0;
-                ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
-            })
-            .collect(),
+    let (channels, pixels) = match img {
+        image::DynamicImage::ImageLuma8(g) => (1, g.into_raw()),
+        image::DynamicImage::ImageLumaA8(_)
+        | image::DynamicImage::ImageLuma16(_)
+        | image::DynamicImage::ImageLumaA16(_) => (1, img.into_luma8().into_raw()),
+        other => (3, other.into_rgb8().into_raw()),
     };
-    Ok(GrayImage {
+    Ok(MaskImage {
         width: w,
         height: h,
+        channels,
         pixels,
+        nearest,
     })
 }
 
@@ -194,7 +198,42 @@ mod tests {
         let rgba = png(1, 1, png::ColorType::Rgba, &[1, 2, 3, 0]);
         assert_eq!(decode_rgb(&rgba, 100, 100).unwrap().pixels, vec![1, 2, 3]);
         let rgb = png(1, 1, png::ColorType::Rgb, &[255, 0, 0]);
-        assert_eq!(decode_mask(&rgb, 100, 100).unwrap().pixels, vec![76]);
+        let m = decode_mask(&rgb, 100, 100).unwrap();
+        assert_eq!(
+            (m.channels, m.pixels, m.nearest),
+            (3, vec![255, 0, 0], false)
+        );
+        let m = decode_mask(&g, 100, 100).unwrap();
+        assert_eq!((m.channels, m.pixels, m.nearest), (1, vec![10, 200], false));
+        let la = png(1, 1, png::ColorType::GrayscaleAlpha, &[9, 0]);
+        assert_eq!(decode_mask(&la, 100, 100).unwrap().pixels, vec![9]);
+    }
+
+    #[test]
+    fn palette_and_one_bit_masks_resize_nearest() {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, 2, 1);
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_palette(vec![0, 0, 0, 255, 255, 255]);
+            let mut wr = enc.write_header().unwrap();
+            wr.write_image_data(&[1, 0]).unwrap();
+        }
+        let m = decode_mask(&out, 100, 100).unwrap();
+        assert!(m.nearest);
+        assert_eq!((m.channels, m.pixels), (3, vec![255, 255, 255, 0, 0, 0]));
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, 8, 1);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::One);
+            let mut wr = enc.write_header().unwrap();
+            wr.write_image_data(&[0b1010_0000]).unwrap();
+        }
+        let m = decode_mask(&out, 100, 100).unwrap();
+        assert!(m.nearest);
+        assert_eq!(m.pixels, vec![255, 0, 255, 0, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -9,7 +9,6 @@ mod bench;
 mod device;
 mod engine;
 mod generate;
-#[allow(dead_code)] // wired to the CLI and the job API next
 mod input_image;
 mod inspect;
 mod metrics;

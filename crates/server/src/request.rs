@@ -7,12 +7,12 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use sd_models::pipelines::{GenerateParams, ImageInput, RgbImage, SdPipeline};
+use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage, SdPipeline};
 use sd_models::samplers::SamplerKind;
 use serde_json::{Map, Value};
 
 use crate::engine::{JobRequest, ModelSpec, Operation, PreviewKind};
-use crate::input_image::{decode_base64, decode_rgb};
+use crate::input_image::{decode_base64, decode_mask, decode_rgb};
 
 /// Per-worker request limits (from the command line).
 #[derive(Debug, Clone)]
@@ -41,8 +41,12 @@ pub const OPERATIONS: [&str; 3] = ["image_generation", "image_transform", "image
 
 /// The fields `image_transform` adds.
 const TRANSFORM_FIELDS: [&str; 2] = ["input_image", "strength"];
+/// The fields `image_inpaint` adds.
+const INPAINT_FIELDS: [&str; 3] = ["init_image", "mask_image", "strength"];
 /// Default image-to-image strength.
 pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
+/// Default inpainting strength.
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
 const FIELDS: [&str; 15] = [
     "operation",
@@ -132,14 +136,53 @@ pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
 }
 
 /// Decodes the base64 image of `name` (required).
-fn input_image(obj: &Map<String, Value>, name: &str, limits: &Limits) -> Result<RgbImage, RequestError> {
+fn input_image(
+    obj: &Map<String, Value>,
+    name: &str,
+    limits: &Limits,
+) -> Result<RgbImage, RequestError> {
     let text = match field(obj, name) {
-        None => return Err(invalid(name, "is required (a base64 PNG, JPEG or WebP, or a data: URL)")),
+        None => {
+            return Err(invalid(
+                name,
+                "is required (a base64 PNG, JPEG or WebP, or a data: URL)",
+            ))
+        }
         Some(Value::String(s)) => s,
-        Some(v) => return Err(invalid(name, format!("must be a base64 string, got {}", describe(v)))),
+        Some(v) => {
+            return Err(invalid(
+                name,
+                format!("must be a base64 string, got {}", describe(v)),
+            ))
+        }
     };
     let bytes = decode_base64(text).map_err(|e| invalid(name, e))?;
     decode_rgb(&bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(name, e))
+}
+
+/// Decodes the base64 mask of `name` (required).
+fn mask_image(
+    obj: &Map<String, Value>,
+    name: &str,
+    limits: &Limits,
+) -> Result<MaskImage, RequestError> {
+    let text = match field(obj, name) {
+        None => {
+            return Err(invalid(
+                name,
+                "is required (a base64 PNG, JPEG or WebP, or a data: URL; white = repaint)",
+            ))
+        }
+        Some(Value::String(s)) => s,
+        Some(v) => {
+            return Err(invalid(
+                name,
+                format!("must be a base64 string, got {}", describe(v)),
+            ))
+        }
+    };
+    let bytes = decode_base64(text).map_err(|e| invalid(name, e))?;
+    decode_mask(&bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(name, e))
 }
 
 /// Parses the JSON text of a job submission.
@@ -196,7 +239,7 @@ pub fn parse_job(
         None => {
             return Err(invalid(
                 "operation",
-                "is required: \"image_generation\" or \"image_transform\"",
+                "is required: \"image_generation\", \"image_transform\" or \"image_inpaint\"",
             ))
         }
         Some(Value::String(s)) => s.as_str(),
@@ -208,24 +251,32 @@ pub fn parse_job(
         }
     };
     let op = match operation {
-        "image_generation" => Operation::ImageGeneration,
-        "image_transform" => Operation::ImageTransform,
-        "image_inpaint" => {
-            return Err(invalid(
-                "operation",
-                "\"image_inpaint\" is not supported by this worker yet; it runs \"image_generation\" and \"image_transform\"",
-            ))
-        }
+        "image_generation" => Operation::Generation,
+        "image_transform" => Operation::Transform,
+        "image_inpaint" => Operation::Inpaint,
         other => {
             return Err(invalid(
                 "operation",
-                format!("unknown operation {other:?}; expected one of {}", OPERATIONS.join(", ")),
+                format!(
+                    "unknown operation {other:?}; expected one of {}",
+                    OPERATIONS.join(", ")
+                ),
             ))
         }
     };
+    if spec.inpainting_model && op != Operation::Inpaint {
+        return Err(invalid(
+            "operation",
+            format!(
+                "this worker's model ({}) is an inpainting model: it runs \"image_inpaint\" only, got \"{operation}\"",
+                spec.name
+            ),
+        ));
+    }
     let extra: &[&str] = match op {
-        Operation::ImageGeneration => &[],
-        Operation::ImageTransform => &TRANSFORM_FIELDS,
+        Operation::Generation => &[],
+        Operation::Transform => &TRANSFORM_FIELDS,
+        Operation::Inpaint => &INPAINT_FIELDS,
     };
     if let Some(unknown) = obj
         .keys()
@@ -234,12 +285,19 @@ pub fn parse_job(
         let all: Vec<&str> = FIELDS.iter().chain(extra).copied().collect();
         return Err(invalid(
             unknown,
-            format!("unknown field; the fields of {operation} are {}", all.join(", ")),
+            format!(
+                "unknown field; the fields of {operation} are {}",
+                all.join(", ")
+            ),
         ));
     }
-    let input = match op {
-        Operation::ImageGeneration => None,
-        Operation::ImageTransform => Some(input_image(obj, "input_image", limits)?),
+    let (input, mask) = match op {
+        Operation::Generation => (None, None),
+        Operation::Transform => (Some(input_image(obj, "input_image", limits)?), None),
+        Operation::Inpaint => {
+            let image = input_image(obj, "init_image", limits)?;
+            (Some(image), Some(mask_image(obj, "mask_image", limits)?))
+        }
     };
 
     if let Some(model) = text(obj, "model", 4096)? {
@@ -300,10 +358,13 @@ pub fn parse_job(
     };
     // With an input image, the default size is the image's, rounded down to the factor.
     let (default_width, default_height) = match &input {
+        // Inpainting defaults to the model's size, as diffusers' inpainting pipeline does.
+        Some(_) if mask.is_some() => (spec.default_width, spec.default_height),
         Some(image) => {
             let (w, h) = ImageInput {
                 image: image.clone(),
                 strength: 1.0,
+                mask: None,
             }
             .default_size(f);
             if w == 0 || h == 0 {
@@ -408,7 +469,11 @@ pub fn parse_job(
     }
     // What the sampler itself refuses (e.g. PNDM with PRK warm-up needs 4 steps) is refused
     // here, not after queueing.
-    if let Err(e) = sd_models::samplers::build_sampler(sampler, &spec.scheduler, steps as usize) {
+    if let Err(e) = sd_models::samplers::build_sampler(
+        sampler,
+        &spec.scheduler.for_pipeline(false),
+        steps as usize,
+    ) {
         return Err(match e {
             sd_models::Error::Invalid { field, message } => invalid(
                 if field == "steps" {
@@ -431,8 +496,13 @@ pub fn parse_job(
     let input = match input {
         None => None,
         Some(image) => {
+            let default = if mask.is_some() {
+                DEFAULT_INPAINT_STRENGTH
+            } else {
+                DEFAULT_TRANSFORM_STRENGTH
+            };
             let strength = match field(obj, "strength") {
-                None => DEFAULT_TRANSFORM_STRENGTH,
+                None => default,
                 Some(v) => v.as_f64().ok_or_else(|| {
                     invalid("strength", format!("must be a number, got {}", describe(v)))
                 })?,
@@ -443,7 +513,11 @@ pub fn parse_job(
                     other => invalid("strength", other),
                 });
             }
-            Some(Arc::new(ImageInput { image, strength }))
+            Some(Arc::new(ImageInput {
+                image,
+                strength,
+                mask,
+            }))
         }
     };
 
@@ -499,6 +573,8 @@ mod tests {
             pipeline_class: "StableDiffusionPipeline".into(),
             prediction_type: "epsilon".into(),
             latent_factor: 8,
+            inpainting_model: false,
+            inpaint_method: "latent-blend",
             default_width: 512,
             default_height: 512,
             default_sampler: Ok(SamplerKind::Pndm),
@@ -600,7 +676,7 @@ mod tests {
             (json!({"preview": "vae"}), ["`preview`", "full", "vae"]),
             (
                 json!({"operation": "image_inpaint"}),
-                ["`operation`", "not supported", "image_inpaint"],
+                ["`init_image`", "required", "base64"],
             ),
             (
                 json!({"operation": "paint"}),

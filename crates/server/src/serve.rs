@@ -200,6 +200,8 @@ async fn serve(
             pipeline_class: info.pipeline_class.clone(),
             prediction_type: info.prediction_type.as_str().to_string(),
             latent_factor: pipeline.latent_factor(),
+            inpainting_model: pipeline.is_inpainting_model(),
+            inpaint_method: pipeline.inpaint_method().name(),
             default_width,
             default_height,
             default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),

@@ -328,7 +328,7 @@ fn bad_inputs_get_their_status_and_name_the_field() {
         ),
         (
             with("operation", json!("image_inpaint")),
-            vec!["`operation`", "not supported", "image_inpaint"],
+            vec!["`init_image`", "required"],
         ),
         (json!({"prompt": "a"}), vec!["`operation`", "required"]),
     ];

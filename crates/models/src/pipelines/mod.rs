@@ -5,4 +5,6 @@ pub mod resize;
 pub mod sd;
 
 pub use preview::latent_preview;
-pub use sd::{GenerateParams, Generated, GrayImage, ImageInput, Progress, RgbImage, SdPipeline};
+pub use sd::{
+    GenerateParams, Generated, ImageInput, InpaintMethod, MaskImage, Progress, RgbImage, SdPipeline,
+};

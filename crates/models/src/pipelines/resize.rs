@@ -81,8 +81,46 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
+fn horizontal(src: &[u8], w: usize, h: usize, ch: usize, k: &Coeffs, out_w: usize) -> Vec<u8> {
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; h * out_w * ch];
+    for y in 0..h {
+        let row = &src[y * w * ch..(y + 1) * w * ch];
+        for (xx, ((xmin, n), kk)) in k.bounds.iter().zip(&k.weights).enumerate() {
+            for c in 0..ch {
+                let mut ss = round;
+                for (x, &wt) in kk.iter().enumerate().take(*n) {
+                    ss += i64::from(row[(x + xmin) * ch + c]) * i64::from(wt);
+                }
+                out[(y * out_w + xx) * ch + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+fn vertical(src: &[u8], w: usize, ch: usize, k: &Coeffs, out_h: usize) -> Vec<u8> {
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; out_h * w * ch];
+    for (yy, ((ymin, n), kk)) in k.bounds.iter().zip(&k.weights).enumerate() {
+        for x in 0..w {
+            for c in 0..ch {
+                let mut ss = round;
+                for (y, &wt) in kk.iter().enumerate().take(*n) {
+                    ss += i64::from(src[((y + ymin) * w + x) * ch + c]) * i64::from(wt);
+                }
+                out[(yy * w + x) * ch + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
 /// Resizes an interleaved 8-bit image of `channels` channels from `w` x `h` to
-/// `out_w` x `out_h`. The same size returns a copy, as Pillow does.
+/// `out_w` x `out_h`. The same size returns a copy, as Pillow does. When both axes change,
+/// the horizontal pass runs first unless the height shrinks by more than twice the width's
+/// shrink (`h - out_h > 2 (w - out_w)`), as in Pillow 13 (older Pillow always ran the
+/// horizontal pass first); the intermediate image is rounded to 8 bits either way.
 pub fn resize_lanczos(
     pixels: &[u8],
     w: usize,
@@ -91,53 +129,65 @@ pub fn resize_lanczos(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
-    if (w, h) == (out_w, out_h) || w == 0 || h == 0 || out_w == 0 || out_h == 0 {
-        return if (w, h) == (out_w, out_h) {
-            pixels.to_vec()
-        } else {
-            vec![0; out_w * out_h * channels]
-        };
+    if (w, h) == (out_w, out_h) {
+        return pixels.to_vec();
     }
+    if w == 0 || h == 0 || out_w == 0 || out_h == 0 {
+        return vec![0; out_w * out_h * channels];
+    }
+    let need_h = out_w != w;
+    let need_v = out_h != h;
+    let (dy, dx) = (h as i64 - out_h as i64, w as i64 - out_w as i64);
+    let vertical_first = need_h && need_v && dy > 0 && dy > 2 * dx;
     let horiz = coefficients(w, out_w);
     let vert = coefficients(h, out_h);
-    // Only the source rows some output row reads are resized horizontally.
-    let first_row = vert.bounds[0].0;
-    let last_row = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-    let round = 1i64 << (PRECISION_BITS - 1);
-
-    let (mid, mid_w, row0) = if out_w != w {
-        let rows = last_row - first_row;
-        let mut mid = vec![0u8; rows * out_w * channels];
-        for y in 0..rows {
-            let src = &pixels[(y + first_row) * w * channels..(y + first_row + 1) * w * channels];
-            for (xx, ((xmin, n), k)) in horiz.bounds.iter().zip(&horiz.weights).enumerate() {
-                for c in 0..channels {
-                    let mut ss = round;
-                    for x in 0..*n {
-                        ss += i64::from(src[(x + xmin) * channels + c]) * i64::from(k[x]);
-                    }
-                    mid[(y * out_w + xx) * channels + c] = clip8(ss);
-                }
-            }
-        }
-        (mid, out_w, first_row)
-    } else {
-        (pixels.to_vec(), w, 0)
-    };
-    if out_h == h {
-        return mid;
+    if vertical_first {
+        let tmp = vertical(pixels, w, channels, &vert, out_h);
+        return horizontal(&tmp, w, out_h, channels, &horiz, out_w);
     }
-    let mut out = vec![0u8; out_h * mid_w * channels];
-    for (yy, ((ymin, n), k)) in vert.bounds.iter().zip(&vert.weights).enumerate() {
-        let ymin = ymin - row0;
-        for x in 0..mid_w {
-            for c in 0..channels {
-                let mut ss = round;
-                for y in 0..*n {
-                    ss += i64::from(mid[((y + ymin) * mid_w + x) * channels + c]) * i64::from(k[y]);
-                }
-                out[(yy * mid_w + x) * channels + c] = clip8(ss);
-            }
+    let tmp = if need_h {
+        horizontal(pixels, w, h, channels, &horiz, out_w)
+    } else {
+        pixels.to_vec()
+    };
+    if need_v {
+        vertical(&tmp, out_w, channels, &vert, out_h)
+    } else {
+        tmp
+    }
+}
+
+/// Nearest-neighbour resizing as Pillow does it for "1" and "P" images: per axis the source
+/// position starts at `scale / 2` and advances by repeated addition of `scale`.
+pub fn resize_nearest(
+    pixels: &[u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
+    if (w, h) == (out_w, out_h) {
+        return pixels.to_vec();
+    }
+    let index = |n_in: usize, n_out: usize| -> Vec<usize> {
+        let a = n_in as f64 / n_out as f64;
+        let mut pos = a * 0.5;
+        (0..n_out)
+            .map(|_| {
+                let i = (pos as usize).min(n_in.saturating_sub(1));
+                pos += a;
+                i
+            })
+            .collect()
+    };
+    let xs = index(w, out_w);
+    let ys = index(h, out_h);
+    let mut out = Vec::with_capacity(out_w * out_h * channels);
+    for &y in &ys {
+        for &x in &xs {
+            let at = (y * w + x) * channels;
+            out.extend_from_slice(&pixels[at..at + channels]);
         }
     }
     out

@@ -42,15 +42,21 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
-/// An 8-bit single-channel image (inpainting masks), row-major.
+/// An inpainting mask as decoded: 1 (luma) or 3 (RGB) channels; white (>= 128 after
+/// conversion to luma) is repainted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrayImage {
+pub struct MaskImage {
     pub width: usize,
     pub height: usize,
+    /// 1 or 3.
+    pub channels: usize,
     pub pixels: Vec<u8>,
+    /// Resize with nearest neighbour instead of Lanczos, as Pillow does for palette ("P")
+    /// and 1-bit ("1") images.
+    pub nearest: bool,
 }
 
-/// The input of image-to-image (and, with a mask, inpainting).
+/// The input of image-to-image, and with a mask, of inpainting.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
     /// The init image, any size: it is resized to the job's width x height (Lanczos, as
@@ -58,6 +64,27 @@ pub struct ImageInput {
     pub image: RgbImage,
     /// `strength` in (0, 1]: the share of the schedule that is run, from the noisiest end.
     pub strength: f64,
+    /// Inpainting: the region to repaint, any size (resized to width x height).
+    pub mask: Option<MaskImage>,
+}
+
+/// Which inpainting method a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InpaintMethod {
+    /// An inpainting UNet (9 input channels: latents, mask, masked-image latents).
+    Unet9,
+    /// A regular UNet: after each step the unmasked region is reset to the init latents
+    /// noised to the next timestep.
+    Blend4,
+}
+
+impl InpaintMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            InpaintMethod::Unet9 => "inpaint-unet",
+            InpaintMethod::Blend4 => "latent-blend",
+        }
+    }
 }
 
 impl ImageInput {
@@ -86,6 +113,8 @@ pub struct SdPipeline {
     pub text_encoder: ClipTextModel,
     pub unet: UNet,
     pub vae: Vae,
+    /// The scheduler config as read from the folder; samplers are built from
+    /// [`SchedulerConfig::for_pipeline`].
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
@@ -107,6 +136,20 @@ impl SdPipeline {
     pub fn default_size(&self) -> (usize, usize) {
         let (h, w) = self.unet.config.sample_size;
         (w * self.latent_factor(), h * self.latent_factor())
+    }
+
+    /// Whether the UNet is an inpainting UNet (it then only runs inpainting).
+    pub fn is_inpainting_model(&self) -> bool {
+        self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+    }
+
+    /// The inpainting method of this model.
+    pub fn inpaint_method(&self) -> InpaintMethod {
+        if self.is_inpainting_model() {
+            InpaintMethod::Unet9
+        } else {
+            InpaintMethod::Blend4
+        }
     }
 
     /// The sampler named by the model's scheduler config, if we implement it.
@@ -237,6 +280,45 @@ impl SdPipeline {
             .contiguous()?)
     }
 
+    /// The mask as diffusers' mask processor makes it: resized to (width, height) in its own
+    /// channels (Lanczos, or nearest for palette / 1-bit images), then luma as Pillow's
+    /// `convert("L")`, then 1 where luma >= 128 else 0; (1, 1, H, W) f32.
+    pub fn preprocess_mask(&self, mask: &MaskImage, width: usize, height: usize) -> Result<Tensor> {
+        let c = mask.channels;
+        if !(c == 1 || c == 3) || mask.pixels.len() != mask.width * mask.height * c {
+            return Err(Error::invalid(
+                "mask",
+                format!(
+                    "{} bytes do not make a {}x{} image of {c} channels",
+                    mask.pixels.len(),
+                    mask.width,
+                    mask.height
+                ),
+            ));
+        }
+        let resize = if mask.nearest {
+            super::resize::resize_nearest
+        } else {
+            super::resize::resize_lanczos
+        };
+        let px = resize(&mask.pixels, mask.width, mask.height, c, width, height);
+        let bin = |l: u32| if l >= 128 { 1.0f32 } else { 0.0 };
+        let luma: Vec<f32> = if c == 3 {
+            px.chunks_exact(3)
+                .map(|p| {
+                    bin((19595 * u32::from(p[0])
+                        + 38470 * u32::from(p[1])
+                        + 7471 * u32::from(p[2])
+                        + 0x8000)
+                        >> 16)
+                })
+                .collect()
+        } else {
+            px.iter().map(|&l| bin(u32::from(l))).collect()
+        };
+        Ok(Tensor::from_vec(luma, (1, 1, height, width), &self.device)?)
+    }
+
     /// `vae.encode(image).latent_dist.sample(generator) * scaling_factor` (one draw of the
     /// latent shape from `rng`).
     pub fn encode_sample(&self, image: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
@@ -275,6 +357,13 @@ impl SdPipeline {
         on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<Generated> {
         self.validate(p)?;
+        let inpaint = input.is_some_and(|i| i.mask.is_some());
+        if self.is_inpainting_model() && !inpaint {
+            return Err(Error::invalid(
+                "mask",
+                "this is an inpainting model (its UNet takes a mask): it only runs inpainting",
+            ));
+        }
         let start = match input {
             Some(input) => {
                 if !self.vae.has_encoder() {
@@ -287,7 +376,7 @@ impl SdPipeline {
             }
             None => 0,
         };
-        let mut sampler = build_sampler(p.sampler, &self.scheduler, p.steps)?;
+        let mut sampler = build_sampler(p.sampler, &self.scheduler.for_pipeline(inpaint), p.steps)?;
         let cfg = p.guidance > 1.0;
         let (context, truncated_tokens) =
             self.encode_prompt(&p.prompt, p.negative_prompt.as_deref(), p.batch, cfg)?;
@@ -295,28 +384,73 @@ impl SdPipeline {
         let f = self.latent_factor();
         let shape = [
             p.batch,
-            self.unet.config.in_channels,
+            self.vae.config.latent_channels,
             p.height / f,
             p.width / f,
         ];
         let mut rng = TorchRng::new(p.seed);
+        // Inpainting: the latent mask, the masked image's latents, the init latents (4-channel
+        // method) and the noise they are re-noised with.
+        let mut inpaint_state: Option<(Tensor, Tensor, Option<Tensor>, Tensor)> = None;
         let mut latents = match input {
             None => {
                 let noise = rng.randn(&shape, &self.device)?;
                 (noise * sampler.init_noise_sigma())?
             }
-            Some(input) => {
-                let image = self.preprocess(&input.image, p.width, p.height)?;
+            Some(ImageInput {
+                image, mask: None, ..
+            }) => {
+                let image = self.preprocess(image, p.width, p.height)?;
                 let init = self
                     .encode_sample(&image, &mut rng)?
                     .repeat((p.batch, 1, 1, 1))?;
                 let noise = rng.randn(init.dims(), &self.device)?;
                 sampler.add_noise(&init, &noise, start)?
             }
+            Some(ImageInput {
+                image,
+                strength,
+                mask: Some(mask),
+            }) => {
+                // diffusers' StableDiffusionInpaintPipeline, draw for draw: the init image's
+                // latent sample (unless an inpainting UNet starts from pure noise), the noise,
+                // then the masked image's latent sample.
+                let image = self.preprocess(image, p.width, p.height)?;
+                let full = *strength == 1.0;
+                let init = if !self.is_inpainting_model() || !full {
+                    Some(
+                        self.encode_sample(&image, &mut rng)?
+                            .repeat((p.batch, 1, 1, 1))?,
+                    )
+                } else {
+                    None
+                };
+                let noise = rng.randn(&shape, &self.device)?;
+                let latents = match (&init, full) {
+                    (Some(init), false) => sampler.add_noise(init, &noise, start)?,
+                    _ => (&noise * sampler.init_noise_sigma())?,
+                };
+                let mask = self.preprocess_mask(mask, p.width, p.height)?;
+                let keep = mask.lt(0.5f32)?.to_dtype(DType::F32)?;
+                let masked = image.broadcast_mul(&keep)?;
+                // Nearest downsampling by an integer factor: the top-left pixel of each block.
+                let m = mask
+                    .reshape((1, 1, p.height / f, f, p.width / f, f))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((1, 1, p.height / f, p.width / f))?
+                    .repeat((p.batch, 1, 1, 1))?;
+                let mil = self
+                    .encode_sample(&masked, &mut rng)?
+                    .repeat((p.batch, 1, 1, 1))?;
+                inpaint_state = Some((m, mil, init, noise));
+                latents
+            }
         };
 
         let timesteps = sampler.timesteps()[start..].to_vec();
         let total = timesteps.len();
+        let unet9 = self.is_inpainting_model();
         for (k, &t) in timesteps.iter().enumerate() {
             let i = start + k;
             let input = if cfg {
@@ -324,7 +458,15 @@ impl SdPipeline {
             } else {
                 latents.clone()
             };
-            let input = sampler.scale_model_input(&input, i)?;
+            let mut input = sampler.scale_model_input(&input, i)?;
+            if let (true, Some((m, mil, _, _))) = (unet9, &inpaint_state) {
+                let (m, mil) = if cfg {
+                    (Tensor::cat(&[m, m], 0)?, Tensor::cat(&[mil, mil], 0)?)
+                } else {
+                    (m.clone(), mil.clone())
+                };
+                input = Tensor::cat(&[&input, &m, &mil], 1)?;
+            }
             let out = self
                 .unet
                 .forward(&input.to_dtype(self.dtype)?, t, &context)?
@@ -337,6 +479,17 @@ impl SdPipeline {
                 out
             };
             latents = sampler.step(&noise_pred, i, &latents, &mut rng)?;
+            if let (false, Some((m, _, Some(init), noise))) = (unet9, &inpaint_state) {
+                // Keep the unmasked region: the init latents noised to the next timestep,
+                // clean after the last step.
+                let proper = if k + 1 < total {
+                    sampler.add_noise(init, noise, i + 1)?
+                } else {
+                    init.clone()
+                };
+                let inv = (1.0 - m)?;
+                latents = (proper.broadcast_mul(&inv)? + latents.broadcast_mul(m)?)?;
+            }
             on_step(Progress {
                 step: k + 1,
                 total,

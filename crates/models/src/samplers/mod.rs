@@ -604,6 +604,26 @@ pub trait Sampler: Send {
     ) -> Result<Tensor>;
 }
 
+impl SchedulerConfig {
+    /// The config as diffusers' Stable Diffusion pipelines patch it at construction, before
+    /// any `from_config` swap: `steps_offset` becomes 1; text-to-image and image-to-image
+    /// turn `clip_sample` off when the loaded class has that option (DDIM, DDPM), while
+    /// inpainting leaves it and instead turns `skip_prk_steps` on for a loaded PNDM.
+    pub fn for_pipeline(&self, inpaint: bool) -> SchedulerConfig {
+        let mut c = self.clone();
+        c.steps_offset = 1;
+        let class = c.class_name.as_deref().unwrap_or("");
+        if inpaint {
+            if class == "PNDMScheduler" {
+                c.skip_prk_steps = true;
+            }
+        } else if matches!(class, "DDIMScheduler" | "DDPMScheduler") {
+            c.clip_sample = false;
+        }
+        c
+    }
+}
+
 /// `XScheduler.from_config(config)` + `set_timesteps(num_inference_steps)`.
 pub fn build_sampler(
     kind: SamplerKind,
