@@ -416,9 +416,14 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "batch": 1,
             "preview_every": crate::request::DEFAULT_PREVIEW_EVERY,
             "preview": "approx",
+            "strength": {
+                "image_transform": crate::request::DEFAULT_TRANSFORM_STRENGTH,
+                "image_inpaint": crate::request::DEFAULT_INPAINT_STRENGTH,
+            },
         },
         "limits": {
             "max_pixels": st.limits.max_pixels,
+            "max_input_pixels": st.limits.max_input_pixels,
             "max_side": crate::request::MAX_SIDE,
             "max_steps": st.limits.max_steps.min(spec.num_train_timesteps),
             "max_batch": st.limits.max_batch,
@@ -431,7 +436,13 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         },
         "schedulers": sd_models::samplers::SamplerKind::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "capabilities": {
-            "operations": ["image_generation"],
+            "operations": if spec.inpainting_model {
+                vec!["image_inpaint"]
+            } else {
+                vec!["image_generation", "image_transform", "image_inpaint"]
+            },
+            "inpaint_method": spec.inpaint_method,
+            "input_formats": ["png", "jpeg", "webp"],
             "previews": ["approx", "full"],
             "image_formats": ["png"],
             "auth": st.api_key.is_some(),

@@ -45,7 +45,7 @@ pub fn document() -> Value {
                     "additionalProperties": false,
                     "required": ["operation", "prompt"],
                     "properties": {
-                        "operation": {"type": "string", "enum": ["image_generation"], "description": "image_transform and image_inpaint are refused with 422 by this version."},
+                        "operation": {"type": "string", "enum": ["image_generation"], "description": "See ImageTransform and ImageInpaint for the other operations."},
                         "prompt": {"type": "string", "minLength": 1, "maxLength": 20000},
                         "negative_prompt": {"type": ["string", "null"], "description": "Default: the empty prompt. Used when guidance_scale > 1."},
                         "width": {"type": ["integer", "null"], "description": "Multiple of the latent factor (GET /v1/info); default the model's size; width x height at most --max-pixels."},
@@ -60,6 +60,27 @@ pub fn document() -> Value {
                         "hive_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "worker_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name, path, or hub repo id of a Hugging Face cache snapshot)."}
+                    }
+                },
+                "ImageTransform": {
+                    "description": "Image-to-image (diffusers' StableDiffusionImg2ImgPipeline). Every field of ImageGeneration except `operation`, plus the ones below. width/height default to the input's size rounded down to the latent factor; the input is resized to width x height with Pillow's Lanczos.",
+                    "type": "object",
+                    "required": ["operation", "prompt", "input_image"],
+                    "properties": {
+                        "operation": {"type": "string", "enum": ["image_transform"]},
+                        "input_image": {"type": "string", "description": "Base64 PNG, JPEG or WebP, or a data: URL. Grayscale is expanded to RGB, alpha dropped. At most --max-input-pixels (checked from the header)."},
+                        "strength": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 0.8, "description": "Share of the steps that run; int(steps x strength) must be at least 1."}
+                    }
+                },
+                "ImageInpaint": {
+                    "description": "Inpainting (diffusers' StableDiffusionInpaintPipeline): a 9-channel inpainting UNet, or a regular UNet blending the unmasked region back after each step (see /v1/info capabilities.inpaint_method). Every field of ImageGeneration except `operation`, plus the ones below. width/height default to the model's size, as in diffusers; image and mask are resized to it.",
+                    "type": "object",
+                    "required": ["operation", "prompt", "init_image", "mask_image"],
+                    "properties": {
+                        "operation": {"type": "string", "enum": ["image_inpaint"]},
+                        "init_image": {"type": "string", "description": "Base64 PNG, JPEG or WebP, or a data: URL."},
+                        "mask_image": {"type": "string", "description": "Base64 image of any size (resized to the output size: Lanczos, nearest for palette and 1-bit PNGs); converted to luma after resizing; luma >= 128 (white) is repainted. Alpha is dropped."},
+                        "strength": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 1.0}
                     }
                 },
                 "Submitted": {
@@ -113,7 +134,11 @@ pub fn document() -> Value {
             "/v1/jobs": {
                 "post": {
                     "summary": "Queue a job",
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImageGeneration"}}}},
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
+                        {"$ref": "#/components/schemas/ImageGeneration"},
+                        {"$ref": "#/components/schemas/ImageTransform"},
+                        {"$ref": "#/components/schemas/ImageInpaint"}
+                    ], "discriminator": {"propertyName": "operation"}}}}},
                     "responses": {
                         "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submitted"}}}},
                         "400": error_response("The body is not JSON."),
@@ -150,7 +175,7 @@ pub fn document() -> Value {
                 "parameters": [job_id_param()],
                 "get": {
                     "summary": "Server-Sent Events of a job",
-                    "description": "Events (the SSE event name equals the `type` field of the JSON data): queued {position}; started; progress {step, total, percent}; preview {step, total, width, height, image (base64), format}; complete {images (base64), image (the first), format, seed, timings}; error {message, error {type, message}}; cancelled {reason}. A subscriber first receives the job's current state (or its final event), the stream ends after the final event, and comment lines keep the connection alive.",
+                    "description": "Events (the SSE event name equals the `type` field of the JSON data): queued {position}; started; progress {step, total, percent}; preview {step, total, width, height, image (base64), format}; complete {operation, inpaint_method (inpainting jobs, else null), images (base64), image (the first), format, seed, timings}; error {message, error {type, message}}; cancelled {reason}. A subscriber first receives the job's current state (or its final event), the stream ends after the final event, and comment lines keep the connection alive.",
                     "responses": {"200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}, "401": unauthorized, "404": not_found}
                 }
             },
