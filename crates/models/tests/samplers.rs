@@ -628,3 +628,23 @@ fn steps_run_in_order_for_multistep_samplers() {
         assert!(s.step(&x, n, &x, &mut rng).is_err(), "{kind}");
     }
 }
+
+/// diffusers' StableDiffusionPipeline / Img2Img / Inpaint constructors patch the loaded
+/// scheduler config (steps_offset 1; clip_sample off for classes that have it, except in
+/// inpainting; skip_prk_steps on for a PNDM in inpainting), before any from_config swap.
+#[test]
+fn pipelines_patch_the_loaded_scheduler_config_as_diffusers() {
+    let ddim = cfg(json!({"_class_name": "DDIMScheduler", "steps_offset": 0, "clip_sample": true}));
+    let t2i = ddim.for_pipeline(false);
+    assert_eq!((t2i.steps_offset, t2i.clip_sample), (1, false));
+    let inp = ddim.for_pipeline(true);
+    assert_eq!((inp.steps_offset, inp.clip_sample), (1, true));
+    // A PNDM config has no clip_sample: a later swap to DDIM gets DDIM's default (true).
+    let pndm = cfg(json!({"_class_name": "PNDMScheduler", "skip_prk_steps": false}));
+    let t2i = pndm.for_pipeline(false);
+    assert_eq!((t2i.steps_offset, t2i.clip_sample, t2i.skip_prk_steps), (1, true, false));
+    assert!(pndm.for_pipeline(true).skip_prk_steps);
+    // Other classes keep skip_prk_steps as read.
+    let euler = cfg(json!({"_class_name": "EulerDiscreteScheduler"}));
+    assert!(!euler.for_pipeline(true).skip_prk_steps);
+}
