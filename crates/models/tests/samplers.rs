@@ -642,7 +642,10 @@ fn pipelines_patch_the_loaded_scheduler_config_as_diffusers() {
     // A PNDM config has no clip_sample: a later swap to DDIM gets DDIM's default (true).
     let pndm = cfg(json!({"_class_name": "PNDMScheduler", "skip_prk_steps": false}));
     let t2i = pndm.for_pipeline(false);
-    assert_eq!((t2i.steps_offset, t2i.clip_sample, t2i.skip_prk_steps), (1, true, false));
+    assert_eq!(
+        (t2i.steps_offset, t2i.clip_sample, t2i.skip_prk_steps),
+        (1, true, false)
+    );
     assert!(pndm.for_pipeline(true).skip_prk_steps);
     // Other classes keep skip_prk_steps as read.
     let euler = cfg(json!({"_class_name": "EulerDiscreteScheduler"}));

@@ -237,6 +237,34 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_and_webp_decode() {
+        let rgb: Vec<u8> = (0..16 * 8 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let img = image::RgbImage::from_raw(16, 8, rgb.clone()).unwrap();
+        let mut webp = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .encode(&rgb, 16, 8, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let got = decode_rgb(&webp, 1000, 100).unwrap();
+        assert_eq!((got.width, got.height), (16, 8));
+        assert_eq!(got.pixels, rgb, "lossless WebP round trip");
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode_image(&img)
+            .unwrap();
+        let got = decode_rgb(&jpeg, 1000, 100).unwrap();
+        assert_eq!(
+            (got.width, got.height, got.pixels.len()),
+            (16, 8, rgb.len())
+        );
+        let m = decode_mask(&jpeg, 1000, 100).unwrap();
+        assert_eq!((m.channels, m.nearest), (3, false));
+        assert!(decode_rgb(&jpeg, 100, 100)
+            .unwrap_err()
+            .0
+            .contains("16x8 = 128 pixels"));
+    }
+
+    #[test]
     fn bombs_and_garbage_are_refused_before_decoding() {
         // A PNG header claiming 100000 x 100000 pixels with no data.
         let mut bomb = png(1, 1, png::ColorType::Rgb, &[0, 0, 0]);

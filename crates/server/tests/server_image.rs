@@ -289,10 +289,22 @@ fn bad_image_inputs_get_4xx_naming_the_field() {
     let gray = png(32, 32, png::ColorType::Grayscale, &[90; 32 * 32]);
     let rgba = png(32, 32, png::ColorType::Rgba, &[200; 32 * 32 * 4]);
     let small_mask = png(8, 8, png::ColorType::Grayscale, &[255; 64]);
+    // JPEG and WebP inputs.
+    let rgb: Vec<u8> = (0..32 * 32 * 3).map(|i| (i * 5 % 256) as u8).collect();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode(&rgb, 32, 32, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let mut webp = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+        .encode(&rgb, 32, 32, image::ExtendedColorType::Rgb8)
+        .unwrap();
     for body in [
         transform(json!({"input_image": b64(&gray)})),
         transform(json!({"input_image": b64(&rgba)})),
         inpaint(json!({"mask_image": b64(&small_mask)})),
+        transform(json!({"input_image": format!("data:image/jpeg;base64,{}", b64(&jpeg))})),
+        inpaint(json!({"init_image": b64(&webp), "mask_image": b64(&jpeg)})),
     ] {
         let data = complete(&server, &body);
         assert_eq!(data["format"], "png");
