@@ -83,6 +83,18 @@ fn decode(
             w.saturating_mul(h)
         )));
     }
+    if format == ImageFormat::Jpeg {
+        // Our decoder, equal to Pillow's libjpeg-turbo pixels.
+        let d = crate::jpeg::decode(bytes, max_pixels)
+            .map_err(|e| err(format!("is not a readable JPEG image: {e}")))?;
+        let (w, h) = (d.width as u32, d.height as u32);
+        let image = if d.channels == 1 {
+            image::GrayImage::from_raw(w, h, d.pixels).map(image::DynamicImage::ImageLuma8)
+        } else {
+            image::RgbImage::from_raw(w, h, d.pixels).map(image::DynamicImage::ImageRgb8)
+        };
+        return image.ok_or_else(|| err("is not a readable JPEG image"));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(w as u32);

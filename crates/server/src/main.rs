@@ -11,6 +11,7 @@ mod engine;
 mod generate;
 mod input_image;
 mod inspect;
+mod jpeg;
 mod metrics;
 mod openapi;
 mod png_out;
