@@ -1,4 +1,5 @@
-"""JPEG files and Pillow's decoded pixels, for crates/server/src/jpeg.rs.
+"""JPEG and WebP files and Pillow's decoded pixels, for crates/server/src/jpeg.rs and
+input_image.rs (webp.safetensors: lossy and lossless WebP, the same layout).
 
 Writes crates/server/tests/fixtures/jpeg.safetensors: for each case, `<name>.jpg` (the file's
 bytes, uint8) and `<name>.rgb` (Pillow's `Image.open(f).convert("RGB")`, (H, W, 3) uint8, or
@@ -15,6 +16,7 @@ from PIL import Image, features
 from safetensors.numpy import save_file
 
 OUT = Path(__file__).resolve().parent.parent / "crates/server/tests/fixtures/jpeg.safetensors"
+WEBP_OUT = OUT.with_name("webp.safetensors")
 
 
 def picture(w, h, seed):
@@ -56,6 +58,18 @@ def main():
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(OUT), metadata={"pillow": PIL.__version__,
                                             "libjpeg_turbo": str(features.version("libjpeg_turbo"))})
+    webp = {}
+    for i, (name, opts) in enumerate({"lossy_q80_45x31": dict(quality=80),
+                                      "lossy_q40_33x17": dict(quality=40),
+                                      "lossless_20x12": dict(lossless=True)}.items()):
+        w, h = (int(x) for x in name.rsplit("_", 1)[1].split("x"))
+        buf = io.BytesIO()
+        picture(w, h, 70 + i).save(buf, "WEBP", **opts)
+        data = buf.getvalue()
+        webp[f"{name}.webp"] = np.frombuffer(data, dtype=np.uint8).copy()
+        webp[f"{name}.rgb"] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    save_file(webp, str(WEBP_OUT), metadata={"pillow": PIL.__version__,
+                                             "libwebp": str(features.version("webp"))})
     print(f"wrote {OUT}: {len(tensors) // 2} cases, Pillow {PIL.__version__}, "
           f"libjpeg-turbo {features.version('libjpeg_turbo')}")
 

@@ -248,6 +248,28 @@ mod tests {
         assert_eq!(m.pixels, vec![255, 0, 255, 0, 0, 0, 0, 0]);
     }
 
+    /// Lossy and lossless WebP files decode to Pillow's (libwebp 1.6.0) pixels; from
+    /// `scripts/make_jpeg_fixtures.py`.
+    #[test]
+    fn webp_pixels_equal_pillow() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/webp.safetensors");
+        let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+        let mut n = 0;
+        for name in t.keys().filter(|k| k.ends_with(".webp")) {
+            let data = t[name].to_vec1::<u8>().unwrap();
+            let want = t[&name.replace(".webp", ".rgb")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            let got = decode_rgb(&data, 1 << 20, 4096).unwrap();
+            assert_eq!(got.pixels, want, "{name}");
+            n += 1;
+        }
+        assert_eq!(n, 3);
+    }
+
     #[test]
     fn jpeg_and_webp_decode() {
         let rgb: Vec<u8> = (0..16 * 8 * 3).map(|i| (i * 7 % 256) as u8).collect();
