@@ -1,9 +1,11 @@
-//! Network modules built from config files: CLIP text encoder, UNet, VAE.
+//! Network modules built from config files: CLIP text encoder, UNet, VAE, FLUX transformer.
 
 pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod flux;
 pub mod resnet;
+pub mod t5;
 pub mod unet;
 pub mod vae;

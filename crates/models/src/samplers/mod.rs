@@ -22,6 +22,7 @@
 pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
+pub mod flow_match;
 pub mod pndm;
 pub mod rng;
 pub(crate) mod schedule;

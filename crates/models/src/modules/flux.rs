@@ -1,0 +1,495 @@
+//! The FLUX.1 transformer (diffusers `FluxTransformer2DModel`): joint text-image attention
+//! in "double stream" blocks, then "single stream" blocks over the concatenated sequence,
+//! with 3-axis rotary position embeddings and adaptive layer norms conditioned on the
+//! timestep, the guidance scale (dev) and the pooled CLIP text embedding.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use super::attention::{score_budget, sliced_attention};
+use super::config::JsonConfig;
+use crate::Result;
+
+/// The fields of a FLUX transformer `config.json` that we use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FluxConfig {
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub num_single_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    pub pooled_projection_dim: usize,
+    pub guidance_embeds: bool,
+    pub axes_dims_rope: Vec<usize>,
+}
+
+impl FluxConfig {
+    pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
+        let in_channels = cfg.usize_or("in_channels", 64)?;
+        let out_channels = cfg.usize_opt("out_channels")?.unwrap_or(in_channels);
+        let attention_head_dim = cfg.usize_or("attention_head_dim", 128)?;
+        let axes_dims_rope = cfg
+            .usize_list("axes_dims_rope")?
+            .unwrap_or_else(|| vec![16, 56, 56]);
+        let c = Self {
+            patch_size: cfg.usize_or("patch_size", 1)?,
+            in_channels,
+            out_channels,
+            num_layers: cfg.usize_or("num_layers", 19)?,
+            num_single_layers: cfg.usize_or("num_single_layers", 38)?,
+            attention_head_dim,
+            num_attention_heads: cfg.usize_or("num_attention_heads", 24)?,
+            joint_attention_dim: cfg.usize_or("joint_attention_dim", 4096)?,
+            pooled_projection_dim: cfg.usize_or("pooled_projection_dim", 768)?,
+            guidance_embeds: cfg.bool_or("guidance_embeds", false)?,
+            axes_dims_rope,
+        };
+        if c.patch_size != 1 {
+            return Err(cfg.err(format!(
+                "field `patch_size` must be 1 (FLUX packs 2x2 latent patches itself), got {}",
+                c.patch_size
+            )));
+        }
+        let rope: usize = c.axes_dims_rope.iter().sum();
+        if rope != c.attention_head_dim || c.axes_dims_rope.iter().any(|d| d % 2 == 1) {
+            return Err(cfg.err(format!(
+                "field `axes_dims_rope` {:?} must be even sizes adding up to attention_head_dim {}",
+                c.axes_dims_rope, c.attention_head_dim
+            )));
+        }
+        if c.num_attention_heads == 0 || c.attention_head_dim == 0 {
+            return Err(cfg.err("attention heads and head size must be positive"));
+        }
+        Ok(c)
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+/// LayerNorm without affine parameters, computed in f32 as torch does.
+fn layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+}
+
+/// diffusers `RMSNorm` with a weight: `x * rsqrt(mean(x^2) + eps) * w`, variance in f32.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps: 1e-6,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Sinusoidal features of `t` (batch,) as diffusers' `Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`: [cos, sin], in f32.
+fn timestep_features(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let ln = (10000f64).ln() as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-ln * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], 1)
+}
+
+#[derive(Debug)]
+struct Mlp2 {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp2 {
+    fn new(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear_1: linear(din, dout, vb.pp("linear_1"))?,
+            linear_2: linear(dout, dout, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// The rotary tables (cos, sin) of shape (seq, head_dim), on the CPU, from ids (seq, axes):
+/// per axis, frequencies `1 / theta^(2i / d)` in f64, angles `pos * freq`, each repeated
+/// twice (interleaved pairs), cast to f32.
+fn rope_tables(ids: &Tensor, axes: &[usize], theta: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let (seq, n_axes) = ids.dims2()?;
+    let ids: Vec<f32> = ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let dim: usize = axes.iter().sum();
+    let mut cos = vec![0f32; seq * dim];
+    let mut sin = vec![0f32; seq * dim];
+    for s in 0..seq {
+        let mut off = 0;
+        for (a, &d) in axes.iter().enumerate() {
+            let pos = if a < n_axes {
+                f64::from(ids[s * n_axes + a])
+            } else {
+                0.0
+            };
+            for i in 0..d / 2 {
+                let exponent = (2 * i) as f64 / d as f64;
+                let freq = 1.0 / theta.powf(exponent);
+                let angle = pos * freq;
+                let (c, sn) = (angle.cos() as f32, angle.sin() as f32);
+                for j in 0..2 {
+                    cos[s * dim + off + 2 * i + j] = c;
+                    sin[s * dim + off + 2 * i + j] = sn;
+                }
+            }
+            off += d;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (seq, dim), &candle_core::Device::Cpu)?,
+        Tensor::from_vec(sin, (seq, dim), &candle_core::Device::Cpu)?,
+    ))
+}
+
+/// `x * cos + rotate(x) * sin` for x (b, heads, seq, d), where rotate maps each pair
+/// (x0, x1) to (-x1, x0); computed in f32.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let (b, h, s, d) = x.dims4()?;
+    let xf = x.to_dtype(DType::F32)?;
+    let pairs = xf.reshape((b, h, s, d / 2, 2))?;
+    let re = pairs.narrow(4, 0, 1)?;
+    let im = pairs.narrow(4, 1, 1)?;
+    let rotated = Tensor::cat(&[im.neg()?, re], 4)?.reshape((b, h, s, d))?;
+    let out = (xf.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    out.to_dtype(dtype)
+}
+
+/// Multi-head attention over (b, seq, heads, d) queries/keys/values with scale 1/sqrt(d).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = (q * scale)?.reshape((b * h, s, d))?;
+    let k = k.reshape((b * h, s, d))?;
+    let v = v.reshape((b * h, s, d))?;
+    let o = sliced_attention(&q, &k, &v, false, score_budget(q.device()))?;
+    // (b, h, s, d) -> (b, s, h * d)
+    o.reshape((b, h, s, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, h * d))
+}
+
+#[derive(Debug)]
+struct DoubleBlock {
+    norm1: Linear,
+    norm1_context: Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    add_q: Linear,
+    add_k: Linear,
+    add_v: Linear,
+    norm_added_q: RmsNorm,
+    norm_added_k: RmsNorm,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff_in: Linear,
+    ff_out: Linear,
+    ffc_in: Linear,
+    ffc_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// (b, seq, h*d) -> (b, h, seq, d)
+fn heads(x: &Tensor, h: usize, d: usize) -> candle_core::Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    x.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
+}
+
+/// `linear(silu(temb))` split into `n` chunks of the model width.
+fn modulation(lin: &Linear, temb: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
+    let e = lin.forward(&temb.silu()?)?;
+    let dim = e.dim(1)? / n;
+    (0..n)
+        .map(|i| e.narrow(1, i * dim, dim)?.unsqueeze(1))
+        .collect()
+}
+
+/// `norm(x) * (1 + scale) + shift` with a LayerNorm without affine parameters (eps 1e-6).
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    layer_norm(x, 1e-6)?
+        .broadcast_mul(&(scale + 1.0)?)?
+        .broadcast_add(shift)
+}
+
+impl DoubleBlock {
+    fn new(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
+        let dim = c.inner_dim();
+        let hd = c.attention_head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            norm1: linear(dim, 6 * dim, vb.pp("norm1").pp("linear"))?,
+            norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context").pp("linear"))?,
+            to_q: linear(dim, dim, a.pp("to_q"))?,
+            to_k: linear(dim, dim, a.pp("to_k"))?,
+            to_v: linear(dim, dim, a.pp("to_v"))?,
+            norm_q: RmsNorm::new(hd, a.pp("norm_q"))?,
+            norm_k: RmsNorm::new(hd, a.pp("norm_k"))?,
+            add_q: linear(dim, dim, a.pp("add_q_proj"))?,
+            add_k: linear(dim, dim, a.pp("add_k_proj"))?,
+            add_v: linear(dim, dim, a.pp("add_v_proj"))?,
+            norm_added_q: RmsNorm::new(hd, a.pp("norm_added_q"))?,
+            norm_added_k: RmsNorm::new(hd, a.pp("norm_added_k"))?,
+            to_out: linear(dim, dim, a.pp("to_out").pp(0))?,
+            to_add_out: linear(dim, dim, a.pp("to_add_out"))?,
+            ff_in: linear(dim, 4 * dim, vb.pp("ff").pp("net").pp(0).pp("proj"))?,
+            ff_out: linear(4 * dim, dim, vb.pp("ff").pp("net").pp(2))?,
+            ffc_in: linear(dim, 4 * dim, vb.pp("ff_context").pp("net").pp(0).pp("proj"))?,
+            ffc_out: linear(4 * dim, dim, vb.pp("ff_context").pp("net").pp(2))?,
+            heads: c.num_attention_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (h, d) = (self.heads, self.head_dim);
+        let m = modulation(&self.norm1, temb, 6)?;
+        let mc = modulation(&self.norm1_context, temb, 6)?;
+        let img_n = modulate(img, &m[0], &m[1])?;
+        let txt_n = modulate(txt, &mc[0], &mc[1])?;
+
+        let q = self
+            .norm_q
+            .forward(&heads(&self.to_q.forward(&img_n)?, h, d)?)?;
+        let k = self
+            .norm_k
+            .forward(&heads(&self.to_k.forward(&img_n)?, h, d)?)?;
+        let v = heads(&self.to_v.forward(&img_n)?, h, d)?;
+        let cq = self
+            .norm_added_q
+            .forward(&heads(&self.add_q.forward(&txt_n)?, h, d)?)?;
+        let ck = self
+            .norm_added_k
+            .forward(&heads(&self.add_k.forward(&txt_n)?, h, d)?)?;
+        let cv = heads(&self.add_v.forward(&txt_n)?, h, d)?;
+        let q = apply_rope(&Tensor::cat(&[&cq, &q], 2)?, &rope.0, &rope.1)?;
+        let k = apply_rope(&Tensor::cat(&[&ck, &k], 2)?, &rope.0, &rope.1)?;
+        let v = Tensor::cat(&[&cv, &v], 2)?;
+        let o = attention(&q, &k, &v)?;
+        let t_len = txt.dim(1)?;
+        let s_len = img.dim(1)?;
+        let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, t_len)?)?;
+        let img_attn = self.to_out.forward(&o.narrow(1, t_len, s_len)?)?;
+
+        let img = (img + img_attn.broadcast_mul(&m[2])?)?;
+        let img_n = modulate(&img, &m[3], &m[4])?;
+        let ff = self.ff_out.forward(&self.ff_in.forward(&img_n)?.gelu()?)?;
+        let img = (img + ff.broadcast_mul(&m[5])?)?;
+
+        let txt = (txt + txt_attn.broadcast_mul(&mc[2])?)?;
+        let txt_n = modulate(&txt, &mc[3], &mc[4])?;
+        let ff = self
+            .ffc_out
+            .forward(&self.ffc_in.forward(&txt_n)?.gelu()?)?;
+        let txt = (txt + ff.broadcast_mul(&mc[5])?)?;
+        Ok((img, txt))
+    }
+}
+
+#[derive(Debug)]
+struct SingleBlock {
+    norm: Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl SingleBlock {
+    fn new(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
+        let dim = c.inner_dim();
+        let hd = c.attention_head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            norm: linear(dim, 3 * dim, vb.pp("norm").pp("linear"))?,
+            to_q: linear(dim, dim, a.pp("to_q"))?,
+            to_k: linear(dim, dim, a.pp("to_k"))?,
+            to_v: linear(dim, dim, a.pp("to_v"))?,
+            norm_q: RmsNorm::new(hd, a.pp("norm_q"))?,
+            norm_k: RmsNorm::new(hd, a.pp("norm_k"))?,
+            proj_mlp: linear(dim, 4 * dim, vb.pp("proj_mlp"))?,
+            proj_out: linear(5 * dim, dim, vb.pp("proj_out"))?,
+            heads: c.num_attention_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// Over the concatenated [text, image] sequence.
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
+        let (h, d) = (self.heads, self.head_dim);
+        let m = modulation(&self.norm, temb, 3)?;
+        let xn = modulate(x, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&xn)?.gelu()?;
+        let q = self
+            .norm_q
+            .forward(&heads(&self.to_q.forward(&xn)?, h, d)?)?;
+        let k = self
+            .norm_k
+            .forward(&heads(&self.to_k.forward(&xn)?, h, d)?)?;
+        let v = heads(&self.to_v.forward(&xn)?, h, d)?;
+        let q = apply_rope(&q, &rope.0, &rope.1)?;
+        let k = apply_rope(&k, &rope.0, &rope.1)?;
+        let o = attention(&q, &k, &v)?;
+        let out = self.proj_out.forward(&Tensor::cat(&[&o, &mlp], 2)?)?;
+        x + out.broadcast_mul(&m[2])?
+    }
+}
+
+/// A loaded FLUX transformer.
+pub struct FluxTransformer {
+    x_embedder: Linear,
+    context_embedder: Linear,
+    timestep_embedder: Mlp2,
+    guidance_embedder: Option<Mlp2>,
+    text_embedder: Mlp2,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+    pub config: FluxConfig,
+}
+
+impl FluxTransformer {
+    pub fn new(vb: VarBuilder, c: &FluxConfig) -> Result<Self> {
+        let dim = c.inner_dim();
+        let te = vb.pp("time_text_embed");
+        let guidance_embedder = if c.guidance_embeds {
+            Some(Mlp2::new(256, dim, te.pp("guidance_embedder"))?)
+        } else {
+            None
+        };
+        let double = (0..c.num_layers)
+            .map(|i| DoubleBlock::new(vb.pp("transformer_blocks").pp(i), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let single = (0..c.num_single_layers)
+            .map(|i| SingleBlock::new(vb.pp("single_transformer_blocks").pp(i), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            x_embedder: linear(c.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: linear(c.joint_attention_dim, dim, vb.pp("context_embedder"))?,
+            timestep_embedder: Mlp2::new(256, dim, te.pp("timestep_embedder"))?,
+            guidance_embedder,
+            text_embedder: Mlp2::new(c.pooled_projection_dim, dim, te.pp("text_embedder"))?,
+            double,
+            single,
+            norm_out: linear(dim, 2 * dim, vb.pp("norm_out").pp("linear"))?,
+            proj_out: linear(
+                dim,
+                c.patch_size * c.patch_size * c.out_channels,
+                vb.pp("proj_out"),
+            )?,
+            config: c.clone(),
+        })
+    }
+
+    /// The velocity for packed latents `img` (b, seq, in_channels), T5 states `txt`
+    /// (b, tokens, joint_attention_dim), pooled CLIP `pooled` (b, pooled_dim), `timestep`
+    /// (b,) in [0, 1] (sigma, as FluxPipeline passes `t / 1000`), `guidance` (b,) for dev
+    /// models, and position ids (seq, 3) / (tokens, 3).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        pooled: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let dtype = img.dtype();
+        let img = self.x_embedder.forward(img)?;
+        let t = (timestep.to_dtype(dtype)? * 1000.0)?;
+        let mut temb = self
+            .timestep_embedder
+            .forward(&timestep_features(&t, 256)?.to_dtype(dtype)?)?;
+        match (&self.guidance_embedder, guidance) {
+            (Some(g), Some(guidance)) => {
+                let gv = (guidance.to_dtype(dtype)? * 1000.0)?;
+                temb = (temb + g.forward(&timestep_features(&gv, 256)?.to_dtype(dtype)?)?)?;
+            }
+            (Some(_), None) => {
+                return Err(crate::Error::invalid(
+                    "guidance",
+                    "this FLUX model embeds the guidance scale: it is required",
+                ))
+            }
+            (None, _) => {}
+        }
+        let temb = (temb + self.text_embedder.forward(pooled)?)?;
+        let txt = self.context_embedder.forward(txt)?;
+        let ids = Tensor::cat(&[txt_ids, img_ids], 0)?;
+        let (cos, sin) = rope_tables(&ids, &self.config.axes_dims_rope, 10000.0)?;
+        let rope = (cos.to_device(img.device())?, sin.to_device(img.device())?);
+        let (mut img, mut txt) = (img, txt);
+        for block in &self.double {
+            (img, txt) = block.forward(&img, &txt, &temb, &rope)?;
+        }
+        let t_len = txt.dim(1)?;
+        let s_len = img.dim(1)?;
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single {
+            x = block.forward(&x, &temb, &rope)?;
+        }
+        let img = x.narrow(1, t_len, s_len)?;
+        let m = modulation(&self.norm_out, &temb, 2)?;
+        // AdaLayerNormContinuous: scale first, then shift.
+        let img = modulate(&img, &m[1], &m[0])?;
+        Ok(self.proj_out.forward(&img)?)
+    }
+}
