@@ -133,3 +133,132 @@ fn flux_transformer_matches_diffusers() {
         );
     }
 }
+
+fn load_core(model: &str) -> sd_models::pipelines::flux::FluxCore {
+    use sd_models::modules::vae::{Vae, VaeConfig};
+    let dir = fixtures().join(format!("transformer-{model}"));
+    let cfg =
+        FluxConfig::from_config(&JsonConfig::load(&dir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let transformer = FluxTransformer::new(vb, &cfg).unwrap();
+    let vdir = fixtures().join("vae");
+    let vcfg =
+        VaeConfig::from_config(&JsonConfig::load(&vdir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[vdir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let vae = Vae::new(vb, &vcfg).unwrap();
+    let scheduler = FlowMatchConfig::from_config(
+        &JsonConfig::load(&fixtures().join(format!("scheduler-{model}/scheduler_config.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    sd_models::pipelines::flux::FluxCore {
+        transformer,
+        vae,
+        scheduler,
+        device: Device::Cpu,
+        dtype: DType::F32,
+    }
+}
+
+/// diffusers' FluxPipeline from the same prompt embeddings (`scripts/make_flux_pipeline_fixtures.py`):
+/// seeded packed latents exactly (1e-6), latents after step 1 and at the end within 1e-4
+/// relative, images within max 3 / mean 0.5 levels.
+#[test]
+fn flux_pipeline_matches_diffusers_from_embeddings() {
+    use sd_models::pipelines::flux::{pack, FluxParams};
+    use sd_models::samplers::TorchRng;
+    let text = std::fs::read_to_string(fixtures().join("reference/pipeline-cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let core = load_core(case["model"].as_str().unwrap());
+        let r = candle_core::safetensors::load(
+            fixtures().join(format!("reference/pipeline-{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = FluxParams {
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: case["batch"].as_u64().unwrap() as usize,
+        };
+        let init = &r["latents_init"];
+        let (b, seq, c4) = init.dims3().unwrap();
+        let f = core.latent_factor();
+        let (lh, lw) = (2 * (p.height / (2 * f)), 2 * (p.width / (2 * f)));
+        assert_eq!((b, seq, c4), (p.batch, (lh / 2) * (lw / 2), 16));
+        let noise = TorchRng::new(p.seed)
+            .randn(&[p.batch, c4 / 4, lh, lw], &Device::Cpu)
+            .unwrap();
+        let (diff, _) = max_rel_diff(&pack(&noise).unwrap(), init);
+        assert!(diff <= 1e-6, "{name}: initial latents differ by {diff:e}");
+
+        let mut step1 = None;
+        let mut last = None;
+        let images = core
+            .generate_from_embeddings(
+                &r["prompt_embeds"],
+                &r["pooled_prompt_embeds"],
+                &p,
+                &mut |pr| {
+                    if pr.step == 1 {
+                        step1 = Some(pr.latents.clone());
+                    }
+                    last = Some(pr.latents.clone());
+                    Ok(())
+                },
+            )
+            .unwrap();
+        for (what, got, key) in [
+            ("step 1", step1.unwrap(), "latents_step1"),
+            ("final", last.unwrap(), "latents_final"),
+        ] {
+            let (diff, scale) = max_rel_diff(&got, &r[key]);
+            assert!(
+                (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
+                "{name}: {what} latents differ by {diff:e} (scale {scale})"
+            );
+        }
+        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<u8> = images
+            .iter()
+            .flat_map(|i| i.pixels.iter().copied())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: pixel count");
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / got.len() as f64;
+        assert!(
+            max <= 3 && mean <= 0.5,
+            "{name}: images differ by max {max}, mean {mean:.3}"
+        );
+    }
+}

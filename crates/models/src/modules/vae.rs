@@ -20,6 +20,8 @@ pub struct VaeConfig {
     pub in_channels: usize,
     pub out_channels: usize,
     pub scaling_factor: f64,
+    /// Added after unscaling by FLUX (`shift_factor`); the SD pipelines ignore it.
+    pub shift_factor: f64,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub force_upcast: bool,
@@ -30,8 +32,9 @@ pub const MAX_VAE_BLOCKS: usize = 8;
 
 impl VaeConfig {
     pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
-        // `shift_factor`, `latents_mean` and `latents_std` are not used by the SD 1.x/2.x
-        // pipelines (diffusers decodes `latents / scaling_factor` only).
+        // `latents_mean` and `latents_std` are not used by the SD 1.x/2.x and FLUX pipelines;
+        // `shift_factor` by FLUX only (diffusers' SD pipelines decode `latents /
+        // scaling_factor`).
         cfg.expect_default("act_fn", &[json!("silu"), json!("swish")])?;
         cfg.expect_default("mid_block_add_attention", &[json!(true)])?;
         let block_out_channels = cfg
@@ -78,6 +81,7 @@ impl VaeConfig {
             in_channels: cfg.usize_or("in_channels", 3)?,
             out_channels,
             scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
+            shift_factor: cfg.f64_opt("shift_factor")?.unwrap_or(0.0),
             use_quant_conv: cfg.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: cfg.bool_or("use_post_quant_conv", true)?,
             force_upcast: cfg.bool_or("force_upcast", true)?,
@@ -100,6 +104,7 @@ impl VaeConfig {
             in_channels: 3,
             out_channels: 3,
             scaling_factor: 0.18215,
+            shift_factor: 0.0,
             use_quant_conv: true,
             use_post_quant_conv: true,
             force_upcast: true,
@@ -415,8 +420,14 @@ impl Vae {
     /// of shape (batch, 3, h * f, w * f), as f32. One image at a time, which bounds the
     /// decoder's peak memory.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z =
-            (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?.to_dtype(self.dtype)?;
+        let z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
+        self.decode_unscaled(&z)
+    }
+
+    /// Decodes latents already in the VAE's own space (FLUX computes
+    /// `latents / scaling_factor + shift_factor` itself).
+    pub fn decode_unscaled(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype)?;
         let images = (0..z.dim(0)?)
             .map(|i| {
                 let zi = z.narrow(0, i, 1)?;

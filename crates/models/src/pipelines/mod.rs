@@ -1,5 +1,6 @@
 //! Pipelines: the denoising loop from prompt to image.
 
+pub mod flux;
 pub mod preview;
 pub mod resize;
 pub mod sd;

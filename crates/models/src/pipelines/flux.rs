@@ -1,0 +1,168 @@
+//! FLUX.1 text-to-image from prompt embeddings, with the semantics of diffusers'
+//! `FluxPipeline`: seeded latents of shape (batch, C, 2 (H / 2f), 2 (W / 2f)) packed into
+//! 2x2 patches, position ids (0, row, col), the flow-matching schedule shifted by the image
+//! sequence length (dev) or not (schnell), the guidance embedding for dev models, unpacking
+//! and `latents / scaling_factor + shift_factor` into the VAE.
+//!
+//! Prompt encoding (CLIP pooled + T5) is not part of this module yet: callers pass the
+//! embeddings.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::sd::{to_rgb8, Progress, RgbImage};
+use crate::modules::flux::FluxTransformer;
+use crate::modules::vae::Vae;
+use crate::samplers::flow_match::{FlowMatchConfig, FlowMatchEuler};
+use crate::samplers::TorchRng;
+use crate::{Error, Result};
+
+/// One FLUX request, resolved.
+#[derive(Debug, Clone)]
+pub struct FluxParams {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// The embedded guidance scale of dev models (ignored by models without a guidance
+    /// embedding: callers must refuse it there).
+    pub guidance: f64,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+/// The denoising part of a FLUX pipeline: transformer, VAE and schedule config.
+pub struct FluxCore {
+    pub transformer: FluxTransformer,
+    pub vae: Vae,
+    pub scheduler: FlowMatchConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// (batch, c, h, w) -> (batch, (h/2)(w/2), 4c): diffusers' `_pack_latents`.
+pub fn pack(latents: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = latents.dims4()?;
+    Ok(latents
+        .reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, (h / 2) * (w / 2), c * 4))?)
+}
+
+/// The inverse of [`pack`] for latents of (h, w).
+pub fn unpack(latents: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, c4) = latents.dims3()?;
+    let c = c4 / 4;
+    Ok(latents
+        .reshape((b, h / 2, w / 2, c, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .contiguous()?
+        .reshape((b, c, h, w))?)
+}
+
+/// Position ids (rows * cols, 3) of the packed grid: (0, row, col).
+pub fn image_ids(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+    let ids: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..cols).flat_map(move |c| [0.0, r as f32, c as f32]))
+        .collect();
+    Ok(Tensor::from_vec(ids, (rows * cols, 3), device)?)
+}
+
+impl FluxCore {
+    /// The pixel factor of the VAE.
+    pub fn latent_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// Checks a request's size and counts.
+    pub fn validate(&self, p: &FluxParams) -> Result<()> {
+        let m = 2 * self.latent_factor();
+        for (field, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || !v.is_multiple_of(m) {
+                return Err(Error::invalid(
+                    field,
+                    format!("must be a positive multiple of {m} (2 x the VAE factor, as FLUX packs 2x2 latents), got {v}"),
+                ));
+            }
+        }
+        if p.steps == 0 {
+            return Err(Error::invalid("steps", "must be at least 1, got 0"));
+        }
+        if p.batch == 0 {
+            return Err(Error::invalid("batch", "must be at least 1, got 0"));
+        }
+        Ok(())
+    }
+
+    /// Generates from T5 states `embeds` (1 or batch, tokens, dim) and pooled CLIP `pooled`
+    /// (1 or batch, dim); both are repeated to the batch when given once.
+    pub fn generate_from_embeddings(
+        &self,
+        embeds: &Tensor,
+        pooled: &Tensor,
+        p: &FluxParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Vec<RgbImage>> {
+        self.validate(p)?;
+        let f = self.latent_factor();
+        let (lh, lw) = (2 * (p.height / (2 * f)), 2 * (p.width / (2 * f)));
+        let c = self.transformer.config.in_channels / 4;
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            let n = t.dim(0)?;
+            if n == p.batch {
+                Ok(t.clone())
+            } else if n == 1 {
+                let mut dims = vec![1; t.rank()];
+                dims[0] = p.batch;
+                Ok(t.repeat(dims)?)
+            } else {
+                Err(Error::invalid(
+                    "prompt_embeds",
+                    format!("batch {n} does not match the job's batch {}", p.batch),
+                ))
+            }
+        };
+        let embeds = repeat(embeds)?.to_dtype(self.dtype)?;
+        let pooled = repeat(pooled)?.to_dtype(self.dtype)?;
+        let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, &self.device)?;
+        let img_ids = image_ids(lh / 2, lw / 2, &self.device)?;
+
+        let mut rng = TorchRng::new(p.seed);
+        let noise = rng.randn(&[p.batch, c, lh, lw], &self.device)?;
+        let mut latents = pack(&noise)?;
+        let seq = (lh / 2) * (lw / 2);
+        let schedule = FlowMatchEuler::new(&self.scheduler, p.steps, Some(self.scheduler.mu(seq)))?;
+        let guidance = if self.transformer.config.guidance_embeds {
+            Some(Tensor::from_vec(
+                vec![p.guidance as f32; p.batch],
+                p.batch,
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        let total = schedule.timesteps.len();
+        for (i, &t) in schedule.timesteps.iter().enumerate() {
+            // FluxPipeline passes `t / 1000` in float32.
+            let tt = Tensor::from_vec(vec![t / 1000.0f32; p.batch], p.batch, &self.device)?;
+            let v = self.transformer.forward(
+                &latents.to_dtype(self.dtype)?,
+                &embeds,
+                &pooled,
+                &tt,
+                guidance.as_ref(),
+                &img_ids,
+                &txt_ids,
+            )?;
+            latents = schedule.step(&v, i, &latents)?;
+            on_step(Progress {
+                step: i + 1,
+                total,
+                latents: &latents,
+            })?;
+        }
+        let z = unpack(&latents, lh, lw)?;
+        let z = ((z / self.vae.config.scaling_factor)? + self.vae.config.shift_factor)?;
+        let images = self.vae.decode_unscaled(&z)?;
+        to_rgb8(&images)
+    }
+}
