@@ -1,3 +1,4 @@
 //! Tokenizers.
 
 pub mod clip;
+pub mod t5;
