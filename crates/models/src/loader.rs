@@ -319,3 +319,109 @@ pub fn load_unet(dir: &Path, device: &Device, dtype: DType) -> Result<UNet> {
     )?;
     in_component("unet", dir, UNet::new(vb, &cfg))
 }
+
+/// Whether a folder's model_index.json names a FLUX pipeline.
+pub fn is_flux_folder(root: &Path) -> bool {
+    JsonConfig::load(&root.join("model_index.json"))
+        .ok()
+        .and_then(|c| {
+            c.str_or("_class_name", "")
+                .ok()
+                .map(|s| s.starts_with("Flux"))
+        })
+        .unwrap_or(false)
+}
+
+/// Loads a FLUX.1 diffusers folder (`transformer/`, `vae/`, `text_encoder/` CLIP,
+/// `tokenizer/`, `text_encoder_2/` T5, `tokenizer_2/`, `scheduler/`) onto `device` in `dtype`.
+pub fn load_flux(
+    root: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<crate::pipelines::flux::FluxPipeline> {
+    use crate::modules::flux::{FluxConfig, FluxTransformer};
+    use crate::modules::t5::{T5Config, T5Encoder};
+    use crate::pipelines::flux::{FluxCore, FluxPipeline};
+    use crate::samplers::flow_match::FlowMatchConfig;
+    use crate::tokenizer::t5::T5Tokenizer;
+
+    let load_cfg = |name: &str, file: &str| -> Result<JsonConfig> {
+        JsonConfig::load(&component(root, name)?.join(file))
+    };
+    let clip_tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
+    let te_dir = component(root, "text_encoder")?;
+    let te_cfg = ClipTextConfig::from_config(&load_cfg("text_encoder", "config.json")?)?;
+    let vb = var_builder(&find_weights(&te_dir, "model")?, dtype, device)?;
+    let clip = in_component("text_encoder", &te_dir, ClipTextModel::new(vb, &te_cfg))?;
+
+    let t5_tokenizer = T5Tokenizer::from_dir(&component(root, "tokenizer_2")?)?;
+    let t5_dir = component(root, "text_encoder_2")?;
+    let t5_cfg = T5Config::from_config(&load_cfg("text_encoder_2", "config.json")?)?;
+    let vb = var_builder(&find_weights(&t5_dir, "model")?, dtype, device)?;
+    let t5 = in_component("text_encoder_2", &t5_dir, T5Encoder::new(vb, &t5_cfg))?;
+
+    let tr_dir = component(root, "transformer")?;
+    let tr_cfg_file = load_cfg("transformer", "config.json")?;
+    let tr_cfg = FluxConfig::from_config(&tr_cfg_file)?;
+    let vb = var_builder(
+        &find_weights(&tr_dir, "diffusion_pytorch_model")?,
+        dtype,
+        device,
+    )?;
+    let transformer = in_component("transformer", &tr_dir, FluxTransformer::new(vb, &tr_cfg))?;
+
+    let vae_dir = component(root, "vae")?;
+    let vae_cfg = VaeConfig::from_config(&load_cfg("vae", "config.json")?)?;
+    let vb = var_builder(
+        &find_weights(&vae_dir, "diffusion_pytorch_model")?,
+        dtype,
+        device,
+    )?;
+    let vae = in_component("vae", &vae_dir, Vae::new(vb, &vae_cfg))?;
+    let scheduler = FlowMatchConfig::from_config(&load_cfg("scheduler", "scheduler_config.json")?)?;
+
+    // Cross-checks: packed latent channels, text widths, T5 vocabulary.
+    if tr_cfg.in_channels != 4 * vae_cfg.latent_channels {
+        return Err(tr_cfg_file.err(format!(
+            "in_channels = {} but the VAE has {} latent channels (FLUX packs 2x2: expected {})",
+            tr_cfg.in_channels,
+            vae_cfg.latent_channels,
+            4 * vae_cfg.latent_channels
+        )));
+    }
+    if tr_cfg.pooled_projection_dim != te_cfg.hidden_size {
+        return Err(tr_cfg_file.err(format!(
+            "pooled_projection_dim = {} but the CLIP text encoder's hidden_size is {}",
+            tr_cfg.pooled_projection_dim, te_cfg.hidden_size
+        )));
+    }
+    if tr_cfg.joint_attention_dim != t5_cfg.d_model {
+        return Err(tr_cfg_file.err(format!(
+            "joint_attention_dim = {} but the T5 encoder's d_model is {}",
+            tr_cfg.joint_attention_dim, t5_cfg.d_model
+        )));
+    }
+    if t5_tokenizer.vocab_size() > t5_cfg.vocab_size {
+        return Err(Error::config(
+            component(root, "tokenizer_2")?,
+            format!(
+                "the tokenizer has {} tokens but the T5 encoder's vocab_size is {}",
+                t5_tokenizer.vocab_size(),
+                t5_cfg.vocab_size
+            ),
+        ));
+    }
+    Ok(FluxPipeline {
+        clip_tokenizer,
+        clip,
+        t5_tokenizer,
+        t5,
+        core: FluxCore {
+            transformer,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        },
+    })
+}

@@ -262,3 +262,70 @@ fn flux_pipeline_matches_diffusers_from_embeddings() {
         );
     }
 }
+
+/// diffusers' FluxPipeline end to end from prompts on the tiny dev and schnell folders
+/// (`scripts/make_flux_models.py`): prompt embeddings (CLIP pooled, T5) within 1e-4
+/// relative, images within max 3 / mean 0.5 levels.
+#[test]
+fn flux_pipeline_from_prompts_matches_diffusers() {
+    use sd_models::pipelines::flux::FluxParams;
+    let text = std::fs::read_to_string(fixtures().join("reference/flux-cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let model = fixtures().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
+        assert!(sd_models::loader::is_flux_folder(&model));
+        let pipe = sd_models::loader::load_flux(&model, &Device::Cpu, DType::F32).unwrap();
+        let r = candle_core::safetensors::load(
+            fixtures().join(format!("reference/flux-{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let prompt = case["prompt"].as_str().unwrap();
+        let max_seq = case["max_sequence_length"].as_u64().unwrap() as usize;
+        let enc = pipe.encode_prompt(prompt, max_seq).unwrap();
+        for (what, got, key) in [
+            ("T5 embeddings", &enc.embeds, "prompt_embeds"),
+            ("CLIP pooled", &enc.pooled, "pooled_prompt_embeds"),
+        ] {
+            let (diff, scale) = max_rel_diff(got, &r[key]);
+            assert!(
+                (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
+                "{name}: {what} differ by {diff:e} (scale {scale})"
+            );
+        }
+        let p = FluxParams {
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: case["batch"].as_u64().unwrap() as usize,
+        };
+        let (images, _) = pipe.generate(prompt, max_seq, &p, &mut |_| Ok(())).unwrap();
+        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<u8> = images
+            .iter()
+            .flat_map(|i| i.pixels.iter().copied())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: pixel count");
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / got.len() as f64;
+        assert!(
+            max <= 3 && mean <= 0.5,
+            "{name}: images differ by max {max}, mean {mean:.3}"
+        );
+    }
+}

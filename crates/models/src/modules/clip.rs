@@ -37,6 +37,9 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: ClipActivation,
     pub layer_norm_eps: f64,
+    /// Where the pooled output is taken: the first token with this id, or with the legacy
+    /// value 2, the token with the highest id (transformers' `pooler_output`).
+    pub eos_token_id: usize,
 }
 
 impl ClipTextConfig {
@@ -70,6 +73,7 @@ impl ClipTextConfig {
             max_position_embeddings: cfg.usize_or("max_position_embeddings", 77)?,
             hidden_act,
             layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
+            eos_token_id: cfg.usize_or("eos_token_id", 49407)?,
         };
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(cfg.err(format!(
@@ -91,6 +95,7 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: ClipActivation::QuickGelu,
             layer_norm_eps: 1e-5,
+            eos_token_id: 2,
         }
     }
 }
@@ -242,6 +247,20 @@ impl ClipTextModel {
             xs = layer.forward(&xs, &mask)?;
         }
         Ok(self.final_layer_norm.forward(&xs)?)
+    }
+
+    /// transformers' `pooler_output` of one sequence: the row of `hidden` (1, seq, dim) at the
+    /// end-of-text token of `ids`.
+    pub fn pooled(&self, hidden: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let pos = if self.config.eos_token_id == 2 {
+            // Legacy configs: argmax of the ids (its first occurrence).
+            let max = ids.iter().copied().max().unwrap_or(0);
+            ids.iter().position(|&i| i == max).unwrap_or(0)
+        } else {
+            let eos = self.config.eos_token_id as u32;
+            ids.iter().position(|&i| i == eos).unwrap_or(0)
+        };
+        Ok(hidden.narrow(1, pos, 1)?.squeeze(1)?)
     }
 
     /// The dtype of the weights.

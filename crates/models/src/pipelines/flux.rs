@@ -4,16 +4,20 @@
 //! sequence length (dev) or not (schnell), the guidance embedding for dev models, unpacking
 //! and `latents / scaling_factor + shift_factor` into the VAE.
 //!
-//! Prompt encoding (CLIP pooled + T5) is not part of this module yet: callers pass the
-//! embeddings.
+//! [`FluxPipeline`] adds the prompt encoding: the pooled output of CLIP (77 tokens) and the
+//! last hidden state of T5 (`max_sequence_length` tokens, padding included, no mask).
 
 use candle_core::{DType, Device, Tensor};
 
 use super::sd::{to_rgb8, Progress, RgbImage};
+use crate::modules::clip::ClipTextModel;
 use crate::modules::flux::FluxTransformer;
+use crate::modules::t5::T5Encoder;
 use crate::modules::vae::Vae;
 use crate::samplers::flow_match::{FlowMatchConfig, FlowMatchEuler};
 use crate::samplers::TorchRng;
+use crate::tokenizer::clip::ClipTokenizer;
+use crate::tokenizer::t5::T5Tokenizer;
 use crate::{Error, Result};
 
 /// One FLUX request, resolved.
@@ -164,5 +168,77 @@ impl FluxCore {
         let z = ((z / self.vae.config.scaling_factor)? + self.vae.config.shift_factor)?;
         let images = self.vae.decode_unscaled(&z)?;
         to_rgb8(&images)
+    }
+}
+
+/// A loaded FLUX pipeline: text encoders, transformer, VAE and schedule.
+pub struct FluxPipeline {
+    pub clip_tokenizer: ClipTokenizer,
+    pub clip: ClipTextModel,
+    pub t5_tokenizer: T5Tokenizer,
+    pub t5: T5Encoder,
+    pub core: FluxCore,
+}
+
+/// Prompt embeddings and how many tokens each encoder dropped.
+pub struct FluxPrompt {
+    /// T5 last hidden state (1, max_sequence_length, dim).
+    pub embeds: Tensor,
+    /// CLIP pooled output (1, dim).
+    pub pooled: Tensor,
+    /// Tokens cut by (CLIP, T5) truncation.
+    pub truncated: (usize, usize),
+}
+
+impl FluxPipeline {
+    /// Whether the transformer embeds the guidance scale (FLUX.1 dev) or not (schnell).
+    pub fn is_guidance_distilled(&self) -> bool {
+        self.core.transformer.config.guidance_embeds
+    }
+
+    /// The default T5 length: 512 for dev-like models, 256 for schnell-like ones.
+    pub fn default_max_sequence_length(&self) -> usize {
+        if self.is_guidance_distilled() {
+            512
+        } else {
+            256
+        }
+    }
+
+    /// diffusers' `FluxPipeline.encode_prompt` for one prompt.
+    pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<FluxPrompt> {
+        let dev = &self.core.device;
+        let (ids, count) = self.clip_tokenizer.encode_padded(prompt);
+        let kept = self.clip_tokenizer.max_length().saturating_sub(2);
+        let n = ids.len();
+        let t = Tensor::from_vec(ids.clone(), (1, n), dev)?;
+        let hidden = self.clip.forward(&t)?;
+        let pooled = self.clip.pooled(&hidden, &ids)?;
+        let (ids5, dropped5) = self
+            .t5_tokenizer
+            .encode_padded(prompt, max_sequence_length)?;
+        let n5 = ids5.len();
+        let embeds = self.t5.forward(&Tensor::from_vec(ids5, (1, n5), dev)?)?;
+        Ok(FluxPrompt {
+            embeds,
+            pooled,
+            truncated: (count.saturating_sub(kept), dropped5),
+        })
+    }
+
+    /// Text-to-image from a prompt.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+        p: &FluxParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<(Vec<RgbImage>, (usize, usize))> {
+        self.core.validate(p)?;
+        let enc = self.encode_prompt(prompt, max_sequence_length)?;
+        let images = self
+            .core
+            .generate_from_embeddings(&enc.embeds, &enc.pooled, p, on_step)?;
+        Ok((images, enc.truncated))
     }
 }
