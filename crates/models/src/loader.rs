@@ -425,3 +425,60 @@ pub fn load_flux(
         },
     })
 }
+
+/// What `inspect` reports about a FLUX folder, read from its configs without loading weights.
+#[derive(Debug, Clone)]
+pub struct FluxInfo {
+    pub name: String,
+    /// `dev` (guidance embedding) or `schnell` (none).
+    pub variant: &'static str,
+    pub latent_factor: usize,
+    /// Transformer parameters counted from the safetensors headers.
+    pub transformer_parameters: u64,
+    pub weights: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// Reads a FLUX folder's description without loading any weights.
+pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
+    use crate::modules::flux::FluxConfig;
+    let tr = FluxConfig::from_config(&JsonConfig::load(
+        &component(root, "transformer")?.join("config.json"),
+    )?)?;
+    let vae = VaeConfig::from_config(&JsonConfig::load(
+        &component(root, "vae")?.join("config.json"),
+    )?)?;
+    let mut weights = Vec::new();
+    for (name, stem) in [
+        ("text_encoder", "model"),
+        ("text_encoder_2", "model"),
+        ("transformer", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ] {
+        weights.push((
+            name.to_string(),
+            find_weights(&component(root, name)?, stem)?,
+        ));
+    }
+    let mut params = 0u64;
+    for f in &weights[2].1 {
+        // SAFETY: read-only mapping of a model file, as when loading.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
+            Error::config(f, format!("cannot read safetensors: {}", Error::from(e)))
+        })?;
+        for (_, view) in st.tensors() {
+            params += view.shape().iter().product::<usize>() as u64;
+        }
+    }
+    let name = root
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| root.display().to_string());
+    Ok(FluxInfo {
+        name,
+        variant: if tr.guidance_embeds { "dev" } else { "schnell" },
+        latent_factor: vae.scale_factor(),
+        transformer_parameters: params,
+        weights,
+    })
+}

@@ -16,7 +16,7 @@ use crate::request::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A Stable Diffusion 1.x/2.x diffusers folder (with model_index.json).
+    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json).
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
     /// The text prompt.
@@ -34,11 +34,16 @@ pub struct GenerateArgs {
     #[arg(long, env = "SD_HEIGHT")]
     pub height: Option<usize>,
     /// Number of denoising steps (1 to the scheduler's num_train_timesteps).
-    #[arg(long, env = "SD_STEPS", default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale; guidance is applied when it is above 1.
-    #[arg(long, env = "SD_GUIDANCE", default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Default: 50 for Stable Diffusion; 28 for FLUX dev, 4 for FLUX schnell.
+    #[arg(long, env = "SD_STEPS")]
+    pub steps: Option<usize>,
+    /// Guidance scale. Stable Diffusion: classifier-free guidance, applied above 1 (default
+    /// 7.5). FLUX dev: the embedded guidance (default 3.5); FLUX schnell takes none.
+    #[arg(long, env = "SD_GUIDANCE")]
+    pub guidance: Option<f64>,
+    /// FLUX: T5 prompt length in tokens (default 512 for dev, 256 for schnell).
+    #[arg(long, env = "SD_MAX_SEQUENCE_LENGTH")]
+    pub max_sequence_length: Option<usize>,
     /// Seed of the torch-compatible CPU generator (same noise as
     /// torch.Generator("cpu").manual_seed(SEED)). Default: a random seed, reported.
     #[arg(long, env = "SD_SEED")]
@@ -118,6 +123,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
+    if sd_models::loader::is_flux_folder(&args.model) {
+        return crate::generate_flux::run(&args, &device, dtype, quiet);
+    }
+    if let Some(n) = args.max_sequence_length {
+        bail!("--max-sequence-length {n} applies to FLUX models only");
+    }
 
     // Inputs are read before the model loads, so that a bad file fails at once.
     let max_side = sd_models::pipelines::sd::MAX_SIDE;
@@ -191,8 +202,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         width: args.width.unwrap_or(default_width),
         height: args.height.unwrap_or(default_height),
-        steps: args.steps,
-        guidance: args.guidance,
+        steps: args.steps.unwrap_or(50),
+        guidance: args.guidance.unwrap_or(7.5),
         seed,
         sampler,
         batch: args.batch,

@@ -7,12 +7,31 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A Stable Diffusion diffusers folder (with model_index.json).
+    /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json).
     #[arg(env = "SD_MODEL")]
     pub model: PathBuf,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    if sd_models::loader::is_flux_folder(&args.model) {
+        let info = sd_models::loader::inspect_flux(&args.model)?;
+        println!("model:        {}", info.name);
+        println!("path:         {}", args.model.display());
+        println!("family:       flux");
+        println!("variant:      {}", info.variant);
+        println!("layout:       diffusers folder (FluxPipeline)");
+        println!("latent factor: {} (packed 2x2)", info.latent_factor);
+        println!(
+            "default size: {0}x{0} (width x height)",
+            crate::generate_flux::DEFAULT_SAMPLE_SIZE * info.latent_factor
+        );
+        println!("transformer parameters: {}", info.transformer_parameters);
+        for (name, files) in &info.weights {
+            let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            println!("{name:<15} {}", list.join(", "));
+        }
+        return Ok(());
+    }
     let info = sd_models::loader::inspect(&args.model)?;
     let unet = sd_models::loader::read_unet_config(&args.model)?;
     let vae = sd_models::loader::read_vae_config(&args.model)?;

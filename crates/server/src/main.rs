@@ -9,6 +9,7 @@ mod bench;
 mod device;
 mod engine;
 mod generate;
+mod generate_flux;
 mod input_image;
 mod inspect;
 mod jpeg;

@@ -1,0 +1,163 @@
+//! `sd-worker generate` on FLUX.1 folders: the tiny dev and schnell pipelines of
+//! `scripts/make_flux_models.py` through the CLI flags, against diffusers' FluxPipeline images
+//! (max 3 / mean 0.5 levels), and one-line errors for what FLUX does not take.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+}
+
+fn sd_worker(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-worker"))
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run sd-worker")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-worker-cli-flux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    (info.width as usize, info.height as usize, buf, text)
+}
+
+#[test]
+fn flux_through_the_cli_matches_diffusers() {
+    let text = std::fs::read_to_string(root().join("reference/flux-cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = root().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
+        let out = tmp(&format!("{name}.png"));
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt".into(),
+            case["prompt"].as_str().unwrap().into(),
+            "--width".into(),
+            case["width"].to_string(),
+            "--height".into(),
+            case["height"].to_string(),
+            "--steps".into(),
+            case["steps"].to_string(),
+            "--seed".into(),
+            case["seed"].to_string(),
+            "--batch".into(),
+            case["batch"].to_string(),
+            "--max-sequence-length".into(),
+            case["max_sequence_length"].to_string(),
+            "--output".into(),
+            out.display().to_string(),
+        ];
+        if case["model"] == "dev" {
+            args.push("--guidance".into());
+            args.push(case["guidance"].to_string());
+        }
+        let o = sd_worker(&args);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r = candle_core::safetensors::load(
+            root().join(format!("reference/flux-{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (b, h, w, _) = r["images"].dims4().unwrap();
+        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let per = h * w * 3;
+        for i in 0..b {
+            let path = if b == 1 {
+                out.clone()
+            } else {
+                out.with_file_name(format!("{name}-{i}.png"))
+            };
+            let (gw, gh, px, text) = read_png(&path);
+            assert_eq!((gw, gh), (w, h), "{name}");
+            let want = &want[i * per..(i + 1) * per];
+            let max = px
+                .iter()
+                .zip(want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let mean = px
+                .iter()
+                .zip(want)
+                .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                .sum::<f64>()
+                / px.len() as f64;
+            assert!(max <= 3 && mean <= 0.5, "{name}: max {max}, mean {mean:.3}");
+            assert!(text.contains("Sampler: Euler"), "{text}");
+            assert_eq!(
+                text.contains("Distilled CFG Scale"),
+                case["model"] == "dev",
+                "{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn what_flux_does_not_take_is_a_one_line_error() {
+    let dev = root().join("tiny-flux-dev").display().to_string();
+    let schnell = root().join("tiny-flux-schnell").display().to_string();
+    let out = tmp("bad.png").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", &dev, "--negative-prompt", "x"],
+            "--negative-prompt",
+        ),
+        (vec!["--model", &dev, "--scheduler", "euler"], "--scheduler"),
+        (
+            vec!["--model", &dev, "--init-image", "/x.png"],
+            "--init-image",
+        ),
+        (vec!["--model", &schnell, "--guidance", "3.5"], "--guidance"),
+        (vec!["--model", &dev, "--width", "33"], "width"),
+        (
+            vec!["--model", &dev, "--max-sequence-length", "600"],
+            "--max-sequence-length",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--prompt".into(),
+            "a".into(),
+            "--steps".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--output".into());
+        args.push(out.clone());
+        let o = sd_worker(&args);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+}
