@@ -422,10 +422,17 @@ fn help_documents_every_flag() {
         "--device",
         "--dtype",
         "--output",
+        "--init-image",
+        "--strength",
+        "--mask",
+        "--max-sequence-length",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
-    assert!(help.contains("[default: 50]") && help.contains("[default: 7.5]"));
+    // Model-dependent defaults are spelled out in the help text.
+    assert!(help.contains("Default: 50 for Stable Diffusion; 28 for FLUX dev, 4 for FLUX schnell"));
+    assert!(help.contains("applied above 1 (default 7.5)"));
+    assert!(help.contains("the embedded guidance (default 3.5)"));
 }
 
 #[test]
