@@ -411,7 +411,8 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "width": spec.default_width,
             "height": spec.default_height,
             "steps": crate::request::default_steps(&spec, &st.limits),
-            "guidance_scale": crate::request::DEFAULT_GUIDANCE,
+            "guidance_scale": spec.default_guidance,
+            "max_sequence_length": spec.default_max_sequence_length,
             "scheduler": default_scheduler,
             "batch": 1,
             "preview_every": crate::request::DEFAULT_PREVIEW_EVERY,
@@ -434,14 +435,26 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "result_ttl_s": config.result_ttl.as_secs_f64(),
             "max_results": config.max_results,
         },
-        "schedulers": sd_models::samplers::SamplerKind::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "schedulers": if spec.flux {
+            vec!["flow-match-euler"]
+        } else {
+            sd_models::samplers::SamplerKind::ALL.iter().map(|s| s.name()).collect::<Vec<_>>()
+        },
         "capabilities": {
             "operations": if spec.inpainting_model {
                 vec!["image_inpaint"]
+            } else if spec.flux {
+                vec!["image_generation"]
             } else {
                 vec!["image_generation", "image_transform", "image_inpaint"]
             },
             "inpaint_method": spec.inpaint_method,
+            "negative_prompt": !spec.flux,
+            "guidance": if spec.flux {
+                if spec.guidance_embedded { "embedded" } else { "none" }
+            } else {
+                "classifier-free"
+            },
             "input_formats": ["png", "jpeg", "webp"],
             "previews": ["approx", "full"],
             "image_formats": ["png"],

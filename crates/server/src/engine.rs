@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use candle_core::Tensor;
+use sd_models::pipelines::flux::{FluxParams, FluxPipeline};
 use sd_models::pipelines::{GenerateParams, Generated, ImageInput, Progress, RgbImage, SdPipeline};
 use sd_models::samplers::{SamplerKind, SchedulerConfig};
 use serde_json::{json, Value};
@@ -47,28 +48,36 @@ pub trait Backend {
     /// Text-to-image, or image-to-image when `input` is given.
     fn generate(
         &self,
-        params: &GenerateParams,
-        input: Option<&ImageInput>,
+        request: &JobRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated>;
-    /// A preview of the first image of `latents`.
-    fn preview(&self, latents: &Tensor, kind: PreviewKind) -> sd_models::Result<RgbImage>;
+    /// A preview of the first image of a step's `latents`.
+    fn preview(
+        &self,
+        latents: &Tensor,
+        request: &JobRequest,
+        kind: PreviewKind,
+    ) -> sd_models::Result<RgbImage>;
 }
 
 impl Backend for SdPipeline {
     fn generate(
         &self,
-        params: &GenerateParams,
-        input: Option<&ImageInput>,
+        request: &JobRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
-        match input {
-            Some(input) => self.generate_from_image(params, input, on_step),
-            None => SdPipeline::generate(self, params, on_step),
+        match request.input.as_deref() {
+            Some(input) => self.generate_from_image(&request.params, input, on_step),
+            None => SdPipeline::generate(self, &request.params, on_step),
         }
     }
 
-    fn preview(&self, latents: &Tensor, kind: PreviewKind) -> sd_models::Result<RgbImage> {
+    fn preview(
+        &self,
+        latents: &Tensor,
+        _request: &JobRequest,
+        kind: PreviewKind,
+    ) -> sd_models::Result<RgbImage> {
         let first = latents.narrow(0, 0, 1)?;
         let mut images = match kind {
             PreviewKind::Approx => sd_models::pipelines::latent_preview(&first)?,
@@ -77,6 +86,97 @@ impl Backend for SdPipeline {
         images.pop().ok_or_else(|| {
             sd_models::Error::Candle(candle_core::Error::Msg("empty preview".into()))
         })
+    }
+}
+
+impl Backend for FluxPipeline {
+    fn generate(
+        &self,
+        request: &JobRequest,
+        on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
+    ) -> sd_models::Result<Generated> {
+        if request.input.is_some() {
+            return Err(sd_models::Error::invalid(
+                "operation",
+                "FLUX image-to-image and inpainting are not supported yet",
+            ));
+        }
+        let p = &request.params;
+        let fp = flux_params(p);
+        let max_seq = request
+            .max_sequence_length
+            .unwrap_or(self.default_max_sequence_length());
+        let (images, truncated) = FluxPipeline::generate(self, &p.prompt, max_seq, &fp, on_step)?;
+        Ok(Generated {
+            images,
+            truncated_tokens: truncated,
+        })
+    }
+
+    fn preview(
+        &self,
+        latents: &Tensor,
+        request: &JobRequest,
+        kind: PreviewKind,
+    ) -> sd_models::Result<RgbImage> {
+        let f = self.core.latent_factor();
+        let p = &request.params;
+        let (lh, lw) = (2 * (p.height / (2 * f)), 2 * (p.width / (2 * f)));
+        let z = sd_models::pipelines::flux::unpack(&latents.narrow(0, 0, 1)?, lh, lw)?;
+        let mut images = match kind {
+            PreviewKind::Approx => sd_models::pipelines::latent_preview(&z)?,
+            PreviewKind::Full => {
+                let cfg = &self.core.vae.config;
+                let z = ((z / cfg.scaling_factor)? + cfg.shift_factor)?;
+                sd_models::pipelines::sd::to_rgb8(&self.core.vae.decode_unscaled(&z)?)?
+            }
+        };
+        images.pop().ok_or_else(|| {
+            sd_models::Error::Candle(candle_core::Error::Msg("empty preview".into()))
+        })
+    }
+}
+
+/// A job's settings as FLUX takes them.
+pub fn flux_params(p: &GenerateParams) -> FluxParams {
+    FluxParams {
+        width: p.width,
+        height: p.height,
+        steps: p.steps,
+        guidance: p.guidance,
+        seed: p.seed,
+        batch: p.batch,
+    }
+}
+
+/// The model a worker serves.
+pub enum Model {
+    Sd(Box<SdPipeline>),
+    Flux(Box<FluxPipeline>),
+}
+
+impl Backend for Model {
+    fn generate(
+        &self,
+        request: &JobRequest,
+        on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
+    ) -> sd_models::Result<Generated> {
+        match self {
+            Model::Sd(m) => Backend::generate(m.as_ref(), request, on_step),
+            Model::Flux(m) => Backend::generate(m.as_ref(), request, on_step),
+        }
+    }
+
+    fn preview(
+        &self,
+        latents: &Tensor,
+        request: &JobRequest,
+        kind: PreviewKind,
+    ) -> sd_models::Result<RgbImage> {
+        match self {
+            Model::Sd(m) => m.as_ref().preview(latents, request, kind),
+            Model::Flux(m) => m.as_ref().preview(latents, request, kind),
+        }
     }
 }
 
@@ -95,6 +195,15 @@ pub struct ModelSpec {
     pub latent_factor: usize,
     /// An inpainting UNet: the model runs `image_inpaint` only.
     pub inpainting_model: bool,
+    /// FLUX (flow matching, no negative prompt, no sampler choice, image_generation only).
+    pub flux: bool,
+    /// Defaults of omitted fields.
+    pub default_steps: usize,
+    pub default_guidance: f64,
+    /// FLUX dev embeds a guidance scale; schnell takes none.
+    pub guidance_embedded: bool,
+    /// FLUX: default T5 prompt length.
+    pub default_max_sequence_length: Option<usize>,
     /// How the model inpaints: `inpaint-unet` or `latent-blend` (reported by /v1/info and
     /// the `complete` event of inpainting jobs).
     pub inpaint_method: &'static str,
@@ -134,6 +243,10 @@ pub struct JobRequest {
     pub params: GenerateParams,
     /// The init image, strength and (inpainting) mask.
     pub input: Option<Arc<ImageInput>>,
+    /// FLUX: the T5 prompt length (None: the model's default).
+    pub max_sequence_length: Option<usize>,
+    /// FLUX jobs: whether the model embeds the guidance scale (for the PNG text).
+    pub flux: Option<bool>,
     /// A preview every this many steps (0: none).
     pub preview_every: usize,
     pub preview: PreviewKind,
@@ -997,7 +1110,7 @@ fn run_job<B: Backend>(
     let mut stop: Option<CancelReason> = None;
     let mut last = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        backend.generate(&request.params, request.input.as_deref(), &mut |p| {
+        backend.generate(request, &mut |p| {
             let now = Instant::now();
             if p.step > 1 {
                 // The first interval also holds prompt encoding: not a step time.
@@ -1037,7 +1150,7 @@ fn run_job<B: Backend>(
             let every = request.preview_every;
             if every > 0 && p.step % every == 0 && p.step < p.total {
                 let t = Instant::now();
-                match backend.preview(p.latents, request.preview) {
+                match backend.preview(p.latents, request, request.preview) {
                     Ok(image) => {
                         let _ = tx.send(Publish::Preview {
                             id: id.clone(),
@@ -1093,14 +1206,39 @@ pub fn encode_results(
     model: &str,
     images: &[RgbImage],
 ) -> anyhow::Result<Vec<Vec<u8>>> {
+    encode_job_results(params, strength, None, model, images)
+}
+
+/// As [`encode_results`]; `flux` is Some(guidance embedded) for FLUX jobs, whose text is
+/// that of `sd-worker generate` on a FLUX model.
+pub fn encode_job_results(
+    params: &GenerateParams,
+    strength: Option<f64>,
+    flux: Option<bool>,
+    model: &str,
+    images: &[RgbImage],
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let n = images.len();
     images
         .iter()
         .enumerate()
         .map(|(i, image)| {
-            let mut text = Parameters::for_job(params, model, (n > 1).then_some((n, i)));
-            text.strength = strength;
-            encode_png(image, &text.to_text())
+            let batch = (n > 1).then_some((n, i));
+            let text = match flux {
+                Some(embedded) => crate::generate_flux::parameters_text(
+                    &params.prompt,
+                    &flux_params(params),
+                    embedded,
+                    model,
+                    batch,
+                ),
+                None => {
+                    let mut text = Parameters::for_job(params, model, batch);
+                    text.strength = strength;
+                    text.to_text()
+                }
+            };
+            encode_png(image, &text)
         })
         .collect()
 }
@@ -1190,7 +1328,13 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let (state, outcome) = match outcome {
         Outcome::Completed(generated) => {
             let strength = request.input.as_ref().map(|i| i.strength);
-            match encode_results(&request.params, strength, &model, &generated.images) {
+            match encode_job_results(
+                &request.params,
+                strength,
+                request.flux,
+                &model,
+                &generated.images,
+            ) {
                 Ok(pngs) => {
                     let encoded: Vec<String> = pngs.iter().map(|p| b64(p)).collect();
                     (JobState::Completed, Ok((pngs, encoded)))

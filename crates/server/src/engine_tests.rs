@@ -21,10 +21,10 @@ struct Fake {
 impl Backend for Fake {
     fn generate(
         &self,
-        params: &GenerateParams,
-        _input: Option<&sd_models::pipelines::ImageInput>,
+        request: &JobRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
+        let params = &request.params;
         self.log.lock().unwrap().push(params.prompt.clone());
         let latents = Tensor::zeros(
             (params.batch, 4, 2, 2),
@@ -61,7 +61,12 @@ impl Backend for Fake {
         })
     }
 
-    fn preview(&self, _latents: &Tensor, _kind: PreviewKind) -> sd_models::Result<RgbImage> {
+    fn preview(
+        &self,
+        _latents: &Tensor,
+        _request: &JobRequest,
+        _kind: PreviewKind,
+    ) -> sd_models::Result<RgbImage> {
         Ok(RgbImage {
             width: 2,
             height: 2,
@@ -80,6 +85,11 @@ fn spec() -> ModelSpec {
         prediction_type: "epsilon".into(),
         latent_factor: 8,
         inpainting_model: false,
+        flux: false,
+        default_steps: 50,
+        default_guidance: 7.5,
+        guidance_embedded: false,
+        default_max_sequence_length: None,
         inpaint_method: "latent-blend",
         default_width: 16,
         default_height: 16,
@@ -116,6 +126,8 @@ fn job(prompt: &str, steps: usize) -> JobRequest {
     JobRequest {
         operation: Operation::Generation,
         input: None,
+        max_sequence_length: None,
+        flux: None,
         params: GenerateParams {
             prompt: prompt.into(),
             negative_prompt: None,

@@ -48,7 +48,8 @@ pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
 /// Default inpainting strength.
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 16] = [
+    "max_sequence_length",
     "operation",
     "prompt",
     "negative_prompt",
@@ -128,9 +129,10 @@ fn text(obj: &Map<String, Value>, name: &str, max: usize) -> Result<Option<Strin
     }
 }
 
-/// Steps when the request has none: 50, or the worker's limit when that is lower.
+/// Steps when the request has none: the model's default (50 for Stable Diffusion, 28 for
+/// FLUX dev, 4 for schnell), or the worker's limit when that is lower.
 pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
-    DEFAULT_STEPS
+    spec.default_steps
         .min(limits.max_steps)
         .min(spec.num_train_timesteps)
 }
@@ -264,6 +266,15 @@ pub fn parse_job(
             ))
         }
     };
+    if spec.flux && op != Operation::Generation {
+        return Err(invalid(
+            "operation",
+            format!(
+                "this worker's model ({}) is FLUX: it runs \"image_generation\" only for now, got \"{operation}\"",
+                spec.name
+            ),
+        ));
+    }
     if spec.inpainting_model && op != Operation::Inpaint {
         return Err(invalid(
             "operation",
@@ -338,6 +349,33 @@ pub fn parse_job(
         ));
     }
     let negative_prompt = text(obj, "negative_prompt", MAX_TEXT_CHARS)?;
+    if spec.flux && negative_prompt.is_some() {
+        return Err(invalid(
+            "negative_prompt",
+            "FLUX models here run without a negative prompt (no true classifier-free guidance); omit it",
+        ));
+    }
+    let max_sequence_length = match (uint(obj, "max_sequence_length")?, spec.flux) {
+        (None, _) => None,
+        (Some(n), true) => {
+            if !(2..=512).contains(&n) {
+                return Err(invalid(
+                    "max_sequence_length",
+                    format!("must be between 2 and 512 (T5 tokens), got {n}"),
+                ));
+            }
+            Some(n as usize)
+        }
+        (Some(n), false) => {
+            return Err(invalid(
+                "max_sequence_length",
+                format!(
+                    "applies to FLUX models only (this worker serves {}), got {n}",
+                    spec.family
+                ),
+            ))
+        }
+    };
 
     let f = spec.latent_factor;
     let size = |name: &str, default: usize| -> Result<usize, RequestError> {
@@ -409,8 +447,17 @@ pub fn parse_job(
         ));
     }
 
+    if spec.flux && !spec.guidance_embedded && field(obj, "guidance_scale").is_some() {
+        return Err(invalid(
+            "guidance_scale",
+            format!(
+                "{} has no guidance embedding (FLUX schnell-like): omit it",
+                spec.name
+            ),
+        ));
+    }
     let guidance = match field(obj, "guidance_scale") {
-        None => DEFAULT_GUIDANCE,
+        None => spec.default_guidance,
         Some(v) => v.as_f64().ok_or_else(|| {
             invalid(
                 "guidance_scale",
@@ -441,6 +488,14 @@ pub fn parse_job(
     };
 
     let sampler = match field(obj, "scheduler") {
+        // FLUX runs its flow-matching schedule; the value only fills the job record.
+        None if spec.flux => SamplerKind::Euler,
+        Some(_) if spec.flux => {
+            return Err(invalid(
+                "scheduler",
+                "FLUX runs its flow-matching Euler schedule: omit `scheduler`",
+            ))
+        }
         None => spec.default_sampler.clone().map_err(|e| {
             invalid(
                 "scheduler",
@@ -469,7 +524,9 @@ pub fn parse_job(
     }
     // What the sampler itself refuses (e.g. PNDM with PRK warm-up needs 4 steps) is refused
     // here, not after queueing.
-    if let Err(e) = sd_models::samplers::build_sampler(
+    if spec.flux {
+        // FLUX sizes were checked against twice the VAE factor (its latent_factor here).
+    } else if let Err(e) = sd_models::samplers::build_sampler(
         sampler,
         &spec.scheduler.for_pipeline(false),
         steps as usize,
@@ -539,6 +596,8 @@ pub fn parse_job(
 
     Ok(JobRequest {
         operation: op,
+        max_sequence_length,
+        flux: spec.flux.then_some(spec.guidance_embedded),
         input,
         params: GenerateParams {
             prompt,
@@ -575,6 +634,11 @@ mod tests {
             latent_factor: 8,
             inpainting_model: false,
             inpaint_method: "latent-blend",
+            flux: false,
+            default_steps: 50,
+            default_guidance: 7.5,
+            guidance_embedded: false,
+            default_max_sequence_length: None,
             default_width: 512,
             default_height: 512,
             default_sampler: Ok(SamplerKind::Pndm),

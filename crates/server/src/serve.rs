@@ -6,16 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use sd_models::pipelines::SdPipeline;
 
 use crate::api::{router, AppState};
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
-use crate::engine::{Engine, EngineConfig, Loader, ModelSpec};
+use crate::engine::{Engine, EngineConfig, Loader, Model, ModelSpec};
 use crate::request::Limits;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// A Stable Diffusion 1.x/2.x diffusers folder (with model_index.json).
+    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json).
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
     /// Address to listen on.
@@ -188,27 +187,75 @@ async fn serve(
 
     let model = args.model.clone();
     let device_name = args.device.trim().to_ascii_lowercase();
-    let loader: Loader<SdPipeline> = Box::new(move || {
+    let loader: Loader<Model> = Box::new(move || {
         let started = Instant::now();
-        let (pipeline, info) = sd_models::loader::load_sd(&model, &device, dtype)?;
-        let (default_width, default_height) = pipeline.default_size();
-        let spec = ModelSpec {
-            name: info.name.clone(),
-            path: model.clone(),
-            repo_id: crate::request::hub_repo_id(&model),
-            family: info.family.to_string(),
-            pipeline_class: info.pipeline_class.clone(),
-            prediction_type: info.prediction_type.as_str().to_string(),
-            latent_factor: pipeline.latent_factor(),
-            inpainting_model: pipeline.is_inpainting_model(),
-            inpaint_method: pipeline.inpaint_method().name(),
-            default_width,
-            default_height,
-            default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),
-            num_train_timesteps: pipeline.scheduler.num_train_timesteps,
-            scheduler: pipeline.scheduler.clone(),
-            device: device_name,
-            dtype: dtype_name(dtype).to_string(),
+        let repo_id = crate::request::hub_repo_id(&model);
+        let dtype_s = dtype_name(dtype).to_string();
+        let (backend, spec) = if sd_models::loader::is_flux_folder(&model) {
+            let pipeline = sd_models::loader::load_flux(&model, &device, dtype)?;
+            let info = sd_models::loader::inspect_flux(&model)?;
+            let dev = pipeline.is_guidance_distilled();
+            let side = crate::generate_flux::DEFAULT_SAMPLE_SIZE * pipeline.core.latent_factor();
+            let spec = ModelSpec {
+                name: info.name.clone(),
+                path: model.clone(),
+                repo_id,
+                family: "flux".into(),
+                pipeline_class: "FluxPipeline".into(),
+                prediction_type: info.variant.into(),
+                // Sizes are multiples of twice the VAE factor (2x2 packing).
+                latent_factor: 2 * pipeline.core.latent_factor(),
+                inpainting_model: false,
+                inpaint_method: "none",
+                flux: true,
+                default_steps: if dev {
+                    crate::generate_flux::DEV_DEFAULTS.0
+                } else {
+                    crate::generate_flux::SCHNELL_STEPS
+                },
+                default_guidance: if dev {
+                    crate::generate_flux::DEV_DEFAULTS.1
+                } else {
+                    0.0
+                },
+                guidance_embedded: dev,
+                default_max_sequence_length: Some(pipeline.default_max_sequence_length()),
+                default_width: side,
+                default_height: side,
+                default_sampler: Err("FLUX runs its flow-matching Euler schedule".into()),
+                num_train_timesteps: pipeline.core.scheduler.num_train_timesteps,
+                scheduler: sd_models::samplers::SchedulerConfig::default(),
+                device: device_name,
+                dtype: dtype_s,
+            };
+            (Model::Flux(Box::new(pipeline)), spec)
+        } else {
+            let (pipeline, info) = sd_models::loader::load_sd(&model, &device, dtype)?;
+            let (default_width, default_height) = pipeline.default_size();
+            let spec = ModelSpec {
+                name: info.name.clone(),
+                path: model.clone(),
+                repo_id,
+                family: info.family.to_string(),
+                pipeline_class: info.pipeline_class.clone(),
+                prediction_type: info.prediction_type.as_str().to_string(),
+                latent_factor: pipeline.latent_factor(),
+                inpainting_model: pipeline.is_inpainting_model(),
+                inpaint_method: pipeline.inpaint_method().name(),
+                flux: false,
+                default_steps: crate::request::DEFAULT_STEPS,
+                default_guidance: crate::request::DEFAULT_GUIDANCE,
+                guidance_embedded: false,
+                default_max_sequence_length: None,
+                default_width,
+                default_height,
+                default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),
+                num_train_timesteps: pipeline.scheduler.num_train_timesteps,
+                scheduler: pipeline.scheduler.clone(),
+                device: device_name,
+                dtype: dtype_s,
+            };
+            (Model::Sd(Box::new(pipeline)), spec)
         };
         eprintln!(
             "ready: {} ({}, {}, {}) loaded in {:.1}s",
@@ -218,7 +265,7 @@ async fn serve(
             spec.dtype,
             started.elapsed().as_secs_f64()
         );
-        Ok((pipeline, spec))
+        Ok((backend, spec))
     });
     let config = EngineConfig {
         max_queue: args.max_queue,
