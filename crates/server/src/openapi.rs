@@ -59,7 +59,8 @@ pub fn document() -> Value {
                         "preview": {"type": ["string", "null"], "enum": ["approx", "full", null], "default": "approx", "description": "approx: latent-to-RGB map at latent resolution; full: VAE decode."},
                         "hive_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "worker_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
-                        "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name, path, or hub repo id of a Hugging Face cache snapshot)."}
+                        "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name, path, or hub repo id of a Hugging Face cache snapshot)."},
+                        "max_sequence_length": {"type": ["integer", "null"], "minimum": 2, "maximum": 512, "description": "FLUX models only: T5 prompt tokens (default 512 dev, 256 schnell); a 422 for Stable Diffusion models. FLUX models refuse negative_prompt and scheduler, and guidance_scale when they have no guidance embedding (schnell)."}
                     }
                 },
                 "ImageTransform": {
