@@ -339,6 +339,72 @@ pub fn load_flux(
     device: &Device,
     dtype: DType,
 ) -> Result<crate::pipelines::flux::FluxPipeline> {
+    load_flux_with(root, None, device, dtype)
+}
+
+/// Loads a single-file FLUX transformer (safetensors with the original key names, as
+/// published) with its config inferred from the shapes; `axes_dims_rope` from a config when
+/// the head size is not FLUX.1's 128.
+pub fn load_flux_transformer_file(
+    file: &Path,
+    axes_dims_rope: Option<Vec<usize>>,
+    device: &Device,
+    dtype: DType,
+) -> Result<crate::modules::flux::FluxTransformer> {
+    use crate::modules::flux::{infer_config, original_to_diffusers, FluxTransformer};
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => {}
+        "gguf" => {
+            return Err(Error::config(
+                file,
+                "GGUF transformers are not supported yet (use a safetensors file)",
+            ))
+        }
+        "ckpt" | "pt" | "pth" | "bin" => {
+            return Err(Error::config(
+                file,
+                "pickle checkpoints are refused (they can run code); use safetensors",
+            ))
+        }
+        _ => {
+            return Err(Error::config(
+                file,
+                "expected a .safetensors transformer file",
+            ))
+        }
+    }
+    let tensors = candle_core::safetensors::load(file, device)
+        .map_err(|e| Error::config(file, format!("cannot read safetensors: {}", Error::from(e))))?;
+    let renamed = original_to_diffusers(tensors).map_err(|e| match e {
+        Error::Invalid { message, .. } => Error::config(file, message),
+        other => other,
+    })?;
+    let cfg = infer_config(&renamed, axes_dims_rope).map_err(|e| match e {
+        Error::Invalid { message, .. } => Error::config(file, message),
+        other => other,
+    })?;
+    let converted = renamed
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let vb = VarBuilder::from_tensors(converted, dtype, device);
+    in_component("transformer", file, FluxTransformer::new(vb, &cfg))
+}
+
+/// Loads a FLUX pipeline from a diffusers folder, with the transformer from `transformer_file`
+/// (original key names) instead of the folder's when given (the folder then provides the
+/// text encoders, tokenizers, VAE and scheduler: `--components`).
+pub fn load_flux_with(
+    root: &Path,
+    transformer_file: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> Result<crate::pipelines::flux::FluxPipeline> {
     use crate::modules::flux::{FluxConfig, FluxTransformer};
     use crate::modules::t5::{T5Config, T5Encoder};
     use crate::pipelines::flux::{FluxCore, FluxPipeline};
@@ -360,15 +426,31 @@ pub fn load_flux(
     let vb = var_builder(&find_weights(&t5_dir, "model")?, dtype, device)?;
     let t5 = in_component("text_encoder_2", &t5_dir, T5Encoder::new(vb, &t5_cfg))?;
 
-    let tr_dir = component(root, "transformer")?;
-    let tr_cfg_file = load_cfg("transformer", "config.json")?;
-    let tr_cfg = FluxConfig::from_config(&tr_cfg_file)?;
-    let vb = var_builder(
-        &find_weights(&tr_dir, "diffusion_pytorch_model")?,
-        dtype,
-        device,
-    )?;
-    let transformer = in_component("transformer", &tr_dir, FluxTransformer::new(vb, &tr_cfg))?;
+    let (transformer, tr_cfg_file) = match transformer_file {
+        None => {
+            let tr_dir = component(root, "transformer")?;
+            let tr_cfg_file = load_cfg("transformer", "config.json")?;
+            let tr_cfg = FluxConfig::from_config(&tr_cfg_file)?;
+            let vb = var_builder(
+                &find_weights(&tr_dir, "diffusion_pytorch_model")?,
+                dtype,
+                device,
+            )?;
+            let t = in_component("transformer", &tr_dir, FluxTransformer::new(vb, &tr_cfg))?;
+            (t, tr_cfg_file)
+        }
+        Some(file) => {
+            // The components' transformer config, when there is one, gives the rotary axes.
+            let axes = load_cfg("transformer", "config.json")
+                .ok()
+                .and_then(|c| FluxConfig::from_config(&c).ok())
+                .map(|c| c.axes_dims_rope);
+            let t = load_flux_transformer_file(file, axes, device, dtype)?;
+            let cfg_file = JsonConfig::from_value(file, serde_json::json!({}));
+            (t, cfg_file)
+        }
+    };
+    let tr_cfg = transformer.config.clone();
 
     let vae_dir = component(root, "vae")?;
     let vae_cfg = VaeConfig::from_config(&load_cfg("vae", "config.json")?)?;

@@ -41,6 +41,11 @@ pub struct GenerateArgs {
     /// 7.5). FLUX dev: the embedded guidance (default 3.5); FLUX schnell takes none.
     #[arg(long, env = "SD_GUIDANCE")]
     pub guidance: Option<f64>,
+    /// FLUX with a single-file transformer: --model is the transformer (.safetensors with
+    /// the original key names) and this diffusers FLUX folder gives the text encoders,
+    /// tokenizers, VAE and scheduler.
+    #[arg(long, env = "SD_COMPONENTS")]
+    pub components: Option<PathBuf>,
     /// FLUX: T5 prompt length in tokens (default 512 for dev, 256 for schnell).
     #[arg(long, env = "SD_MAX_SEQUENCE_LENGTH")]
     pub max_sequence_length: Option<usize>,
@@ -123,7 +128,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
-    if sd_models::loader::is_flux_folder(&args.model) {
+    if sd_models::loader::is_flux_folder(&args.model) || args.components.is_some() {
         return crate::generate_flux::run(&args, &device, dtype, quiet);
     }
     if let Some(n) = args.max_sequence_length {

@@ -47,6 +47,47 @@ pub fn parameters_text(
     s
 }
 
+/// Loads a FLUX folder, or a single-file transformer with `--components`; and the model's
+/// short name (folder name, or file stem).
+pub fn load(
+    model: &std::path::Path,
+    components: Option<&std::path::Path>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(sd_models::pipelines::flux::FluxPipeline, String)> {
+    match components {
+        None => {
+            let pipe = sd_models::loader::load_flux(model, device, dtype)?;
+            let name = model
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| model.display().to_string());
+            Ok((pipe, name))
+        }
+        Some(dir) => {
+            if !model.is_file() {
+                bail!(
+                    "invalid --model {}: with --components it must be a transformer file",
+                    model.display()
+                );
+            }
+            if !sd_models::loader::is_flux_folder(dir) {
+                bail!(
+                    "invalid --components {}: not a diffusers FLUX folder (model_index.json with a Flux pipeline class)",
+                    dir.display()
+                );
+            }
+            let pipe = sd_models::loader::load_flux_with(dir, Some(model), device, dtype)?;
+            let name = model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.display().to_string());
+            Ok((pipe, name))
+        }
+    }
+}
+
 pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> Result<()> {
     // What FLUX does not do (yet) is refused, never ignored.
     for (given, flag, why) in [
@@ -81,13 +122,7 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
         }
     }
     let started = Instant::now();
-    let pipe = sd_models::loader::load_flux(&args.model, device, dtype)?;
-    let name = args
-        .model
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| args.model.display().to_string());
+    let (pipe, name) = load(&args.model, args.components.as_deref(), device, dtype)?;
     let dev = pipe.is_guidance_distilled();
     let guidance = match (dev, args.guidance) {
         (true, g) => g.unwrap_or(DEV_DEFAULTS.1),

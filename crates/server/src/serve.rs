@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json).
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
+    /// FLUX with a single-file transformer: --model is the transformer file and this diffusers
+    /// FLUX folder gives the text encoders, tokenizers, VAE and scheduler.
+    #[arg(long, env = "SD_COMPONENTS")]
+    pub components: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "SD_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -123,7 +127,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
             bail!("invalid --api-key: must not be empty (omit it to run without auth)");
         }
     }
-    if !args.model.join("model_index.json").is_file() {
+    if args.components.is_none() && !args.model.join("model_index.json").is_file() {
         bail!(
             "invalid --model {}: no model_index.json there (expected a diffusers folder)",
             args.model.display()
@@ -186,23 +190,29 @@ async fn serve(
     eprintln!("listening on http://{addr}");
 
     let model = args.model.clone();
+    let components = args.components.clone();
     let device_name = args.device.trim().to_ascii_lowercase();
     let loader: Loader<Model> = Box::new(move || {
         let started = Instant::now();
         let repo_id = crate::request::hub_repo_id(&model);
         let dtype_s = dtype_name(dtype).to_string();
-        let (backend, spec) = if sd_models::loader::is_flux_folder(&model) {
-            let pipeline = sd_models::loader::load_flux(&model, &device, dtype)?;
-            let info = sd_models::loader::inspect_flux(&model)?;
+        let (backend, spec) = if components.is_some() || sd_models::loader::is_flux_folder(&model) {
+            let (pipeline, name) =
+                crate::generate_flux::load(&model, components.as_deref(), &device, dtype)?;
+            let variant = if pipeline.is_guidance_distilled() {
+                "dev"
+            } else {
+                "schnell"
+            };
             let dev = pipeline.is_guidance_distilled();
             let side = crate::generate_flux::DEFAULT_SAMPLE_SIZE * pipeline.core.latent_factor();
             let spec = ModelSpec {
-                name: info.name.clone(),
+                name,
                 path: model.clone(),
                 repo_id,
                 family: "flux".into(),
                 pipeline_class: "FluxPipeline".into(),
-                prediction_type: info.variant.into(),
+                prediction_type: variant.into(),
                 // Sizes are multiples of twice the VAE factor (2x2 packing).
                 latent_factor: 2 * pipeline.core.latent_factor(),
                 inpainting_model: false,

@@ -161,3 +161,62 @@ fn what_flux_does_not_take_is_a_one_line_error() {
         assert!(err.contains(needle), "{extra:?}: {err}");
     }
 }
+
+/// A single-file transformer with the original key names plus `--components` gives the same
+/// pixels as the diffusers folder; bad combinations are one-line errors.
+#[test]
+fn single_file_transformer_with_components() {
+    let dev = root().join("tiny-flux-dev").display().to_string();
+    let file = root()
+        .join("transformer-dev-original.safetensors")
+        .display()
+        .to_string();
+    let common = [
+        "--prompt",
+        "a photo of a cat",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--seed",
+        "4",
+        "--max-sequence-length",
+        "24",
+    ];
+    let run = |extra: &[&str], out: &Path| -> Output {
+        let mut args: Vec<String> = vec!["generate".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(common.iter().map(|s| s.to_string()));
+        args.push("--output".into());
+        args.push(out.display().to_string());
+        sd_worker(&args)
+    };
+    let a = tmp("folder.png");
+    let b = tmp("single.png");
+    let o = run(&["--model", &dev], &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--model", &file, "--components", &dev], &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, _, pa, ta) = read_png(&a);
+    let (_, _, pb, tb) = read_png(&b);
+    assert_eq!(pa, pb, "same weights, same pixels");
+    assert!(ta.contains("Model: tiny-flux-dev") && tb.contains("Model: transformer-dev-original"));
+    for (extra, needle) in [
+        (
+            vec!["--model", &dev, "--components", &dev],
+            "transformer file",
+        ),
+        (
+            vec!["--model", &file, "--components", "/nonexistent"],
+            "--components",
+        ),
+    ] {
+        let o = run(&extra, &tmp("bad.png"));
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+}

@@ -493,3 +493,247 @@ impl FluxTransformer {
         Ok(self.proj_out.forward(&img)?)
     }
 }
+
+/// Renames the tensors of a single-file FLUX transformer with the original (Black Forest
+/// Labs) key names to diffusers' names, splitting the fused projections as diffusers'
+/// `convert_flux_transformer_checkpoint_to_diffusers` does: qkv into q / k / v, the single
+/// blocks' `linear1` into q / k / v / mlp, and the final modulation from (shift, scale) to
+/// (scale, shift). A `model.diffusion_model.` prefix is accepted.
+pub fn original_to_diffusers(
+    tensors: std::collections::HashMap<String, Tensor>,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    use std::collections::HashMap;
+    let mut src: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .strip_prefix("model.diffusion_model.")
+                .map(str::to_string)
+                .unwrap_or(k);
+            (k, v)
+        })
+        .collect();
+    let mut out = HashMap::new();
+    let take = |src: &mut HashMap<String, Tensor>, name: &str| -> Result<Tensor> {
+        src.remove(name)
+            .ok_or_else(|| crate::Error::invalid("transformer", format!("missing tensor {name:?}")))
+    };
+    let renames = [
+        (
+            "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "time_in.out_layer",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        (
+            "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_1",
+        ),
+        (
+            "vector_in.out_layer",
+            "time_text_embed.text_embedder.linear_2",
+        ),
+        ("txt_in", "context_embedder"),
+        ("img_in", "x_embedder"),
+        ("final_layer.linear", "proj_out"),
+    ];
+    for (old, new) in renames {
+        for p in ["weight", "bias"] {
+            out.insert(format!("{new}.{p}"), take(&mut src, &format!("{old}.{p}"))?);
+        }
+    }
+    if src.contains_key("guidance_in.in_layer.weight") {
+        for (old, new) in [
+            (
+                "guidance_in.in_layer",
+                "time_text_embed.guidance_embedder.linear_1",
+            ),
+            (
+                "guidance_in.out_layer",
+                "time_text_embed.guidance_embedder.linear_2",
+            ),
+        ] {
+            for p in ["weight", "bias"] {
+                out.insert(format!("{new}.{p}"), take(&mut src, &format!("{old}.{p}"))?);
+            }
+        }
+    }
+    for p in ["weight", "bias"] {
+        let t = take(&mut src, &format!("final_layer.adaLN_modulation.1.{p}"))?;
+        let half = t.dim(0)? / 2;
+        let swapped = Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?;
+        out.insert(format!("norm_out.linear.{p}"), swapped);
+    }
+    let count = |prefix: &str| -> usize {
+        src.keys()
+            .filter_map(|k| k.strip_prefix(prefix))
+            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let n_double = count("double_blocks.");
+    let n_single = count("single_blocks.");
+    let chunks = |t: &Tensor, sizes: &[usize]| -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            parts.push(t.narrow(0, at, n)?);
+            at += n;
+        }
+        if at != t.dim(0)? {
+            return Err(crate::Error::invalid(
+                "transformer",
+                format!("a fused projection has {} rows, expected {at}", t.dim(0)?),
+            ));
+        }
+        Ok(parts)
+    };
+    for i in 0..n_double {
+        let (o, b) = (
+            format!("double_blocks.{i}."),
+            format!("transformer_blocks.{i}."),
+        );
+        for p in ["weight", "bias"] {
+            for (old, new) in [
+                ("img_mod.lin", "norm1.linear"),
+                ("txt_mod.lin", "norm1_context.linear"),
+                ("img_attn.proj", "attn.to_out.0"),
+                ("txt_attn.proj", "attn.to_add_out"),
+                ("img_mlp.0", "ff.net.0.proj"),
+                ("img_mlp.2", "ff.net.2"),
+                ("txt_mlp.0", "ff_context.net.0.proj"),
+                ("txt_mlp.2", "ff_context.net.2"),
+            ] {
+                out.insert(
+                    format!("{b}{new}.{p}"),
+                    take(&mut src, &format!("{o}{old}.{p}"))?,
+                );
+            }
+            for (old, names) in [
+                ("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+                (
+                    "txt_attn.qkv",
+                    ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                ),
+            ] {
+                let t = take(&mut src, &format!("{o}{old}.{p}"))?;
+                let d = t.dim(0)? / 3;
+                for (part, name) in chunks(&t, &[d, d, d])?.into_iter().zip(names) {
+                    out.insert(format!("{b}{name}.{p}"), part);
+                }
+            }
+        }
+        for (old, new) in [
+            ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+            ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+            ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+            ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+        ] {
+            out.insert(format!("{b}{new}"), take(&mut src, &format!("{o}{old}"))?);
+        }
+    }
+    for i in 0..n_single {
+        let (o, b) = (
+            format!("single_blocks.{i}."),
+            format!("single_transformer_blocks.{i}."),
+        );
+        for p in ["weight", "bias"] {
+            out.insert(
+                format!("{b}proj_out.{p}"),
+                take(&mut src, &format!("{o}linear2.{p}"))?,
+            );
+            out.insert(
+                format!("{b}norm.linear.{p}"),
+                take(&mut src, &format!("{o}modulation.lin.{p}"))?,
+            );
+            let t = take(&mut src, &format!("{o}linear1.{p}"))?;
+            // linear1 = [q; k; v; mlp] with mlp = 4 x dim.
+            let d = t.dim(0)? / 7;
+            let parts = chunks(&t, &[d, d, d, 4 * d])?;
+            for (part, name) in
+                parts
+                    .into_iter()
+                    .zip(["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"])
+            {
+                out.insert(format!("{b}{name}.{p}"), part);
+            }
+        }
+        out.insert(
+            format!("{b}attn.norm_q.weight"),
+            take(&mut src, &format!("{o}norm.query_norm.scale"))?,
+        );
+        out.insert(
+            format!("{b}attn.norm_k.weight"),
+            take(&mut src, &format!("{o}norm.key_norm.scale"))?,
+        );
+    }
+    if let Some(extra) = src.keys().next() {
+        return Err(crate::Error::invalid(
+            "transformer",
+            format!("unexpected tensor {extra:?} in a FLUX transformer file"),
+        ));
+    }
+    Ok(out)
+}
+
+/// A transformer config from the shapes of diffusers-named weights. The rotary axes are not
+/// in the weights: `axes_dims_rope` must be given, or is FLUX.1's (16, 56, 56) when the head
+/// size is 128.
+pub fn infer_config(
+    w: &std::collections::HashMap<String, Tensor>,
+    axes_dims_rope: Option<Vec<usize>>,
+) -> Result<FluxConfig> {
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        w.get(name)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| crate::Error::invalid("transformer", format!("missing tensor {name:?}")))
+    };
+    let x = shape("x_embedder.weight")?;
+    let (inner, in_channels) = (x[0], x[1]);
+    let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")
+        .or_else(|_| shape("single_transformer_blocks.0.attn.norm_q.weight"))?[0];
+    let count = |prefix: &str| {
+        w.keys()
+            .filter_map(|k| k.strip_prefix(prefix))
+            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let axes = match axes_dims_rope {
+        Some(a) => a,
+        None if head_dim == 128 => vec![16, 56, 56],
+        None => {
+            return Err(crate::Error::invalid(
+                "transformer",
+                format!("head size {head_dim}: the rotary axes are unknown without a config (give --components with a transformer/config.json)"),
+            ))
+        }
+    };
+    let c = FluxConfig {
+        patch_size: 1,
+        in_channels,
+        out_channels: shape("proj_out.weight")?[0],
+        num_layers: count("transformer_blocks."),
+        num_single_layers: count("single_transformer_blocks."),
+        attention_head_dim: head_dim,
+        num_attention_heads: inner / head_dim.max(1),
+        joint_attention_dim: shape("context_embedder.weight")?[1],
+        pooled_projection_dim: shape("time_text_embed.text_embedder.linear_1.weight")?[1],
+        guidance_embeds: w.contains_key("time_text_embed.guidance_embedder.linear_1.weight"),
+        axes_dims_rope: axes,
+    };
+    if c.axes_dims_rope.iter().sum::<usize>() != c.attention_head_dim {
+        return Err(crate::Error::invalid(
+            "transformer",
+            format!(
+                "rotary axes {:?} do not add up to the head size {}",
+                c.axes_dims_rope, c.attention_head_dim
+            ),
+        ));
+    }
+    Ok(c)
+}
