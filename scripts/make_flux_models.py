@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tokenizer_fixtures import write_tiny_clip_tokenizer  # noqa: E402
 
-from diffusers import FluxPipeline  # noqa: E402
+from diffusers import FluxImg2ImgPipeline, FluxPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,  # noqa: E402
                           T5EncoderModel, T5TokenizerFast)
 
@@ -37,6 +38,19 @@ CASES = [
          width=48, height=32, steps=3, guidance=5.0, seed=11, batch=2, max_sequence_length=16),
     dict(name="schnell-tall", model="schnell", prompt="A red chair in the garden!", width=32,
          height=40, steps=2, guidance=0.0, seed=3, batch=1, max_sequence_length=20),
+]
+
+
+I2I_CASES = [
+    dict(name="i2i-dev-s06", model="dev", prompt="a photo of a cat", image="square32.png",
+         width=32, height=32, steps=5, strength=0.6, guidance=3.5, seed=2, batch=1,
+         max_sequence_length=16),
+    dict(name="i2i-dev-resize-batch", model="dev", prompt="green trees", image="odd37x29.png",
+         width=48, height=32, steps=4, strength=0.75, guidance=4.0, seed=8, batch=2,
+         max_sequence_length=16),
+    dict(name="i2i-schnell-s1", model="schnell", prompt="a chair", image="wide48x32.png",
+         width=None, height=None, steps=3, strength=1.0, guidance=0.0, seed=4, batch=1,
+         max_sequence_length=12),
 ]
 
 
@@ -112,6 +126,25 @@ def main():
         print(f"{case['name']}: images {images.shape}, embeds {tuple(embeds.shape)}")
         cases.append(case)
     (ROOT / "reference" / "flux-cases.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
+    inputs = ROOT.parent / "inputs"
+    i2i = []
+    for case in I2I_CASES:
+        pipe = FluxImg2ImgPipeline.from_pipe(pipes[case["model"]])
+        pipe.set_progress_bar_config(disable=True)
+        image = Image.open(inputs / case["image"]).convert("RGB")
+        with torch.no_grad():
+            result = pipe(
+                prompt=case["prompt"], image=image, strength=case["strength"],
+                width=case["width"], height=case["height"], num_inference_steps=case["steps"],
+                guidance_scale=case["guidance"], num_images_per_prompt=case["batch"],
+                max_sequence_length=case["max_sequence_length"],
+                generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="pil")
+        images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in result.images])
+        save_file({"images": torch.from_numpy(images)},
+                  ROOT / "reference" / f"flux-{case['name']}.safetensors")
+        print(f"{case['name']}: images {images.shape}")
+        i2i.append(case)
+    (ROOT / "reference" / "flux-i2i-cases.json").write_text(json.dumps({"cases": i2i}, indent=1) + "\n")
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
     print(f"fixtures/flux: {total / 1e6:.2f} MB")
 

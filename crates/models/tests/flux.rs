@@ -389,3 +389,113 @@ fn single_file_transformers_with_original_names_load() {
     .to_string();
     assert!(e.contains("GGUF"), "{e}");
 }
+
+/// diffusers' FluxImg2ImgPipeline on the tiny folders (`scripts/make_flux_models.py`): strengths
+/// 0.6 / 0.75 / 1, batch 2, an input resized to a non-square size, the default size for an
+/// input of another size; images within max 3 / mean 0.5 levels.
+#[test]
+fn flux_img2img_matches_diffusers() {
+    use sd_models::pipelines::flux::{FluxCore, FluxParams};
+    use sd_models::pipelines::RgbImage;
+    let text = std::fs::read_to_string(fixtures().join("reference/flux-i2i-cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let model = fixtures().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
+        let pipe = sd_models::loader::load_flux(&model, &Device::Cpu, DType::F32).unwrap();
+        let path = fixtures()
+            .join("../inputs")
+            .join(case["image"].as_str().unwrap());
+        let decoder = png_raw(&path);
+        let side = 128 * pipe.core.latent_factor();
+        let p = FluxParams {
+            width: case["width"].as_u64().map_or(side, |v| v as usize),
+            height: case["height"].as_u64().map_or(side, |v| v as usize),
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            batch: case["batch"].as_u64().unwrap() as usize,
+        };
+        let strength = case["strength"].as_f64().unwrap();
+        let image = RgbImage {
+            width: decoder.0,
+            height: decoder.1,
+            pixels: decoder.2,
+        };
+        let (images, _) = pipe
+            .generate_from_image(
+                case["prompt"].as_str().unwrap(),
+                case["max_sequence_length"].as_u64().unwrap() as usize,
+                &image,
+                strength,
+                &p,
+                &mut |_| Ok(()),
+            )
+            .unwrap();
+        let r = candle_core::safetensors::load(
+            fixtures().join(format!("reference/flux-{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<u8> = images
+            .iter()
+            .flat_map(|i| i.pixels.iter().copied())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: pixel count");
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / got.len() as f64;
+        assert!(
+            max <= 3 && mean <= 0.5,
+            "{name}: images differ by max {max}, mean {mean:.3}"
+        );
+    }
+    // diffusers' float rule: 10 steps x 0.75 -> start int(2.5) = 2; any strength above 0
+    // runs at least one step (10 x 0.05 -> start int(9.5) = 9).
+    assert_eq!(FluxCore::img2img_start(10, 0.75).unwrap(), 2);
+    assert_eq!(FluxCore::img2img_start(4, 1.0).unwrap(), 0);
+    assert_eq!(FluxCore::img2img_start(10, 0.05).unwrap(), 9);
+    assert!(FluxCore::img2img_start(10, 0.0).is_err());
+}
+
+/// (width, height, RGB bytes) of an input image of `fixtures/inputs/`, taken from the
+/// image-to-image references, which carry each input as an (H, W, 3) tensor (this crate has
+/// no PNG decoder).
+fn png_raw(path: &Path) -> (usize, usize, Vec<u8>) {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    // The img2img references carry each input image as an (H, W, 3) tensor.
+    let dir = fixtures().join("../reference/img2img");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let case = p.file_stem().unwrap().to_string_lossy().into_owned();
+        let cases: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        let uses = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == case.as_str() && c["image"] == name.as_str());
+        if uses {
+            let t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+            let (h, w, _) = t["input"].dims3().unwrap();
+            return (w, h, t["input"].flatten_all().unwrap().to_vec1().unwrap());
+        }
+    }
+    panic!("no img2img reference carries {name}");
+}

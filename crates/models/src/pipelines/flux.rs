@@ -97,6 +97,27 @@ impl FluxCore {
         Ok(())
     }
 
+    /// The first step image-to-image runs, as `FluxImg2ImgPipeline.get_timesteps`:
+    /// `t_start = int(steps - min(steps * strength, steps))` (a float product, unlike Stable
+    /// Diffusion's); errors when `strength` is outside (0, 1] or no step is left.
+    pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::invalid(
+                "strength",
+                format!("must be in (0, 1], got {strength}"),
+            ));
+        }
+        let init = (steps as f64 * strength).min(steps as f64);
+        let start = (steps as f64 - init).max(0.0) as usize;
+        if start >= steps {
+            return Err(Error::invalid(
+                "strength",
+                format!("{strength} x {steps} steps runs no step; raise strength or steps"),
+            ));
+        }
+        Ok(start)
+    }
+
     /// Generates from T5 states `embeds` (1 or batch, tokens, dim) and pooled CLIP `pooled`
     /// (1 or batch, dim); both are repeated to the batch when given once.
     pub fn generate_from_embeddings(
@@ -106,7 +127,45 @@ impl FluxCore {
         p: &FluxParams,
         on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<Vec<RgbImage>> {
+        self.run(embeds, pooled, None, p, on_step)
+    }
+
+    /// Image-to-image with `FluxImg2ImgPipeline` semantics: the image resized to the job's
+    /// size, one latent sample from the seeded generator (`(z - shift) * scale`, repeated for
+    /// the batch), then noise mixed in at the first kept sigma (`scale_noise`).
+    pub fn generate_from_image(
+        &self,
+        embeds: &Tensor,
+        pooled: &Tensor,
+        image: &RgbImage,
+        strength: f64,
+        p: &FluxParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Vec<RgbImage>> {
+        self.run(embeds, pooled, Some((image, strength)), p, on_step)
+    }
+
+    fn run(
+        &self,
+        embeds: &Tensor,
+        pooled: &Tensor,
+        input: Option<(&RgbImage, f64)>,
+        p: &FluxParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Vec<RgbImage>> {
         self.validate(p)?;
+        let start = match input {
+            Some((_, strength)) => {
+                if !self.vae.has_encoder() {
+                    return Err(Error::invalid(
+                        "image",
+                        "this model's VAE has no encoder weights; image-to-image needs them",
+                    ));
+                }
+                Self::img2img_start(p.steps, strength)?
+            }
+            None => 0,
+        };
         let f = self.latent_factor();
         let (lh, lw) = (2 * (p.height / (2 * f)), 2 * (p.width / (2 * f)));
         let c = self.transformer.config.in_channels / 4;
@@ -131,10 +190,22 @@ impl FluxCore {
         let img_ids = image_ids(lh / 2, lw / 2, &self.device)?;
 
         let mut rng = TorchRng::new(p.seed);
-        let noise = rng.randn(&[p.batch, c, lh, lw], &self.device)?;
-        let mut latents = pack(&noise)?;
         let seq = (lh / 2) * (lw / 2);
         let schedule = FlowMatchEuler::new(&self.scheduler, p.steps, Some(self.scheduler.mu(seq)))?;
+        let mut latents = match input {
+            None => pack(&rng.randn(&[p.batch, c, lh, lw], &self.device)?)?,
+            Some((image, _)) => {
+                let x = super::sd::preprocess_image(image, p.width, p.height, &self.device)?;
+                let (mean, std) = self.vae.encode(&x)?;
+                let eps = rng.randn(mean.dims(), &self.device)?;
+                let z = (mean + (std * eps)?)?;
+                let cfg = &self.vae.config;
+                let z = ((z - cfg.shift_factor)? * cfg.scaling_factor)?;
+                let z = z.repeat((p.batch, 1, 1, 1))?;
+                let noise = rng.randn(&[p.batch, c, lh, lw], &self.device)?;
+                pack(&schedule.scale_noise(&z, &noise, start)?)?
+            }
+        };
         let guidance = if self.transformer.config.guidance_embeds {
             Some(Tensor::from_vec(
                 vec![p.guidance as f32; p.batch],
@@ -144,8 +215,8 @@ impl FluxCore {
         } else {
             None
         };
-        let total = schedule.timesteps.len();
-        for (i, &t) in schedule.timesteps.iter().enumerate() {
+        let total = schedule.timesteps.len() - start;
+        for (i, &t) in schedule.timesteps.iter().enumerate().skip(start) {
             // FluxPipeline passes `t / 1000` in float32.
             let tt = Tensor::from_vec(vec![t / 1000.0f32; p.batch], p.batch, &self.device)?;
             let v = self.transformer.forward(
@@ -159,7 +230,7 @@ impl FluxCore {
             )?;
             latents = schedule.step(&v, i, &latents)?;
             on_step(Progress {
-                step: i + 1,
+                step: i - start + 1,
                 total,
                 latents: &latents,
             })?;
@@ -239,6 +310,25 @@ impl FluxPipeline {
         let images = self
             .core
             .generate_from_embeddings(&enc.embeds, &enc.pooled, p, on_step)?;
+        Ok((images, enc.truncated))
+    }
+
+    /// Image-to-image from a prompt (`FluxImg2ImgPipeline`).
+    pub fn generate_from_image(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+        image: &RgbImage,
+        strength: f64,
+        p: &FluxParams,
+        on_step: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<(Vec<RgbImage>, (usize, usize))> {
+        self.core.validate(p)?;
+        FluxCore::img2img_start(p.steps, strength)?;
+        let enc = self.encode_prompt(prompt, max_sequence_length)?;
+        let images =
+            self.core
+                .generate_from_image(&enc.embeds, &enc.pooled, image, strength, p, on_step)?;
         Ok((images, enc.truncated))
     }
 }

@@ -252,32 +252,7 @@ impl SdPipeline {
     /// An input image as the VAE takes it, as diffusers' `VaeImageProcessor.preprocess`:
     /// Lanczos resize to (width, height), `x / 255` in float32, then `2x - 1`; (1, 3, H, W).
     pub fn preprocess(&self, image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
-        if image.pixels.len() != image.width * image.height * 3 {
-            return Err(Error::invalid(
-                "image",
-                format!(
-                    "{} bytes do not make a {}x{} RGB image",
-                    image.pixels.len(),
-                    image.width,
-                    image.height
-                ),
-            ));
-        }
-        let px = super::resize::resize_lanczos(
-            &image.pixels,
-            image.width,
-            image.height,
-            3,
-            width,
-            height,
-        );
-        let data: Vec<f32> = px
-            .iter()
-            .map(|&v| 2.0f32 * (f32::from(v) / 255.0f32) - 1.0f32)
-            .collect();
-        Ok(Tensor::from_vec(data, (1, height, width, 3), &self.device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
+        preprocess_image(image, width, height, &self.device)
     }
 
     /// The mask as diffusers' mask processor makes it: resized to (width, height) in its own
@@ -509,6 +484,37 @@ impl SdPipeline {
         let img = self.vae.decode(latents)?;
         to_rgb8(&img)
     }
+}
+
+/// An input image as the VAE takes it, as diffusers' `VaeImageProcessor.preprocess`:
+/// Lanczos resize (as Pillow) to (width, height), `x / 255` in float32, then `2x - 1`;
+/// (1, 3, H, W).
+pub fn preprocess_image(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    if image.pixels.len() != image.width * image.height * 3 {
+        return Err(Error::invalid(
+            "image",
+            format!(
+                "{} bytes do not make a {}x{} RGB image",
+                image.pixels.len(),
+                image.width,
+                image.height
+            ),
+        ));
+    }
+    let px =
+        super::resize::resize_lanczos(&image.pixels, image.width, image.height, 3, width, height);
+    let data: Vec<f32> = px
+        .iter()
+        .map(|&v| 2.0f32 * (f32::from(v) / 255.0f32) - 1.0f32)
+        .collect();
+    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
 }
 
 /// Converts a (batch, 3, h, w) f32 tensor in [-1, 1] to 8-bit images.
