@@ -444,7 +444,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "operations": if spec.inpainting_model {
                 vec!["image_inpaint"]
             } else if spec.flux {
-                vec!["image_generation"]
+                vec!["image_generation", "image_transform"]
             } else {
                 vec!["image_generation", "image_transform", "image_inpaint"]
             },

@@ -95,18 +95,28 @@ impl Backend for FluxPipeline {
         request: &JobRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
-        if request.input.is_some() {
-            return Err(sd_models::Error::invalid(
-                "operation",
-                "FLUX image-to-image and inpainting are not supported yet",
-            ));
-        }
         let p = &request.params;
         let fp = flux_params(p);
         let max_seq = request
             .max_sequence_length
             .unwrap_or(self.default_max_sequence_length());
-        let (images, truncated) = FluxPipeline::generate(self, &p.prompt, max_seq, &fp, on_step)?;
+        let (images, truncated) = match request.input.as_deref() {
+            Some(input) if input.mask.is_some() => {
+                return Err(sd_models::Error::invalid(
+                    "operation",
+                    "FLUX inpainting is not supported yet",
+                ))
+            }
+            Some(input) => self.generate_from_image(
+                &p.prompt,
+                max_seq,
+                &input.image,
+                input.strength,
+                &fp,
+                on_step,
+            )?,
+            None => FluxPipeline::generate(self, &p.prompt, max_seq, &fp, on_step)?,
+        };
         Ok(Generated {
             images,
             truncated_tokens: truncated,
@@ -1230,6 +1240,7 @@ pub fn encode_job_results(
                     &flux_params(params),
                     embedded,
                     model,
+                    strength,
                     batch,
                 ),
                 None => {

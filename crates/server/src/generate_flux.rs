@@ -11,6 +11,18 @@ use crate::device::dtype_name;
 use crate::generate::{output_paths, GenerateArgs};
 use crate::png_out::encode_png;
 
+/// Default image-to-image strength of FLUX (diffusers' `FluxImg2ImgPipeline`: 0.6).
+pub const DEFAULT_STRENGTH: f64 = 0.6;
+
+/// A float as Python prints it: `7.0`, `0.75`.
+pub fn py_float(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// Defaults of FLUX jobs: (steps, guidance) for dev-like and schnell-like models.
 pub const DEV_DEFAULTS: (usize, f64) = (28, 3.5);
 pub const SCHNELL_STEPS: usize = 4;
@@ -25,6 +37,7 @@ pub fn parameters_text(
     p: &FluxParams,
     guidance_embedded: bool,
     model: &str,
+    strength: Option<f64>,
     batch: Option<(usize, usize)>,
 ) -> String {
     let mut s = format!("{prompt}\nSteps: {}, Sampler: Euler", p.steps);
@@ -41,6 +54,9 @@ pub fn parameters_text(
         ", Seed: {}, Size: {}x{}, Model: {model}",
         p.seed, p.width, p.height
     ));
+    if let Some(strength) = strength {
+        s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
+    }
     if let Some((n, i)) = batch {
         s.push_str(&format!(", Batch size: {n}, Batch pos: {i}"));
     }
@@ -92,19 +108,14 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
     // What FLUX does not do (yet) is refused, never ignored.
     for (given, flag, why) in [
         (
-            args.init_image.is_some(),
-            "--init-image",
-            "FLUX image-to-image is not supported yet",
-        ),
-        (
             args.mask.is_some(),
             "--mask",
             "FLUX inpainting is not supported yet",
         ),
         (
-            args.strength.is_some(),
+            args.strength.is_some() && args.init_image.is_none(),
             "--strength",
-            "FLUX image-to-image is not supported yet",
+            "it needs --init-image",
         ),
         (
             args.negative_prompt.is_some(),
@@ -121,6 +132,20 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
             bail!("{flag} cannot be used with a FLUX model: {why}");
         }
     }
+    // The init image is read before the model loads, so that a bad file fails at once.
+    let init = match &args.init_image {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read --init-image {}", path.display()))?;
+            let max_side = sd_models::pipelines::sd::MAX_SIDE;
+            let image = crate::input_image::decode_rgb(&bytes, max_side * max_side, max_side)
+                .map_err(|e| {
+                    anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display())
+                })?;
+            Some((image, args.strength.unwrap_or(DEFAULT_STRENGTH)))
+        }
+        None => None,
+    };
     let started = Instant::now();
     let (pipe, name) = load(&args.model, args.components.as_deref(), device, dtype)?;
     let dev = pipe.is_guidance_distilled();
@@ -156,6 +181,16 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
         batch: args.batch,
     };
     pipe.core.validate(&p)?;
+    if let Some((_, strength)) = &init {
+        sd_models::pipelines::flux::FluxCore::img2img_start(p.steps, *strength).map_err(
+            |e| match e {
+                sd_models::Error::Invalid { message, .. } => {
+                    anyhow::anyhow!("invalid --strength: {message}")
+                }
+                other => other.into(),
+            },
+        )?;
+    }
     let max_side = sd_models::pipelines::sd::MAX_SIDE;
     if p.width > max_side || p.height > max_side || p.batch > sd_models::pipelines::sd::MAX_BATCH {
         bail!(
@@ -185,12 +220,17 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
         bar
     };
     let run_started = Instant::now();
-    let (images, (clip_dropped, t5_dropped)) =
-        pipe.generate(&args.prompt, max_seq, &p, &mut |pr| {
-            bar.set_length(pr.total as u64);
-            bar.set_position(pr.step as u64);
-            Ok(())
-        })?;
+    let mut on_step = |pr: sd_models::pipelines::Progress<'_>| {
+        bar.set_length(pr.total as u64);
+        bar.set_position(pr.step as u64);
+        Ok(())
+    };
+    let (images, (clip_dropped, t5_dropped)) = match &init {
+        Some((image, strength)) => {
+            pipe.generate_from_image(&args.prompt, max_seq, image, *strength, &p, &mut on_step)?
+        }
+        None => pipe.generate(&args.prompt, max_seq, &p, &mut on_step)?,
+    };
     bar.finish_and_clear();
     if clip_dropped > 0 {
         eprintln!("warning: the prompt was truncated for CLIP; {clip_dropped} tokens were dropped");
@@ -203,7 +243,15 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
     let paths = output_paths(&args.output, images.len());
     let n = images.len();
     for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
-        let text = parameters_text(&args.prompt, &p, dev, &name, (n > 1).then_some((n, i)));
+        let strength = init.as_ref().map(|(_, s)| *s);
+        let text = parameters_text(
+            &args.prompt,
+            &p,
+            dev,
+            &name,
+            strength,
+            (n > 1).then_some((n, i)),
+        );
         let png = encode_png(image, &text)?;
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }

@@ -266,11 +266,11 @@ pub fn parse_job(
             ))
         }
     };
-    if spec.flux && op != Operation::Generation {
+    if spec.flux && op == Operation::Inpaint {
         return Err(invalid(
             "operation",
             format!(
-                "this worker's model ({}) is FLUX: it runs \"image_generation\" only for now, got \"{operation}\"",
+                "this worker's model ({}) is FLUX: it runs \"image_generation\" and \"image_transform\" (FLUX inpainting is not supported yet), got \"{operation}\"",
                 spec.name
             ),
         ));
@@ -396,8 +396,9 @@ pub fn parse_job(
     };
     // With an input image, the default size is the image's, rounded down to the factor.
     let (default_width, default_height) = match &input {
-        // Inpainting defaults to the model's size, as diffusers' inpainting pipeline does.
-        Some(_) if mask.is_some() => (spec.default_width, spec.default_height),
+        // Inpainting (and FLUX image-to-image) default to the model's size, as diffusers'
+        // pipelines do.
+        Some(_) if mask.is_some() || spec.flux => (spec.default_width, spec.default_height),
         Some(image) => {
             let (w, h) = ImageInput {
                 image: image.clone(),
@@ -555,6 +556,8 @@ pub fn parse_job(
         Some(image) => {
             let default = if mask.is_some() {
                 DEFAULT_INPAINT_STRENGTH
+            } else if spec.flux {
+                crate::generate_flux::DEFAULT_STRENGTH
             } else {
                 DEFAULT_TRANSFORM_STRENGTH
             };
@@ -564,7 +567,12 @@ pub fn parse_job(
                     invalid("strength", format!("must be a number, got {}", describe(v)))
                 })?,
             };
-            if let Err(e) = SdPipeline::img2img_start(steps as usize, strength) {
+            let start = if spec.flux {
+                sd_models::pipelines::flux::FluxCore::img2img_start(steps as usize, strength)
+            } else {
+                SdPipeline::img2img_start(steps as usize, strength)
+            };
+            if let Err(e) = start {
                 return Err(match e {
                     sd_models::Error::Invalid { message, .. } => invalid("strength", message),
                     other => invalid("strength", other),

@@ -220,3 +220,87 @@ fn single_file_transformer_with_components() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+/// FluxImg2ImgPipeline references (`scripts/make_flux_models.py`) through the CLI flags.
+#[test]
+fn flux_img2img_through_the_cli_matches_diffusers() {
+    let text = std::fs::read_to_string(root().join("reference/flux-i2i-cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = root().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
+        let input = root()
+            .join("../inputs")
+            .join(case["image"].as_str().unwrap());
+        let out = tmp(&format!("{name}.png"));
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt".into(),
+            case["prompt"].as_str().unwrap().into(),
+            "--init-image".into(),
+            input.display().to_string(),
+            "--strength".into(),
+            case["strength"].to_string(),
+            "--steps".into(),
+            case["steps"].to_string(),
+            "--seed".into(),
+            case["seed"].to_string(),
+            "--batch".into(),
+            case["batch"].to_string(),
+            "--max-sequence-length".into(),
+            case["max_sequence_length"].to_string(),
+            "--output".into(),
+            out.display().to_string(),
+        ];
+        for key in ["width", "height"] {
+            if let Some(v) = case[key].as_u64() {
+                args.push(format!("--{key}"));
+                args.push(v.to_string());
+            }
+        }
+        if case["model"] == "dev" {
+            args.push("--guidance".into());
+            args.push(case["guidance"].to_string());
+        }
+        let o = sd_worker(&args);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r = candle_core::safetensors::load(
+            root().join(format!("reference/flux-{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (b, h, w, _) = r["images"].dims4().unwrap();
+        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let per = h * w * 3;
+        for i in 0..b {
+            let path = if b == 1 {
+                out.clone()
+            } else {
+                out.with_file_name(format!("{name}-{i}.png"))
+            };
+            let (gw, gh, px, text) = read_png(&path);
+            assert_eq!((gw, gh), (w, h), "{name}");
+            let want = &want[i * per..(i + 1) * per];
+            let max = px
+                .iter()
+                .zip(want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let mean = px
+                .iter()
+                .zip(want)
+                .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                .sum::<f64>()
+                / px.len() as f64;
+            assert!(max <= 3 && mean <= 0.5, "{name}: max {max}, mean {mean:.3}");
+            assert!(text.contains("Denoising strength"), "{text}");
+        }
+    }
+}

@@ -16,6 +16,12 @@ fn flux(kind: &str) -> String {
         .to_string()
 }
 
+fn b64_file(name: &str) -> String {
+    use base64::Engine as _;
+    let bytes = std::fs::read(root().join("fixtures/inputs").join(name)).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sd-worker-serve-flux-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -34,7 +40,7 @@ fn flux_jobs_stream_and_equal_the_cli() {
     assert_eq!(info["defaults"]["guidance_scale"], 3.5);
     assert_eq!(
         info["capabilities"]["operations"],
-        json!(["image_generation"])
+        json!(["image_generation", "image_transform"])
     );
     // Hold the engine so that the job's events are all seen.
     let busy = server.submit(&json!({"operation": "image_generation", "prompt": "busy",
@@ -141,9 +147,15 @@ fn flux_inappropriate_fields_get_422() {
         ),
         (with("width", json!(34)), "width", "multiple of 4"),
         (
-            with("operation", json!("image_transform")),
+            with("operation", json!("image_inpaint")),
             "operation",
             "FLUX",
+        ),
+        (
+            json!({"operation": "image_transform", "prompt": "a", "strength": 0,
+                   "input_image": b64_file("square32.png")}),
+            "strength",
+            "(0, 1]",
         ),
     ];
     for (body, field, needle) in cases {
@@ -160,4 +172,59 @@ fn flux_inappropriate_fields_get_422() {
     let status = server.wait_final(&id);
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["request"]["steps"], 4);
+}
+
+#[test]
+fn flux_image_transform_equals_the_cli() {
+    let model = flux("dev");
+    let server = Server::spawn(&model, &[]);
+    server.wait_ready();
+    let id = server.submit(
+        &json!({"operation": "image_transform", "prompt": "green trees",
+        "input_image": b64_file("odd37x29.png"), "width": 48, "height": 32, "steps": 4,
+        "strength": 0.75, "seed": 8, "guidance_scale": 4.0, "max_sequence_length": 16}),
+    );
+    let events = server.events(&id);
+    let (name, data) = events.last().unwrap();
+    assert_eq!(name, "complete", "{events:?}");
+    assert_eq!(data["operation"], "image_transform");
+    let input = root()
+        .join("fixtures/inputs/odd37x29.png")
+        .display()
+        .to_string();
+    let out = tmp("i2i.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_sd-worker"))
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "green trees",
+            "--init-image",
+            &input,
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "4",
+            "--strength",
+            "0.75",
+            "--seed",
+            "8",
+            "--guidance",
+            "4",
+            "--max-sequence-length",
+            "16",
+            "--output",
+        ])
+        .arg(&out)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        b64decode(data["image"].as_str().unwrap()),
+        std::fs::read(&out).unwrap()
+    );
 }
