@@ -359,12 +359,7 @@ pub fn load_flux_transformer_file(
         .to_ascii_lowercase();
     match ext.as_str() {
         "safetensors" => {}
-        "gguf" => {
-            return Err(Error::config(
-                file,
-                "GGUF transformers are not supported yet (use a safetensors file)",
-            ))
-        }
+        "gguf" => return load_flux_transformer_gguf(file, axes_dims_rope, device, dtype),
         "ckpt" | "pt" | "pth" | "bin" => {
             return Err(Error::config(
                 file,
@@ -563,4 +558,38 @@ pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
         transformer_parameters: params,
         weights,
     })
+}
+
+/// Loads a GGUF FLUX transformer (original key names, as published): quantized weights stay
+/// quantized in memory and each layer dequantizes its weight when it runs; F32/F16/BF16
+/// tensors are read as `dtype`.
+pub fn load_flux_transformer_gguf(
+    file: &Path,
+    axes_dims_rope: Option<Vec<usize>>,
+    device: &Device,
+    dtype: DType,
+) -> Result<crate::modules::flux::FluxTransformer> {
+    use crate::modules::flux::{infer_config_from_shapes, FluxTransformer, GgufWeights};
+    use candle_core::quantized::gguf_file;
+    let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let content = gguf_file::Content::read(&mut reader)
+        .map_err(|e| Error::config(file, format!("cannot read GGUF: {}", Error::from(e))))?;
+    let mut tensors = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let q = content
+            .tensor(&mut reader, name, device)
+            .map_err(|e| Error::config(file, format!("tensor {name}: {}", Error::from(e))))?;
+        tensors.insert(name.clone(), q);
+    }
+    let to_config = |e: Error| match e {
+        Error::Invalid { message, .. } => Error::config(file, message),
+        other => other,
+    };
+    let weights = GgufWeights::new(tensors, dtype, device).map_err(to_config)?;
+    let cfg = infer_config_from_shapes(&weights.shapes, axes_dims_rope).map_err(to_config)?;
+    in_component(
+        "transformer",
+        file,
+        FluxTransformer::from_gguf(std::sync::Arc::new(weights), &cfg),
+    )
 }

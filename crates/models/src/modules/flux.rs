@@ -4,11 +4,231 @@
 //! timestep, the guidance scale (dev) and the pooled CLIP text embedding.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_nn::VarBuilder;
 
 use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
 use crate::Result;
+
+/// A linear layer whose weight is dense, or quantized (GGUF) and dequantized, together with
+/// the rows it takes of a fused weight, each time the layer runs.
+#[derive(Debug, Clone)]
+pub struct Lin {
+    weight: LinWeight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinWeight {
+    Dense(Tensor),
+    Quant {
+        q: Arc<QTensor>,
+        /// Row ranges of `q` that make the weight, concatenated (empty: all rows).
+        rows: Vec<(usize, usize)>,
+    },
+}
+
+/// Rows `ranges` of `t`, concatenated (all of `t` for an empty list).
+fn take_rows(t: Tensor, ranges: &[(usize, usize)]) -> candle_core::Result<Tensor> {
+    if ranges.is_empty() {
+        return Ok(t);
+    }
+    let parts = ranges
+        .iter()
+        .map(|&(s, n)| t.narrow(0, s, n))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
+impl Lin {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = match &self.weight {
+            LinWeight::Dense(w) => w.clone(),
+            LinWeight::Quant { q, rows } => {
+                take_rows(q.dequantize(x.device())?, rows)?.to_dtype(x.dtype())?
+            }
+        };
+        candle_nn::Linear::new(w, self.bias.clone()).forward(x)
+    }
+}
+
+/// One tensor of a GGUF transformer, renamed to diffusers' layout.
+#[derive(Debug, Clone)]
+enum GgufEntry {
+    Dense(Tensor),
+    Quant(Arc<QTensor>, Vec<(usize, usize)>),
+}
+
+/// The tensors of a GGUF FLUX transformer under diffusers' names.
+#[derive(Debug)]
+pub struct GgufWeights {
+    entries: HashMap<String, GgufEntry>,
+    /// Shapes (diffusers names) for config inference.
+    pub shapes: HashMap<String, Vec<usize>>,
+    dtype: DType,
+}
+
+impl GgufWeights {
+    /// Renames the tensors of a GGUF file (original key names) as diffusers names them.
+    /// Quantized tensors stay quantized; the others are read as `dtype`.
+    pub fn new(
+        tensors: HashMap<String, QTensor>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let originals: HashMap<String, Vec<usize>> = tensors
+            .iter()
+            .map(|(k, q)| (k.clone(), q.shape().dims().to_vec()))
+            .collect();
+        let plan = original_plan(&originals)?;
+        let mut stored: HashMap<String, GgufEntry> = HashMap::new();
+        for (k, q) in tensors {
+            let quantized = !matches!(
+                q.dtype(),
+                candle_core::quantized::GgmlDType::F32
+                    | candle_core::quantized::GgmlDType::F16
+                    | candle_core::quantized::GgmlDType::BF16
+            );
+            let entry = if quantized {
+                GgufEntry::Quant(Arc::new(q), Vec::new())
+            } else {
+                GgufEntry::Dense(q.dequantize(device)?.to_dtype(dtype)?)
+            };
+            stored.insert(k, entry);
+        }
+        let mut entries = HashMap::new();
+        let mut shapes = HashMap::new();
+        for (new, old, rows) in plan {
+            let (entry, shape) = match &stored[&old] {
+                GgufEntry::Dense(t) => {
+                    let t = take_rows(t.clone(), &rows)?;
+                    let shape = t.dims().to_vec();
+                    (GgufEntry::Dense(t), shape)
+                }
+                GgufEntry::Quant(q, _) => {
+                    let mut shape = q.shape().dims().to_vec();
+                    if !rows.is_empty() {
+                        shape[0] = rows.iter().map(|r| r.1).sum();
+                    }
+                    (GgufEntry::Quant(q.clone(), rows), shape)
+                }
+            };
+            shapes.insert(new.clone(), shape);
+            entries.insert(new, entry);
+        }
+        Ok(Self {
+            entries,
+            shapes,
+            dtype,
+        })
+    }
+}
+
+/// Where a transformer's weights come from, with a name prefix (as `VarBuilder::pp`).
+#[derive(Clone)]
+pub struct Src<'a> {
+    kind: SrcKind<'a>,
+    prefix: String,
+}
+
+#[derive(Clone)]
+enum SrcKind<'a> {
+    Vb(VarBuilder<'a>),
+    Gguf(Arc<GgufWeights>),
+}
+
+impl<'a> Src<'a> {
+    fn vb(vb: VarBuilder<'a>) -> Self {
+        Self {
+            kind: SrcKind::Vb(vb),
+            prefix: String::new(),
+        }
+    }
+
+    fn gguf(w: Arc<GgufWeights>) -> Self {
+        Self {
+            kind: SrcKind::Gguf(w),
+            prefix: String::new(),
+        }
+    }
+
+    fn pp(&self, s: impl ToString) -> Self {
+        let s = s.to_string();
+        let prefix = if self.prefix.is_empty() {
+            s
+        } else {
+            format!("{}.{s}", self.prefix)
+        };
+        Self {
+            kind: self.kind.clone(),
+            prefix,
+        }
+    }
+
+    fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    fn get(&self, dim: usize, leaf: &str) -> candle_core::Result<Tensor> {
+        match &self.kind {
+            SrcKind::Vb(vb) => vb.get(dim, &self.name(leaf)),
+            SrcKind::Gguf(w) => {
+                let name = self.name(leaf);
+                match w.entries.get(&name) {
+                    Some(GgufEntry::Dense(t)) if t.dims() == [dim] => Ok(t.clone()),
+                    Some(GgufEntry::Quant(q, rows)) => {
+                        take_rows(q.dequantize(&candle_core::Device::Cpu)?, rows)?.to_dtype(w.dtype)
+                    }
+                    Some(GgufEntry::Dense(t)) => Err(candle_core::Error::Msg(format!(
+                        "{name}: shape {:?}, expected [{dim}]",
+                        t.dims()
+                    ))),
+                    None => Err(candle_core::Error::Msg(format!("missing tensor {name}"))),
+                }
+            }
+        }
+    }
+}
+
+/// A linear layer (weight and bias) read from `src`.
+fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
+    match &src.kind {
+        SrcKind::Vb(vb) => Ok(Lin {
+            weight: LinWeight::Dense(vb.get((dout, din), &src.name("weight"))?),
+            bias: Some(vb.get(dout, &src.name("bias"))?),
+        }),
+        SrcKind::Gguf(w) => {
+            let wname = src.name("weight");
+            let shape = w.shapes.get(&wname).cloned().unwrap_or_default();
+            if shape != [dout, din] {
+                return Err(candle_core::Error::Msg(format!(
+                    "{wname}: shape {shape:?}, expected [{dout}, {din}]"
+                )));
+            }
+            let weight = match w.entries.get(&wname) {
+                Some(GgufEntry::Dense(t)) => LinWeight::Dense(t.clone()),
+                Some(GgufEntry::Quant(q, rows)) => LinWeight::Quant {
+                    q: q.clone(),
+                    rows: rows.clone(),
+                },
+                None => return Err(candle_core::Error::Msg(format!("missing tensor {wname}"))),
+            };
+            let bias = src.get(dout, "bias")?;
+            Ok(Lin {
+                weight,
+                bias: Some(bias),
+            })
+        }
+    }
+}
 
 /// The fields of a FLUX transformer `config.json` that we use.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +309,7 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(dim: usize, vb: Src) -> candle_core::Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             eps: 1e-6,
@@ -123,12 +343,12 @@ fn timestep_features(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
 
 #[derive(Debug)]
 struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Lin,
+    linear_2: Lin,
 }
 
 impl Mlp2 {
-    fn new(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(din: usize, dout: usize, vb: Src) -> candle_core::Result<Self> {
         Ok(Self {
             linear_1: linear(din, dout, vb.pp("linear_1"))?,
             linear_2: linear(dout, dout, vb.pp("linear_2"))?,
@@ -207,24 +427,24 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> 
 
 #[derive(Debug)]
 struct DoubleBlock {
-    norm1: Linear,
-    norm1_context: Linear,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    norm1: Lin,
+    norm1_context: Lin,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
-    add_q: Linear,
-    add_k: Linear,
-    add_v: Linear,
+    add_q: Lin,
+    add_k: Lin,
+    add_v: Lin,
     norm_added_q: RmsNorm,
     norm_added_k: RmsNorm,
-    to_out: Linear,
-    to_add_out: Linear,
-    ff_in: Linear,
-    ff_out: Linear,
-    ffc_in: Linear,
-    ffc_out: Linear,
+    to_out: Lin,
+    to_add_out: Lin,
+    ff_in: Lin,
+    ff_out: Lin,
+    ffc_in: Lin,
+    ffc_out: Lin,
     heads: usize,
     head_dim: usize,
 }
@@ -236,7 +456,7 @@ fn heads(x: &Tensor, h: usize, d: usize) -> candle_core::Result<Tensor> {
 }
 
 /// `linear(silu(temb))` split into `n` chunks of the model width.
-fn modulation(lin: &Linear, temb: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
+fn modulation(lin: &Lin, temb: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
     let e = lin.forward(&temb.silu()?)?;
     let dim = e.dim(1)? / n;
     (0..n)
@@ -252,7 +472,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<T
 }
 
 impl DoubleBlock {
-    fn new(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
+    fn new(vb: Src, c: &FluxConfig) -> candle_core::Result<Self> {
         let dim = c.inner_dim();
         let hd = c.attention_head_dim;
         let a = vb.pp("attn");
@@ -333,20 +553,20 @@ impl DoubleBlock {
 
 #[derive(Debug)]
 struct SingleBlock {
-    norm: Linear,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    norm: Lin,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
-    proj_mlp: Linear,
-    proj_out: Linear,
+    proj_mlp: Lin,
+    proj_out: Lin,
     heads: usize,
     head_dim: usize,
 }
 
 impl SingleBlock {
-    fn new(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
+    fn new(vb: Src, c: &FluxConfig) -> candle_core::Result<Self> {
         let dim = c.inner_dim();
         let hd = c.attention_head_dim;
         let a = vb.pp("attn");
@@ -392,20 +612,31 @@ impl SingleBlock {
 
 /// A loaded FLUX transformer.
 pub struct FluxTransformer {
-    x_embedder: Linear,
-    context_embedder: Linear,
+    x_embedder: Lin,
+    context_embedder: Lin,
     timestep_embedder: Mlp2,
     guidance_embedder: Option<Mlp2>,
     text_embedder: Mlp2,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
-    norm_out: Linear,
-    proj_out: Linear,
+    norm_out: Lin,
+    proj_out: Lin,
     pub config: FluxConfig,
 }
 
 impl FluxTransformer {
+    /// From diffusers-named weights (a diffusers folder, or a renamed single file).
     pub fn new(vb: VarBuilder, c: &FluxConfig) -> Result<Self> {
+        Self::from_src(Src::vb(vb), c)
+    }
+
+    /// From a GGUF file with the original key names: quantized weights stay quantized in
+    /// memory and are dequantized by each layer when it runs.
+    pub fn from_gguf(weights: Arc<GgufWeights>, c: &FluxConfig) -> Result<Self> {
+        Self::from_src(Src::gguf(weights), c)
+    }
+
+    fn from_src(vb: Src, c: &FluxConfig) -> Result<Self> {
         let dim = c.inner_dim();
         let te = vb.pp("time_text_embed");
         let guidance_embedder = if c.guidance_embeds {
@@ -494,31 +725,42 @@ impl FluxTransformer {
     }
 }
 
-/// Renames the tensors of a single-file FLUX transformer with the original (Black Forest
-/// Labs) key names to diffusers' names, splitting the fused projections as diffusers'
-/// `convert_flux_transformer_checkpoint_to_diffusers` does: qkv into q / k / v, the single
-/// blocks' `linear1` into q / k / v / mlp, and the final modulation from (shift, scale) to
-/// (scale, shift). A `model.diffusion_model.` prefix is accepted.
-pub fn original_to_diffusers(
-    tensors: std::collections::HashMap<String, Tensor>,
-) -> Result<std::collections::HashMap<String, Tensor>> {
-    use std::collections::HashMap;
-    let mut src: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| {
-            let k = k
-                .strip_prefix("model.diffusion_model.")
-                .map(str::to_string)
-                .unwrap_or(k);
-            (k, v)
+/// One renamed tensor: (diffusers name, original key, row ranges of the original, empty for
+/// all).
+pub type RenameStep = (String, String, Vec<(usize, usize)>);
+
+/// How diffusers names the tensors of a single-file FLUX transformer with the original
+/// (Black Forest Labs) key names: (diffusers name, original key, row ranges of the original
+/// concatenated, empty for all), as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`
+/// renames them: qkv split into q / k / v, the single blocks' `linear1` into q / k / v / mlp,
+/// and the final modulation turned from (shift, scale) to (scale, shift). A
+/// `model.diffusion_model.` prefix is accepted; a tensor that maps to nothing is an error.
+pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<RenameStep>> {
+    let key: HashMap<String, String> = originals
+        .keys()
+        .map(|k| {
+            let short = k.strip_prefix("model.diffusion_model.").unwrap_or(k);
+            (short.to_string(), k.clone())
         })
         .collect();
-    let mut out = HashMap::new();
-    let take = |src: &mut HashMap<String, Tensor>, name: &str| -> Result<Tensor> {
-        src.remove(name)
-            .ok_or_else(|| crate::Error::invalid("transformer", format!("missing tensor {name:?}")))
+    let mut used = std::collections::HashSet::new();
+    let mut plan = Vec::new();
+    let bad = |m: String| crate::Error::invalid("transformer", m);
+    let mut add = |new: String, old: &str, rows: Vec<(usize, usize)>| -> Result<()> {
+        let full = key
+            .get(old)
+            .ok_or_else(|| bad(format!("missing tensor {old:?}")))?;
+        used.insert(full.clone());
+        plan.push((new, full.clone(), rows));
+        Ok(())
     };
-    let renames = [
+    let rows0 = |old: &str| -> Result<usize> {
+        key.get(old)
+            .and_then(|k| originals.get(k))
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| bad(format!("missing tensor {old:?}")))
+    };
+    let mut renames = vec![
         (
             "time_in.in_layer",
             "time_text_embed.timestep_embedder.linear_1",
@@ -539,59 +781,39 @@ pub fn original_to_diffusers(
         ("img_in", "x_embedder"),
         ("final_layer.linear", "proj_out"),
     ];
+    if key.contains_key("guidance_in.in_layer.weight") {
+        renames.push((
+            "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_1",
+        ));
+        renames.push((
+            "guidance_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_2",
+        ));
+    }
     for (old, new) in renames {
         for p in ["weight", "bias"] {
-            out.insert(format!("{new}.{p}"), take(&mut src, &format!("{old}.{p}"))?);
-        }
-    }
-    if src.contains_key("guidance_in.in_layer.weight") {
-        for (old, new) in [
-            (
-                "guidance_in.in_layer",
-                "time_text_embed.guidance_embedder.linear_1",
-            ),
-            (
-                "guidance_in.out_layer",
-                "time_text_embed.guidance_embedder.linear_2",
-            ),
-        ] {
-            for p in ["weight", "bias"] {
-                out.insert(format!("{new}.{p}"), take(&mut src, &format!("{old}.{p}"))?);
-            }
+            add(format!("{new}.{p}"), &format!("{old}.{p}"), Vec::new())?;
         }
     }
     for p in ["weight", "bias"] {
-        let t = take(&mut src, &format!("final_layer.adaLN_modulation.1.{p}"))?;
-        let half = t.dim(0)? / 2;
-        let swapped = Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?;
-        out.insert(format!("norm_out.linear.{p}"), swapped);
+        let old = format!("final_layer.adaLN_modulation.1.{p}");
+        let half = rows0(&old)? / 2;
+        add(
+            format!("norm_out.linear.{p}"),
+            &old,
+            vec![(half, half), (0, half)],
+        )?;
     }
     let count = |prefix: &str| -> usize {
-        src.keys()
+        key.keys()
             .filter_map(|k| k.strip_prefix(prefix))
             .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
             .map(|i| i + 1)
             .max()
             .unwrap_or(0)
     };
-    let n_double = count("double_blocks.");
-    let n_single = count("single_blocks.");
-    let chunks = |t: &Tensor, sizes: &[usize]| -> Result<Vec<Tensor>> {
-        let mut at = 0;
-        let mut parts = Vec::with_capacity(sizes.len());
-        for &n in sizes {
-            parts.push(t.narrow(0, at, n)?);
-            at += n;
-        }
-        if at != t.dim(0)? {
-            return Err(crate::Error::invalid(
-                "transformer",
-                format!("a fused projection has {} rows, expected {at}", t.dim(0)?),
-            ));
-        }
-        Ok(parts)
-    };
-    for i in 0..n_double {
+    for i in 0..count("double_blocks.") {
         let (o, b) = (
             format!("double_blocks.{i}."),
             format!("transformer_blocks.{i}."),
@@ -607,10 +829,11 @@ pub fn original_to_diffusers(
                 ("txt_mlp.0", "ff_context.net.0.proj"),
                 ("txt_mlp.2", "ff_context.net.2"),
             ] {
-                out.insert(
+                add(
                     format!("{b}{new}.{p}"),
-                    take(&mut src, &format!("{o}{old}.{p}"))?,
-                );
+                    &format!("{o}{old}.{p}"),
+                    Vec::new(),
+                )?;
             }
             for (old, names) in [
                 ("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
@@ -619,10 +842,14 @@ pub fn original_to_diffusers(
                     ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
                 ),
             ] {
-                let t = take(&mut src, &format!("{o}{old}.{p}"))?;
-                let d = t.dim(0)? / 3;
-                for (part, name) in chunks(&t, &[d, d, d])?.into_iter().zip(names) {
-                    out.insert(format!("{b}{name}.{p}"), part);
+                let old = format!("{o}{old}.{p}");
+                let n = rows0(&old)?;
+                if n % 3 != 0 {
+                    return Err(bad(format!("{old}: {n} rows do not split in three")));
+                }
+                let d = n / 3;
+                for (j, name) in names.into_iter().enumerate() {
+                    add(format!("{b}{name}.{p}"), &old, vec![(j * d, d)])?;
                 }
             }
         }
@@ -632,49 +859,73 @@ pub fn original_to_diffusers(
             ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
             ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
         ] {
-            out.insert(format!("{b}{new}"), take(&mut src, &format!("{o}{old}"))?);
+            add(format!("{b}{new}"), &format!("{o}{old}"), Vec::new())?;
         }
     }
-    for i in 0..n_single {
+    for i in 0..count("single_blocks.") {
         let (o, b) = (
             format!("single_blocks.{i}."),
             format!("single_transformer_blocks.{i}."),
         );
         for p in ["weight", "bias"] {
-            out.insert(
+            add(
                 format!("{b}proj_out.{p}"),
-                take(&mut src, &format!("{o}linear2.{p}"))?,
-            );
-            out.insert(
+                &format!("{o}linear2.{p}"),
+                Vec::new(),
+            )?;
+            add(
                 format!("{b}norm.linear.{p}"),
-                take(&mut src, &format!("{o}modulation.lin.{p}"))?,
-            );
-            let t = take(&mut src, &format!("{o}linear1.{p}"))?;
-            // linear1 = [q; k; v; mlp] with mlp = 4 x dim.
-            let d = t.dim(0)? / 7;
-            let parts = chunks(&t, &[d, d, d, 4 * d])?;
-            for (part, name) in
-                parts
-                    .into_iter()
-                    .zip(["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"])
-            {
-                out.insert(format!("{b}{name}.{p}"), part);
+                &format!("{o}modulation.lin.{p}"),
+                Vec::new(),
+            )?;
+            // linear1 = [q; k; v; mlp] with mlp = 4 x width.
+            let old = format!("{o}linear1.{p}");
+            let n = rows0(&old)?;
+            if n % 7 != 0 {
+                return Err(bad(format!(
+                    "{old}: {n} rows are not 3 x width + 4 x width"
+                )));
+            }
+            let d = n / 7;
+            for (name, range) in [
+                ("attn.to_q", (0, d)),
+                ("attn.to_k", (d, d)),
+                ("attn.to_v", (2 * d, d)),
+                ("proj_mlp", (3 * d, 4 * d)),
+            ] {
+                add(format!("{b}{name}.{p}"), &old, vec![range])?;
             }
         }
-        out.insert(
+        add(
             format!("{b}attn.norm_q.weight"),
-            take(&mut src, &format!("{o}norm.query_norm.scale"))?,
-        );
-        out.insert(
+            &format!("{o}norm.query_norm.scale"),
+            Vec::new(),
+        )?;
+        add(
             format!("{b}attn.norm_k.weight"),
-            take(&mut src, &format!("{o}norm.key_norm.scale"))?,
-        );
+            &format!("{o}norm.key_norm.scale"),
+            Vec::new(),
+        )?;
     }
-    if let Some(extra) = src.keys().next() {
-        return Err(crate::Error::invalid(
-            "transformer",
-            format!("unexpected tensor {extra:?} in a FLUX transformer file"),
-        ));
+    if let Some(extra) = originals.keys().find(|k| !used.contains(*k)) {
+        return Err(bad(format!(
+            "unexpected tensor {extra:?} in a FLUX transformer file"
+        )));
+    }
+    Ok(plan)
+}
+
+/// Renames a single-file FLUX transformer's tensors to diffusers' names (see
+/// [`original_plan`]).
+pub fn original_to_diffusers(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let shapes: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    let plan = original_plan(&shapes)?;
+    let mut out = HashMap::new();
+    for (new, old, rows) in plan {
+        out.insert(new, take_rows(tensors[&old].clone(), &rows)?);
     }
     Ok(out)
 }
@@ -686,9 +937,21 @@ pub fn infer_config(
     w: &std::collections::HashMap<String, Tensor>,
     axes_dims_rope: Option<Vec<usize>>,
 ) -> Result<FluxConfig> {
+    let shapes: HashMap<String, Vec<usize>> = w
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    infer_config_from_shapes(&shapes, axes_dims_rope)
+}
+
+/// As [`infer_config`], from the shapes alone.
+pub fn infer_config_from_shapes(
+    w: &HashMap<String, Vec<usize>>,
+    axes_dims_rope: Option<Vec<usize>>,
+) -> Result<FluxConfig> {
     let shape = |name: &str| -> Result<Vec<usize>> {
         w.get(name)
-            .map(|t| t.dims().to_vec())
+            .cloned()
             .ok_or_else(|| crate::Error::invalid("transformer", format!("missing tensor {name:?}")))
     };
     let x = shape("x_embedder.weight")?;
