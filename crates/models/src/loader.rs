@@ -593,3 +593,97 @@ pub fn load_flux_transformer_gguf(
         FluxTransformer::from_gguf(std::sync::Arc::new(weights), &cfg),
     )
 }
+
+/// What `inspect` reports about a FLUX transformer file (single-file safetensors with the
+/// original key names, or GGUF), read from its header.
+#[derive(Debug, Clone)]
+pub struct FluxFileInfo {
+    /// `single-file safetensors (original key names)` or `GGUF`.
+    pub layout: &'static str,
+    /// `dev` (guidance embedding) or `schnell`.
+    pub variant: &'static str,
+    pub parameters: u64,
+    /// Storage types and how many tensors use each, e.g. `Q8_0 x 304, F32 x 476`.
+    pub dtypes: Vec<(String, usize)>,
+    pub double_blocks: usize,
+    pub single_blocks: usize,
+    pub width: usize,
+}
+
+/// Reads a FLUX transformer file's header.
+pub fn inspect_flux_file(file: &Path) -> Result<FluxFileInfo> {
+    use crate::modules::flux::original_plan;
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    let layout = match ext.as_str() {
+        "gguf" => {
+            let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(|e| {
+                    Error::config(file, format!("cannot read GGUF: {}", Error::from(e)))
+                })?;
+            for (name, info) in &content.tensor_infos {
+                shapes.insert(name.clone(), info.shape.dims().to_vec());
+                *dtypes.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+            }
+            "GGUF"
+        }
+        "safetensors" => {
+            // SAFETY: read-only mapping of a model file, as when loading.
+            let st =
+                unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+                    Error::config(file, format!("cannot read safetensors: {}", Error::from(e)))
+                })?;
+            for (name, view) in st.tensors() {
+                shapes.insert(name.clone(), view.shape().to_vec());
+                *dtypes.entry(format!("{:?}", view.dtype())).or_default() += 1;
+            }
+            "single-file safetensors (original key names)"
+        }
+        _ => {
+            return Err(Error::config(
+                file,
+                "expected a .safetensors or .gguf FLUX transformer",
+            ))
+        }
+    };
+    let plan = original_plan(&shapes).map_err(|e| match e {
+        Error::Invalid { message, .. } => Error::config(
+            file,
+            format!("not a FLUX transformer with the original key names: {message}"),
+        ),
+        other => other,
+    })?;
+    let count = |prefix: &str| {
+        plan.iter()
+            .filter(|(n, _, _)| n.starts_with(prefix) && n.ends_with("norm_q.weight"))
+            .count()
+    };
+    let width = plan
+        .iter()
+        .find(|(n, _, _)| n == "x_embedder.weight")
+        .and_then(|(_, old, _)| shapes.get(old))
+        .and_then(|s| s.first().copied())
+        .unwrap_or(0);
+    Ok(FluxFileInfo {
+        layout,
+        variant: if plan.iter().any(|(n, _, _)| n.contains("guidance_embedder")) {
+            "dev"
+        } else {
+            "schnell"
+        },
+        parameters: shapes
+            .values()
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum(),
+        dtypes: dtypes.into_iter().collect(),
+        double_blocks: count("transformer_blocks."),
+        single_blocks: count("single_transformer_blocks."),
+        width,
+    })
+}

@@ -7,12 +7,49 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json).
+    /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json), or a FLUX
+    /// transformer file (.safetensors with the original key names, or .gguf).
     #[arg(env = "SD_MODEL")]
     pub model: PathBuf,
+    /// With a transformer file: the diffusers FLUX folder that would provide the rest
+    /// (checked to be one).
+    #[arg(long, env = "SD_COMPONENTS")]
+    pub components: Option<PathBuf>,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.model.is_file() {
+        let info = sd_models::loader::inspect_flux_file(&args.model)?;
+        println!("model:        {}", args.model.display());
+        println!("family:       flux");
+        println!("variant:      {}", info.variant);
+        println!("layout:       {}", info.layout);
+        let types: Vec<String> = info
+            .dtypes
+            .iter()
+            .map(|(t, n)| format!("{t} x {n}"))
+            .collect();
+        println!("dtypes:       {}", types.join(", "));
+        println!("parameters:   {}", info.parameters);
+        println!(
+            "blocks:       {} double, {} single, width {}",
+            info.double_blocks, info.single_blocks, info.width
+        );
+        match &args.components {
+            Some(dir) if sd_models::loader::is_flux_folder(dir) => {
+                println!(
+                    "components:   {} (text encoders, tokenizers, VAE, scheduler)",
+                    dir.display()
+                )
+            }
+            Some(dir) => anyhow::bail!(
+                "invalid --components {}: not a diffusers FLUX folder",
+                dir.display()
+            ),
+            None => println!("components:   none given (generate and serve need --components DIR)"),
+        }
+        return Ok(());
+    }
     if sd_models::loader::is_flux_folder(&args.model) {
         let info = sd_models::loader::inspect_flux(&args.model)?;
         println!("model:        {}", info.name);

@@ -304,3 +304,55 @@ fn flux_img2img_through_the_cli_matches_diffusers() {
         }
     }
 }
+
+#[test]
+fn inspect_reports_folders_and_transformer_files() {
+    let run = |args: &[&str]| -> (bool, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_sd-worker"))
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(if o.status.success() {
+                &o.stdout
+            } else {
+                &o.stderr
+            })
+            .into_owned(),
+        )
+    };
+    let dev = root().join("tiny-flux-dev").display().to_string();
+    let (ok, out) = run(&["inspect", &dev]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("family:       flux") && out.contains("variant:      dev"),
+        "{out}"
+    );
+    assert!(out.contains("transformer parameters: 38576"), "{out}");
+    let gguf = root().join("transformer-q-Q8_0.gguf").display().to_string();
+    let (ok, out) = run(&["inspect", &gguf, "--components", &dev]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("layout:       GGUF") && out.contains("Q8_0 x 22"),
+        "{out}"
+    );
+    assert!(out.contains("1 double, 1 single, width 32"), "{out}");
+    let single = root()
+        .join("transformer-schnell-original.safetensors")
+        .display()
+        .to_string();
+    let (ok, out) = run(&["inspect", &single]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("variant:      schnell") && out.contains("original key names"),
+        "{out}"
+    );
+    let vae = root()
+        .join("tiny-flux-dev/vae/diffusion_pytorch_model.safetensors")
+        .display()
+        .to_string();
+    let (ok, out) = run(&["inspect", &vae]);
+    assert!(!ok && out.contains("not a FLUX transformer"), "{out}");
+}
