@@ -339,7 +339,7 @@ pub fn load_flux(
     device: &Device,
     dtype: DType,
 ) -> Result<crate::pipelines::flux::FluxPipeline> {
-    load_flux_with(root, None, device, dtype)
+    load_flux_with(root, None, device, None, dtype)
 }
 
 /// Loads a single-file FLUX transformer (safetensors with the original key names, as
@@ -398,8 +398,16 @@ pub fn load_flux_with(
     root: &Path,
     transformer_file: Option<&Path>,
     device: &Device,
+    text_device: Option<&Device>,
     dtype: DType,
 ) -> Result<crate::pipelines::flux::FluxPipeline> {
+    // The text encoders run in f32 on a CPU (candle has no CPU bf16 matmul).
+    let text_device = text_device.unwrap_or(device).clone();
+    let text_dtype = if text_device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    };
     use crate::modules::flux::{FluxConfig, FluxTransformer};
     use crate::modules::t5::{T5Config, T5Encoder};
     use crate::pipelines::flux::{FluxCore, FluxPipeline};
@@ -412,13 +420,13 @@ pub fn load_flux_with(
     let clip_tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
     let te_dir = component(root, "text_encoder")?;
     let te_cfg = ClipTextConfig::from_config(&load_cfg("text_encoder", "config.json")?)?;
-    let vb = var_builder(&find_weights(&te_dir, "model")?, dtype, device)?;
+    let vb = var_builder(&find_weights(&te_dir, "model")?, text_dtype, &text_device)?;
     let clip = in_component("text_encoder", &te_dir, ClipTextModel::new(vb, &te_cfg))?;
 
     let t5_tokenizer = T5Tokenizer::from_dir(&component(root, "tokenizer_2")?)?;
     let t5_dir = component(root, "text_encoder_2")?;
     let t5_cfg = T5Config::from_config(&load_cfg("text_encoder_2", "config.json")?)?;
-    let vb = var_builder(&find_weights(&t5_dir, "model")?, dtype, device)?;
+    let vb = var_builder(&find_weights(&t5_dir, "model")?, text_dtype, &text_device)?;
     let t5 = in_component("text_encoder_2", &t5_dir, T5Encoder::new(vb, &t5_cfg))?;
 
     let (transformer, tr_cfg_file) = match transformer_file {
@@ -489,6 +497,7 @@ pub fn load_flux_with(
         ));
     }
     Ok(FluxPipeline {
+        text_device,
         clip_tokenizer,
         clip,
         t5_tokenizer,

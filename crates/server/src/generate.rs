@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     /// tokenizers, VAE and scheduler.
     #[arg(long, env = "SD_COMPONENTS")]
     pub components: Option<PathBuf>,
+    /// FLUX: where the text encoders (CLIP, T5) live, e.g. `cpu` to keep them off the GPU
+    /// during denoising. Default: --device.
+    #[arg(long, env = "SD_TEXT_ENCODER_DEVICE")]
+    pub text_encoder_device: Option<String>,
     /// FLUX: T5 prompt length in tokens (default 512 for dev, 256 for schnell).
     #[arg(long, env = "SD_MAX_SEQUENCE_LENGTH")]
     pub max_sequence_length: Option<usize>,
@@ -133,6 +137,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if let Some(n) = args.max_sequence_length {
         bail!("--max-sequence-length {n} applies to FLUX models only");
+    }
+    if let Some(d) = &args.text_encoder_device {
+        bail!("--text-encoder-device {d} applies to FLUX models only");
     }
 
     // Inputs are read before the model loads, so that a bad file fails at once.

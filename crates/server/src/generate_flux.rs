@@ -69,11 +69,12 @@ pub fn load(
     model: &std::path::Path,
     components: Option<&std::path::Path>,
     device: &Device,
+    text_device: Option<&Device>,
     dtype: DType,
 ) -> Result<(sd_models::pipelines::flux::FluxPipeline, String)> {
     match components {
         None => {
-            let pipe = sd_models::loader::load_flux(model, device, dtype)?;
+            let pipe = sd_models::loader::load_flux_with(model, None, device, text_device, dtype)?;
             let name = model
                 .canonicalize()
                 .ok()
@@ -94,7 +95,8 @@ pub fn load(
                     dir.display()
                 );
             }
-            let pipe = sd_models::loader::load_flux_with(dir, Some(model), device, dtype)?;
+            let pipe =
+                sd_models::loader::load_flux_with(dir, Some(model), device, text_device, dtype)?;
             let name = model
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -147,7 +149,18 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
         None => None,
     };
     let started = Instant::now();
-    let (pipe, name) = load(&args.model, args.components.as_deref(), device, dtype)?;
+    let text_device = args
+        .text_encoder_device
+        .as_deref()
+        .map(crate::device::parse_device)
+        .transpose()?;
+    let (pipe, name) = load(
+        &args.model,
+        args.components.as_deref(),
+        device,
+        text_device.as_ref(),
+        dtype,
+    )?;
     let dev = pipe.is_guidance_distilled();
     let guidance = match (dev, args.guidance) {
         (true, g) => g.unwrap_or(DEV_DEFAULTS.1),

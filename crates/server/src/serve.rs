@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// FLUX folder gives the text encoders, tokenizers, VAE and scheduler.
     #[arg(long, env = "SD_COMPONENTS")]
     pub components: Option<PathBuf>,
+    /// FLUX: where the text encoders live (e.g. `cpu` to keep them off the GPU). Default:
+    /// --device.
+    #[arg(long, env = "SD_TEXT_ENCODER_DEVICE")]
+    pub text_encoder_device: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "SD_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -191,14 +195,24 @@ async fn serve(
 
     let model = args.model.clone();
     let components = args.components.clone();
+    let text_device = args
+        .text_encoder_device
+        .as_deref()
+        .map(parse_device)
+        .transpose()?;
     let device_name = args.device.trim().to_ascii_lowercase();
     let loader: Loader<Model> = Box::new(move || {
         let started = Instant::now();
         let repo_id = crate::request::hub_repo_id(&model);
         let dtype_s = dtype_name(dtype).to_string();
         let (backend, spec) = if components.is_some() || sd_models::loader::is_flux_folder(&model) {
-            let (pipeline, name) =
-                crate::generate_flux::load(&model, components.as_deref(), &device, dtype)?;
+            let (pipeline, name) = crate::generate_flux::load(
+                &model,
+                components.as_deref(),
+                &device,
+                text_device.as_ref(),
+                dtype,
+            )?;
             let variant = if pipeline.is_guidance_distilled() {
                 "dev"
             } else {
@@ -240,6 +254,9 @@ async fn serve(
             };
             (Model::Flux(Box::new(pipeline)), spec)
         } else {
+            if text_device.is_some() {
+                anyhow::bail!("--text-encoder-device applies to FLUX models only");
+            }
             let (pipeline, info) = sd_models::loader::load_sd(&model, &device, dtype)?;
             let (default_width, default_height) = pipeline.default_size();
             let spec = ModelSpec {

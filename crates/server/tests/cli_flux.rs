@@ -203,7 +203,17 @@ fn single_file_transformer_with_components() {
     let (_, _, pb, tb) = read_png(&b);
     assert_eq!(pa, pb, "same weights, same pixels");
     assert!(ta.contains("Model: tiny-flux-dev") && tb.contains("Model: transformer-dev-original"));
+    // Text encoders on an explicit device (the same CPU here): the same pixels.
+    let c = tmp("text-device.png");
+    let o = run(&["--model", &dev, "--text-encoder-device", "cpu"], &c);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_png(&c).2, pa);
+    let sd = root().join("../models/tiny-sd1").display().to_string();
     for (extra, needle) in [
+        (
+            vec!["--model", &sd, "--text-encoder-device", "cpu"],
+            "FLUX models only",
+        ),
         (
             vec!["--model", &dev, "--components", &dev],
             "transformer file",

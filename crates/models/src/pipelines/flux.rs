@@ -248,6 +248,9 @@ pub struct FluxPipeline {
     pub clip: ClipTextModel,
     pub t5_tokenizer: T5Tokenizer,
     pub t5: T5Encoder,
+    /// Where the text encoders live (the CPU keeps them off the accelerator, which then holds
+    /// only the transformer and the VAE); their outputs move to the core's device.
+    pub text_device: Device,
     pub core: FluxCore,
 }
 
@@ -278,7 +281,7 @@ impl FluxPipeline {
 
     /// diffusers' `FluxPipeline.encode_prompt` for one prompt.
     pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<FluxPrompt> {
-        let dev = &self.core.device;
+        let dev = &self.text_device;
         let (ids, count) = self.clip_tokenizer.encode_padded(prompt);
         let kept = self.clip_tokenizer.max_length().saturating_sub(2);
         let n = ids.len();
@@ -291,8 +294,8 @@ impl FluxPipeline {
         let n5 = ids5.len();
         let embeds = self.t5.forward(&Tensor::from_vec(ids5, (1, n5), dev)?)?;
         Ok(FluxPrompt {
-            embeds,
-            pooled,
+            embeds: embeds.to_device(&self.core.device)?,
+            pooled: pooled.to_device(&self.core.device)?,
             truncated: (count.saturating_sub(kept), dropped5),
         })
     }
