@@ -5,7 +5,8 @@ crates/models/tests/t5_tokenizer.rs.
 Trains a ~300-piece unigram SentencePiece model with T5's settings (nmt_nfkc normalisation,
 pad 0, </s> 1, <unk> 2, no <s>), writes it as the tokenizer.json layout of T5's fast tokenizers
 (as FLUX's tokenizer_2 ships it: Precompiled charsmap normaliser, Metaspace, "$A </s>") with 4
-extra ids, and saves it to fixtures/flux/tokenizer_2/; transformers' T5TokenizerFast loads it (transformers 5
+extra ids, and saves it to fixtures/flux/tokenizer_2/ (and the SentencePiece model alone to
+fixtures/flux/tokenizer_2_spm/); transformers' T5TokenizerFast loads it (transformers 5
 rebuilds the normaliser and pre-tokenizer itself: Precompiled only, WhitespaceSplit +
 Metaspace). fixtures/flux/reference/t5-tokenizer.json holds the ids
 of tricky prompts as FluxPipeline asks for them (padding="max_length", truncation=True).
@@ -87,11 +88,23 @@ def main():
     (out / "special_tokens_map.json").write_text(json.dumps({
         "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
         "additional_special_tokens": extra}, indent=1) + "\n")
+    # The same tokenizer as a folder with only the SentencePiece model (also a published
+    # layout); transformers builds the same tokenizer from it (checked below).
+    spm_dir = ROOT / "tokenizer_2_spm"
+    if spm_dir.exists():
+        shutil.rmtree(spm_dir)
+    spm_dir.mkdir(parents=True)
+    (spm_dir / "spiece.model").write_bytes(model.getvalue())
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 4}, indent=1) + "\n")
+    spm_tok = T5TokenizerFast.from_pretrained(spm_dir)
     tok = T5TokenizerFast.from_pretrained(out)
     cases = []
     for max_length in (16, 64):
         for p in PROMPTS:
             enc = tok(p, padding="max_length", max_length=max_length, truncation=True)
+            enc2 = spm_tok(p, padding="max_length", max_length=max_length, truncation=True)
+            assert enc["input_ids"] == enc2["input_ids"], p
             cases.append({"prompt": p, "max_length": max_length, "ids": enc["input_ids"]})
     (ROOT / "reference").mkdir(parents=True, exist_ok=True)
     (ROOT / "reference" / "t5-tokenizer.json").write_text(

@@ -43,5 +43,31 @@ fn a_folder_without_tokenizer_json_is_refused() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("tokenizer.json"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("spiece.model"),
+        "{e}"
+    );
+}
+
+/// A tokenizer_2 folder with only `spiece.model` (and `tokenizer_config.json` with
+/// `extra_ids`) gives the same ids (transformers 5 builds the same tokenizer from it; checked
+/// by the fixture script).
+#[test]
+fn spiece_model_only_gives_the_same_ids() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux");
+    let tok = T5Tokenizer::from_dir(&root.join("tokenizer_2_spm")).unwrap();
+    let text = std::fs::read_to_string(root.join("reference/t5-tokenizer.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let n = case["max_length"].as_u64().unwrap() as usize;
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode_padded(prompt, n).unwrap().0, want, "{prompt:?}");
+    }
+    assert_eq!(tok.vocab_size(), 304);
 }
