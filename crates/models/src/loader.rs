@@ -521,6 +521,8 @@ pub struct FluxInfo {
     pub latent_factor: usize,
     /// Transformer parameters counted from the safetensors headers.
     pub transformer_parameters: u64,
+    /// Storage dtypes of the transformer's tensors, with counts.
+    pub transformer_dtypes: Vec<(String, usize)>,
     pub weights: Vec<(String, Vec<PathBuf>)>,
 }
 
@@ -546,6 +548,7 @@ pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
         ));
     }
     let mut params = 0u64;
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
     for f in &weights[2].1 {
         // SAFETY: read-only mapping of a model file, as when loading.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
@@ -553,6 +556,7 @@ pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
         })?;
         for (_, view) in st.tensors() {
             params += view.shape().iter().product::<usize>() as u64;
+            *dtypes.entry(format!("{:?}", view.dtype())).or_default() += 1;
         }
     }
     let name = root
@@ -565,6 +569,7 @@ pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
         variant: if tr.guidance_embeds { "dev" } else { "schnell" },
         latent_factor: vae.scale_factor(),
         transformer_parameters: params,
+        transformer_dtypes: dtypes.into_iter().collect(),
         weights,
     })
 }

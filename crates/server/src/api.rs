@@ -450,6 +450,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             },
             "inpaint_method": spec.inpaint_method,
             "negative_prompt": !spec.flux,
+            "max_prompt_tokens": spec.max_prompt_tokens,
             "guidance": if spec.flux {
                 if spec.guidance_embedded { "embedded" } else { "none" }
             } else {

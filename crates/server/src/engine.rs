@@ -214,6 +214,8 @@ pub struct ModelSpec {
     pub guidance_embedded: bool,
     /// FLUX: default T5 prompt length.
     pub default_max_sequence_length: Option<usize>,
+    /// Prompt tokens the model reads at most (CLIP's 77, FLUX's T5 limit 512).
+    pub max_prompt_tokens: usize,
     /// How the model inpaints: `inpaint-unet` or `latent-blend` (reported by /v1/info and
     /// the `complete` event of inpainting jobs).
     pub inpaint_method: &'static str,

@@ -90,6 +90,7 @@ fn spec() -> ModelSpec {
         default_guidance: 7.5,
         guidance_embedded: false,
         default_max_sequence_length: None,
+        max_prompt_tokens: 77,
         inpaint_method: "latent-blend",
         default_width: 16,
         default_height: 16,

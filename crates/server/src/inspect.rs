@@ -63,6 +63,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
             crate::generate_flux::DEFAULT_SAMPLE_SIZE * info.latent_factor
         );
         println!("transformer parameters: {}", info.transformer_parameters);
+        let types: Vec<String> = info
+            .transformer_dtypes
+            .iter()
+            .map(|(t, n)| format!("{t} x {n}"))
+            .collect();
+        println!("transformer dtypes: {}", types.join(", "));
         for (name, files) in &info.weights {
             let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             println!("{name:<15} {}", list.join(", "));

@@ -647,6 +647,7 @@ mod tests {
             default_guidance: 7.5,
             guidance_embedded: false,
             default_max_sequence_length: None,
+            max_prompt_tokens: 77,
             default_width: 512,
             default_height: 512,
             default_sampler: Ok(SamplerKind::Pndm),

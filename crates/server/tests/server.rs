@@ -434,6 +434,8 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["limits"]["max_queue"], 32);
     assert_eq!(info["limits"]["max_steps"], 150);
     assert_eq!(info["schedulers"].as_array().unwrap().len(), 6);
+    assert_eq!(info["capabilities"]["max_prompt_tokens"], 77);
+    assert_eq!(info["capabilities"]["guidance"], "classifier-free");
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     let ready = server.get("/ready").json();
     assert_eq!(ready["ready"], true);

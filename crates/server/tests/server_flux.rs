@@ -38,6 +38,10 @@ fn flux_jobs_stream_and_equal_the_cli() {
     assert_eq!(info["model"]["variant"], "dev");
     assert_eq!(info["defaults"]["steps"], 28);
     assert_eq!(info["defaults"]["guidance_scale"], 3.5);
+    assert_eq!(info["defaults"]["max_sequence_length"], 512);
+    assert_eq!(info["capabilities"]["max_prompt_tokens"], 512);
+    assert_eq!(info["capabilities"]["negative_prompt"], false);
+    assert_eq!(info["capabilities"]["guidance"], "embedded");
     assert_eq!(
         info["capabilities"]["operations"],
         json!(["image_generation", "image_transform"])
