@@ -401,9 +401,10 @@ pub fn load_flux_with(
     text_device: Option<&Device>,
     dtype: DType,
 ) -> Result<crate::pipelines::flux::FluxPipeline> {
-    // The text encoders run in f32 on a CPU (candle has no CPU bf16 matmul).
+    // The text encoders run in f32 on a CPU when the dtype is bf16 (candle has no CPU bf16
+    // matmul), and in f32 for f16 (T5 overflows in f16; transformers keeps parts of it in f32).
     let text_device = text_device.unwrap_or(device).clone();
-    let text_dtype = if text_device.is_cpu() && dtype == DType::BF16 {
+    let text_dtype = if dtype == DType::F16 || (text_device.is_cpu() && dtype == DType::BF16) {
         DType::F32
     } else {
         dtype
@@ -444,10 +445,12 @@ pub fn load_flux_with(
         }
         Some(file) => {
             // The components' transformer config, when there is one, gives the rotary axes.
-            let axes = load_cfg("transformer", "config.json")
-                .ok()
-                .and_then(|c| FluxConfig::from_config(&c).ok())
-                .map(|c| c.axes_dims_rope);
+            let cfg_path = root.join("transformer").join("config.json");
+            let axes = if cfg_path.is_file() {
+                Some(FluxConfig::from_config(&JsonConfig::load(&cfg_path)?)?.axes_dims_rope)
+            } else {
+                None
+            };
             let t = load_flux_transformer_file(file, axes, device, dtype)?;
             let cfg_file = JsonConfig::from_value(file, serde_json::json!({}));
             (t, cfg_file)
@@ -465,7 +468,22 @@ pub fn load_flux_with(
     let vae = in_component("vae", &vae_dir, Vae::new(vb, &vae_cfg))?;
     let scheduler = FlowMatchConfig::from_config(&load_cfg("scheduler", "scheduler_config.json")?)?;
 
-    // Cross-checks: packed latent channels, text widths, T5 vocabulary.
+    // Cross-checks: CLIP ids and positions, packed latent channels, text widths, T5 vocabulary.
+    let clip_max_id = clip_tokenizer.vocab_size().saturating_sub(1);
+    if clip_max_id >= te_cfg.vocab_size
+        || clip_tokenizer.max_length() > te_cfg.max_position_embeddings
+    {
+        return Err(Error::config(
+            &te_dir,
+            format!(
+                "the CLIP tokenizer ({} tokens, {} positions) does not fit the text encoder (vocab_size {}, max_position_embeddings {})",
+                clip_tokenizer.vocab_size(),
+                clip_tokenizer.max_length(),
+                te_cfg.vocab_size,
+                te_cfg.max_position_embeddings
+            ),
+        ));
+    }
     if tr_cfg.in_channels != 4 * vae_cfg.latent_channels {
         return Err(tr_cfg_file.err(format!(
             "in_channels = {} but the VAE has {} latent channels (FLUX packs 2x2: expected {})",

@@ -579,3 +579,23 @@ fn gguf_transformers_dequantize_per_layer() {
         );
     }
 }
+
+/// Malformed transformer files are errors, never panics.
+#[test]
+fn malformed_transformer_shapes_are_errors() {
+    use sd_models::modules::flux::{infer_config_from_shapes, original_plan};
+    use std::collections::HashMap;
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    shapes.insert("x_embedder.weight".into(), vec![16]);
+    assert!(infer_config_from_shapes(&shapes, None).is_err());
+    shapes.insert("x_embedder.weight".into(), vec![16, 4]);
+    shapes.insert("transformer_blocks.0.attn.norm_q.weight".into(), vec![]);
+    assert!(infer_config_from_shapes(&shapes, None).is_err());
+    // Original names with an absurd block index or a missing fused tensor.
+    let mut orig: HashMap<String, Vec<usize>> = HashMap::new();
+    orig.insert(
+        "double_blocks.18446744073709551615.img_mod.lin.weight".into(),
+        vec![4, 4],
+    );
+    assert!(original_plan(&orig).is_err());
+}

@@ -417,9 +417,13 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "batch": 1,
             "preview_every": crate::request::DEFAULT_PREVIEW_EVERY,
             "preview": "approx",
-            "strength": {
-                "image_transform": crate::request::DEFAULT_TRANSFORM_STRENGTH,
-                "image_inpaint": crate::request::DEFAULT_INPAINT_STRENGTH,
+            "strength": if spec.flux {
+                serde_json::json!({"image_transform": crate::generate_flux::DEFAULT_STRENGTH})
+            } else {
+                serde_json::json!({
+                    "image_transform": crate::request::DEFAULT_TRANSFORM_STRENGTH,
+                    "image_inpaint": crate::request::DEFAULT_INPAINT_STRENGTH,
+                })
             },
         },
         "limits": {

@@ -205,7 +205,8 @@ pub struct ModelSpec {
     pub latent_factor: usize,
     /// An inpainting UNet: the model runs `image_inpaint` only.
     pub inpainting_model: bool,
-    /// FLUX (flow matching, no negative prompt, no sampler choice, image_generation only).
+    /// FLUX (flow matching, no negative prompt, no sampler choice; image_generation and
+    /// image_transform).
     pub flux: bool,
     /// Defaults of omitted fields.
     pub default_steps: usize,
@@ -551,7 +552,8 @@ impl Store {
                 "steps": p.steps,
                 "guidance_scale": p.guidance,
                 "seed": p.seed,
-                "scheduler": p.sampler.name(),
+                "scheduler": if r.flux.is_some() { "flow-match-euler" } else { p.sampler.name() },
+                "max_sequence_length": r.max_sequence_length,
                 "batch": p.batch,
                 "preview_every": r.preview_every,
                 "preview": r.preview.name(),

@@ -25,12 +25,12 @@ pub struct GenerateArgs {
     /// What to guide away from (used when --guidance > 1). Default: the empty prompt.
     #[arg(long, env = "SD_NEGATIVE_PROMPT")]
     pub negative_prompt: Option<String>,
-    /// Image width in pixels, a multiple of the model's latent factor.
-    /// Default: the UNet's sample_size times the latent factor.
+    /// Image width in pixels, a multiple of the model's latent factor (FLUX: of twice it).
+    /// Default: the UNet's sample_size times the latent factor (FLUX: 128 times it).
     #[arg(long, env = "SD_WIDTH")]
     pub width: Option<usize>,
-    /// Image height in pixels, a multiple of the model's latent factor.
-    /// Default: the UNet's sample_size times the latent factor.
+    /// Image height in pixels, a multiple of the model's latent factor (FLUX: of twice it).
+    /// Default: the UNet's sample_size times the latent factor (FLUX: 128 times it).
     #[arg(long, env = "SD_HEIGHT")]
     pub height: Option<usize>,
     /// Number of denoising steps (1 to the scheduler's num_train_timesteps).
@@ -42,8 +42,8 @@ pub struct GenerateArgs {
     #[arg(long, env = "SD_GUIDANCE")]
     pub guidance: Option<f64>,
     /// FLUX with a single-file transformer: --model is the transformer (.safetensors with
-    /// the original key names) and this diffusers FLUX folder gives the text encoders,
-    /// tokenizers, VAE and scheduler.
+    /// the original key names, or .gguf) and this diffusers FLUX folder gives the text
+    /// encoders, tokenizers, VAE and scheduler.
     #[arg(long, env = "SD_COMPONENTS")]
     pub components: Option<PathBuf>,
     /// FLUX: where the text encoders (CLIP, T5) live, e.g. `cpu` to keep them off the GPU
@@ -62,11 +62,12 @@ pub struct GenerateArgs {
     #[arg(long, env = "SD_SCHEDULER")]
     pub scheduler: Option<String>,
     /// Image-to-image: the init image (PNG, JPEG or WebP; grayscale is expanded, alpha
-    /// dropped). --width / --height then default to its size rounded down to the latent factor.
+    /// dropped). Stable Diffusion: --width / --height then default to its size rounded down to
+    /// the latent factor; FLUX keeps the model's default size.
     #[arg(long, env = "SD_INIT_IMAGE")]
     pub init_image: Option<PathBuf>,
     /// Strength in (0, 1]: the share of the steps that run, from the noisiest. Default 0.8
-    /// for image-to-image, 1.0 for inpainting; needs --init-image.
+    /// for image-to-image (FLUX: 0.6), 1.0 for inpainting; needs --init-image.
     #[arg(long, env = "SD_STRENGTH")]
     pub strength: Option<f64>,
     /// Inpainting: the mask (PNG, JPEG or WebP; white = repaint, binarised at 50% luma after

@@ -18,6 +18,12 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.components.is_some() && !args.model.is_file() {
+        anyhow::bail!(
+            "--components goes with a transformer file; {} is a folder",
+            args.model.display()
+        );
+    }
     if args.model.is_file() {
         let info = sd_models::loader::inspect_flux_file(&args.model)?;
         println!("model:        {}", args.model.display());

@@ -50,8 +50,8 @@ pub fn document() -> Value {
                         "negative_prompt": {"type": ["string", "null"], "description": "Default: the empty prompt. Used when guidance_scale > 1."},
                         "width": {"type": ["integer", "null"], "description": "Multiple of the latent factor (GET /v1/info); default the model's size; width x height at most --max-pixels."},
                         "height": {"type": ["integer", "null"]},
-                        "steps": {"type": ["integer", "null"], "minimum": 1, "default": 50, "description": "At most --max-steps and the scheduler's num_train_timesteps."},
-                        "guidance_scale": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "default": 7.5},
+                        "steps": {"type": ["integer", "null"], "minimum": 1, "default": 50, "description": "At most --max-steps and the scheduler's num_train_timesteps. Default 50; FLUX dev 28, FLUX schnell 4."},
+                        "guidance_scale": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "default": 7.5, "description": "Stable Diffusion: classifier-free guidance (default 7.5). FLUX dev: the embedded guidance (default 3.5); refused for FLUX schnell."},
                         "seed": {"type": ["integer", "null"], "minimum": -1, "description": "Seed of the torch-compatible CPU generator; omitted, null or -1: random (reported in the status and the complete event)."},
                         "scheduler": {"type": ["string", "null"], "enum": ["ddim", "pndm", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", null], "description": "Default: the model's own scheduler."},
                         "batch": {"type": ["integer", "null"], "minimum": 1, "default": 1, "description": "At most --max-batch."},
@@ -64,13 +64,13 @@ pub fn document() -> Value {
                     }
                 },
                 "ImageTransform": {
-                    "description": "Image-to-image (diffusers' StableDiffusionImg2ImgPipeline). Every field of ImageGeneration except `operation`, plus the ones below. width/height default to the input's size rounded down to the latent factor; the input is resized to width x height with Pillow's Lanczos.",
+                    "description": "Image-to-image (diffusers' StableDiffusionImg2ImgPipeline, or FluxImg2ImgPipeline for FLUX models). Every field of ImageGeneration except `operation`, plus the ones below. Stable Diffusion: width/height default to the input's size rounded down to the latent factor; FLUX: to the model's size. The input is resized to width x height with Pillow's Lanczos.",
                     "type": "object",
                     "required": ["operation", "prompt", "input_image"],
                     "properties": {
                         "operation": {"type": "string", "enum": ["image_transform"]},
                         "input_image": {"type": "string", "description": "Base64 PNG, JPEG or WebP, or a data: URL. Grayscale is expanded to RGB, alpha dropped. At most --max-input-pixels (checked from the header)."},
-                        "strength": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 0.8, "description": "Share of the steps that run; int(steps x strength) must be at least 1."}
+                        "strength": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 0.8, "description": "Share of the steps that run. Stable Diffusion: default 0.8, int(steps x strength) steps run and must be at least 1. FLUX: default 0.6, the run starts at int(steps - min(steps x strength, steps))."}
                     }
                 },
                 "ImageInpaint": {

@@ -70,6 +70,7 @@ pub struct GgufWeights {
     /// Shapes (diffusers names) for config inference.
     pub shapes: HashMap<String, Vec<usize>>,
     dtype: DType,
+    device: candle_core::Device,
 }
 
 impl GgufWeights {
@@ -124,6 +125,7 @@ impl GgufWeights {
             entries,
             shapes,
             dtype,
+            device: device.clone(),
         })
     }
 }
@@ -185,7 +187,14 @@ impl<'a> Src<'a> {
                 match w.entries.get(&name) {
                     Some(GgufEntry::Dense(t)) if t.dims() == [dim] => Ok(t.clone()),
                     Some(GgufEntry::Quant(q, rows)) => {
-                        take_rows(q.dequantize(&candle_core::Device::Cpu)?, rows)?.to_dtype(w.dtype)
+                        let t = take_rows(q.dequantize(&w.device)?, rows)?.to_dtype(w.dtype)?;
+                        if t.dims() != [dim] {
+                            return Err(candle_core::Error::Msg(format!(
+                                "{name}: shape {:?}, expected [{dim}]",
+                                t.dims()
+                            )));
+                        }
+                        Ok(t)
                     }
                     Some(GgufEntry::Dense(t)) => Err(candle_core::Error::Msg(format!(
                         "{name}: shape {:?}, expected [{dim}]",
@@ -547,6 +556,12 @@ impl DoubleBlock {
             .ffc_out
             .forward(&self.ffc_in.forward(&txt_n)?.gelu()?)?;
         let txt = (txt + ff.broadcast_mul(&mc[5])?)?;
+        // As diffusers: keep f16 activations finite.
+        let txt = if txt.dtype() == DType::F16 {
+            txt.clamp(-65504f32, 65504f32)?
+        } else {
+            txt
+        };
         Ok((img, txt))
     }
 }
@@ -606,7 +621,13 @@ impl SingleBlock {
         let k = apply_rope(&k, &rope.0, &rope.1)?;
         let o = attention(&q, &k, &v)?;
         let out = self.proj_out.forward(&Tensor::cat(&[&o, &mlp], 2)?)?;
-        x + out.broadcast_mul(&m[2])?
+        let x = (x + out.broadcast_mul(&m[2])?)?;
+        // As diffusers: keep f16 activations finite.
+        if x.dtype() == DType::F16 {
+            x.clamp(-65504f32, 65504f32)
+        } else {
+            Ok(x)
+        }
     }
 }
 
@@ -809,7 +830,7 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
         key.keys()
             .filter_map(|k| k.strip_prefix(prefix))
             .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .map(|i| i + 1)
+            .map(|i| i.saturating_add(1))
             .max()
             .unwrap_or(0)
     };
@@ -949,20 +970,34 @@ pub fn infer_config_from_shapes(
     w: &HashMap<String, Vec<usize>>,
     axes_dims_rope: Option<Vec<usize>>,
 ) -> Result<FluxConfig> {
-    let shape = |name: &str| -> Result<Vec<usize>> {
-        w.get(name)
-            .cloned()
-            .ok_or_else(|| crate::Error::invalid("transformer", format!("missing tensor {name:?}")))
+    // The shape of `name`, which must have `rank` dimensions.
+    let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
+        let s = w.get(name).cloned().ok_or_else(|| {
+            crate::Error::invalid("transformer", format!("missing tensor {name:?}"))
+        })?;
+        if s.len() != rank {
+            return Err(crate::Error::invalid(
+                "transformer",
+                format!("{name}: expected {rank} dimensions, got shape {s:?}"),
+            ));
+        }
+        Ok(s)
     };
-    let x = shape("x_embedder.weight")?;
+    let x = shape("x_embedder.weight", 2)?;
     let (inner, in_channels) = (x[0], x[1]);
-    let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")
-        .or_else(|_| shape("single_transformer_blocks.0.attn.norm_q.weight"))?[0];
+    let head_dim = shape("transformer_blocks.0.attn.norm_q.weight", 1)
+        .or_else(|_| shape("single_transformer_blocks.0.attn.norm_q.weight", 1))?[0];
+    if head_dim == 0 || inner % head_dim != 0 {
+        return Err(crate::Error::invalid(
+            "transformer",
+            format!("width {inner} is not a multiple of the head size {head_dim}"),
+        ));
+    }
     let count = |prefix: &str| {
         w.keys()
             .filter_map(|k| k.strip_prefix(prefix))
             .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .map(|i| i + 1)
+            .map(|i| i.saturating_add(1))
             .max()
             .unwrap_or(0)
     };
@@ -979,13 +1014,13 @@ pub fn infer_config_from_shapes(
     let c = FluxConfig {
         patch_size: 1,
         in_channels,
-        out_channels: shape("proj_out.weight")?[0],
+        out_channels: shape("proj_out.weight", 2)?[0],
         num_layers: count("transformer_blocks."),
         num_single_layers: count("single_transformer_blocks."),
         attention_head_dim: head_dim,
-        num_attention_heads: inner / head_dim.max(1),
-        joint_attention_dim: shape("context_embedder.weight")?[1],
-        pooled_projection_dim: shape("time_text_embed.text_embedder.linear_1.weight")?[1],
+        num_attention_heads: inner / head_dim,
+        joint_attention_dim: shape("context_embedder.weight", 2)?[1],
+        pooled_projection_dim: shape("time_text_embed.text_embedder.linear_1.weight", 2)?[1],
         guidance_embeds: w.contains_key("time_text_embed.guidance_embedder.linear_1.weight"),
         axes_dims_rope: axes,
     };

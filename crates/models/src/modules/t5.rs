@@ -50,8 +50,14 @@ impl T5Config {
             layer_norm_epsilon: cfg.f64_or("layer_norm_epsilon", 1e-6)?,
             gated,
         };
-        if c.relative_attention_num_buckets < 4 || c.relative_attention_max_distance < 2 {
-            return Err(cfg.err("relative attention buckets / max distance are too small"));
+        // The logarithmic buckets need max_distance above the exact range (num_buckets / 4).
+        if c.relative_attention_num_buckets < 4
+            || c.relative_attention_max_distance <= c.relative_attention_num_buckets / 4
+        {
+            return Err(cfg.err(format!(
+                "relative_attention_num_buckets {} / relative_attention_max_distance {} are not usable (need at least 4 buckets and a max distance above buckets / 4)",
+                c.relative_attention_num_buckets, c.relative_attention_max_distance
+            )));
         }
         Ok(c)
     }
@@ -93,9 +99,9 @@ fn bucket(relative: i64, num_buckets: usize, max_distance: usize) -> usize {
         let ratio = rel as f32 / max_exact as f32;
         let scale = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
         let large = max_exact + ((ratio.ln() / scale) * (half - max_exact) as f32) as i64;
-        b += large.min(half - 1);
+        b += large.clamp(0, half - 1);
     }
-    b as usize
+    b.max(0) as usize
 }
 
 #[derive(Debug)]

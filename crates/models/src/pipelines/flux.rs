@@ -228,7 +228,8 @@ impl FluxCore {
                 &img_ids,
                 &txt_ids,
             )?;
-            latents = schedule.step(&v, i, &latents)?;
+            // The step runs in f32; diffusers keeps the latents in the model's dtype.
+            latents = schedule.step(&v, i, &latents)?.to_dtype(self.dtype)?;
             on_step(Progress {
                 step: i - start + 1,
                 total,

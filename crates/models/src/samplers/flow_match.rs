@@ -34,6 +34,13 @@ impl FlowMatchConfig {
             cfg.expect_default(key, &[json!(false), json!(null)])?;
         }
         cfg.expect_default("shift_terminal", &[json!(null)])?;
+        let base = cfg.usize_or("base_image_seq_len", 256)?;
+        let max = cfg.usize_or("max_image_seq_len", 4096)?;
+        if cfg.bool_or("use_dynamic_shifting", false)? && base == max {
+            return Err(cfg.err(format!(
+                "base_image_seq_len and max_image_seq_len are both {base}: the shift cannot be interpolated"
+            )));
+        }
         let time_shift_type = cfg.str_or("time_shift_type", "exponential")?.to_string();
         if time_shift_type != "exponential" && time_shift_type != "linear" {
             return Err(cfg.err(format!(

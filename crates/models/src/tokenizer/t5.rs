@@ -213,7 +213,14 @@ fn from_sentencepiece(
     let extra = config
         .as_ref()
         .and_then(|c| c["extra_ids"].as_u64())
-        .unwrap_or(100) as usize;
+        .unwrap_or(100);
+    if extra > 10_000 {
+        return Err(Error::config(
+            dir.join("tokenizer_config.json"),
+            format!("extra_ids = {extra} is not plausible (at most 10000)"),
+        ));
+    }
+    let extra = extra as usize;
     for i in (0..extra).rev() {
         vocab.push((format!("<extra_id_{i}>"), 0.0));
     }
