@@ -56,6 +56,38 @@ impl Lin {
     }
 }
 
+/// Layers that read rows of one fused quantized weight (qkv, a single block's linear1), with
+/// that weight dequantized once for all of them; `None` when they do not share one.
+fn dequantize_group<const N: usize>(
+    lins: [&Lin; N],
+    x: &Tensor,
+) -> candle_core::Result<Option<[Lin; N]>> {
+    let first = match &lins[0].weight {
+        LinWeight::Quant { q, .. } => q.clone(),
+        LinWeight::Dense(_) => return Ok(None),
+    };
+    let shared = lins.iter().all(|l| match &l.weight {
+        LinWeight::Quant { q, .. } => Arc::ptr_eq(q, &first),
+        LinWeight::Dense(_) => false,
+    });
+    if !shared {
+        return Ok(None);
+    }
+    let full = first.dequantize(x.device())?.to_dtype(x.dtype())?;
+    let mut out = Vec::with_capacity(N);
+    for l in lins {
+        let rows = match &l.weight {
+            LinWeight::Quant { rows, .. } => rows.as_slice(),
+            LinWeight::Dense(_) => &[],
+        };
+        out.push(Lin {
+            weight: LinWeight::Dense(take_rows(full.clone(), rows)?),
+            bias: l.bias.clone(),
+        });
+    }
+    Ok(out.try_into().ok())
+}
+
 /// One tensor of a GGUF transformer, renamed to diffusers' layout.
 #[derive(Debug, Clone)]
 enum GgufEntry {
@@ -522,20 +554,27 @@ impl DoubleBlock {
         let img_n = modulate(img, &m[0], &m[1])?;
         let txt_n = modulate(txt, &mc[0], &mc[1])?;
 
-        let q = self
-            .norm_q
-            .forward(&heads(&self.to_q.forward(&img_n)?, h, d)?)?;
-        let k = self
-            .norm_k
-            .forward(&heads(&self.to_k.forward(&img_n)?, h, d)?)?;
-        let v = heads(&self.to_v.forward(&img_n)?, h, d)?;
+        // A GGUF file fuses q, k and v: dequantize each fused weight once per step.
+        let img_qkv = dequantize_group([&self.to_q, &self.to_k, &self.to_v], &img_n)?;
+        let [to_q, to_k, to_v] = match &img_qkv {
+            Some([a, b, c]) => [a, b, c],
+            None => [&self.to_q, &self.to_k, &self.to_v],
+        };
+        let txt_qkv = dequantize_group([&self.add_q, &self.add_k, &self.add_v], &txt_n)?;
+        let [add_q, add_k, add_v] = match &txt_qkv {
+            Some([a, b, c]) => [a, b, c],
+            None => [&self.add_q, &self.add_k, &self.add_v],
+        };
+        let q = self.norm_q.forward(&heads(&to_q.forward(&img_n)?, h, d)?)?;
+        let k = self.norm_k.forward(&heads(&to_k.forward(&img_n)?, h, d)?)?;
+        let v = heads(&to_v.forward(&img_n)?, h, d)?;
         let cq = self
             .norm_added_q
-            .forward(&heads(&self.add_q.forward(&txt_n)?, h, d)?)?;
+            .forward(&heads(&add_q.forward(&txt_n)?, h, d)?)?;
         let ck = self
             .norm_added_k
-            .forward(&heads(&self.add_k.forward(&txt_n)?, h, d)?)?;
-        let cv = heads(&self.add_v.forward(&txt_n)?, h, d)?;
+            .forward(&heads(&add_k.forward(&txt_n)?, h, d)?)?;
+        let cv = heads(&add_v.forward(&txt_n)?, h, d)?;
         let q = apply_rope(&Tensor::cat(&[&cq, &q], 2)?, &rope.0, &rope.1)?;
         let k = apply_rope(&Tensor::cat(&[&ck, &k], 2)?, &rope.0, &rope.1)?;
         let v = Tensor::cat(&[&cv, &v], 2)?;
@@ -609,14 +648,16 @@ impl SingleBlock {
         let (h, d) = (self.heads, self.head_dim);
         let m = modulation(&self.norm, temb, 3)?;
         let xn = modulate(x, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&xn)?.gelu()?;
-        let q = self
-            .norm_q
-            .forward(&heads(&self.to_q.forward(&xn)?, h, d)?)?;
-        let k = self
-            .norm_k
-            .forward(&heads(&self.to_k.forward(&xn)?, h, d)?)?;
-        let v = heads(&self.to_v.forward(&xn)?, h, d)?;
+        // A GGUF file fuses q, k, v and the MLP input: dequantize it once per step.
+        let group = dequantize_group([&self.to_q, &self.to_k, &self.to_v, &self.proj_mlp], &xn)?;
+        let [to_q, to_k, to_v, proj_mlp] = match &group {
+            Some([a, b, c, e]) => [a, b, c, e],
+            None => [&self.to_q, &self.to_k, &self.to_v, &self.proj_mlp],
+        };
+        let mlp = proj_mlp.forward(&xn)?.gelu()?;
+        let q = self.norm_q.forward(&heads(&to_q.forward(&xn)?, h, d)?)?;
+        let k = self.norm_k.forward(&heads(&to_k.forward(&xn)?, h, d)?)?;
+        let v = heads(&to_v.forward(&xn)?, h, d)?;
         let q = apply_rope(&q, &rope.0, &rope.1)?;
         let k = apply_rope(&k, &rope.0, &rope.1)?;
         let o = attention(&q, &k, &v)?;
