@@ -238,9 +238,21 @@ async fn submit(
             )
         }
     };
-    let value = parse_json(&body).map_err(to_error)?;
+    // Parsing decodes input images: keep it off the async workers.
+    let limits = st.limits.clone();
     let seed = rand::random::<u32>() as u64;
-    let request = parse_job(&value, &spec, &st.limits, seed).map_err(to_error)?;
+    let parsed = tokio::task::spawn_blocking(move || {
+        parse_json(&body).and_then(|value| parse_job(&value, &spec, &limits, seed))
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error while reading the job: {e}"),
+        )
+    })?;
+    let request = parsed.map_err(to_error)?;
     let id = st.engine.submit(request).map_err(|e| match e {
         SubmitError::NotReady(_) => unavailable(&st.engine.phase()),
         SubmitError::Draining => unavailable(&Phase::Draining),

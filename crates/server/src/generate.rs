@@ -89,6 +89,18 @@ pub struct GenerateArgs {
     pub output: PathBuf,
 }
 
+/// A step progress bar with steps/s on a terminal; hidden when `quiet`.
+pub fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
 /// The files a batch writes: `out.png` for one image, `out-0.png`, `out-1.png`... for more.
 pub fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
@@ -242,16 +254,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
     }
 
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(0);
-        let style =
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar
-    };
+    let bar = progress_bar(quiet);
     if params.negative_prompt.is_some() && params.guidance <= 1.0 {
         eprintln!(
             "warning: --negative-prompt has no effect when --guidance ({}) is not above 1",

@@ -4,24 +4,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use indicatif::{ProgressBar, ProgressStyle};
 use sd_models::pipelines::flux::FluxParams;
 
 use crate::device::dtype_name;
+use crate::generate::progress_bar;
 use crate::generate::{output_paths, GenerateArgs};
-use crate::png_out::encode_png;
+use crate::png_out::{encode_png, py_float};
 
 /// Default image-to-image strength of FLUX (diffusers' `FluxImg2ImgPipeline`: 0.6).
 pub const DEFAULT_STRENGTH: f64 = 0.6;
-
-/// A float as Python prints it: `7.0`, `0.75`.
-pub fn py_float(v: f64) -> String {
-    if v.fract() == 0.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v}")
-    }
-}
 
 /// Defaults of FLUX jobs: (steps, guidance) for dev-like and schnell-like models.
 pub const DEV_DEFAULTS: (usize, f64) = (28, 3.5);
@@ -221,17 +212,7 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
             p.seed
         );
     }
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(0);
-        if let Ok(style) =
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
-        {
-            bar.set_style(style);
-        }
-        bar
-    };
+    let bar = progress_bar(quiet);
     let run_started = Instant::now();
     let mut on_step = |pr: sd_models::pipelines::Progress<'_>| {
         bar.set_length(pr.total as u64);

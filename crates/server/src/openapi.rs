@@ -35,7 +35,7 @@ pub fn document() -> Value {
                         "type": "object",
                         "required": ["type", "message"],
                         "properties": {
-                            "type": {"type": "string", "enum": ["invalid_request", "malformed_json", "bad_request", "unauthorized", "not_found", "method_not_allowed", "conflict", "payload_too_large", "queue_full", "not_ready", "draining"]},
+                            "type": {"type": "string", "enum": ["invalid_request", "malformed_json", "bad_request", "unauthorized", "not_found", "method_not_allowed", "conflict", "payload_too_large", "queue_full", "not_ready", "draining", "internal"]},
                             "message": {"type": "string", "description": "Names the field, the limit and the value for invalid_request."}
                         }
                     }}

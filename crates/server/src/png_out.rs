@@ -71,7 +71,7 @@ impl<'a> Parameters<'a> {
 }
 
 /// A float as Python prints it: `7.0`, `7.5`.
-fn py_float(v: f64) -> String {
+pub fn py_float(v: f64) -> String {
     if v.fract() == 0.0 {
         format!("{v:.1}")
     } else {
