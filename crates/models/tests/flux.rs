@@ -11,9 +11,11 @@
 //! within 1e-4 relative to its largest magnitude (torch's float32 exp/sin/tanh and reduction
 //! orders differ from ours by an ulp here and there).
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use sd_models::modules::config::JsonConfig;
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
@@ -21,7 +23,7 @@ use sd_models::samplers::flow_match::{FlowMatchConfig, FlowMatchEuler};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+    common::fixtures().join("flux")
 }
 
 #[test]
@@ -69,29 +71,6 @@ fn flux_schedules_equal_diffusers() {
     }
 }
 
-fn max_rel_diff(got: &Tensor, want: &Tensor) -> (f32, f32) {
-    let diff: f32 = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    (diff, scale)
-}
-
 #[test]
 fn flux_transformer_matches_diffusers() {
     for name in ["dev", "schnell"] {
@@ -124,13 +103,7 @@ fn flux_transformer_matches_diffusers() {
                 &r["txt_ids"],
             )
             .unwrap();
-        let want = &r["sample"];
-        assert_eq!(out.dims(), want.dims());
-        let (diff, scale) = max_rel_diff(&out, want);
-        assert!(
-            (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-            "{name}: transformer output differs from diffusers by {diff:e} (scale {scale})"
-        );
+        common::assert_close(name, "transformer output", &out, &r["sample"], 1e-4);
     }
 }
 
@@ -209,7 +182,7 @@ fn flux_pipeline_matches_diffusers_from_embeddings() {
         let noise = TorchRng::new(p.seed)
             .randn(&[p.batch, c4 / 4, lh, lw], &Device::Cpu)
             .unwrap();
-        let (diff, _) = max_rel_diff(&pack(&noise).unwrap(), init);
+        let (diff, _) = common::max_rel_diff(&pack(&noise).unwrap(), init);
         assert!(diff <= 1e-6, "{name}: initial latents differ by {diff:e}");
 
         let mut step1 = None;
@@ -232,34 +205,13 @@ fn flux_pipeline_matches_diffusers_from_embeddings() {
             ("step 1", step1.unwrap(), "latents_step1"),
             ("final", last.unwrap(), "latents_final"),
         ] {
-            let (diff, scale) = max_rel_diff(&got, &r[key]);
-            assert!(
-                (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-                "{name}: {what} latents differ by {diff:e} (scale {scale})"
-            );
+            common::assert_close(name, &format!("{what} latents"), &got, &r[key], 1e-4);
         }
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
         let got: Vec<u8> = images
             .iter()
             .flat_map(|i| i.pixels.iter().copied())
             .collect();
-        assert_eq!(got.len(), want.len(), "{name}: pixel count");
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        let mean = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| f64::from(a.abs_diff(*b)))
-            .sum::<f64>()
-            / got.len() as f64;
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{name}: images differ by max {max}, mean {mean:.3}"
-        );
+        common::assert_images_close(name, &got, &common::bytes(&r["images"]));
     }
 }
 
@@ -290,11 +242,7 @@ fn flux_pipeline_from_prompts_matches_diffusers() {
             ("T5 embeddings", &enc.embeds, "prompt_embeds"),
             ("CLIP pooled", &enc.pooled, "pooled_prompt_embeds"),
         ] {
-            let (diff, scale) = max_rel_diff(got, &r[key]);
-            assert!(
-                (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-                "{name}: {what} differ by {diff:e} (scale {scale})"
-            );
+            common::assert_close(name, what, got, &r[key], 1e-4);
         }
         let p = FluxParams {
             width: case["width"].as_u64().unwrap() as usize,
@@ -305,28 +253,11 @@ fn flux_pipeline_from_prompts_matches_diffusers() {
             batch: case["batch"].as_u64().unwrap() as usize,
         };
         let (images, _) = pipe.generate(prompt, max_seq, &p, &mut |_| Ok(())).unwrap();
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
         let got: Vec<u8> = images
             .iter()
             .flat_map(|i| i.pixels.iter().copied())
             .collect();
-        assert_eq!(got.len(), want.len(), "{name}: pixel count");
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        let mean = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| f64::from(a.abs_diff(*b)))
-            .sum::<f64>()
-            / got.len() as f64;
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{name}: images differ by max {max}, mean {mean:.3}"
-        );
+        common::assert_images_close(name, &got, &common::bytes(&r["images"]));
     }
 }
 
@@ -365,10 +296,12 @@ fn single_file_transformers_with_original_names_load() {
                 &r["txt_ids"],
             )
             .unwrap();
-        let (diff, scale) = max_rel_diff(&out, &r["sample"]);
-        assert!(
-            (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-            "{name}: {diff:e}"
+        common::assert_close(
+            name,
+            "single-file transformer output",
+            &out,
+            &r["sample"],
+            1e-4,
         );
         // Without the axes the tiny head size (8) cannot be resolved: a clear error.
         let e =
@@ -405,10 +338,11 @@ fn flux_img2img_matches_diffusers() {
         let name = case["name"].as_str().unwrap();
         let model = fixtures().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
         let pipe = sd_models::loader::load_flux(&model, &Device::Cpu, DType::F32).unwrap();
-        let path = fixtures()
-            .join("../inputs")
-            .join(case["image"].as_str().unwrap());
-        let decoder = png_raw(&path);
+        let (width, height, pixels) = common::read_rgb_png(
+            &common::fixtures()
+                .join("inputs")
+                .join(case["image"].as_str().unwrap()),
+        );
         let side = 128 * pipe.core.latent_factor();
         let p = FluxParams {
             width: case["width"].as_u64().map_or(side, |v| v as usize),
@@ -420,9 +354,9 @@ fn flux_img2img_matches_diffusers() {
         };
         let strength = case["strength"].as_f64().unwrap();
         let image = RgbImage {
-            width: decoder.0,
-            height: decoder.1,
-            pixels: decoder.2,
+            width,
+            height,
+            pixels,
         };
         let (images, _) = pipe
             .generate_from_image(
@@ -439,28 +373,11 @@ fn flux_img2img_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
         let got: Vec<u8> = images
             .iter()
             .flat_map(|i| i.pixels.iter().copied())
             .collect();
-        assert_eq!(got.len(), want.len(), "{name}: pixel count");
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        let mean = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| f64::from(a.abs_diff(*b)))
-            .sum::<f64>()
-            / got.len() as f64;
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{name}: images differ by max {max}, mean {mean:.3}"
-        );
+        common::assert_images_close(name, &got, &common::bytes(&r["images"]));
     }
     // diffusers' float rule: 10 steps x 0.75 -> start int(2.5) = 2; any strength above 0
     // runs at least one step (10 x 0.05 -> start int(9.5) = 9).
@@ -468,36 +385,6 @@ fn flux_img2img_matches_diffusers() {
     assert_eq!(FluxCore::img2img_start(4, 1.0).unwrap(), 0);
     assert_eq!(FluxCore::img2img_start(10, 0.05).unwrap(), 9);
     assert!(FluxCore::img2img_start(10, 0.0).is_err());
-}
-
-/// (width, height, RGB bytes) of an input image of `fixtures/inputs/`, taken from the
-/// image-to-image references, which carry each input as an (H, W, 3) tensor (this crate has
-/// no PNG decoder).
-fn png_raw(path: &Path) -> (usize, usize, Vec<u8>) {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    // The img2img references carry each input image as an (H, W, 3) tensor.
-    let dir = fixtures().join("../reference/img2img");
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-            continue;
-        }
-        let case = p.file_stem().unwrap().to_string_lossy().into_owned();
-        let cases: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
-                .unwrap();
-        let uses = cases["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["name"] == case.as_str() && c["image"] == name.as_str());
-        if uses {
-            let t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
-            let (h, w, _) = t["input"].dims3().unwrap();
-            return (w, h, t["input"].flatten_all().unwrap().to_vec1().unwrap());
-        }
-    }
-    panic!("no img2img reference carries {name}");
 }
 
 /// GGUF transformers (`scripts/make_flux_gguf.py`: Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 with the
@@ -547,16 +434,14 @@ fn gguf_transformers_dequantize_per_layer() {
         .unwrap();
         assert_eq!(model.config, cfg, "{label}: inferred config");
         let out = run(&model);
-        let (diff, scale) = max_rel_diff(&out, &r[&format!("sample_{label}")]);
-        assert!(
-            (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-            "{label}: vs dequantize-then-run {diff:e}"
+        common::assert_close(
+            label,
+            "vs dequantize-then-run",
+            &out,
+            &r[&format!("sample_{label}")],
+            1e-4,
         );
-        let (diff, scale) = max_rel_diff(&out, &r["sample_f32"]);
-        assert!(
-            (diff as f64) <= loose * (scale as f64).max(1.0),
-            "{label}: vs f32 {diff:e}"
-        );
+        common::assert_close(label, "vs f32", &out, &r["sample_f32"], loose);
 
         // Dequantize everything at load and run the dense network: the same bits.
         let mut reader = std::fs::File::open(&file).unwrap();
@@ -572,7 +457,7 @@ fn gguf_transformers_dequantize_per_layer() {
             &Device::Cpu,
         );
         let dense_out = run(&FluxTransformer::new(vb, &cfg).unwrap());
-        let (diff, _) = max_rel_diff(&out, &dense_out);
+        let (diff, _) = common::max_rel_diff(&out, &dense_out);
         assert_eq!(
             diff, 0.0,
             "{label}: per-layer dequantization differs from dequantize-at-load"

@@ -11,53 +11,14 @@
 //! Tolerances: the preprocessed image within 1e-6; latents within 1e-4 relative to the
 //! tensor's largest magnitude (final latents 1e-3); images within max 3 and mean 0.5 levels.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::{assert_close, assert_images_close, fixtures};
 use sd_models::loader::load_sd;
 use sd_models::pipelines::{GenerateParams, ImageInput, RgbImage, SdPipeline};
 use sd_models::samplers::{build_sampler, SamplerKind, TorchRng};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn assert_close(name: &str, what: &str, got: &Tensor, want: &Tensor, rel: f64) {
-    assert_eq!(got.dims(), want.dims(), "{name}: {what} shape");
-    let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let diff: f32 = (&got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = want.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
-    let tol = rel * (scale as f64).max(1.0);
-    assert!(
-        (diff as f64) <= tol,
-        "{name}: {what} differs from diffusers by {diff:e} (tolerance {tol:e})"
-    );
-}
-
-fn assert_images_close(name: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{name}: image size");
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in got.iter().zip(want) {
-        let d = a.abs_diff(*b);
-        max = max.max(d);
-        sum += u64::from(d);
-    }
-    let mean = sum as f64 / got.len() as f64;
-    assert!(
-        max <= 3 && mean <= 0.5,
-        "{name}: images differ by max {max}, mean {mean:.3}"
-    );
-}
 
 fn run(name: &str, case: &Value) {
     let model = case["model"].as_str().unwrap();

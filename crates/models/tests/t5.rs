@@ -4,7 +4,9 @@
 //! 2.15.0, CPU, f32): a gated-GELU (T5 v1.1, as FLUX's `text_encoder_2`) and a ReLU encoder,
 //! 19 random token ids, batch 2. Tolerance: 1e-4 relative to the largest magnitude.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -12,7 +14,7 @@ use sd_models::modules::config::JsonConfig;
 use sd_models::modules::t5::{T5Config, T5Encoder};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/t5")
+    common::fixtures().join("t5")
 }
 
 #[test]
@@ -38,30 +40,12 @@ fn t5_encoder_matches_transformers() {
         .unwrap();
         let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
         let got = model.forward(&ids).unwrap();
-        let want = &r["last_hidden_state"];
-        assert_eq!(got.dims(), want.dims());
-        let diff: f32 = (&got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let scale: f32 = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            (diff as f64) <= 1e-4 * (scale as f64).max(1.0),
-            "{name}: differs from transformers by {diff:e} (scale {scale})"
+        common::assert_close(
+            name,
+            "last hidden state",
+            &got,
+            &r["last_hidden_state"],
+            1e-4,
         );
     }
 }

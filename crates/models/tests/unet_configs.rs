@@ -13,14 +13,11 @@
 //!   act_fn "swish", norm_eps 1e-4.
 //! - `unet-nomid-linear`: no mid block, linear projections, upcast attention.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{DType, Device};
+use common::fixtures;
 use sd_models::loader::load_unet;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn check(name: &str) {
     let unet = load_unet(
@@ -40,32 +37,7 @@ fn check(name: &str) {
     let out = unet
         .forward(&r["sample"], t[0] as f64, &r["context"])
         .unwrap();
-    let want = &r["output"];
-    assert_eq!(out.dims(), want.dims(), "{name}: output shape");
-    let diff: f32 = (&out - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let tol = 1e-4 * scale.max(1.0);
-    assert!(
-        diff <= tol,
-        "{name}: UNet output differs from diffusers by {diff:e} (tolerance {tol:e})"
-    );
+    common::assert_close(name, "UNet output", &out, &r["output"], 1e-4);
 }
 
 #[test]

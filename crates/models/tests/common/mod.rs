@@ -1,0 +1,80 @@
+//! Helpers shared by the parity tests: fixture paths and comparisons against reference
+//! tensors and images with stated tolerances.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+
+/// `fixtures/` at the repository root.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// (max |got - want|, max |want|), in f32.
+pub fn max_rel_diff(got: &Tensor, want: &Tensor) -> (f32, f32) {
+    let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let diff: f32 = (&got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = want.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+    (diff, scale)
+}
+
+/// Same shape, and max |got - want| <= `rel` x max(1, max |want|).
+pub fn assert_close(name: &str, what: &str, got: &Tensor, want: &Tensor, rel: f64) {
+    assert_eq!(got.dims(), want.dims(), "{name}: {what} shape");
+    let (diff, scale) = max_rel_diff(got, want);
+    let tol = rel * (scale as f64).max(1.0);
+    assert!(
+        (diff as f64) <= tol,
+        "{name}: {what} differs from the reference by {diff:e} (tolerance {tol:e}, scale {scale})"
+    );
+}
+
+/// 8-bit images within max 3 and mean 0.5 levels of 255.
+pub fn assert_images_close(name: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{name}: pixel count");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in got.iter().zip(want) {
+        let d = a.abs_diff(*b);
+        max = max.max(d);
+        sum += u64::from(d);
+    }
+    let mean = sum as f64 / got.len() as f64;
+    assert!(
+        max <= 3 && mean <= 0.5,
+        "{name}: images differ from the reference by max {max}, mean {mean:.3}"
+    );
+}
+
+/// The bytes of a u8 tensor.
+pub fn bytes(t: &Tensor) -> Vec<u8> {
+    t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+}
+
+/// (width, height, RGB bytes) of an 8-bit RGB PNG.
+pub fn read_rgb_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap();
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(
+        (info.color_type, info.bit_depth),
+        (png::ColorType::Rgb, png::BitDepth::Eight),
+        "{}: not 8-bit RGB",
+        path.display()
+    );
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
