@@ -2,44 +2,17 @@
 //! `scripts/make_flux_models.py` through the CLI flags, against diffusers' FluxPipeline images
 //! (max 3 / mean 0.5 levels), and one-line errors for what FLUX does not take.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::Device;
+use common::{read_png, sd_worker, tmp};
 use serde_json::Value;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
-}
-
-fn sd_worker(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-worker"))
-        .args(args)
-        .env_clear()
-        .output()
-        .expect("run sd-worker")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sd-worker-cli-flux-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (info.width as usize, info.height as usize, buf, text)
 }
 
 #[test]
@@ -86,38 +59,14 @@ fn flux_through_the_cli_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let (b, h, w, _) = r["images"].dims4().unwrap();
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
-        let per = h * w * 3;
-        for i in 0..b {
-            let path = if b == 1 {
-                out.clone()
-            } else {
-                out.with_file_name(format!("{name}-{i}.png"))
-            };
-            let (gw, gh, px, text) = read_png(&path);
-            assert_eq!((gw, gh), (w, h), "{name}");
-            let want = &want[i * per..(i + 1) * per];
-            let max = px
-                .iter()
-                .zip(want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            let mean = px
-                .iter()
-                .zip(want)
-                .map(|(a, b)| f64::from(a.abs_diff(*b)))
-                .sum::<f64>()
-                / px.len() as f64;
-            assert!(max <= 3 && mean <= 0.5, "{name}: max {max}, mean {mean:.3}");
+        common::check_written_images(name, &out, &r["images"], |text| {
             assert!(text.contains("Sampler: Euler"), "{text}");
             assert_eq!(
                 text.contains("Distilled CFG Scale"),
                 case["model"] == "dev",
                 "{text}"
             );
-        }
+        });
     }
 }
 
@@ -285,33 +234,9 @@ fn flux_img2img_through_the_cli_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let (b, h, w, _) = r["images"].dims4().unwrap();
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
-        let per = h * w * 3;
-        for i in 0..b {
-            let path = if b == 1 {
-                out.clone()
-            } else {
-                out.with_file_name(format!("{name}-{i}.png"))
-            };
-            let (gw, gh, px, text) = read_png(&path);
-            assert_eq!((gw, gh), (w, h), "{name}");
-            let want = &want[i * per..(i + 1) * per];
-            let max = px
-                .iter()
-                .zip(want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            let mean = px
-                .iter()
-                .zip(want)
-                .map(|(a, b)| f64::from(a.abs_diff(*b)))
-                .sum::<f64>()
-                / px.len() as f64;
-            assert!(max <= 3 && mean <= 0.5, "{name}: max {max}, mean {mean:.3}");
+        common::check_written_images(name, &out, &r["images"], |text| {
             assert!(text.contains("Denoising strength"), "{text}");
-        }
+        });
     }
 }
 

@@ -7,60 +7,13 @@
 //! StableDiffusionInpaintPipeline on the same tiny weights and files); tolerance: max 3 and
 //! mean 0.5 levels of 255.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 
 use candle_core::Device;
+use common::{root, sd_worker, tmp};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn sd_worker(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-worker"))
-        .args(args)
-        .env_clear()
-        .output()
-        .expect("run sd-worker")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sd-worker-cli-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (info.width as usize, info.height as usize, buf, text)
-}
-
-fn assert_image_close(case: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{case}: pixel count");
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in got.iter().zip(want) {
-        max = max.max(a.abs_diff(*b));
-        sum += a.abs_diff(*b) as u64;
-    }
-    let mean = sum as f64 / got.len() as f64;
-    assert!(
-        max <= 3 && mean <= 0.5,
-        "{case}: differs from diffusers by max {max}, mean {mean:.3}"
-    );
-}
 
 /// The CLI arguments of a reference case.
 fn case_args(case: &Value, out: &Path) -> Vec<String> {
@@ -130,29 +83,18 @@ fn check_cases(kind: &str) -> usize {
         let r =
             candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
                 .unwrap();
-        let (b, h, w, _) = r["images"].dims4().unwrap();
-        let want: Vec<u8> = r["images"].flatten_all().unwrap().to_vec1().unwrap();
-        let per = h * w * 3;
-        for i in 0..b {
-            let path = if b == 1 {
-                out.clone()
+        let strength = case["strength"].as_f64().unwrap();
+        let expect = format!(
+            "Denoising strength: {}",
+            if strength.fract() == 0.0 {
+                format!("{strength:.1}")
             } else {
-                out.with_file_name(format!("{name}-{i}.png"))
-            };
-            let (gw, gh, pixels, text) = read_png(&path);
-            assert_eq!((gw, gh), (w, h), "{name}: size");
-            assert_image_close(name, &pixels, &want[i * per..(i + 1) * per]);
-            let strength = case["strength"].as_f64().unwrap();
-            let expect = format!(
-                "Denoising strength: {}",
-                if strength.fract() == 0.0 {
-                    format!("{strength:.1}")
-                } else {
-                    strength.to_string()
-                }
-            );
-            assert!(text.contains(&expect), "{name}: {text}");
-        }
+                strength.to_string()
+            }
+        );
+        common::check_written_images(name, &out, &r["images"], |text| {
+            assert!(text.contains(&expect), "{name}: {text}")
+        });
         n += 1;
     }
     n

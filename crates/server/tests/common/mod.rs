@@ -15,6 +15,81 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A path in this test process's own temporary folder.
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd-worker-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// `sd-worker` with `args` in an empty environment, output captured.
+pub fn sd_worker(args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-worker"))
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run sd-worker")
+}
+
+/// (width, height, pixels, `parameters` text) of a PNG the worker wrote.
+pub fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
+    let decoder = png::Decoder::new(BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    (info.width as usize, info.height as usize, buf, text)
+}
+
+/// 8-bit images within max 3 and mean 0.5 levels of 255 of the reference.
+pub fn assert_images_close(name: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{name}: pixel count");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in got.iter().zip(want) {
+        let d = a.abs_diff(*b);
+        max = max.max(d);
+        sum += u64::from(d);
+    }
+    let mean = sum as f64 / got.len() as f64;
+    assert!(
+        max <= 3 && mean <= 0.5,
+        "{name}: differs from diffusers by max {max}, mean {mean:.3}"
+    );
+}
+
+/// The images `generate --output out` wrote for case `name` (`out` itself, or `<name>-<i>.png`
+/// beside it for a batch) against the reference (B, H, W, 3) tensor, within
+/// [`assert_images_close`]; each PNG's `parameters` text goes to `check_text`.
+pub fn check_written_images(
+    name: &str,
+    out: &Path,
+    want: &candle_core::Tensor,
+    check_text: impl Fn(&str),
+) {
+    let (b, h, w, _) = want.dims4().unwrap();
+    let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let per = h * w * 3;
+    for i in 0..b {
+        let path = if b == 1 {
+            out.to_path_buf()
+        } else {
+            out.with_file_name(format!("{name}-{i}.png"))
+        };
+        let (gw, gh, pixels, text) = read_png(&path);
+        assert_eq!((gw, gh), (w, h), "{name}: size");
+        assert_images_close(name, &pixels, &want[i * per..(i + 1) * per]);
+        check_text(&text);
+    }
+}
+
 pub fn model(name: &str) -> String {
     root()
         .join("fixtures/models")
