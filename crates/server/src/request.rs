@@ -137,28 +137,25 @@ pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
         .min(spec.num_train_timesteps)
 }
 
+/// The bytes of the required base64 field `name`; `what` says what it must hold.
+fn base64_field(obj: &Map<String, Value>, name: &str, what: &str) -> Result<Vec<u8>, RequestError> {
+    match field(obj, name) {
+        None => Err(invalid(name, format!("is required ({what})"))),
+        Some(Value::String(s)) => decode_base64(s).map_err(|e| invalid(name, e)),
+        Some(v) => Err(invalid(
+            name,
+            format!("must be a base64 string, got {}", describe(v)),
+        )),
+    }
+}
+
 /// Decodes the base64 image of `name` (required).
 fn input_image(
     obj: &Map<String, Value>,
     name: &str,
     limits: &Limits,
 ) -> Result<RgbImage, RequestError> {
-    let text = match field(obj, name) {
-        None => {
-            return Err(invalid(
-                name,
-                "is required (a base64 PNG, JPEG or WebP, or a data: URL)",
-            ))
-        }
-        Some(Value::String(s)) => s,
-        Some(v) => {
-            return Err(invalid(
-                name,
-                format!("must be a base64 string, got {}", describe(v)),
-            ))
-        }
-    };
-    let bytes = decode_base64(text).map_err(|e| invalid(name, e))?;
+    let bytes = base64_field(obj, name, "a base64 PNG, JPEG or WebP, or a data: URL")?;
     decode_rgb(&bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(name, e))
 }
 
@@ -168,22 +165,11 @@ fn mask_image(
     name: &str,
     limits: &Limits,
 ) -> Result<MaskImage, RequestError> {
-    let text = match field(obj, name) {
-        None => {
-            return Err(invalid(
-                name,
-                "is required (a base64 PNG, JPEG or WebP, or a data: URL; white = repaint)",
-            ))
-        }
-        Some(Value::String(s)) => s,
-        Some(v) => {
-            return Err(invalid(
-                name,
-                format!("must be a base64 string, got {}", describe(v)),
-            ))
-        }
-    };
-    let bytes = decode_base64(text).map_err(|e| invalid(name, e))?;
+    let bytes = base64_field(
+        obj,
+        name,
+        "a base64 PNG, JPEG or WebP, or a data: URL; white = repaint",
+    )?;
     decode_mask(&bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(name, e))
 }
 

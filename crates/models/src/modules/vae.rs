@@ -187,14 +187,7 @@ struct Decoder {
 impl Decoder {
     fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
         let g = c.norm_num_groups;
-        let spec = |cin, cout| ResnetSpec {
-            cin,
-            cout,
-            temb: None,
-            groups: g,
-            eps: 1e-6,
-            output_scale_factor: 1.0,
-        };
+        let spec = |cin, cout| vae_resnet(cin, cout, g);
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let top = rev[0];
         let mid = vb.pp("mid_block");
@@ -259,6 +252,18 @@ impl Decoder {
 
 /// diffusers' VAE `Encoder`: conv_in, down blocks of `layers_per_block` resnets with a
 /// stride-2 convolution (after a right/bottom zero pad) on all but the last, mid block
+/// The VAE's resnet blocks: no time embedding, eps 1e-6, no output scaling.
+fn vae_resnet(cin: usize, cout: usize, groups: usize) -> ResnetSpec {
+    ResnetSpec {
+        cin,
+        cout,
+        temb: None,
+        groups,
+        eps: 1e-6,
+        output_scale_factor: 1.0,
+    }
+}
+
 /// (resnet, attention, resnet), norm, SiLU, conv_out to mean and log-variance.
 #[derive(Debug)]
 struct Encoder {
@@ -273,14 +278,7 @@ struct Encoder {
 impl Encoder {
     fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
         let g = c.norm_num_groups;
-        let spec = |cin, cout| ResnetSpec {
-            cin,
-            cout,
-            temb: None,
-            groups: g,
-            eps: 1e-6,
-            output_scale_factor: 1.0,
-        };
+        let spec = |cin, cout| vae_resnet(cin, cout, g);
         let chans = &c.block_out_channels;
         let mut down = Vec::with_capacity(chans.len());
         let mut out_ch = chans[0];

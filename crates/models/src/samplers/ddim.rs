@@ -58,14 +58,7 @@ impl Sampler for Ddim {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
         let t = self.timesteps[step_index] as usize;
-        let a = *self.alphas_cumprod.get(t).ok_or_else(|| {
-            crate::Error::invalid(
-                "steps",
-                format!("timestep {t} is outside the trained range"),
-            )
-        })?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((mul(&x, a.sqrt())? + mul(&n, (1.0 - a).sqrt())?)?)
+        schedule::add_noise_alpha(&self.alphas_cumprod, t, original, noise)
     }
 
     fn step(

@@ -356,6 +356,24 @@ pub(crate) fn f32_tensor(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
+/// `sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) noise` at timestep `t` (diffusers'
+/// `add_noise` of the alpha-based samplers), in float32.
+pub(crate) fn add_noise_alpha(
+    alphas_cumprod: &[f32],
+    t: usize,
+    original: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let a = *alphas_cumprod.get(t).ok_or_else(|| {
+        Error::invalid(
+            "steps",
+            format!("timestep {t} is outside the trained range"),
+        )
+    })?;
+    let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+    Ok((mul(&x, a.sqrt())? + mul(&n, (1.0 - a).sqrt())?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
