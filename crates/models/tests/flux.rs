@@ -13,9 +13,10 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sd_models::modules::config::JsonConfig;
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
@@ -71,6 +72,21 @@ fn flux_schedules_equal_diffusers() {
     }
 }
 
+/// The transformer on the inputs stored in a reference file.
+fn forward_reference(model: &FluxTransformer, r: &HashMap<String, Tensor>) -> Tensor {
+    model
+        .forward(
+            &r["hidden_states"],
+            &r["encoder_hidden_states"],
+            &r["pooled_projections"],
+            &r["timestep"],
+            r.get("guidance"),
+            &r["img_ids"],
+            &r["txt_ids"],
+        )
+        .unwrap()
+}
+
 #[test]
 fn flux_transformer_matches_diffusers() {
     for name in ["dev", "schnell"] {
@@ -92,17 +108,7 @@ fn flux_transformer_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let out = model
-            .forward(
-                &r["hidden_states"],
-                &r["encoder_hidden_states"],
-                &r["pooled_projections"],
-                &r["timestep"],
-                r.get("guidance"),
-                &r["img_ids"],
-                &r["txt_ids"],
-            )
-            .unwrap();
+        let out = forward_reference(&model, &r);
         common::assert_close(name, "transformer output", &out, &r["sample"], 1e-4);
     }
 }
@@ -285,17 +291,7 @@ fn single_file_transformers_with_original_names_load() {
             &Device::Cpu,
         )
         .unwrap();
-        let out = model
-            .forward(
-                &r["hidden_states"],
-                &r["encoder_hidden_states"],
-                &r["pooled_projections"],
-                &r["timestep"],
-                r.get("guidance"),
-                &r["img_ids"],
-                &r["txt_ids"],
-            )
-            .unwrap();
+        let out = forward_reference(&model, &r);
         common::assert_close(
             name,
             "single-file transformer output",
@@ -405,18 +401,7 @@ fn gguf_transformers_dequantize_per_layer() {
         &Device::Cpu,
     )
     .unwrap();
-    let run = |m: &FluxTransformer| {
-        m.forward(
-            &r["hidden_states"],
-            &r["encoder_hidden_states"],
-            &r["pooled_projections"],
-            &r["timestep"],
-            r.get("guidance"),
-            &r["img_ids"],
-            &r["txt_ids"],
-        )
-        .unwrap()
-    };
+    let run = |m: &FluxTransformer| forward_reference(m, &r);
     for (label, loose) in [
         ("Q8_0", 2e-2),
         ("Q5_0", 8e-2),

@@ -10,19 +10,17 @@
 //! text embeddings, the first UNet input and output, the step-1 latents and the VAE decode
 //! within 1e-4 relative to the tensor's largest magnitude.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixtures};
 use sd_models::loader::load_sd;
 use sd_models::pipelines::{GenerateParams, SdPipeline};
 use sd_models::samplers::{build_sampler, SamplerKind, TorchRng};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn cases() -> &'static HashMap<String, Value> {
     static CASES: OnceLock<HashMap<String, Value>> = OnceLock::new();
@@ -47,27 +45,6 @@ fn pipeline(model: &str) -> SdPipeline {
     )
     .unwrap_or_else(|e| panic!("loading {model}: {e}"));
     p
-}
-
-/// Max abs difference, and the tolerance `rel * max(1, max|expected|)`.
-fn assert_close(name: &str, what: &str, got: &Tensor, want: &Tensor, rel: f64) {
-    assert_eq!(got.dims(), want.dims(), "{name}: {what} shape");
-    let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let diff: f32 = (&got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = want.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
-    let tol = rel * (scale as f64).max(1.0);
-    assert!(
-        (diff as f64) <= tol,
-        "{name}: {what} differs from diffusers by {diff:e} (tolerance {tol:e}, scale {scale})"
-    );
 }
 
 fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
@@ -184,25 +161,12 @@ fn check_case(name: &str) {
     let want = &reference["images"];
     let (b, h, w, c) = want.dims4().unwrap();
     assert_eq!((generated.images.len(), c), (b, 3), "{name}: image count");
-    let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    let mut n = 0u64;
-    for (i, img) in generated.images.iter().enumerate() {
+    let mut got = Vec::with_capacity(b * h * w * 3);
+    for img in &generated.images {
         assert_eq!((img.width, img.height), (w, h), "{name}: image size");
-        let expected = &want[i * h * w * 3..(i + 1) * h * w * 3];
-        for (a, e) in img.pixels.iter().zip(expected) {
-            let d = a.abs_diff(*e);
-            max = max.max(d);
-            sum += d as u64;
-            n += 1;
-        }
+        got.extend_from_slice(&img.pixels);
     }
-    let mean = sum as f64 / n as f64;
-    assert!(
-        max <= 3 && mean <= 0.5,
-        "{name}: images differ from diffusers by max {max}, mean {mean:.3} levels (tolerance 3 / 0.5)"
-    );
+    common::assert_images_close(name, &got, &common::bytes(&reference["images"]));
 }
 
 macro_rules! parity_tests {
