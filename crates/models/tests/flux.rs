@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sd_models::modules::config::JsonConfig;
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
+use sd_models::pipelines::flux::FluxParams;
 use sd_models::samplers::flow_match::{FlowMatchConfig, FlowMatchEuler};
 use serde_json::Value;
 
@@ -153,12 +154,31 @@ fn load_core(model: &str) -> sd_models::pipelines::flux::FluxCore {
     }
 }
 
+/// The generation parameters of a reference case; a case without a size takes `default_side`.
+fn case_params(case: &Value, default_side: Option<usize>) -> FluxParams {
+    let side = |key: &str| {
+        case[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .or(default_side)
+            .unwrap_or_else(|| panic!("case without {key}"))
+    };
+    FluxParams {
+        width: side("width"),
+        height: side("height"),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        batch: case["batch"].as_u64().unwrap() as usize,
+    }
+}
+
 /// diffusers' FluxPipeline from the same prompt embeddings (`scripts/make_flux_pipeline_fixtures.py`):
 /// seeded packed latents exactly (1e-6), latents after step 1 and at the end within 1e-4
 /// relative, images within max 3 / mean 0.5 levels.
 #[test]
 fn flux_pipeline_matches_diffusers_from_embeddings() {
-    use sd_models::pipelines::flux::{pack, FluxParams};
+    use sd_models::pipelines::flux::pack;
     use sd_models::samplers::TorchRng;
     let text = std::fs::read_to_string(fixtures().join("reference/pipeline-cases.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
@@ -172,14 +192,7 @@ fn flux_pipeline_matches_diffusers_from_embeddings() {
             &Device::Cpu,
         )
         .unwrap();
-        let p = FluxParams {
-            width: case["width"].as_u64().unwrap() as usize,
-            height: case["height"].as_u64().unwrap() as usize,
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance: case["guidance"].as_f64().unwrap(),
-            seed: case["seed"].as_u64().unwrap(),
-            batch: case["batch"].as_u64().unwrap() as usize,
-        };
+        let p = case_params(case, None);
         let init = &r["latents_init"];
         let (b, seq, c4) = init.dims3().unwrap();
         let f = core.latent_factor();
@@ -226,7 +239,6 @@ fn flux_pipeline_matches_diffusers_from_embeddings() {
 /// relative, images within max 3 / mean 0.5 levels.
 #[test]
 fn flux_pipeline_from_prompts_matches_diffusers() {
-    use sd_models::pipelines::flux::FluxParams;
     let text = std::fs::read_to_string(fixtures().join("reference/flux-cases.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let cases = v["cases"].as_array().unwrap();
@@ -250,14 +262,7 @@ fn flux_pipeline_from_prompts_matches_diffusers() {
         ] {
             common::assert_close(name, what, got, &r[key], 1e-4);
         }
-        let p = FluxParams {
-            width: case["width"].as_u64().unwrap() as usize,
-            height: case["height"].as_u64().unwrap() as usize,
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance: case["guidance"].as_f64().unwrap(),
-            seed: case["seed"].as_u64().unwrap(),
-            batch: case["batch"].as_u64().unwrap() as usize,
-        };
+        let p = case_params(case, None);
         let (images, _) = pipe.generate(prompt, max_seq, &p, &mut |_| Ok(())).unwrap();
         let got: Vec<u8> = images
             .iter()
@@ -324,7 +329,7 @@ fn single_file_transformers_with_original_names_load() {
 /// input of another size; images within max 3 / mean 0.5 levels.
 #[test]
 fn flux_img2img_matches_diffusers() {
-    use sd_models::pipelines::flux::{FluxCore, FluxParams};
+    use sd_models::pipelines::flux::FluxCore;
     use sd_models::pipelines::RgbImage;
     let text = std::fs::read_to_string(fixtures().join("reference/flux-i2i-cases.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
@@ -340,14 +345,7 @@ fn flux_img2img_matches_diffusers() {
                 .join(case["image"].as_str().unwrap()),
         );
         let side = 128 * pipe.core.latent_factor();
-        let p = FluxParams {
-            width: case["width"].as_u64().map_or(side, |v| v as usize),
-            height: case["height"].as_u64().map_or(side, |v| v as usize),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance: case["guidance"].as_f64().unwrap(),
-            seed: case["seed"].as_u64().unwrap(),
-            batch: case["batch"].as_u64().unwrap() as usize,
-        };
+        let p = case_params(case, Some(side));
         let strength = case["strength"].as_f64().unwrap();
         let image = RgbImage {
             width,

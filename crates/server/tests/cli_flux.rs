@@ -4,15 +4,72 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::{read_png, sd_worker, tmp};
 use serde_json::Value;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+}
+
+/// Runs a reference case (`flux-cases.json` or `flux-i2i-cases.json`) through the CLI flags;
+/// gives the output path and the reference tensors.
+fn run_case(case: &Value) -> (PathBuf, HashMap<String, Tensor>) {
+    let name = case["name"].as_str().unwrap();
+    let model = root().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
+    let out = tmp(&format!("{name}.png"));
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        case["prompt"].as_str().unwrap().into(),
+        "--steps".into(),
+        case["steps"].to_string(),
+        "--seed".into(),
+        case["seed"].to_string(),
+        "--batch".into(),
+        case["batch"].to_string(),
+        "--max-sequence-length".into(),
+        case["max_sequence_length"].to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    if let Some(image) = case["image"].as_str() {
+        let input = root().join("../inputs").join(image);
+        args.extend([
+            "--init-image".into(),
+            input.display().to_string(),
+            "--strength".into(),
+            case["strength"].to_string(),
+        ]);
+    }
+    for key in ["width", "height"] {
+        if let Some(v) = case[key].as_u64() {
+            args.push(format!("--{key}"));
+            args.push(v.to_string());
+        }
+    }
+    if case["model"] == "dev" {
+        args.push("--guidance".into());
+        args.push(case["guidance"].to_string());
+    }
+    let o = sd_worker(&args);
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = candle_core::safetensors::load(
+        root().join(format!("reference/flux-{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (out, r)
 }
 
 #[test]
@@ -21,44 +78,7 @@ fn flux_through_the_cli_matches_diffusers() {
     let v: Value = serde_json::from_str(&text).unwrap();
     for case in v["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let model = root().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
-        let out = tmp(&format!("{name}.png"));
-        let mut args: Vec<String> = vec![
-            "generate".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--prompt".into(),
-            case["prompt"].as_str().unwrap().into(),
-            "--width".into(),
-            case["width"].to_string(),
-            "--height".into(),
-            case["height"].to_string(),
-            "--steps".into(),
-            case["steps"].to_string(),
-            "--seed".into(),
-            case["seed"].to_string(),
-            "--batch".into(),
-            case["batch"].to_string(),
-            "--max-sequence-length".into(),
-            case["max_sequence_length"].to_string(),
-            "--output".into(),
-            out.display().to_string(),
-        ];
-        if case["model"] == "dev" {
-            args.push("--guidance".into());
-            args.push(case["guidance"].to_string());
-        }
-        let o = sd_worker(&args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let r = candle_core::safetensors::load(
-            root().join(format!("reference/flux-{name}.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (out, r) = run_case(case);
         common::check_written_images(name, &out, &r["images"], |text| {
             assert!(text.contains("Sampler: Euler"), "{text}");
             assert_eq!(
@@ -187,53 +207,7 @@ fn flux_img2img_through_the_cli_matches_diffusers() {
     let v: Value = serde_json::from_str(&text).unwrap();
     for case in v["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let model = root().join(format!("tiny-flux-{}", case["model"].as_str().unwrap()));
-        let input = root()
-            .join("../inputs")
-            .join(case["image"].as_str().unwrap());
-        let out = tmp(&format!("{name}.png"));
-        let mut args: Vec<String> = vec![
-            "generate".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--prompt".into(),
-            case["prompt"].as_str().unwrap().into(),
-            "--init-image".into(),
-            input.display().to_string(),
-            "--strength".into(),
-            case["strength"].to_string(),
-            "--steps".into(),
-            case["steps"].to_string(),
-            "--seed".into(),
-            case["seed"].to_string(),
-            "--batch".into(),
-            case["batch"].to_string(),
-            "--max-sequence-length".into(),
-            case["max_sequence_length"].to_string(),
-            "--output".into(),
-            out.display().to_string(),
-        ];
-        for key in ["width", "height"] {
-            if let Some(v) = case[key].as_u64() {
-                args.push(format!("--{key}"));
-                args.push(v.to_string());
-            }
-        }
-        if case["model"] == "dev" {
-            args.push("--guidance".into());
-            args.push(case["guidance"].to_string());
-        }
-        let o = sd_worker(&args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let r = candle_core::safetensors::load(
-            root().join(format!("reference/flux-{name}.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (out, r) = run_case(case);
         common::check_written_images(name, &out, &r["images"], |text| {
             assert!(text.contains("Denoising strength"), "{text}");
         });
