@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod loader;
+pub mod lora;
 pub mod modules;
 pub mod pipelines;
 pub mod samplers;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use crate::modules::adapter;
 use crate::modules::clip::{ClipTextConfig, ClipTextModel};
 use crate::modules::config::JsonConfig;
 use crate::modules::unet::{UNet, UNetConfig};
@@ -212,11 +213,15 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
     let te_dir = component(root, "text_encoder")?;
     let te_cfg = ClipTextConfig::from_config(&JsonConfig::load(&te_dir.join("config.json"))?)?;
     let te_vb = var_builder(&weights("text_encoder"), dtype, device)?;
-    let text_encoder = in_component("text_encoder", &te_dir, ClipTextModel::new(te_vb, &te_cfg))?;
+    let (text_encoder, mut lora_layers) =
+        adapter::registering("text_encoder", || ClipTextModel::new(te_vb, &te_cfg));
+    let text_encoder = in_component("text_encoder", &te_dir, text_encoder)?;
 
     let unet_dir = component(root, "unet")?;
     let unet_cfg_file = JsonConfig::load(&unet_dir.join("config.json"))?;
-    let unet = load_unet(&unet_dir, device, dtype)?;
+    let (unet, unet_layers) = adapter::registering("unet", || load_unet(&unet_dir, device, dtype));
+    let unet = unet?;
+    lora_layers.extend(unet_layers);
     let unet_cfg = unet.config.clone();
 
     let vae_dir = component(root, "vae")?;
@@ -291,6 +296,7 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
         scheduler,
         device: device.clone(),
         dtype,
+        lora_layers,
     };
     Ok((pipeline, info))
 }
@@ -422,7 +428,9 @@ pub fn load_flux_with(
     let te_dir = component(root, "text_encoder")?;
     let te_cfg = ClipTextConfig::from_config(&load_cfg("text_encoder", "config.json")?)?;
     let vb = var_builder(&find_weights(&te_dir, "model")?, text_dtype, &text_device)?;
-    let clip = in_component("text_encoder", &te_dir, ClipTextModel::new(vb, &te_cfg))?;
+    let (clip, mut lora_layers) =
+        adapter::registering("text_encoder", || ClipTextModel::new(vb, &te_cfg));
+    let clip = in_component("text_encoder", &te_dir, clip)?;
 
     let t5_tokenizer = T5Tokenizer::from_dir(&component(root, "tokenizer_2")?)?;
     let t5_dir = component(root, "text_encoder_2")?;
@@ -430,32 +438,37 @@ pub fn load_flux_with(
     let vb = var_builder(&find_weights(&t5_dir, "model")?, text_dtype, &text_device)?;
     let t5 = in_component("text_encoder_2", &t5_dir, T5Encoder::new(vb, &t5_cfg))?;
 
-    let (transformer, tr_cfg_file) = match transformer_file {
-        None => {
-            let tr_dir = component(root, "transformer")?;
-            let tr_cfg_file = load_cfg("transformer", "config.json")?;
-            let tr_cfg = FluxConfig::from_config(&tr_cfg_file)?;
-            let vb = var_builder(
-                &find_weights(&tr_dir, "diffusion_pytorch_model")?,
-                dtype,
-                device,
-            )?;
-            let t = in_component("transformer", &tr_dir, FluxTransformer::new(vb, &tr_cfg))?;
-            (t, tr_cfg_file)
-        }
-        Some(file) => {
-            // The components' transformer config, when there is one, gives the rotary axes.
-            let cfg_path = root.join("transformer").join("config.json");
-            let axes = if cfg_path.is_file() {
-                Some(FluxConfig::from_config(&JsonConfig::load(&cfg_path)?)?.axes_dims_rope)
-            } else {
-                None
-            };
-            let t = load_flux_transformer_file(file, axes, device, dtype)?;
-            let cfg_file = JsonConfig::from_value(file, serde_json::json!({}));
-            (t, cfg_file)
-        }
+    let build_transformer = || -> Result<_> {
+        Ok(match transformer_file {
+            None => {
+                let tr_dir = component(root, "transformer")?;
+                let tr_cfg_file = load_cfg("transformer", "config.json")?;
+                let tr_cfg = FluxConfig::from_config(&tr_cfg_file)?;
+                let vb = var_builder(
+                    &find_weights(&tr_dir, "diffusion_pytorch_model")?,
+                    dtype,
+                    device,
+                )?;
+                let t = in_component("transformer", &tr_dir, FluxTransformer::new(vb, &tr_cfg))?;
+                (t, tr_cfg_file)
+            }
+            Some(file) => {
+                // The components' transformer config, when there is one, gives the rotary axes.
+                let cfg_path = root.join("transformer").join("config.json");
+                let axes = if cfg_path.is_file() {
+                    Some(FluxConfig::from_config(&JsonConfig::load(&cfg_path)?)?.axes_dims_rope)
+                } else {
+                    None
+                };
+                let t = load_flux_transformer_file(file, axes, device, dtype)?;
+                let cfg_file = JsonConfig::from_value(file, serde_json::json!({}));
+                (t, cfg_file)
+            }
+        })
     };
+    let (built, tr_layers) = adapter::registering("transformer", build_transformer);
+    let (transformer, tr_cfg_file) = built?;
+    lora_layers.extend(tr_layers);
     let tr_cfg = transformer.config.clone();
 
     let vae_dir = component(root, "vae")?;
@@ -527,6 +540,7 @@ pub fn load_flux_with(
             device: device.clone(),
             dtype,
         },
+        lora_layers,
     })
 }
 

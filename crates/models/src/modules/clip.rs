@@ -1,7 +1,9 @@
 //! CLIP text encoder (transformers `CLIPTextModel`), built from its `config.json`.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+
+use super::adapter::{linear, Linear};
 
 use super::config::JsonConfig;
 use crate::Result;

@@ -5,7 +5,12 @@
 //! the im2col matrix of a band of output rows with strided block copies, and runs one matmul
 //! per band. Other devices, strided and 1x1 convolutions use candle's implementation.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::adapter::{self, LayerShape};
 
 /// Largest im2col band, in elements (64 MB in f32).
 const BAND_ELEMENTS: usize = 1 << 24;
@@ -17,6 +22,8 @@ pub struct Conv2d {
     flat: Option<Tensor>,
     k: usize,
     padding: usize,
+    /// The layer's name when it takes adapters (see [`adapter`]).
+    key: Option<Arc<str>>,
 }
 
 impl Conv2d {
@@ -45,7 +52,26 @@ impl Conv2d {
             flat,
             k: kh,
             padding: cfg.padding,
+            key: None,
         })
+    }
+
+    /// `inner`, read from `vb`, as a layer that takes adapters when its network is registered.
+    pub fn adaptable(inner: candle_nn::Conv2d, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let cfg = *inner.config();
+        let (cout, cin, k, _) = inner.weight().dims4()?;
+        let mut conv = Self::new(inner)?;
+        conv.key = adapter::register(
+            vb.prefix(),
+            LayerShape::Conv {
+                cin,
+                cout,
+                k,
+                stride: cfg.stride,
+                padding: cfg.padding,
+            },
+        );
+        Ok(conv)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -55,6 +81,12 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        adapter::adapt(&self.key, xs, self.forward_base(xs)?)
+    }
+}
+
+impl Conv2d {
+    fn forward_base(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let flat = match &self.flat {
             Some(f) if xs.device().is_cpu() && xs.dtype() == f.dtype() => f,
             _ => return self.inner.forward(xs),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_nn::VarBuilder;
 
+use super::adapter::{self, LayerInfo, LayerShape};
 use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
 use crate::Result;
@@ -20,6 +21,8 @@ use crate::Result;
 pub struct Lin {
     weight: LinWeight,
     bias: Option<Tensor>,
+    /// The layer's name when it takes adapters (see [`adapter`]).
+    key: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,7 +55,8 @@ impl Lin {
                 take_rows(q.dequantize(x.device())?, rows)?.to_dtype(x.dtype())?
             }
         };
-        candle_nn::Linear::new(w, self.bias.clone()).forward(x)
+        let y = candle_nn::Linear::new(w, self.bias.clone()).forward(x)?;
+        adapter::adapt(&self.key, x, y)
     }
 }
 
@@ -83,6 +87,7 @@ fn dequantize_group<const N: usize>(
         out.push(Lin {
             weight: LinWeight::Dense(take_rows(full.clone(), rows)?),
             bias: l.bias.clone(),
+            key: l.key.clone(),
         });
     }
     Ok(out.try_into().ok())
@@ -241,10 +246,12 @@ impl<'a> Src<'a> {
 
 /// A linear layer (weight and bias) read from `src`.
 fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
+    let key = adapter::register(src.prefix.clone(), LayerShape::Linear { din, dout });
     match &src.kind {
         SrcKind::Vb(vb) => Ok(Lin {
             weight: LinWeight::Dense(vb.get((dout, din), &src.name("weight"))?),
             bias: Some(vb.get(dout, &src.name("bias"))?),
+            key,
         }),
         SrcKind::Gguf(w) => {
             let wname = src.name("weight");
@@ -266,6 +273,7 @@ fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
             Ok(Lin {
                 weight,
                 bias: Some(bias),
+                key,
             })
         }
     }
@@ -791,6 +799,145 @@ impl FluxTransformer {
 /// all).
 pub type RenameStep = (String, String, Vec<(usize, usize)>);
 
+/// Layers of an original (Black Forest Labs) FLUX transformer outside the blocks that diffusers
+/// renames one to one: (original, diffusers).
+const GLOBAL_RENAMES: [(&str, &str); 7] = [
+    (
+        "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_1",
+    ),
+    (
+        "time_in.out_layer",
+        "time_text_embed.timestep_embedder.linear_2",
+    ),
+    (
+        "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_1",
+    ),
+    (
+        "vector_in.out_layer",
+        "time_text_embed.text_embedder.linear_2",
+    ),
+    ("txt_in", "context_embedder"),
+    ("img_in", "x_embedder"),
+    ("final_layer.linear", "proj_out"),
+];
+/// The guidance embedding of FLUX dev.
+const GUIDANCE_RENAMES: [(&str, &str); 2] = [
+    (
+        "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_1",
+    ),
+    (
+        "guidance_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_2",
+    ),
+];
+/// The final modulation: (shift, scale) rows in the original, (scale, shift) in diffusers.
+const FINAL_MODULATION: (&str, &str) = ("final_layer.adaLN_modulation.1", "norm_out.linear");
+/// Layers of a double block renamed one to one.
+const DOUBLE_RENAMES: [(&str, &str); 8] = [
+    ("img_mod.lin", "norm1.linear"),
+    ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"),
+    ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"),
+    ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"),
+    ("txt_mlp.2", "ff_context.net.2"),
+];
+/// A double block's fused qkv layers, split in three equal row ranges.
+const DOUBLE_QKV: [(&str, [&str; 3]); 2] = [
+    ("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+    (
+        "txt_attn.qkv",
+        ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    ),
+];
+/// Layers of a single block renamed one to one.
+const SINGLE_RENAMES: [(&str, &str); 2] =
+    [("linear2", "proj_out"), ("modulation.lin", "norm.linear")];
+/// A single block's `linear1` = [q; k; v; mlp]: (diffusers layer, first row, rows) in widths.
+const SINGLE_LINEAR1: [(&str, usize, usize); 4] = [
+    ("attn.to_q", 0, 1),
+    ("attn.to_k", 1, 1),
+    ("attn.to_v", 2, 1),
+    ("proj_mlp", 3, 4),
+];
+
+/// A layer of ours and the rows of an original layer's output it takes (empty: all).
+pub type RowsOf = (String, Vec<(usize, usize)>);
+
+/// The layers of an original-name FLUX transformer, each with the layers of ours it feeds and
+/// the rows of its output each takes (empty: all), for the transformer layers in `layers`
+/// (loaded with diffusers' names). Adapters written for the original layers (kohya and BFL
+/// LoRAs) attach through this.
+pub fn original_lora_targets(layers: &[LayerInfo]) -> Vec<(String, Vec<RowsOf>)> {
+    let paths: HashMap<&str, LayerShape> = layers
+        .iter()
+        .filter(|l| l.component == "transformer")
+        .map(|l| (l.path.as_str(), l.shape))
+        .collect();
+    let Some(dim) = paths.get("x_embedder").map(|s| s.dims().1) else {
+        return Vec::new();
+    };
+    let count = |prefix: &str| {
+        paths
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix(prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let whole = |new: &str| vec![(new.to_string(), Vec::new())];
+    let mut out = Vec::new();
+    for (old, new) in GLOBAL_RENAMES.iter().chain(GUIDANCE_RENAMES.iter()) {
+        out.push((old.to_string(), whole(new)));
+    }
+    out.push((
+        FINAL_MODULATION.0.to_string(),
+        vec![(FINAL_MODULATION.1.to_string(), vec![(dim, dim), (0, dim)])],
+    ));
+    for i in 0..count("transformer_blocks.") {
+        let (o, b) = (
+            format!("double_blocks.{i}."),
+            format!("transformer_blocks.{i}."),
+        );
+        for (old, new) in DOUBLE_RENAMES {
+            out.push((format!("{o}{old}"), whole(&format!("{b}{new}"))));
+        }
+        for (old, names) in DOUBLE_QKV {
+            let parts = names
+                .iter()
+                .enumerate()
+                .map(|(j, n)| (format!("{b}{n}"), vec![(j * dim, dim)]))
+                .collect();
+            out.push((format!("{o}{old}"), parts));
+        }
+    }
+    for i in 0..count("single_transformer_blocks.") {
+        let (o, b) = (
+            format!("single_blocks.{i}."),
+            format!("single_transformer_blocks.{i}."),
+        );
+        for (old, new) in SINGLE_RENAMES {
+            out.push((format!("{o}{old}"), whole(&format!("{b}{new}"))));
+        }
+        let parts = SINGLE_LINEAR1
+            .iter()
+            .map(|(n, start, len)| (format!("{b}{n}"), vec![(start * dim, len * dim)]))
+            .collect();
+        out.push((format!("{o}linear1"), parts));
+    }
+    out
+}
+
 /// How diffusers names the tensors of a single-file FLUX transformer with the original
 /// (Black Forest Labs) key names: (diffusers name, original key, row ranges of the original
 /// concatenated, empty for all), as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`
@@ -822,36 +969,9 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
             .and_then(|s| s.first().copied())
             .ok_or_else(|| bad(format!("missing tensor {old:?}")))
     };
-    let mut renames = vec![
-        (
-            "time_in.in_layer",
-            "time_text_embed.timestep_embedder.linear_1",
-        ),
-        (
-            "time_in.out_layer",
-            "time_text_embed.timestep_embedder.linear_2",
-        ),
-        (
-            "vector_in.in_layer",
-            "time_text_embed.text_embedder.linear_1",
-        ),
-        (
-            "vector_in.out_layer",
-            "time_text_embed.text_embedder.linear_2",
-        ),
-        ("txt_in", "context_embedder"),
-        ("img_in", "x_embedder"),
-        ("final_layer.linear", "proj_out"),
-    ];
+    let mut renames = GLOBAL_RENAMES.to_vec();
     if key.contains_key("guidance_in.in_layer.weight") {
-        renames.push((
-            "guidance_in.in_layer",
-            "time_text_embed.guidance_embedder.linear_1",
-        ));
-        renames.push((
-            "guidance_in.out_layer",
-            "time_text_embed.guidance_embedder.linear_2",
-        ));
+        renames.extend(GUIDANCE_RENAMES);
     }
     for (old, new) in renames {
         for p in ["weight", "bias"] {
@@ -859,10 +979,10 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
         }
     }
     for p in ["weight", "bias"] {
-        let old = format!("final_layer.adaLN_modulation.1.{p}");
+        let old = format!("{}.{p}", FINAL_MODULATION.0);
         let half = rows0(&old)? / 2;
         add(
-            format!("norm_out.linear.{p}"),
+            format!("{}.{p}", FINAL_MODULATION.1),
             &old,
             vec![(half, half), (0, half)],
         )?;
@@ -881,29 +1001,14 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
             format!("transformer_blocks.{i}."),
         );
         for p in ["weight", "bias"] {
-            for (old, new) in [
-                ("img_mod.lin", "norm1.linear"),
-                ("txt_mod.lin", "norm1_context.linear"),
-                ("img_attn.proj", "attn.to_out.0"),
-                ("txt_attn.proj", "attn.to_add_out"),
-                ("img_mlp.0", "ff.net.0.proj"),
-                ("img_mlp.2", "ff.net.2"),
-                ("txt_mlp.0", "ff_context.net.0.proj"),
-                ("txt_mlp.2", "ff_context.net.2"),
-            ] {
+            for (old, new) in DOUBLE_RENAMES {
                 add(
                     format!("{b}{new}.{p}"),
                     &format!("{o}{old}.{p}"),
                     Vec::new(),
                 )?;
             }
-            for (old, names) in [
-                ("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
-                (
-                    "txt_attn.qkv",
-                    ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-                ),
-            ] {
+            for (old, names) in DOUBLE_QKV {
                 let old = format!("{o}{old}.{p}");
                 let n = rows0(&old)?;
                 if n % 3 != 0 {
@@ -930,16 +1035,13 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
             format!("single_transformer_blocks.{i}."),
         );
         for p in ["weight", "bias"] {
-            add(
-                format!("{b}proj_out.{p}"),
-                &format!("{o}linear2.{p}"),
-                Vec::new(),
-            )?;
-            add(
-                format!("{b}norm.linear.{p}"),
-                &format!("{o}modulation.lin.{p}"),
-                Vec::new(),
-            )?;
+            for (old, new) in SINGLE_RENAMES {
+                add(
+                    format!("{b}{new}.{p}"),
+                    &format!("{o}{old}.{p}"),
+                    Vec::new(),
+                )?;
+            }
             // linear1 = [q; k; v; mlp] with mlp = 4 x width.
             let old = format!("{o}linear1.{p}");
             let n = rows0(&old)?;
@@ -949,13 +1051,8 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
                 )));
             }
             let d = n / 7;
-            for (name, range) in [
-                ("attn.to_q", (0, d)),
-                ("attn.to_k", (d, d)),
-                ("attn.to_v", (2 * d, d)),
-                ("proj_mlp", (3 * d, 4 * d)),
-            ] {
-                add(format!("{b}{name}.{p}"), &old, vec![range])?;
+            for (name, start, len) in SINGLE_LINEAR1 {
+                add(format!("{b}{name}.{p}"), &old, vec![(start * d, len * d)])?;
             }
         }
         add(

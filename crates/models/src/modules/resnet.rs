@@ -2,7 +2,9 @@
 //! time embedding) and the VAE (without).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+
+use super::adapter::{linear, Linear};
 
 use super::conv::Conv2d;
 use crate::Result;
@@ -14,7 +16,8 @@ pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) ->
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::new(candle_nn::conv2d(cin, cout, k, cfg, vb)?)?)
+    let inner = candle_nn::conv2d(cin, cout, k, cfg, vb.clone())?;
+    Ok(Conv2d::adaptable(inner, &vb)?)
 }
 
 #[derive(Debug)]

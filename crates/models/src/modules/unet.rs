@@ -3,12 +3,10 @@
 //! linear or convolutional projections, exact (erf) GELU in the feed-forward as diffusers.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, LayerNorm,
-    Linear, VarBuilder,
-};
+use candle_nn::{conv2d, group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 use serde_json::json;
 
+use super::adapter::{linear, linear_no_bias, Linear};
 use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
 use super::conv::Conv2d;
@@ -566,14 +564,9 @@ impl UNet {
                     stride: 2,
                     ..Default::default()
                 };
+                let dvb = vb.pp("downsamplers").pp("0").pp("conv");
                 Some(Downsample {
-                    conv: Conv2d::new(conv2d(
-                        out_ch,
-                        out_ch,
-                        3,
-                        cfg,
-                        vb.pp("downsamplers").pp("0").pp("conv"),
-                    )?)?,
+                    conv: Conv2d::adaptable(conv2d(out_ch, out_ch, 3, cfg, dvb.clone())?, &dvb)?,
                     pad_right_bottom: c.downsample_padding == 0,
                 })
             } else {

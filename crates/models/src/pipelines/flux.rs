@@ -253,6 +253,8 @@ pub struct FluxPipeline {
     /// only the transformer and the VAE); their outputs move to the core's device.
     pub text_device: Device,
     pub core: FluxCore,
+    /// The layers of the CLIP text encoder and the transformer that take LoRA adapters.
+    pub lora_layers: Vec<crate::modules::adapter::LayerInfo>,
 }
 
 /// Prompt embeddings and how many tokens each encoder dropped.

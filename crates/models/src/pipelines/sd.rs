@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::modules::adapter::LayerInfo;
 use crate::modules::clip::ClipTextModel;
 use crate::modules::unet::UNet;
 use crate::modules::vae::Vae;
@@ -118,6 +119,8 @@ pub struct SdPipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// The layers of the text encoder and UNet that take LoRA adapters.
+    pub lora_layers: Vec<LayerInfo>,
 }
 
 /// Limits checked before any work is done.

@@ -1,0 +1,247 @@
+//! Low-rank adapters (LoRA) on the linear and convolution layers of a network.
+//!
+//! A network built inside [`registering`] names each of its adaptable layers after its weight
+//! path (`unet/down_blocks.0.attentions.0.proj_in`) and reports their shapes. While
+//! [`with_adapters`] runs, a named layer adds to its own output the output of each adapter
+//! attached to it, `y = W x + b + sum_i scale_i * up_i(down_i(x))`, as PEFT's unmerged LoRA
+//! layers do. The base weights are never changed, so a job without adapters after any number of
+//! jobs with them computes exactly what it computed before them.
+//!
+//! Both the registry and the active set are per thread: the engine builds and runs a model on
+//! its own thread, and tests that run models on parallel threads do not see each other's sets.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+/// The shape of an adaptable layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerShape {
+    Linear {
+        din: usize,
+        dout: usize,
+    },
+    Conv {
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+impl LayerShape {
+    /// (inputs, outputs) of the layer.
+    pub fn dims(self) -> (usize, usize) {
+        match self {
+            LayerShape::Linear { din, dout } => (din, dout),
+            LayerShape::Conv { cin, cout, .. } => (cin, cout),
+        }
+    }
+}
+
+/// An adaptable layer of a loaded network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The network it belongs to: `unet`, `text_encoder`, `transformer`.
+    pub component: &'static str,
+    /// The path of its weight without `.weight`, in the names the network was loaded with.
+    pub path: String,
+    pub shape: LayerShape,
+}
+
+impl LayerInfo {
+    fn key(&self) -> String {
+        format!("{}/{}", self.component, self.path)
+    }
+}
+
+/// One adapter on one layer: `down` is (rank, in) for a linear layer and (rank, in, k, k) for a
+/// convolution (applied with the layer's stride and padding); `up` is (out, rank), or
+/// (out, rank, 1, 1) for a convolution.
+#[derive(Debug, Clone)]
+struct Adapter {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+    conv: Option<(usize, usize)>,
+}
+
+/// The adapters of one job, by layer.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSet {
+    layers: HashMap<String, Vec<Adapter>>,
+}
+
+impl AdapterSet {
+    /// Attaches `scale * up(down(x))` to `layer`. The shapes must fit the layer (the LoRA reader
+    /// checks them and names the offending key); this checks them again.
+    pub fn attach(
+        &mut self,
+        layer: &LayerInfo,
+        down: Tensor,
+        up: Tensor,
+        scale: f64,
+    ) -> crate::Result<()> {
+        let rank = down.dim(0)?;
+        let (din, dout) = layer.shape.dims();
+        let (down_want, up_want, conv) = match layer.shape {
+            LayerShape::Linear { .. } => (vec![rank, din], vec![dout, rank], None),
+            LayerShape::Conv {
+                k, stride, padding, ..
+            } => (
+                vec![rank, din, k, k],
+                vec![dout, rank, 1, 1],
+                Some((stride, padding)),
+            ),
+        };
+        if down.dims() != down_want.as_slice() || up.dims() != up_want.as_slice() {
+            return Err(crate::Error::invalid(
+                "lora",
+                format!(
+                    "adapter shapes {:?} / {:?} do not fit layer {} (expected {down_want:?} / {up_want:?})",
+                    down.dims(),
+                    up.dims(),
+                    layer.path
+                ),
+            ));
+        }
+        self.layers.entry(layer.key()).or_default().push(Adapter {
+            down,
+            up,
+            scale,
+            conv,
+        });
+        Ok(())
+    }
+
+    /// Number of layers with at least one adapter.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+thread_local! {
+    static BUILDING: RefCell<Option<(&'static str, Vec<LayerInfo>)>> = const { RefCell::new(None) };
+    static ACTIVE: RefCell<Option<Arc<AdapterSet>>> = const { RefCell::new(None) };
+}
+
+/// Runs `build` (which constructs a network) and returns what it built with the adaptable layers
+/// it created, named under `component`.
+pub fn registering<T>(component: &'static str, build: impl FnOnce() -> T) -> (T, Vec<LayerInfo>) {
+    struct Restore(Option<(&'static str, Vec<LayerInfo>)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            BUILDING.with(|b| *b.borrow_mut() = prev);
+        }
+    }
+    let prev = BUILDING.with(|b| b.borrow_mut().replace((component, Vec::new())));
+    let restore = Restore(prev);
+    let out = build();
+    let layers = BUILDING
+        .with(|b| b.borrow_mut().take())
+        .map(|(_, l)| l)
+        .unwrap_or_default();
+    drop(restore);
+    (out, layers)
+}
+
+/// Runs `f` with `set` active on this thread (none: the base network), then restores the set
+/// that was active before, also when `f` panics.
+pub fn with_adapters<T>(set: Option<Arc<AdapterSet>>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arc<AdapterSet>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            ACTIVE.with(|a| *a.borrow_mut() = prev);
+        }
+    }
+    let prev = ACTIVE.with(|a| std::mem::replace(&mut *a.borrow_mut(), set));
+    let _restore = Restore(prev);
+    f()
+}
+
+/// Names a layer being built with weight path `path` (without `.weight`) when a network is being
+/// registered.
+pub(crate) fn register(path: String, shape: LayerShape) -> Option<Arc<str>> {
+    BUILDING.with(|b| {
+        let mut b = b.borrow_mut();
+        let (component, layers) = b.as_mut()?;
+        let info = LayerInfo {
+            component,
+            path,
+            shape,
+        };
+        let key: Arc<str> = info.key().into();
+        layers.push(info);
+        Some(key)
+    })
+}
+
+/// Adds the active adapters of layer `key` (input `x`, base output `y`) to `y`.
+pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+    let Some(key) = key else { return Ok(y) };
+    let Some(set) = ACTIVE.with(|a| a.borrow().clone()) else {
+        return Ok(y);
+    };
+    let Some(adapters) = set.layers.get(&**key) else {
+        return Ok(y);
+    };
+    let mut y = y;
+    for a in adapters {
+        let delta = match a.conv {
+            None => candle_nn::Linear::new(a.up.clone(), None)
+                .forward(&candle_nn::Linear::new(a.down.clone(), None).forward(x)?)?,
+            Some((stride, padding)) => x
+                .conv2d(&a.down, padding, stride, 1, 1)?
+                .conv2d(&a.up, 0, 1, 1, 1)?,
+        };
+        y = (y + (delta * a.scale)?)?;
+    }
+    Ok(y)
+}
+
+/// candle's linear layer, adaptable when built inside [`registering`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    key: Option<Arc<str>>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        adapt(&self.key, x, self.inner.forward(x)?)
+    }
+}
+
+/// A linear layer with bias read from `vb`.
+pub fn linear(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let key = register(vb.prefix(), LayerShape::Linear { din, dout });
+    Ok(Linear {
+        inner: candle_nn::linear(din, dout, vb)?,
+        key,
+    })
+}
+
+/// A linear layer without bias read from `vb`.
+pub fn linear_no_bias(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let key = register(vb.prefix(), LayerShape::Linear { din, dout });
+    Ok(Linear {
+        inner: candle_nn::linear_no_bias(din, dout, vb)?,
+        key,
+    })
+}
