@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::modules::adapter::{AdapterSet, LayerInfo, LayerShape};
+use crate::modules::adapter::{with_adapters, AdapterSet, LayerInfo, LayerShape};
 use crate::modules::flux::original_lora_targets;
 use crate::{Error, Result};
 
@@ -32,12 +32,14 @@ pub const MAX_STRENGTH: f64 = 10.0;
 /// How many unmatched modules (each with its keys) an error message names.
 const LINES_IN_ERROR: usize = 12;
 
-/// One LoRA to apply: its file, a name to report it by, and its strength.
+/// One LoRA to apply: its file, a name to report it by, its strength, and whether keys that
+/// match no layer are an error (`strict`) or warnings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
     pub name: String,
     pub path: PathBuf,
     pub strength: f64,
+    pub strict: bool,
 }
 
 /// What attaching a list of LoRAs did.
@@ -277,16 +279,32 @@ fn shape_of(t: &Tensor) -> String {
 pub fn attach(
     specs: &[LoraSpec],
     layers: &[LayerInfo],
-    strict: bool,
     device: &Device,
     dtype: DType,
 ) -> Result<Attached> {
     let aliases = alias_map(layers);
     let mut out = Attached::default();
     for spec in specs {
-        attach_one(spec, layers, &aliases, strict, device, dtype, &mut out)?;
+        attach_one(spec, layers, &aliases, device, dtype, &mut out)?;
     }
     Ok(out)
+}
+
+/// Runs `f` with the LoRAs of `specs` attached to `layers` (none: the base model), and returns
+/// its result with the warnings of LoRAs that are not strict.
+pub fn run_with<T>(
+    specs: &[LoraSpec],
+    layers: &[LayerInfo],
+    device: &Device,
+    dtype: DType,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Vec<String>)> {
+    if specs.is_empty() {
+        return Ok((f()?, Vec::new()));
+    }
+    let attached = attach(specs, layers, device, dtype)?;
+    let out = with_adapters(Some(std::sync::Arc::new(attached.set)), f)?;
+    Ok((out, attached.warnings))
 }
 
 /// A safetensors file's `__metadata__`.
@@ -326,7 +344,6 @@ fn attach_one(
     spec: &LoraSpec,
     layers: &[LayerInfo],
     aliases: &HashMap<String, Vec<Target>>,
-    strict: bool,
     device: &Device,
     dtype: DType,
     out: &mut Attached,
@@ -484,7 +501,7 @@ fn attach_one(
         .into_iter()
         .map(|(k, why)| format!("{} ({why})", k.join(", ")))
         .collect();
-    if strict {
+    if spec.strict {
         let more = lines.len().saturating_sub(LINES_IN_ERROR);
         let tail = if more > 0 {
             format!("; and {more} more")

@@ -40,6 +40,7 @@ fn specs(case: &Value) -> Vec<LoraSpec> {
             name: l[0].as_str().unwrap().to_string(),
             path: lora_path(l[0].as_str().unwrap()),
             strength: l[1].as_f64().unwrap(),
+            strict: true,
         })
         .collect()
 }
@@ -105,14 +106,8 @@ fn sd_loras_match_diffusers() {
         }
         let name = case["name"].as_str().unwrap();
         let pipe = load_sd(model);
-        let attached = lora::attach(
-            &specs(&case),
-            &pipe.lora_layers,
-            true,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let attached = lora::attach(&specs(&case), &pipe.lora_layers, &Device::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(attached.warnings.is_empty());
         let r = reference(name);
         let (px, latents) = run_sd(
@@ -141,14 +136,8 @@ fn flux_loras_match_diffusers() {
             continue;
         }
         let name = case["name"].as_str().unwrap();
-        let attached = lora::attach(
-            &specs(&case),
-            &pipe.lora_layers,
-            true,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let attached = lora::attach(&specs(&case), &pipe.lora_layers, &Device::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let side = case["size"].as_u64().unwrap() as usize;
         let p = FluxParams {
             width: side,
@@ -195,8 +184,9 @@ fn base_weights_come_back_exactly() {
             name: files[i % 2].into(),
             path: lora_path(files[i % 2]),
             strength: 0.25 + (i % 7) as f64 * 0.25,
+            strict: true,
         };
-        let set = lora::attach(&[spec], &pipe.lora_layers, true, &Device::Cpu, DType::F32)
+        let set = lora::attach(&[spec], &pipe.lora_layers, &Device::Cpu, DType::F32)
             .unwrap()
             .set;
         let (px, _) = run_sd(&pipe, &p, Some(Arc::new(set)));
@@ -220,8 +210,9 @@ fn attach_err(file: &Path, layers: &[sd_models::modules::adapter::LayerInfo]) ->
         name: "test.safetensors".into(),
         path: file.to_path_buf(),
         strength: 1.0,
+        strict: true,
     };
-    match lora::attach(&[spec], layers, true, &Device::Cpu, DType::F32) {
+    match lora::attach(&[spec], layers, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("{} attached", file.display()),
         Err(e) => e.to_string(),
     }
@@ -301,8 +292,9 @@ fn unmatched_keys_are_errors_that_list_them() {
         name: "partial.safetensors".into(),
         path: file.clone(),
         strength: 1.0,
+        strict: false,
     };
-    let a = lora::attach(&[spec], &sd1.lora_layers, false, &Device::Cpu, DType::F32).unwrap();
+    let a = lora::attach(&[spec], &sd1.lora_layers, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(a.set.layer_count(), 1);
     assert_eq!(a.warnings.len(), 5, "{:?}", a.warnings);
     assert!(a.warnings[0].contains("not applied"), "{:?}", a.warnings);
@@ -328,8 +320,9 @@ fn unmatched_keys_are_errors_that_list_them() {
         name: "s".into(),
         path: lora_path("sd1-peft.safetensors"),
         strength: 11.0,
+        strict: true,
     };
-    let e = lora::attach(&[spec], &sd1.lora_layers, true, &Device::Cpu, DType::F32)
+    let e = lora::attach(&[spec], &sd1.lora_layers, &Device::Cpu, DType::F32)
         .unwrap_err()
         .to_string();
     assert!(

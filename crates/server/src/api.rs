@@ -476,6 +476,12 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "previews": ["approx", "full"],
             "image_formats": ["png"],
             "auth": st.api_key.is_some(),
+            "loras": {
+                "enabled": st.limits.lora_dir.is_some(),
+                "max_per_job": crate::request::MAX_LORAS,
+                "max_strength": sd_models::lora::MAX_STRENGTH,
+                "formats": ["kohya", "diffusers-peft", "locon", "flux-original"],
+            },
         },
     })))
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use candle_core::Tensor;
+use sd_models::lora::LoraSpec;
 use sd_models::pipelines::flux::{FluxParams, FluxPipeline};
 use sd_models::pipelines::{GenerateParams, Generated, ImageInput, Progress, RgbImage, SdPipeline};
 use sd_models::samplers::{SamplerKind, SchedulerConfig};
@@ -66,10 +67,19 @@ impl Backend for SdPipeline {
         request: &JobRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
-        match request.input.as_deref() {
+        let run = || match request.input.as_deref() {
             Some(input) => self.generate_from_image(&request.params, input, on_step),
             None => SdPipeline::generate(self, &request.params, on_step),
-        }
+        };
+        let (mut generated, warnings) = sd_models::lora::run_with(
+            &request.loras,
+            &self.lora_layers,
+            &self.device,
+            self.dtype,
+            run,
+        )?;
+        generated.warnings = warnings;
+        Ok(generated)
     }
 
     fn preview(
@@ -100,13 +110,11 @@ impl Backend for FluxPipeline {
         let max_seq = request
             .max_sequence_length
             .unwrap_or(self.default_max_sequence_length());
-        let (images, truncated) = match request.input.as_deref() {
-            Some(input) if input.mask.is_some() => {
-                return Err(sd_models::Error::invalid(
-                    "operation",
-                    "FLUX inpainting is not supported yet",
-                ))
-            }
+        let run = || match request.input.as_deref() {
+            Some(input) if input.mask.is_some() => Err(sd_models::Error::invalid(
+                "operation",
+                "FLUX inpainting is not supported yet",
+            )),
             Some(input) => self.generate_from_image(
                 &p.prompt,
                 max_seq,
@@ -114,12 +122,20 @@ impl Backend for FluxPipeline {
                 input.strength,
                 &fp,
                 on_step,
-            )?,
-            None => FluxPipeline::generate(self, &p.prompt, max_seq, &fp, on_step)?,
+            ),
+            None => FluxPipeline::generate(self, &p.prompt, max_seq, &fp, on_step),
         };
+        let ((images, truncated), warnings) = sd_models::lora::run_with(
+            &request.loras,
+            &self.lora_layers,
+            &self.core.device,
+            self.core.dtype,
+            run,
+        )?;
         Ok(Generated {
             images,
             truncated_tokens: truncated,
+            warnings,
         })
     }
 
@@ -265,6 +281,8 @@ pub struct JobRequest {
     pub preview: PreviewKind,
     pub hive_id: Option<String>,
     pub worker_id: Option<String>,
+    /// LoRA adapters for this job only (resolved inside --lora-dir).
+    pub loras: Vec<LoraSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +429,8 @@ struct Job {
     final_event: Option<EventRef>,
     /// PNG bytes of each result image.
     images: Vec<Arc<Vec<u8>>>,
+    /// Warnings of the completed job (LoRA keys not applied).
+    warnings: Vec<String>,
 }
 
 /// Events buffered per job for slow subscribers.
@@ -558,7 +578,13 @@ impl Store {
                 "preview_every": r.preview_every,
                 "preview": r.preview.name(),
                 "strength": r.input.as_ref().map(|i| i.strength),
+                "loras": r.loras.iter().map(|l| json!({
+                    "path": l.name,
+                    "strength": l.strength,
+                    "strict": l.strict,
+                })).collect::<Vec<_>>(),
             },
+            "warnings": job.warnings,
         })
     }
 }
@@ -717,6 +743,7 @@ impl Engine {
             events,
             final_event: None,
             images: Vec::new(),
+            warnings: Vec::new(),
         };
         s.jobs.insert(id.clone(), job);
         s.queue.push_back(id.clone());
@@ -826,10 +853,18 @@ impl Engine {
                     .then(|| s.spec.as_ref().map(|m| m.inpaint_method))
                     .flatten();
                 let timings = job.timings.to_json();
+                let warnings = job.warnings.clone();
                 drop(s);
                 // Base64 outside the lock.
                 let encoded: Vec<String> = images.iter().map(|p| b64(p)).collect();
-                first.push(complete_event(encoded, operation, method, seed, timings));
+                first.push(complete_event(Completion {
+                    encoded,
+                    operation,
+                    inpaint_method: method,
+                    seed,
+                    timings,
+                    warnings,
+                }));
                 return Some((first, None));
             }
             _ => {
@@ -931,24 +966,29 @@ fn error_event(kind: &str, message: &str) -> EventRef {
     )
 }
 
-fn complete_event(
+/// What a `complete` event reports.
+struct Completion<'a> {
     encoded: Vec<String>,
     operation: Operation,
-    inpaint_method: Option<&str>,
+    inpaint_method: Option<&'a str>,
     seed: u64,
     timings: Value,
-) -> EventRef {
-    let first = encoded.first().cloned().unwrap_or_default();
+    warnings: Vec<String>,
+}
+
+fn complete_event(c: Completion<'_>) -> EventRef {
+    let first = c.encoded.first().cloned().unwrap_or_default();
     event(
         "complete",
         json!({
-            "operation": operation.name(),
-            "inpaint_method": inpaint_method,
-            "images": encoded,
+            "operation": c.operation.name(),
+            "inpaint_method": c.inpaint_method,
+            "images": c.encoded,
             "image": first,
             "format": "png",
-            "seed": seed,
-            "timings": timings,
+            "seed": c.seed,
+            "timings": c.timings,
+            "warnings": c.warnings,
         }),
     )
 }
@@ -1340,8 +1380,10 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     };
     // Encode outside the lock: status requests keep being answered meanwhile.
     let t = Instant::now();
+    let mut warnings = Vec::new();
     let (state, outcome) = match outcome {
         Outcome::Completed(generated) => {
+            warnings = generated.warnings.clone();
             let strength = request.input.as_ref().map(|i| i.strength);
             match encode_job_results(
                 &request.params,
@@ -1395,7 +1437,15 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     let ev = match outcome {
         Ok((pngs, encoded)) => {
             job.images = pngs.into_iter().map(Arc::new).collect();
-            complete_event(encoded, operation, method, seed, job.timings.to_json())
+            job.warnings = warnings.clone();
+            complete_event(Completion {
+                encoded,
+                operation,
+                inpaint_method: method,
+                seed,
+                timings: job.timings.to_json(),
+                warnings,
+            })
         }
         Err((kind, message)) => {
             job.error = Some((kind.to_string(), message.clone()));

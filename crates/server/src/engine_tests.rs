@@ -55,9 +55,15 @@ impl Backend for Fake {
             height: params.height,
             pixels: vec![params.seed as u8; params.width * params.height * 3],
         };
+        let warnings = if params.prompt == "warn" {
+            vec!["x.safetensors: lora_unet_nothing.lora_down.weight (no such layer)".into()]
+        } else {
+            Vec::new()
+        };
         Ok(Generated {
             images: vec![image; params.batch],
             truncated_tokens: (0, 0),
+            warnings,
         })
     }
 
@@ -144,6 +150,7 @@ fn job(prompt: &str, steps: usize) -> JobRequest {
         preview: PreviewKind::Approx,
         hive_id: None,
         worker_id: None,
+        loras: Vec::new(),
     }
 }
 
@@ -475,4 +482,25 @@ fn a_job_past_its_last_step_cannot_be_cancelled() {
     }
     assert!(matches!(engine.cancel(&id), CancelOutcome::Finishing));
     assert_eq!(wait_final(&engine, &id)["state"], "completed");
+}
+
+#[test]
+fn warnings_reach_the_complete_event_and_late_subscribers() {
+    let (engine, _) = start(config(), 1);
+    let id = engine.submit(job("warn", 2)).unwrap();
+    let events = collect_events(&engine, &id);
+    let (name, data) = events.last().unwrap();
+    assert_eq!(name, "complete");
+    assert_eq!(
+        data["warnings"],
+        serde_json::json!(["x.safetensors: lora_unet_nothing.lora_down.weight (no such layer)"])
+    );
+    wait_final(&engine, &id);
+    // A subscriber after the end gets the same complete event.
+    let late = collect_events(&engine, &id);
+    assert_eq!(late.last().unwrap().1["warnings"], data["warnings"]);
+    // Jobs without warnings report an empty list.
+    let id = engine.submit(job("plain", 1)).unwrap();
+    let events = collect_events(&engine, &id);
+    assert_eq!(events.last().unwrap().1["warnings"], serde_json::json!([]));
 }

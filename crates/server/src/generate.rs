@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, ImageInput, SdPipeline};
 use sd_models::samplers::SamplerKind;
 
@@ -87,6 +88,56 @@ pub struct GenerateArgs {
     /// Output PNG file. A batch writes FILE-0.png, FILE-1.png, ...
     #[arg(long, short, env = "SD_OUTPUT")]
     pub output: PathBuf,
+    /// A LoRA to apply: FILE[:STRENGTH] (.safetensors; strength default 1, between -10 and
+    /// 10). Repeat for several (the env var takes a comma-separated list). Kohya,
+    /// diffusers/PEFT and LoCon layouts; FLUX also kohya and original-name layouts.
+    #[arg(long = "lora", env = "SD_LORA", value_delimiter = ',')]
+    pub loras: Vec<String>,
+    /// LoRA keys that match no layer of the model are printed as warnings instead of
+    /// failing the run.
+    #[arg(long, env = "SD_LORA_ALLOW_UNMATCHED")]
+    pub lora_allow_unmatched: bool,
+}
+
+/// The `--lora` values as LoRA specs: `FILE[:STRENGTH]`, the file checked to exist.
+pub fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
+    args.loras
+        .iter()
+        .map(|arg| {
+            // The strength follows the last colon when it parses as a number (a path may
+            // hold colons).
+            let (file, strength) = match arg.rsplit_once(':') {
+                Some((f, s)) if !f.is_empty() && s.trim().parse::<f64>().is_ok() => {
+                    (f, s.trim().parse::<f64>().unwrap_or(1.0))
+                }
+                _ => (arg.as_str(), 1.0),
+            };
+            let max = sd_models::lora::MAX_STRENGTH;
+            if !strength.is_finite() || strength.abs() > max {
+                bail!("invalid --lora {arg}: the strength must be between -{max} and {max}, got {strength}");
+            }
+            let path = PathBuf::from(file);
+            if !path.is_file() {
+                bail!("invalid --lora {arg}: {file} is not a file");
+            }
+            Ok(LoraSpec {
+                name: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| file.to_string()),
+                path,
+                strength,
+                strict: !args.lora_allow_unmatched,
+            })
+        })
+        .collect()
+}
+
+/// Prints the warnings of a run (LoRA keys not applied).
+pub fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: LoRA {w}");
+    }
 }
 
 /// A step progress bar with steps/s on a terminal; hidden when `quiet`.
@@ -145,8 +196,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
+    let loras = lora_specs(&args)?;
     if sd_models::loader::is_flux_folder(&args.model) || args.components.is_some() {
-        return crate::generate_flux::run(&args, &device, dtype, quiet);
+        return crate::generate_flux::run(&args, &loras, &device, dtype, quiet);
     }
     if let Some(n) = args.max_sequence_length {
         bail!("--max-sequence-length {n} applies to FLUX models only");
@@ -267,11 +319,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bar.set_position(p.step as u64);
         Ok(())
     };
-    let generated = match &input {
-        Some(i) => pipeline.generate_from_image(&params, i, &mut on_step)?,
-        None => pipeline.generate(&params, &mut on_step)?,
-    };
+    let (generated, warnings) = sd_models::lora::run_with(
+        &loras,
+        &pipeline.lora_layers,
+        &pipeline.device,
+        pipeline.dtype,
+        || match &input {
+            Some(i) => pipeline.generate_from_image(&params, i, &mut on_step),
+            None => pipeline.generate(&params, &mut on_step),
+        },
+    )?;
     bar.finish_and_clear();
+    print_warnings(&warnings);
     let (dropped, neg_dropped) = generated.truncated_tokens;
     if dropped > 0 {
         eprintln!("warning: the prompt was truncated; {dropped} tokens beyond the text encoder's limit were dropped");

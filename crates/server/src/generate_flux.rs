@@ -1,5 +1,6 @@
 //! `sd-worker generate` for FLUX.1 folders: text-to-image.
 
+use sd_models::lora::LoraSpec;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -97,7 +98,13 @@ pub fn load(
     }
 }
 
-pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> Result<()> {
+pub fn run(
+    args: &GenerateArgs,
+    loras: &[LoraSpec],
+    device: &Device,
+    dtype: DType,
+    quiet: bool,
+) -> Result<()> {
     // What FLUX does not do (yet) is refused, never ignored.
     for (given, flag, why) in [
         (
@@ -219,13 +226,20 @@ pub fn run(args: &GenerateArgs, device: &Device, dtype: DType, quiet: bool) -> R
         bar.set_position(pr.step as u64);
         Ok(())
     };
-    let (images, (clip_dropped, t5_dropped)) = match &init {
-        Some((image, strength)) => {
-            pipe.generate_from_image(&args.prompt, max_seq, image, *strength, &p, &mut on_step)?
-        }
-        None => pipe.generate(&args.prompt, max_seq, &p, &mut on_step)?,
-    };
+    let ((images, (clip_dropped, t5_dropped)), warnings) = sd_models::lora::run_with(
+        loras,
+        &pipe.lora_layers,
+        &pipe.core.device,
+        pipe.core.dtype,
+        || match &init {
+            Some((image, strength)) => {
+                pipe.generate_from_image(&args.prompt, max_seq, image, *strength, &p, &mut on_step)
+            }
+            None => pipe.generate(&args.prompt, max_seq, &p, &mut on_step),
+        },
+    )?;
     bar.finish_and_clear();
+    crate::generate::print_warnings(&warnings);
     if clip_dropped > 0 {
         eprintln!("warning: the prompt was truncated for CLIP; {clip_dropped} tokens were dropped");
     }

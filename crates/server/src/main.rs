@@ -1,5 +1,8 @@
 //! `sd-worker`: a Stable Diffusion image-generation worker.
 
+// The OpenAPI document is one json! literal, deeper than the default limit.
+#![recursion_limit = "256"]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

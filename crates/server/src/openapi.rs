@@ -59,6 +59,11 @@ pub fn document() -> Value {
                         "preview": {"type": ["string", "null"], "enum": ["approx", "full", null], "default": "approx", "description": "approx: latent-to-RGB map at latent resolution; full: VAE decode."},
                         "hive_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "worker_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
+                        "loras": {"type": ["array", "null"], "maxItems": 8, "description": "LoRA adapters for this job only (needs --lora-dir). Kohya (lora_unet_/lora_te_, .alpha, LoCon), diffusers/PEFT (lora_A/lora_B, scale from lora_adapter_metadata) and, for FLUX, kohya and original-name layouts; UNet/transformer and CLIP text encoder. The base weights are never changed.", "items": {"type": "object", "additionalProperties": false, "required": ["path"], "properties": {
+                            "path": {"type": "string", "description": "A .safetensors file inside --lora-dir (relative, no `..`; `.safetensors` may be left out). Symbolic links must stay inside the folder."},
+                            "strength": {"type": "number", "minimum": -10, "maximum": 10, "default": 1.0, "description": "Multiplies the adapter (alpha / rank from the file)."},
+                            "strict": {"type": "boolean", "default": true, "description": "true: keys that match no layer (or do not fit it) fail the job, listed in its error. false: the rest applies and the complete event lists them in `warnings`."}
+                        }}},
                         "model": {"type": ["string", "null"], "description": "When given, must name the loaded model (folder name, path, or hub repo id of a Hugging Face cache snapshot)."},
                         "max_sequence_length": {"type": ["integer", "null"], "minimum": 2, "maximum": 512, "description": "FLUX models only: T5 prompt tokens (default 512 dev, 256 schnell); a 422 for Stable Diffusion models. FLUX models refuse negative_prompt and scheduler, and guidance_scale when they have no guidance embedding (schnell)."}
                     }
@@ -114,7 +119,8 @@ pub fn document() -> Value {
                         "images": {"type": "array", "items": {"type": "string"}, "description": "URLs of the result images."},
                         "status_url": {"type": "string"},
                         "events_url": {"type": "string"},
-                        "request": {"type": "object", "description": "The request with every default applied."}
+                        "request": {"type": "object", "description": "The request with every default applied."},
+                        "warnings": {"type": "array", "items": {"type": "string"}, "description": "A completed job's warnings (LoRA keys not applied with strict false)."}
                     }
                 },
                 "Timings": {

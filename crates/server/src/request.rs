@@ -3,10 +3,11 @@
 //! Fields are read one by one from the JSON object so that every error names its field, the
 //! limit and the value it got.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage, SdPipeline};
 use sd_models::samplers::SamplerKind;
 use serde_json::{Map, Value};
@@ -23,6 +24,8 @@ pub struct Limits {
     pub max_input_pixels: usize,
     pub max_steps: usize,
     pub max_batch: usize,
+    /// The folder `loras` names resolve in (none: jobs take no LoRAs).
+    pub lora_dir: Option<PathBuf>,
 }
 
 /// Defaults for omitted fields that the model does not define.
@@ -48,7 +51,8 @@ pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
 /// Default inpainting strength.
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 17] = [
+    "loras",
     "max_sequence_length",
     "operation",
     "prompt",
@@ -127,6 +131,125 @@ fn text(obj: &Map<String, Value>, name: &str, max: usize) -> Result<Option<Strin
             format!("must be a string, got {}", describe(v)),
         )),
     }
+}
+
+/// LoRAs one job may apply at most.
+pub const MAX_LORAS: usize = 8;
+/// The fields of one `loras` entry.
+const LORA_FIELDS: [&str; 3] = ["path", "strength", "strict"];
+
+/// The `loras` field: `[{"path": name inside --lora-dir, "strength": 1.0, "strict": true}]`.
+/// Names are resolved (and must exist) here; the files are read when the job runs.
+fn loras(obj: &Map<String, Value>, limits: &Limits) -> Result<Vec<LoraSpec>, RequestError> {
+    let list = match field(obj, "loras") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(v) => {
+            return Err(invalid(
+                "loras",
+                format!(
+                    "must be a list of {{\"path\", \"strength\", \"strict\"}} objects, got {}",
+                    describe(v)
+                ),
+            ))
+        }
+    };
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(dir) = &limits.lora_dir else {
+        return Err(invalid(
+            "loras",
+            "this worker takes no LoRAs (start it with --lora-dir DIR)",
+        ));
+    };
+    if list.len() > MAX_LORAS {
+        return Err(invalid(
+            "loras",
+            format!("at most {MAX_LORAS} LoRAs per job, got {}", list.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let name = |f: &str| format!("loras[{i}].{f}");
+        let Value::Object(e) = entry else {
+            return Err(invalid(
+                &format!("loras[{i}]"),
+                format!(
+                    "must be an object with \"path\" and optional \"strength\", \"strict\", got {}",
+                    describe(entry)
+                ),
+            ));
+        };
+        if let Some(k) = e.keys().find(|k| !LORA_FIELDS.contains(&k.as_str())) {
+            return Err(invalid(
+                &name(k),
+                format!("unknown field; a LoRA has {}", LORA_FIELDS.join(", ")),
+            ));
+        }
+        let path = match field(e, "path") {
+            Some(Value::String(p)) if p.chars().count() <= MAX_ID_CHARS * 4 => p.clone(),
+            Some(Value::String(p)) => {
+                return Err(invalid(
+                    &name("path"),
+                    format!(
+                        "must be at most {} characters, got {}",
+                        MAX_ID_CHARS * 4,
+                        p.chars().count()
+                    ),
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    &name("path"),
+                    "is required: a file name inside the worker's LoRA folder",
+                ))
+            }
+            Some(v) => {
+                return Err(invalid(
+                    &name("path"),
+                    format!("must be a string, got {}", describe(v)),
+                ))
+            }
+        };
+        let strength = match field(e, "strength") {
+            None => 1.0,
+            Some(v) => match v.as_f64() {
+                Some(s) if s.abs() <= sd_models::lora::MAX_STRENGTH => s,
+                _ => {
+                    return Err(invalid(
+                        &name("strength"),
+                        format!(
+                            "must be a number between -{m} and {m}, got {}",
+                            describe(v),
+                            m = sd_models::lora::MAX_STRENGTH
+                        ),
+                    ))
+                }
+            },
+        };
+        let strict = match field(e, "strict") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(invalid(
+                    &name("strict"),
+                    format!("must be true or false, got {}", describe(v)),
+                ))
+            }
+        };
+        let resolved = sd_models::lora::resolve(dir, &path).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => invalid(&name("path"), message),
+            other => invalid(&name("path"), other),
+        })?;
+        out.push(LoraSpec {
+            name: path,
+            path: resolved,
+            strength,
+            strict,
+        });
+    }
+    Ok(out)
 }
 
 /// Steps when the request has none: the model's default (50 for Stable Diffusion, 28 for
@@ -587,6 +710,7 @@ pub fn parse_job(
     };
     let hive_id = text(obj, "hive_id", MAX_ID_CHARS)?;
     let worker_id = text(obj, "worker_id", MAX_ID_CHARS)?;
+    let loras = loras(obj, limits)?;
 
     Ok(JobRequest {
         operation: op,
@@ -608,6 +732,7 @@ pub fn parse_job(
         preview,
         hive_id,
         worker_id,
+        loras,
     })
 }
 
@@ -650,6 +775,7 @@ mod tests {
             max_input_pixels: 4096 * 4096,
             max_steps: 150,
             max_batch: 8,
+            lora_dir: None,
         }
     }
 

@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on event streams.
     #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
     pub sse_keepalive: u64,
+    /// Folder of LoRA files (.safetensors) that jobs may name in `loras`; names resolve
+    /// inside it only. Default: jobs take no LoRAs.
+    #[arg(long, env = "SD_LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
 }
 
 fn check_args(args: &ServeArgs) -> Result<()> {
@@ -91,6 +95,14 @@ fn check_args(args: &ServeArgs) -> Result<()> {
     for (flag, v) in positive {
         if v == 0 {
             bail!("invalid {flag} 0: must be at least 1");
+        }
+    }
+    if let Some(dir) = &args.lora_dir {
+        if !dir.is_dir() {
+            bail!(
+                "invalid --lora-dir {}: not a folder that can be read",
+                dir.display()
+            );
         }
     }
     const YEAR_S: u64 = 365 * 24 * 3600;
@@ -318,6 +330,7 @@ async fn serve(
             max_input_pixels: args.max_input_pixels,
             max_steps: args.max_steps,
             max_batch: args.max_batch,
+            lora_dir: args.lora_dir.clone(),
         },
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,

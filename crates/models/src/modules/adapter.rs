@@ -197,12 +197,16 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
     };
     let mut y = y;
     for a in adapters {
+        // Adapters are read onto the model's main device and dtype; a text encoder kept
+        // elsewhere (FLUX with --text-encoder-device) gets copies (no-ops otherwise).
+        let place = |t: &Tensor| t.to_device(x.device())?.to_dtype(x.dtype());
+        let (down, up) = (place(&a.down)?, place(&a.up)?);
         let delta = match a.conv {
-            None => candle_nn::Linear::new(a.up.clone(), None)
-                .forward(&candle_nn::Linear::new(a.down.clone(), None).forward(x)?)?,
+            None => candle_nn::Linear::new(up, None)
+                .forward(&candle_nn::Linear::new(down, None).forward(x)?)?,
             Some((stride, padding)) => x
-                .conv2d(&a.down, padding, stride, 1, 1)?
-                .conv2d(&a.up, 0, 1, 1, 1)?,
+                .conv2d(&down, padding, stride, 1, 1)?
+                .conv2d(&up, 0, 1, 1, 1)?,
         };
         y = (y + (delta * a.scale)?)?;
     }

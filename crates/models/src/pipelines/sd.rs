@@ -106,6 +106,8 @@ pub struct Generated {
     pub images: Vec<RgbImage>,
     /// How many prompt tokens were dropped by truncation (prompt, negative prompt).
     pub truncated_tokens: (usize, usize),
+    /// Notes for the caller (LoRA keys that were not applied).
+    pub warnings: Vec<String>,
 }
 
 /// A loaded Stable Diffusion pipeline.
@@ -476,6 +478,7 @@ impl SdPipeline {
         }
         let images = self.decode(&latents)?;
         Ok(Generated {
+            warnings: Vec::new(),
             images,
             truncated_tokens,
         })
