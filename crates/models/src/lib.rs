@@ -9,6 +9,7 @@ pub mod lora;
 pub mod modules;
 pub mod pipelines;
 pub mod samplers;
+pub mod single_file;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -197,9 +197,65 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
     })
 }
 
+/// Where each part of a Stable Diffusion pipeline comes from: config files (or configs built
+/// from a checkpoint's shapes), weights, tokenizer and scheduler.
+struct SdParts {
+    tokenizer: ClipTokenizer,
+    /// Where the tokenizer was read (for error messages).
+    tokenizer_dir: PathBuf,
+    te_cfg: JsonConfig,
+    te_vb: VarBuilder<'static>,
+    unet_cfg: JsonConfig,
+    unet_vb: VarBuilder<'static>,
+    vae_cfg: JsonConfig,
+    vae_vb: VarBuilder<'static>,
+    scheduler: SchedulerConfig,
+}
+
+/// Options of `load_sd_with`.
+#[derive(Debug, Clone, Default)]
+pub struct SdLoadOptions {
+    /// A VAE file that replaces the model's VAE (diffusers names, or LDM names with or without
+    /// `first_stage_model.`).
+    pub vae: Option<PathBuf>,
+    /// Single-file checkpoints: a diffusers folder whose configs, tokenizer and scheduler are
+    /// used (its weights are not read).
+    pub components: Option<PathBuf>,
+    /// Single-file checkpoints: the prediction type (the tensors do not tell).
+    pub prediction_type: Option<PredictionType>,
+}
+
 /// Loads a Stable Diffusion 1.x/2.x diffusers folder onto `device` with weights in `dtype`.
-/// The VAE stays in f32 when its config asks for `force_upcast` and `dtype` is f16.
+/// As diffusers' SD 1.x/2.x pipelines, the VAE runs in the pipeline's dtype.
 pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline, ModelInfo)> {
+    load_sd_with(root, &SdLoadOptions::default(), device, dtype)
+}
+
+/// Loads a diffusers folder or a single-file checkpoint (see [`crate::single_file`]).
+pub fn load_sd_with(
+    model: &Path,
+    opts: &SdLoadOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<(SdPipeline, ModelInfo)> {
+    let (mut parts, info) = if model.is_file() {
+        checkpoint_parts(model, opts, device, dtype)?
+    } else {
+        if opts.components.is_some() || opts.prediction_type.is_some() {
+            return Err(Error::config(
+                model,
+                "components and a prediction type apply to single-file checkpoints (a folder has its own configs)",
+            ));
+        }
+        folder_parts(model, device, dtype)?
+    };
+    if let Some(vae) = &opts.vae {
+        parts.vae_vb = vae_file_builder(vae, device, dtype)?;
+    }
+    Ok((build_sd(parts, device, dtype)?, info))
+}
+
+fn folder_parts(root: &Path, device: &Device, dtype: DType) -> Result<(SdParts, ModelInfo)> {
     let info = inspect(root)?;
     let weights = |name: &str| -> Vec<PathBuf> {
         info.weights
@@ -208,28 +264,238 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
             .map(|(_, w)| w.clone())
             .unwrap_or_default()
     };
-    let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
+    let tokenizer_dir = component(root, "tokenizer")?;
+    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+    let te_cfg = JsonConfig::load(&component(root, "text_encoder")?.join("config.json"))?;
+    let unet_dir = component(root, "unet")?;
+    let unet_cfg = JsonConfig::load(&unet_dir.join("config.json"))?;
+    let unet_vb = var_builder(
+        &find_weights(&unet_dir, "diffusion_pytorch_model")?,
+        dtype,
+        device,
+    )?;
+    let vae_cfg = JsonConfig::load(&component(root, "vae")?.join("config.json"))?;
+    let parts = SdParts {
+        tokenizer,
+        tokenizer_dir,
+        te_vb: var_builder(&weights("text_encoder"), dtype, device)?,
+        te_cfg,
+        unet_cfg,
+        unet_vb,
+        vae_vb: var_builder(&weights("vae"), dtype, device)?,
+        vae_cfg,
+        scheduler: SchedulerConfig::load(
+            &component(root, "scheduler")?.join("scheduler_config.json"),
+        )?,
+    };
+    Ok((parts, info))
+}
 
-    let te_dir = component(root, "text_encoder")?;
-    let te_cfg = ClipTextConfig::from_config(&JsonConfig::load(&te_dir.join("config.json"))?)?;
-    let te_vb = var_builder(&weights("text_encoder"), dtype, device)?;
+/// A folder in the Hugging Face cache holding a CLIP tokenizer for `family`, if any.
+pub fn cached_tokenizer(family: &str) -> Option<PathBuf> {
+    let candidates: &[(&str, &str)] = match family {
+        "sd1" => &[
+            ("openai/clip-vit-large-patch14", ""),
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+            ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+            ("CompVis/stable-diffusion-v1-4", "tokenizer"),
+        ],
+        _ => &[
+            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+            ("stabilityai/stable-diffusion-2", "tokenizer"),
+            ("stabilityai/stable-diffusion-2-base", "tokenizer"),
+        ],
+    };
+    let cache = hf_cache_dir()?;
+    for (repo, sub) in candidates {
+        let base = cache.join(format!("models--{}", repo.replace('/', "--")));
+        let snapshots = base.join("snapshots");
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        if let Ok(commit) = std::fs::read_to_string(base.join("refs").join("main")) {
+            dirs.push(snapshots.join(commit.trim()));
+        }
+        if let Ok(rd) = std::fs::read_dir(&snapshots) {
+            dirs.extend(rd.flatten().map(|e| e.path()));
+        }
+        for d in dirs {
+            let dir = if sub.is_empty() { d } else { d.join(sub) };
+            if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    None
+}
+
+/// The Hugging Face hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+fn checkpoint_parts(
+    file: &Path,
+    opts: &SdLoadOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<(SdParts, ModelInfo)> {
+    use crate::single_file as sf;
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+        return Err(Error::config(
+            file,
+            "pickle checkpoints are not loaded (they can run code); convert it to .safetensors",
+        ));
+    }
+    let ckpt = sf::Checkpoint::open(file)?;
+    let comp = opts.components.as_deref();
+    let family = ckpt.family();
+    // The prediction type: the flag, else the components' scheduler, else epsilon.
+    let mut sched_value = match comp {
+        Some(dir) => {
+            let p = dir.join("scheduler").join("scheduler_config.json");
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| Error::config(&p, format!("invalid JSON: {e}")))?
+        }
+        None => ckpt.default_scheduler(opts.prediction_type.unwrap_or(PredictionType::Epsilon)),
+    };
+    if let Some(p) = opts.prediction_type {
+        sched_value["prediction_type"] = serde_json::json!(p.as_str());
+    }
+    let scheduler = SchedulerConfig::from_json(&sched_value, file)?;
+    let prediction = scheduler.prediction_type();
+
+    let tokenizer_dir = match comp {
+        Some(dir) => component(dir, "tokenizer")?,
+        None => cached_tokenizer(family).ok_or_else(|| {
+                Error::config(
+                    file,
+                    format!(
+                        "a single-file checkpoint carries no tokenizer: pass a components folder (--components DIR: a diffusers {family} folder; its configs, tokenizer and scheduler are used, not its weights) or put {} in the Hugging Face cache",
+                        if family == "sd1" { "openai/clip-vit-large-patch14" } else { "stabilityai/stable-diffusion-2-1" }
+                    ),
+                )
+            })?,
+    };
+    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+    let unet_cfg = sf::config_or(comp, "unet", file, || ckpt.infer_unet_config(prediction))?;
+    let te_cfg = sf::config_or(comp, "text_encoder", file, || {
+        ckpt.infer_text_encoder_config()
+    })?;
+    let vae_cfg = match (comp, ckpt.has_vae) {
+        (Some(_), _) => sf::config_or(comp, "vae", file, || ckpt.infer_vae_config())?,
+        (None, true) => JsonConfig::from_value(file, ckpt.infer_vae_config()?),
+        (None, false) => match &opts.vae {
+            Some(v) => JsonConfig::from_value(v, sf::Checkpoint::open_vae(v)?.infer_vae_config()?),
+            None => return Err(Error::config(
+                file,
+                "the checkpoint holds no VAE (`first_stage_model.`): pass a VAE file (--vae FILE)",
+            )),
+        },
+    };
+
+    let tensors = sf::load_tensors(file, device)?;
+    let layers = UNetConfig::from_config(&unet_cfg)?
+        .layers_per_block_uniform()
+        .ok_or_else(|| {
+            unet_cfg.err("a single-file checkpoint's UNet has one layer count for every block")
+        })?;
+    let unet_map = sf::apply(&sf::unet_plan(&ckpt, layers)?, &tensors, file)?;
+    let te_layers = ClipTextConfig::from_config(&te_cfg)?.num_hidden_layers;
+    let te_map = sf::apply(&sf::text_encoder_plan(&ckpt, te_layers)?, &tensors, file)?;
+    let vae_map = if ckpt.has_vae {
+        sf::apply(&sf::vae_plan(&ckpt, sf::VAE_PREFIX)?, &tensors, file)?
+    } else {
+        std::collections::HashMap::new()
+    };
+    drop(tensors);
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    let info = ModelInfo {
+        name,
+        path: file.to_path_buf(),
+        family,
+        pipeline_class: "single-file checkpoint".into(),
+        prediction_type: prediction,
+        weights: vec![("checkpoint".into(), vec![file.to_path_buf()])],
+    };
+    let parts = SdParts {
+        tokenizer,
+        tokenizer_dir,
+        te_cfg,
+        te_vb: sf::builder(te_map, dtype, device),
+        unet_cfg,
+        unet_vb: sf::builder(unet_map, dtype, device),
+        vae_cfg,
+        vae_vb: sf::builder(vae_map, dtype, device),
+        scheduler,
+    };
+    Ok((parts, info))
+}
+
+/// A var builder over a separate VAE file: diffusers names, or LDM names with or without
+/// `first_stage_model.`.
+fn vae_file_builder(file: &Path, device: &Device, dtype: DType) -> Result<VarBuilder<'static>> {
+    use crate::single_file as sf;
+    let shapes = sf::read_shapes(file)?;
+    let ldm_prefix = if shapes.keys().any(|k| k.starts_with(sf::VAE_PREFIX)) {
+        Some(sf::VAE_PREFIX)
+    } else if shapes.keys().any(|k| k.starts_with("decoder.up.")) {
+        Some("")
+    } else {
+        None
+    };
+    match ldm_prefix {
+        None => var_builder(&[file.to_path_buf()], dtype, device),
+        Some(prefix) => {
+            let ckpt = sf::Checkpoint::open_vae(file)?;
+            let tensors = sf::load_tensors(file, device)?;
+            let map = sf::apply(&sf::vae_plan(&ckpt, prefix)?, &tensors, file)?;
+            // Only the VAE's tensors: a full checkpoint passed as --vae keeps just those.
+            Ok(sf::builder(map, dtype, device))
+        }
+    }
+}
+
+/// Builds the pipeline from its parts, checking that they fit together.
+fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline> {
+    let SdParts {
+        tokenizer,
+        tokenizer_dir,
+        te_cfg: te_cfg_file,
+        te_vb,
+        unet_cfg: unet_cfg_file,
+        unet_vb,
+        vae_cfg: vae_cfg_file,
+        vae_vb,
+        scheduler,
+    } = parts;
+    let te_cfg = ClipTextConfig::from_config(&te_cfg_file)?;
     let (text_encoder, mut lora_layers) =
         adapter::registering("text_encoder", || ClipTextModel::new(te_vb, &te_cfg));
-    let text_encoder = in_component("text_encoder", &te_dir, text_encoder)?;
+    let text_encoder = in_component("text_encoder", &te_cfg_file.path, text_encoder)?;
 
-    let unet_dir = component(root, "unet")?;
-    let unet_cfg_file = JsonConfig::load(&unet_dir.join("config.json"))?;
-    let (unet, unet_layers) = adapter::registering("unet", || load_unet(&unet_dir, device, dtype));
-    let unet = unet?;
+    let unet_cfg = UNetConfig::from_config(&unet_cfg_file)?;
+    let (unet, unet_layers) = adapter::registering("unet", || UNet::new(unet_vb, &unet_cfg));
+    let unet = in_component("unet", &unet_cfg_file.path, unet)?;
     lora_layers.extend(unet_layers);
-    let unet_cfg = unet.config.clone();
 
-    let vae_dir = component(root, "vae")?;
-    let vae_cfg = VaeConfig::from_config(&JsonConfig::load(&vae_dir.join("config.json"))?)?;
-    // As diffusers' SD 1.x/2.x pipelines: the VAE runs in the pipeline's dtype
-    // (`force_upcast` is honoured by the SDXL pipelines only).
-    let vae_vb = var_builder(&weights("vae"), dtype, device)?;
-    let vae = in_component("vae", &vae_dir, Vae::new(vae_vb, &vae_cfg))?;
+    let vae_cfg = VaeConfig::from_config(&vae_cfg_file)?;
+    let vae = in_component("vae", &vae_cfg_file.path, Vae::new(vae_vb, &vae_cfg))?;
 
     // Regular UNets take the latents; inpainting UNets also the mask and the masked image's
     // latents (2 x latent channels + 1).
@@ -269,7 +535,7 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
     .unwrap_or(0);
     if max_id as usize >= te_cfg.vocab_size {
         return Err(Error::config(
-            root.join("tokenizer"),
+            &tokenizer_dir,
             format!(
                 "token id {max_id} is outside the text encoder's vocab_size {}",
                 te_cfg.vocab_size
@@ -278,7 +544,7 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
     }
     if tokenizer.max_length() > te_cfg.max_position_embeddings {
         return Err(Error::config(
-            root.join("tokenizer"),
+            &tokenizer_dir,
             format!(
                 "model_max_length {} exceeds the text encoder's {} positions",
                 tokenizer.max_length(),
@@ -286,9 +552,7 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
             ),
         ));
     }
-    let scheduler =
-        SchedulerConfig::load(&component(root, "scheduler")?.join("scheduler_config.json"))?;
-    let pipeline = SdPipeline {
+    Ok(SdPipeline {
         tokenizer,
         text_encoder,
         unet,
@@ -297,8 +561,7 @@ pub fn load_sd(root: &Path, device: &Device, dtype: DType) -> Result<(SdPipeline
         device: device.clone(),
         dtype,
         lora_layers,
-    };
-    Ok((pipeline, info))
+    })
 }
 
 /// The UNet config of a model folder.

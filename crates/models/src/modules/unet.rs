@@ -74,6 +74,15 @@ fn parse_up(cfg: &JsonConfig, name: &str) -> Result<BlockKind> {
 }
 
 impl UNetConfig {
+    /// The layer count of every block, when they are all the same.
+    pub fn layers_per_block_uniform(&self) -> Option<usize> {
+        let first = *self.layers_per_block.first()?;
+        self.layers_per_block
+            .iter()
+            .all(|&l| l == first)
+            .then_some(first)
+    }
+
     pub fn from_config(cfg: &JsonConfig) -> Result<Self> {
         // Options with non-default values that change the network and that we do not build.
         for (key, ok) in [

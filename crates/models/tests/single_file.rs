@@ -1,0 +1,289 @@
+//! Single-file SD checkpoints (original LDM names) against diffusers' `from_single_file`.
+//!
+//! The checkpoints and expected images come from `scripts/make_single_file_fixtures.py`
+//! (diffusers 0.42.1, torch 2.15 CPU f32; the checkpoints hold f16 values, read as f32 on both
+//! sides): tiny SD 1.x (CLIP), SD 2.x (OpenCLIP with a fused in_proj and an unused last layer,
+//! v-prediction, linear projections), the 9-channel inpainting model, and a separate VAE file
+//! with LDM names. The script checks that diffusers' conversion of each file gives exactly the
+//! weights it was written from. Images within max 3 / mean 0.5 levels.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::{assert_images_close, bytes, fixtures, read_rgb_png};
+use sd_models::loader::{load_sd_with, SdLoadOptions};
+use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage};
+use sd_models::samplers::PredictionType;
+use sd_models::single_file::Checkpoint;
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    fixtures().join("single_file")
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["cases"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn checkpoints_match_diffusers_from_single_file() {
+    let cases = cases();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let opts = SdLoadOptions {
+            components: Some(fixtures().join(case["components"].as_str().unwrap())),
+            vae: case["vae"].as_str().map(|v| dir().join(v)),
+            prediction_type: None,
+        };
+        let file = dir().join(case["file"].as_str().unwrap());
+        let (pipe, info) = load_sd_with(&file, &opts, &Device::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(info.pipeline_class, "single-file checkpoint");
+        let side = case["size"].as_u64().unwrap() as usize;
+        let p = GenerateParams {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: None,
+            width: side,
+            height: side,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            sampler: pipe.default_sampler().unwrap(),
+            batch: 1,
+        };
+        let out = match case["mask"].as_str() {
+            Some(mask) => {
+                let rgb = |f: &str| {
+                    let (width, height, pixels) = read_rgb_png(&fixtures().join("inputs").join(f));
+                    RgbImage {
+                        width,
+                        height,
+                        pixels,
+                    }
+                };
+                let m = rgb(mask);
+                let input = ImageInput {
+                    image: rgb(case["image"].as_str().unwrap()),
+                    strength: 1.0,
+                    mask: Some(MaskImage {
+                        width: m.width,
+                        height: m.height,
+                        channels: 3,
+                        pixels: m.pixels,
+                        nearest: false,
+                    }),
+                };
+                pipe.generate_from_image(&p, &input, &mut |_| Ok(()))
+            }
+            None => pipe.generate(&p, &mut |_| Ok(())),
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let r = candle_core::safetensors::load(
+            dir().join(format!("reference/{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let px: Vec<u8> = out.images.iter().flat_map(|i| i.pixels.clone()).collect();
+        assert_images_close(name, &px, &bytes(&r["images"]));
+    }
+}
+
+fn config(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// What the shapes tell equals the diffusers configs the checkpoints were written from.
+#[test]
+fn configs_inferred_from_the_shapes() {
+    for (file, folder, unet_keys) in [
+        (
+            "tiny-sd1.safetensors",
+            fixtures().join("models/tiny-sd1"),
+            true,
+        ),
+        (
+            "tiny-sd1-inpaint.safetensors",
+            fixtures().join("models/tiny-sd1-inpaint"),
+            true,
+        ),
+        (
+            "tiny-sd2.safetensors",
+            dir().join("tiny-sd2-components"),
+            true,
+        ),
+    ] {
+        let ckpt = Checkpoint::open(&dir().join(file)).unwrap();
+        let unet = ckpt.infer_unet_config(PredictionType::Epsilon).unwrap();
+        let want = config(&folder.join("unet/config.json"));
+        if unet_keys {
+            for key in [
+                "in_channels",
+                "out_channels",
+                "block_out_channels",
+                "down_block_types",
+                "up_block_types",
+                "cross_attention_dim",
+                "use_linear_projection",
+            ] {
+                assert_eq!(unet[key], want[key], "{file}: unet {key}");
+            }
+            let l = want["layers_per_block"].clone();
+            let l = l.as_array().map(|a| a[0].clone()).unwrap_or(l);
+            assert_eq!(unet["layers_per_block"], l, "{file}: layers_per_block");
+        }
+        let vae = ckpt.infer_vae_config().unwrap();
+        let want = config(&folder.join("vae/config.json"));
+        for key in [
+            "block_out_channels",
+            "layers_per_block",
+            "latent_channels",
+            "in_channels",
+            "out_channels",
+        ] {
+            assert_eq!(vae[key], want[key], "{file}: vae {key}");
+        }
+        let te = ckpt.infer_text_encoder_config().unwrap();
+        let want = config(&folder.join("text_encoder/config.json"));
+        for key in [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "max_position_embeddings",
+            "hidden_act",
+        ] {
+            assert_eq!(te[key], want[key], "{file}: text encoder {key}");
+        }
+    }
+    let sd2 = Checkpoint::open(&dir().join("tiny-sd2.safetensors")).unwrap();
+    assert_eq!(sd2.family(), "sd2");
+    let v = sd2.infer_unet_config(PredictionType::VPrediction).unwrap();
+    assert_eq!(v["upcast_attention"], true);
+    assert_eq!(v["attention_head_dim"], serde_json::json!([0, 0, 0]));
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sd-single-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Without a components folder the configs are inferred and the tokenizer comes from the
+/// Hugging Face cache; without either source of a tokenizer the error says what to do.
+#[test]
+fn without_components_the_tokenizer_comes_from_the_hub_cache() {
+    let file = dir().join("tiny-sd1.safetensors");
+    let home = tmpdir("hf");
+    // SAFETY: no other test of this binary reads these variables.
+    unsafe {
+        std::env::set_var("HF_HOME", &home);
+        std::env::remove_var("HF_HUB_CACHE");
+    }
+    let e = match load_sd_with(&file, &SdLoadOptions::default(), &Device::Cpu, DType::F32) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("loaded without a tokenizer"),
+    };
+    assert!(
+        e.contains("--components DIR") && e.contains("openai/clip-vit-large-patch14"),
+        "{e}"
+    );
+
+    let snap = home.join("hub/models--openai--clip-vit-large-patch14/snapshots/abc");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(home.join("hub/models--openai--clip-vit-large-patch14/refs")).unwrap();
+    std::fs::write(
+        home.join("hub/models--openai--clip-vit-large-patch14/refs/main"),
+        "abc",
+    )
+    .unwrap();
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = fixtures().join("models/tiny-sd1/tokenizer").join(f);
+        if src.is_file() {
+            std::fs::copy(src, snap.join(f)).unwrap();
+        }
+    }
+    // The tokenizer is found; the configs inferred for SD 1.x (32 norm groups, 8 heads) do
+    // not fit this tiny model's 16-channel blocks, which the error says.
+    let e = match load_sd_with(&file, &SdLoadOptions::default(), &Device::Cpu, DType::F32) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("the tiny model built with SD 1.x's norm groups"),
+    };
+    assert!(
+        e.contains("tiny-sd1.safetensors") && e.contains("norm_num_groups 32"),
+        "{e}"
+    );
+
+    // The prediction type comes from the caller, over the components' scheduler.
+    let opts = SdLoadOptions {
+        components: Some(fixtures().join("models/tiny-sd1")),
+        prediction_type: Some(PredictionType::VPrediction),
+        ..Default::default()
+    };
+    let (_, info) = load_sd_with(&file, &opts, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(info.prediction_type, PredictionType::VPrediction);
+}
+
+#[test]
+fn unsupported_files_are_named_errors() {
+    let d = tmpdir("bad");
+    let err = |p: &Path| match load_sd_with(p, &SdLoadOptions::default(), &Device::Cpu, DType::F32)
+    {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{} loaded", p.display()),
+    };
+    let ckpt = d.join("model.ckpt");
+    std::fs::write(&ckpt, b"pickle").unwrap();
+    assert!(err(&ckpt).contains("pickle checkpoints are not loaded"));
+    let t = candle_core::Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    let xl = d.join("xl.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            (
+                "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+                t.clone(),
+            ),
+            (
+                "conditioner.embedders.0.transformer.x".to_string(),
+                t.clone(),
+            ),
+        ]),
+        &xl,
+    )
+    .unwrap();
+    assert!(err(&xl).contains("SDXL"));
+    let other = d.join("other.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("weight".to_string(), t)]),
+        &other,
+    )
+    .unwrap();
+    assert!(err(&other).contains("not a Stable Diffusion checkpoint"));
+    // A folder does not take checkpoint options.
+    let opts = SdLoadOptions {
+        prediction_type: Some(PredictionType::VPrediction),
+        ..Default::default()
+    };
+    let e = match load_sd_with(
+        &fixtures().join("models/tiny-sd1"),
+        &opts,
+        &Device::Cpu,
+        DType::F32,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert!(e.contains("apply to single-file checkpoints"), "{e}");
+}
