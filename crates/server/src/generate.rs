@@ -42,9 +42,11 @@ pub struct GenerateArgs {
     /// 7.5). FLUX dev: the embedded guidance (default 3.5); FLUX schnell takes none.
     #[arg(long, env = "SD_GUIDANCE")]
     pub guidance: Option<f64>,
-    /// FLUX with a single-file transformer: --model is the transformer (.safetensors with
-    /// the original key names, or .gguf) and this diffusers FLUX folder gives the text
-    /// encoders, tokenizers, VAE and scheduler.
+    /// With a single-file model: FLUX: --model is the transformer (.safetensors with the
+    /// original key names, or .gguf) and this diffusers FLUX folder gives the text encoders,
+    /// tokenizers, VAE and scheduler. Stable Diffusion checkpoint: a diffusers SD folder whose
+    /// configs, tokenizer and scheduler are used (its weights are not read); without it they
+    /// are inferred and the tokenizer is taken from the Hugging Face cache.
     #[arg(long, env = "SD_COMPONENTS")]
     pub components: Option<PathBuf>,
     /// FLUX: where the text encoders (CLIP, T5) live, e.g. `cpu` to keep them off the GPU
@@ -88,6 +90,14 @@ pub struct GenerateArgs {
     /// Output PNG file. A batch writes FILE-0.png, FILE-1.png, ...
     #[arg(long, short, env = "SD_OUTPUT")]
     pub output: PathBuf,
+    /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
+    /// original names as in A1111 `.vae.safetensors` files).
+    #[arg(long, env = "SD_VAE")]
+    pub vae: Option<PathBuf>,
+    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
+    /// the tensors do not tell.
+    #[arg(long, env = "SD_PREDICTION_TYPE")]
+    pub prediction_type: Option<String>,
     /// A LoRA to apply: FILE[:STRENGTH] (.safetensors; strength default 1, between -10 and
     /// 10). Repeat for several (the env var takes a comma-separated list). Kohya,
     /// diffusers/PEFT and LoCon layouts; FLUX also kohya and original-name layouts.
@@ -197,7 +207,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
     let loras = lora_specs(&args)?;
-    if sd_models::loader::is_flux_folder(&args.model) || args.components.is_some() {
+    let kind = crate::source::model_kind(&args.model)?;
+    let sd_opts = crate::source::sd_options(
+        kind,
+        args.components.as_deref(),
+        args.vae.as_ref(),
+        args.prediction_type.as_deref(),
+    )?;
+    if kind == crate::source::ModelKind::Flux {
         return crate::generate_flux::run(&args, &loras, &device, dtype, quiet);
     }
     if let Some(n) = args.max_sequence_length {
@@ -245,7 +262,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let started = Instant::now();
-    let (pipeline, info) = sd_models::loader::load_sd(&args.model, &device, dtype)?;
+    let (pipeline, info) = sd_models::loader::load_sd_with(&args.model, &sd_opts, &device, dtype)?;
     let sampler = match sampler_override {
         Some(s) => s,
         None => pipeline.default_sampler()?,

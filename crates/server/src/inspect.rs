@@ -7,12 +7,13 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json), or a FLUX
-    /// transformer file (.safetensors with the original key names, or .gguf).
+    /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json), a single-file
+    /// SD 1.x/2.x checkpoint, or a FLUX transformer file (.safetensors with the original key
+    /// names, or .gguf).
     #[arg(env = "SD_MODEL")]
     pub model: PathBuf,
-    /// With a transformer file: the diffusers FLUX folder that would provide the rest
-    /// (checked to be one).
+    /// With a FLUX transformer file: the diffusers FLUX folder that would provide the rest
+    /// (checked to be one); with an SD checkpoint: the SD folder whose configs would be used.
     #[arg(long, env = "SD_COMPONENTS")]
     pub components: Option<PathBuf>,
 }
@@ -20,9 +21,14 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> Result<()> {
     if args.components.is_some() && !args.model.is_file() {
         anyhow::bail!(
-            "--components goes with a transformer file; {} is a folder",
+            "--components goes with a single-file model; {} is a folder",
             args.model.display()
         );
+    }
+    if args.model.is_file()
+        && crate::source::model_kind(&args.model)? == crate::source::ModelKind::SdCheckpoint
+    {
+        return inspect_checkpoint(&args);
     }
     if args.model.is_file() {
         let info = sd_models::loader::inspect_flux_file(&args.model)?;
@@ -99,6 +105,79 @@ pub fn run(args: InspectArgs) -> Result<()> {
     for (name, files) in &info.weights {
         let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         println!("{name:<13} {}", list.join(", "));
+    }
+    Ok(())
+}
+
+/// What a single-file SD checkpoint holds, from its header.
+fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
+    use sd_models::single_file::{Checkpoint, TextEncoderKind};
+    let ckpt = Checkpoint::open(&args.model)?;
+    println!("model:        {}", args.model.display());
+    println!("family:       {}", ckpt.family());
+    println!("layout:       single-file checkpoint (original LDM names)");
+    println!(
+        "text encoder: {}",
+        match ckpt.text_encoder {
+            TextEncoderKind::Clip => "CLIP (cond_stage_model.transformer.)",
+            TextEncoderKind::OpenClip =>
+                "OpenCLIP (cond_stage_model.model.; its last layer unused)",
+        }
+    );
+    println!(
+        "vae:          {}",
+        if ckpt.has_vae {
+            "included (first_stage_model.)"
+        } else {
+            "none (generate and serve need --vae FILE)"
+        }
+    );
+    let unet = ckpt.infer_unet_config(sd_models::samplers::PredictionType::Epsilon)?;
+    let inpainting = unet["in_channels"] == serde_json::json!(9);
+    println!(
+        "unet:         blocks {}, {} layers per block, cross-attention width {}, {} projections{}",
+        unet["block_out_channels"],
+        unet["layers_per_block"],
+        unet["cross_attention_dim"],
+        if unet["use_linear_projection"] == serde_json::json!(true) {
+            "linear"
+        } else {
+            "convolutional"
+        },
+        if inpainting {
+            ", inpainting (9 input channels)"
+        } else {
+            ""
+        }
+    );
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut params = 0usize;
+    // SAFETY: read-only map of a file that must not change while it is read.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&args.model) }?;
+    for (_, view) in st.tensors() {
+        *dtypes
+            .entry(format!("{:?}", view.dtype()).to_lowercase())
+            .or_default() += 1;
+        params += view.shape().iter().product::<usize>();
+    }
+    let types: Vec<String> = dtypes.iter().map(|(t, n)| format!("{t} x {n}")).collect();
+    println!("dtypes:       {}", types.join(", "));
+    println!("parameters:   {params}");
+    println!("prediction:   epsilon unless --prediction-type v_prediction (not in the tensors)");
+    match &args.components {
+        Some(dir) => println!(
+            "components:   {} (configs, tokenizer, scheduler)",
+            dir.display()
+        ),
+        None => match sd_models::loader::cached_tokenizer(ckpt.family()) {
+            Some(t) => println!(
+                "components:   none given: configs inferred, tokenizer from {}",
+                t.display()
+            ),
+            None => println!(
+                "components:   none given and no tokenizer in the Hugging Face cache (generate and serve need --components DIR)"
+            ),
+        },
     }
     Ok(())
 }

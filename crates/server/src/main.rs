@@ -21,6 +21,7 @@ mod openapi;
 mod png_out;
 mod request;
 mod serve;
+mod source;
 
 /// Stable Diffusion image-generation worker on candle.
 #[derive(Parser, Debug)]

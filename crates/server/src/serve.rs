@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on event streams.
     #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
     pub sse_keepalive: u64,
+    /// Stable Diffusion: a VAE file that replaces the model's (as for generate).
+    #[arg(long, env = "SD_VAE")]
+    pub vae: Option<PathBuf>,
+    /// Single-file SD checkpoints: epsilon (default) or v_prediction.
+    #[arg(long, env = "SD_PREDICTION_TYPE")]
+    pub prediction_type: Option<String>,
     /// Folder of LoRA files (.safetensors) that jobs may name in `loras`; names resolve
     /// inside it only. Default: jobs take no LoRAs.
     #[arg(long, env = "SD_LORA_DIR")]
@@ -143,9 +149,15 @@ fn check_args(args: &ServeArgs) -> Result<()> {
             bail!("invalid --api-key: must not be empty (omit it to run without auth)");
         }
     }
-    if args.components.is_none() && !args.model.join("model_index.json").is_file() {
+    if args.model.is_dir() && !args.model.join("model_index.json").is_file() {
         bail!(
             "invalid --model {}: no model_index.json there (expected a diffusers folder)",
+            args.model.display()
+        );
+    }
+    if !args.model.exists() {
+        bail!(
+            "invalid --model {}: no such file or folder",
             args.model.display()
         );
     }
@@ -207,6 +219,7 @@ async fn serve(
 
     let model = args.model.clone();
     let components = args.components.clone();
+    let (vae, prediction) = (args.vae.clone(), args.prediction_type.clone());
     let text_device = args
         .text_encoder_device
         .as_deref()
@@ -217,7 +230,15 @@ async fn serve(
         let started = Instant::now();
         let repo_id = crate::request::hub_repo_id(&model);
         let dtype_s = dtype_name(dtype).to_string();
-        let (backend, spec) = if components.is_some() || sd_models::loader::is_flux_folder(&model) {
+        // Read on the engine thread: the model's files may still be arriving.
+        let kind = crate::source::model_kind(&model)?;
+        let sd_opts = crate::source::sd_options(
+            kind,
+            components.as_deref(),
+            vae.as_ref(),
+            prediction.as_deref(),
+        )?;
+        let (backend, spec) = if kind == crate::source::ModelKind::Flux {
             let (pipeline, name) = crate::generate_flux::load(
                 &model,
                 components.as_deref(),
@@ -270,7 +291,8 @@ async fn serve(
             if text_device.is_some() {
                 anyhow::bail!("--text-encoder-device applies to FLUX models only");
             }
-            let (pipeline, info) = sd_models::loader::load_sd(&model, &device, dtype)?;
+            let (pipeline, info) =
+                sd_models::loader::load_sd_with(&model, &sd_opts, &device, dtype)?;
             let (default_width, default_height) = pipeline.default_size();
             let spec = ModelSpec {
                 name: info.name.clone(),
