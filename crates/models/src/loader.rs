@@ -38,17 +38,44 @@ pub struct ModelInfo {
     pub weights: Vec<(String, Vec<PathBuf>)>,
 }
 
-/// Finds the safetensors weights of a component: the plain file, else the `fp16` variant,
-/// else a sharded index.
+/// A short name for a model folder (written into PNG `parameters`): its Hugging Face repo id
+/// when it is a snapshot in a hub cache (`models--org--name/snapshots/REV`), else its folder
+/// name.
+pub fn model_name(path: &Path) -> String {
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let repo = canon
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .and_then(|p| {
+            p.file_name()?
+                .to_str()?
+                .strip_prefix("models--")
+                .map(str::to_string)
+        })
+        .filter(|r| r.split("--").all(|part| !part.is_empty()))
+        .map(|r| r.replace("--", "/"));
+    repo.or_else(|| canon.file_name().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Finds the safetensors weights of a component: the plain file or its sharded index, else
+/// the `fp16`, else the `bf16` variant.
 pub fn find_weights(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    for variant in ["", ".fp16"] {
+    for variant in ["", ".fp16", ".bf16"] {
         let single = dir.join(format!("{stem}{variant}.safetensors"));
         if single.is_file() {
             return Ok(vec![single]);
         }
-        let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
-        if index.is_file() {
-            return shards_from_index(&index);
+        // Sharded variants are indexed as `x.safetensors.index.fp16.json` on the Hub.
+        for index in [
+            format!("{stem}{variant}.safetensors.index.json"),
+            format!("{stem}.safetensors.index{variant}.json"),
+        ] {
+            let index = dir.join(index);
+            if index.is_file() {
+                return shards_from_index(&index);
+            }
         }
     }
     let pickle = ["bin", "ckpt", "pt", "pth"]
@@ -182,11 +209,7 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
             find_weights(&component(root, name)?, stem)?,
         ));
     }
-    let name = root
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| root.display().to_string());
+    let name = model_name(root);
     Ok(ModelInfo {
         name,
         path: root.to_path_buf(),
@@ -854,11 +877,7 @@ pub fn inspect_flux(root: &Path) -> Result<FluxInfo> {
             *dtypes.entry(format!("{:?}", view.dtype())).or_default() += 1;
         }
     }
-    let name = root
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| root.display().to_string());
+    let name = model_name(root);
     Ok(FluxInfo {
         name,
         variant: if tr.guidance_embeds { "dev" } else { "schnell" },

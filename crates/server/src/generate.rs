@@ -90,6 +90,10 @@ pub struct GenerateArgs {
     /// Output PNG file. A batch writes FILE-0.png, FILE-1.png, ...
     #[arg(long, short, env = "SD_OUTPUT")]
     pub output: PathBuf,
+    /// With a Hugging Face repo id as --model: the precision variant of the weights to fetch
+    /// (e.g. fp16); default the plain files, else fp16.
+    #[arg(long, env = "SD_VARIANT")]
+    pub variant: Option<String>,
     /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
     /// original names as in A1111 `.vae.safetensors` files).
     #[arg(long, env = "SD_VAE")]
@@ -180,7 +184,7 @@ pub fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
     match args.output.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("png") => {}
         _ => bail!(
@@ -207,6 +211,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
     let loras = lora_specs(&args)?;
+    args.model = crate::hub::resolve_model(&args.model, args.variant.as_deref())?;
     let kind = crate::source::model_kind(&args.model)?;
     let sd_opts = crate::source::sd_options(
         kind,

@@ -67,11 +67,7 @@ pub fn load(
     match components {
         None => {
             let pipe = sd_models::loader::load_flux_with(model, None, device, text_device, dtype)?;
-            let name = model
-                .canonicalize()
-                .ok()
-                .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| model.display().to_string());
+            let name = sd_models::loader::model_name(model);
             Ok((pipe, name))
         }
         Some(dir) => {

@@ -18,7 +18,8 @@ pub struct InspectArgs {
     pub components: Option<PathBuf>,
 }
 
-pub fn run(args: InspectArgs) -> Result<()> {
+pub fn run(mut args: InspectArgs) -> Result<()> {
+    args.model = crate::hub::resolve_model(&args.model, None)?;
     if args.components.is_some() && !args.model.is_file() {
         anyhow::bail!(
             "--components goes with a single-file model; {} is a folder",

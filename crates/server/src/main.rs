@@ -13,6 +13,7 @@ mod device;
 mod engine;
 mod generate;
 mod generate_flux;
+mod hub;
 mod input_image;
 mod inspect;
 mod jpeg;

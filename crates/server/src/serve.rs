@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on event streams.
     #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
     pub sse_keepalive: u64,
+    /// With a Hugging Face repo id as --model: the precision variant to fetch (as for generate).
+    #[arg(long, env = "SD_VARIANT")]
+    pub variant: Option<String>,
     /// Stable Diffusion: a VAE file that replaces the model's (as for generate).
     #[arg(long, env = "SD_VAE")]
     pub vae: Option<PathBuf>,
@@ -155,7 +158,8 @@ fn check_args(args: &ServeArgs) -> Result<()> {
             args.model.display()
         );
     }
-    if !args.model.exists() {
+    let repo_id = args.model.to_str().and_then(crate::hub::parse_repo_id);
+    if !args.model.exists() && repo_id.is_none() {
         bail!(
             "invalid --model {}: no such file or folder",
             args.model.display()
@@ -217,7 +221,8 @@ async fn serve(
     let addr = listener.local_addr()?;
     eprintln!("listening on http://{addr}");
 
-    let model = args.model.clone();
+    let given_model = args.model.clone();
+    let variant = args.variant.clone();
     let components = args.components.clone();
     let (vae, prediction) = (args.vae.clone(), args.prediction_type.clone());
     let text_device = args
@@ -228,9 +233,11 @@ async fn serve(
     let device_name = args.device.trim().to_ascii_lowercase();
     let loader: Loader<Model> = Box::new(move || {
         let started = Instant::now();
-        let repo_id = crate::request::hub_repo_id(&model);
         let dtype_s = dtype_name(dtype).to_string();
-        // Read on the engine thread: the model's files may still be arriving.
+        // On the engine thread, while the port answers /ready with 503: a Hub repo id is
+        // fetched into the cache first; the model's files may still be arriving.
+        let model = crate::hub::resolve_model(&given_model, variant.as_deref())?;
+        let repo_id = crate::request::hub_repo_id(&model);
         let kind = crate::source::model_kind(&model)?;
         let sd_opts = crate::source::sd_options(
             kind,

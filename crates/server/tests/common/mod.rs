@@ -124,11 +124,17 @@ impl Server {
 
     /// Starts the worker on `model_dir` once its port is open (the model may still be loading).
     pub fn spawn(model_dir: &str, extra: &[&str]) -> Server {
+        Server::spawn_env(model_dir, extra, &[])
+    }
+
+    /// As `spawn`, with these environment variables (and no others).
+    pub fn spawn_env(model_dir: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut args = vec!["serve", "--model", model_dir, "--port", "0"];
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-worker"))
             .args(&args)
             .env_clear()
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
