@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::modules::config::JsonConfig;
+use crate::modules::config::{numbered_count, JsonConfig};
 use crate::samplers::PredictionType;
 use crate::{Error, Result};
 
@@ -164,18 +164,7 @@ impl Checkpoint {
 
     /// The largest `N + 1` over keys `<prefix>N.`.
     fn count(&self, prefix: &str) -> usize {
-        self.shapes
-            .keys()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .map(|i| i + 1)
-            .max()
-            .unwrap_or(0)
+        numbered_count(self.shapes.keys().map(String::as_str), prefix)
     }
 
     /// Layers per UNet block: the resnets before the first downsampler.

@@ -90,18 +90,8 @@ pub struct GenerateArgs {
     /// Output PNG file. A batch writes FILE-0.png, FILE-1.png, ...
     #[arg(long, short, env = "SD_OUTPUT")]
     pub output: PathBuf,
-    /// With a Hugging Face repo id as --model: the precision variant of the weights to fetch
-    /// (e.g. fp16); default the plain files, else fp16.
-    #[arg(long, env = "SD_VARIANT")]
-    pub variant: Option<String>,
-    /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
-    /// original names as in A1111 `.vae.safetensors` files).
-    #[arg(long, env = "SD_VAE")]
-    pub vae: Option<PathBuf>,
-    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
-    /// the tensors do not tell.
-    #[arg(long, env = "SD_PREDICTION_TYPE")]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub source: crate::source::SourceArgs,
     /// A LoRA to apply: FILE[:STRENGTH] (.safetensors; strength default 1, between -10 and
     /// 10). Repeat for several (the env var takes a comma-separated list). Kohya,
     /// diffusers/PEFT and LoCon layouts; FLUX also kohya and original-name layouts.
@@ -211,14 +201,9 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
     let loras = lora_specs(&args)?;
-    args.model = crate::hub::resolve_model(&args.model, args.variant.as_deref())?;
+    args.model = crate::hub::resolve_model(&args.model, args.source.variant.as_deref())?;
     let kind = crate::source::model_kind(&args.model)?;
-    let sd_opts = crate::source::sd_options(
-        kind,
-        args.components.as_deref(),
-        args.vae.as_ref(),
-        args.prediction_type.as_deref(),
-    )?;
+    let sd_opts = args.source.sd_options(kind, args.components.as_deref())?;
     if kind == crate::source::ModelKind::Flux {
         return crate::generate_flux::run(&args, &loras, &device, dtype, quiet);
     }

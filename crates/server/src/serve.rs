@@ -74,15 +74,8 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on event streams.
     #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
     pub sse_keepalive: u64,
-    /// With a Hugging Face repo id as --model: the precision variant to fetch (as for generate).
-    #[arg(long, env = "SD_VARIANT")]
-    pub variant: Option<String>,
-    /// Stable Diffusion: a VAE file that replaces the model's (as for generate).
-    #[arg(long, env = "SD_VAE")]
-    pub vae: Option<PathBuf>,
-    /// Single-file SD checkpoints: epsilon (default) or v_prediction.
-    #[arg(long, env = "SD_PREDICTION_TYPE")]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub source: crate::source::SourceArgs,
     /// Folder of LoRA files (.safetensors) that jobs may name in `loras`; names resolve
     /// inside it only. Default: jobs take no LoRAs.
     #[arg(long, env = "SD_LORA_DIR")]
@@ -222,9 +215,8 @@ async fn serve(
     eprintln!("listening on http://{addr}");
 
     let given_model = args.model.clone();
-    let variant = args.variant.clone();
+    let source = args.source.clone();
     let components = args.components.clone();
-    let (vae, prediction) = (args.vae.clone(), args.prediction_type.clone());
     let text_device = args
         .text_encoder_device
         .as_deref()
@@ -236,15 +228,10 @@ async fn serve(
         let dtype_s = dtype_name(dtype).to_string();
         // On the engine thread, while the port answers /ready with 503: a Hub repo id is
         // fetched into the cache first; the model's files may still be arriving.
-        let model = crate::hub::resolve_model(&given_model, variant.as_deref())?;
+        let model = crate::hub::resolve_model(&given_model, source.variant.as_deref())?;
         let repo_id = crate::request::hub_repo_id(&model);
         let kind = crate::source::model_kind(&model)?;
-        let sd_opts = crate::source::sd_options(
-            kind,
-            components.as_deref(),
-            vae.as_ref(),
-            prediction.as_deref(),
-        )?;
+        let sd_opts = source.sd_options(kind, components.as_deref())?;
         let (backend, spec) = if kind == crate::source::ModelKind::Flux {
             let (pipeline, name) = crate::generate_flux::load(
                 &model,

@@ -60,8 +60,37 @@ pub fn parse_prediction(s: &str) -> Result<PredictionType> {
     }
 }
 
+/// The model-source flags `generate` and `serve` share.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// With a Hugging Face repo id as --model: the precision variant of the weights to fetch
+    /// (e.g. fp16); default the plain files, else fp16.
+    #[arg(long, env = "SD_VARIANT")]
+    pub variant: Option<String>,
+    /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
+    /// original names as in A1111 `.vae.safetensors` files).
+    #[arg(long, env = "SD_VAE")]
+    pub vae: Option<PathBuf>,
+    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
+    /// the tensors do not tell.
+    #[arg(long, env = "SD_PREDICTION_TYPE")]
+    pub prediction_type: Option<String>,
+}
+
+impl SourceArgs {
+    /// The SD loading options of the flags, checked against the model kind.
+    pub fn sd_options(&self, kind: ModelKind, components: Option<&Path>) -> Result<SdLoadOptions> {
+        sd_options(
+            kind,
+            components,
+            self.vae.as_ref(),
+            self.prediction_type.as_deref(),
+        )
+    }
+}
+
 /// The SD loading options of the flags, checked against the model kind.
-pub fn sd_options(
+fn sd_options(
     kind: ModelKind,
     components: Option<&Path>,
     vae: Option<&PathBuf>,

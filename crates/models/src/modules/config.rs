@@ -203,3 +203,20 @@ impl JsonConfig {
         }
     }
 }
+
+/// How many numbered children `<prefix>N.` the names have: the largest `N + 1` (0 for none),
+/// e.g. the block count of `transformer_blocks.` in a list of weight names.
+pub fn numbered_count<'a>(names: impl IntoIterator<Item = &'a str>, prefix: &str) -> usize {
+    names
+        .into_iter()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::adapter::{self, LayerInfo, LayerShape};
 use super::attention::{score_budget, sliced_attention};
-use super::config::JsonConfig;
+use super::config::{numbered_count, JsonConfig};
 use crate::Result;
 
 /// A linear layer whose weight is dense, or quantized (GGUF) and dequantized, together with
@@ -881,20 +881,7 @@ pub fn original_lora_targets(layers: &[LayerInfo]) -> Vec<(String, Vec<RowsOf>)>
     let Some(dim) = paths.get("x_embedder").map(|s| s.dims().1) else {
         return Vec::new();
     };
-    let count = |prefix: &str| {
-        paths
-            .keys()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .map(|i| i + 1)
-            .max()
-            .unwrap_or(0)
-    };
+    let count = |prefix: &str| numbered_count(paths.keys().copied(), prefix);
     let whole = |new: &str| vec![(new.to_string(), Vec::new())];
     let mut out = Vec::new();
     for (old, new) in GLOBAL_RENAMES.iter().chain(GUIDANCE_RENAMES.iter()) {
@@ -987,14 +974,7 @@ pub fn original_plan(originals: &HashMap<String, Vec<usize>>) -> Result<Vec<Rena
             vec![(half, half), (0, half)],
         )?;
     }
-    let count = |prefix: &str| -> usize {
-        key.keys()
-            .filter_map(|k| k.strip_prefix(prefix))
-            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .map(|i| i.saturating_add(1))
-            .max()
-            .unwrap_or(0)
-    };
+    let count = |prefix: &str| numbered_count(key.keys().map(String::as_str), prefix);
     for i in 0..count("double_blocks.") {
         let (o, b) = (
             format!("double_blocks.{i}."),
@@ -1131,14 +1111,7 @@ pub fn infer_config_from_shapes(
             format!("width {inner} is not a multiple of the head size {head_dim}"),
         ));
     }
-    let count = |prefix: &str| {
-        w.keys()
-            .filter_map(|k| k.strip_prefix(prefix))
-            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .map(|i| i.saturating_add(1))
-            .max()
-            .unwrap_or(0)
-    };
+    let count = |prefix: &str| numbered_count(w.keys().map(String::as_str), prefix);
     let axes = match axes_dims_rope {
         Some(a) => a,
         None if head_dim == 128 => vec![16, 56, 56],
