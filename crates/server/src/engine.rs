@@ -1253,23 +1253,15 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// PNG files of a finished job, with the same `parameters` text as `sd-worker generate`.
-pub fn encode_results(
-    params: &GenerateParams,
-    strength: Option<f64>,
-    model: &str,
-    images: &[RgbImage],
-) -> anyhow::Result<Vec<Vec<u8>>> {
-    encode_job_results(params, strength, None, model, images)
-}
-
-/// As [`encode_results`]; `flux` is Some(guidance embedded) for FLUX jobs, whose text is
-/// that of `sd-worker generate` on a FLUX model.
+/// PNG files of a finished job, with the same `parameters` text as `sd-worker generate`;
+/// `flux` is Some(guidance embedded) for FLUX jobs, whose text is that of `sd-worker
+/// generate` on a FLUX model; the job's LoRAs end the settings line.
 pub fn encode_job_results(
     params: &GenerateParams,
     strength: Option<f64>,
     flux: Option<bool>,
     model: &str,
+    loras: &[LoraSpec],
     images: &[RgbImage],
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let n = images.len();
@@ -1293,7 +1285,7 @@ pub fn encode_job_results(
                     text.to_text()
                 }
             };
-            encode_png(image, &text)
+            encode_png(image, &crate::png_out::with_loras(text, loras))
         })
         .collect()
 }
@@ -1390,6 +1382,7 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
                 strength,
                 request.flux,
                 &model,
+                &request.loras,
                 &generated.images,
             ) {
                 Ok(pngs) => {

@@ -348,7 +348,14 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
 
     let paths = output_paths(&args.output, generated.images.len());
     let strength = input.as_ref().map(|i| i.strength);
-    let pngs = crate::engine::encode_results(&params, strength, &info.name, &generated.images)?;
+    let pngs = crate::engine::encode_job_results(
+        &params,
+        strength,
+        None,
+        &info.name,
+        &loras,
+        &generated.images,
+    )?;
     for (png, path) in pngs.iter().zip(&paths) {
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }

@@ -256,7 +256,7 @@ pub fn run(
             strength,
             (n > 1).then_some((n, i)),
         );
-        let png = encode_png(image, &text)?;
+        let png = encode_png(image, &crate::png_out::with_loras(text, loras))?;
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

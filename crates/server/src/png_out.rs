@@ -70,6 +70,27 @@ impl<'a> Parameters<'a> {
     }
 }
 
+/// `text` with the LoRAs of the run appended to its settings line:
+/// `, Lora: "name:strength, name:strength"` (names are file stems).
+pub fn with_loras(mut text: String, loras: &[sd_models::lora::LoraSpec]) -> String {
+    if loras.is_empty() {
+        return text;
+    }
+    let list: Vec<String> = loras
+        .iter()
+        .map(|l| {
+            let stem = l
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| l.name.clone());
+            format!("{stem}:{}", py_float(l.strength))
+        })
+        .collect();
+    text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
+    text
+}
+
 /// A float as Python prints it: `7.0`, `7.5`.
 pub fn py_float(v: f64) -> String {
     if v.fract() == 0.0 {
