@@ -76,6 +76,41 @@ fn rand_tag() -> u64 {
     N.fetch_add(1, Ordering::SeqCst)
 }
 
+/// `generate` at 32x32 with "STEPS GUIDANCE SEED", `extra` flags, to `out`.
+fn generate_32(
+    model: &str,
+    prompt: &str,
+    steps_guidance_seed: &str,
+    extra: &[String],
+    out: &Path,
+) -> std::process::Output {
+    let mut it = steps_guidance_seed.split(' ');
+    let (steps, guidance, seed) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        steps,
+        "--guidance",
+        guidance,
+        "--seed",
+        seed,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    args.extend(["--output".into(), out.display().to_string()]);
+    sd_worker(&args)
+}
+
 fn refused(server: &Server, loras: Value) -> String {
     let r = server.post_json("/v1/jobs", &job(loras));
     assert_eq!(r.status, 422, "{}", r.text());
@@ -119,29 +154,18 @@ fn loras_per_job_match_diffusers_and_leave_the_base_model() {
 
     // The CLI gives the same bytes.
     let out = tmp("lora-cli.png");
-    let o = sd_worker(&[
-        "generate".into(),
-        "--model".into(),
-        model("tiny-sd1"),
-        "--prompt".into(),
-        "a photo of a cat".into(),
-        "--width".into(),
-        "32".into(),
-        "--height".into(),
-        "32".into(),
-        "--steps".into(),
-        "3".into(),
-        "--guidance".into(),
-        "7.5".into(),
-        "--seed".into(),
-        "7".into(),
-        "--lora".into(),
-        format!("{}:0.6", lora_fixture("sd1-peft.safetensors").display()),
-        "--lora".into(),
-        format!("{}:-0.5", lora_fixture("sd1-kohya.safetensors").display()),
-        "--output".into(),
-        out.display().to_string(),
-    ]);
+    let o = generate_32(
+        &model("tiny-sd1"),
+        "a photo of a cat",
+        "3 7.5 7",
+        &[
+            "--lora".into(),
+            format!("{}:0.6", lora_fixture("sd1-peft.safetensors").display()),
+            "--lora".into(),
+            format!("{}:-0.5", lora_fixture("sd1-kohya.safetensors").display()),
+        ],
+        &out,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&out).unwrap(), lora_png);
     let text = common::read_png(&out).3;
@@ -280,29 +304,18 @@ fn flux_loras_from_the_cli_match_diffusers() {
             _ => ("0.7", "a red chair", "6"),
         };
         let out = tmp(&format!("{case}.png"));
-        let o = sd_worker(&[
-            "generate".into(),
-            "--model".into(),
-            flux.display().to_string(),
-            "--prompt".into(),
-            prompt.into(),
-            "--width".into(),
-            "32".into(),
-            "--height".into(),
-            "32".into(),
-            "--steps".into(),
-            "3".into(),
-            "--guidance".into(),
-            "3.5".into(),
-            "--seed".into(),
-            seed.into(),
-            "--max-sequence-length".into(),
-            "16".into(),
-            "--lora".into(),
-            format!("{}:{strength}", lora_fixture(file).display()),
-            "--output".into(),
-            out.display().to_string(),
-        ]);
+        let o = generate_32(
+            &flux.display().to_string(),
+            prompt,
+            &format!("3 3.5 {seed}"),
+            &[
+                "--max-sequence-length".into(),
+                "16".into(),
+                "--lora".into(),
+                format!("{}:{strength}", lora_fixture(file).display()),
+            ],
+            &out,
+        );
         assert!(
             o.status.success(),
             "{case}: {}",
