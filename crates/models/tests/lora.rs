@@ -381,3 +381,120 @@ fn names_resolve_inside_the_lora_folder_only() {
         assert!(e.contains("outside the LoRA folder"), "{e}");
     }
 }
+
+/// Adapters on GGUF-quantized FLUX layers (fused qkv and linear1 dequantized per step) give
+/// exactly what they give on the same weights dequantized at load, and change the output.
+#[test]
+fn loras_apply_to_quantized_flux_layers() {
+    use candle_nn::VarBuilder;
+    use sd_models::modules::adapter::registering;
+    use sd_models::modules::config::JsonConfig;
+    use sd_models::modules::flux::{original_to_diffusers, FluxConfig, FluxTransformer};
+    let flux = fixtures().join("flux");
+    let cfg = FluxConfig::from_config(
+        &JsonConfig::load(&flux.join("transformer-q/config.json")).unwrap(),
+    )
+    .unwrap();
+    let file = flux.join("transformer-q-Q8_0.gguf");
+    let (quant, q_layers) = registering("transformer", || {
+        sd_models::loader::load_flux_transformer_file(
+            &file,
+            Some(cfg.axes_dims_rope.clone()),
+            &Device::Cpu,
+            DType::F32,
+        )
+    });
+    let quant = quant.unwrap();
+    let mut reader = std::fs::File::open(&file).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+    let mut dense = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
+        dense.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
+    }
+    let vb = VarBuilder::from_tensors(
+        original_to_diffusers(dense).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let (dense, d_layers) = registering("transformer", || FluxTransformer::new(vb, &cfg));
+    let dense = dense.unwrap();
+    assert_eq!(q_layers, d_layers);
+
+    // A kohya LoRA on the fused original layers.
+    let dim = q_layers
+        .iter()
+        .find(|l| l.path == "x_embedder")
+        .unwrap()
+        .shape
+        .dims()
+        .1;
+    let mut rng = sd_models::samplers::TorchRng::new(11);
+    let mut randn = |shape: &[usize]| (rng.randn(shape, &Device::Cpu).unwrap() * 0.2).unwrap();
+    let mut tensors = Vec::new();
+    for (module, rows) in [
+        ("lora_unet_double_blocks_0_img_attn_qkv", 3 * dim),
+        ("lora_unet_single_blocks_0_linear1", 7 * dim),
+        ("lora_unet_final_layer_adaLN_modulation_1", 2 * dim),
+    ] {
+        tensors.push((format!("{module}.lora_down.weight"), randn(&[4, dim])));
+        tensors.push((format!("{module}.lora_up.weight"), randn(&[rows, 4])));
+        tensors.push((
+            format!("{module}.alpha"),
+            Tensor::new(2f32, &Device::Cpu).unwrap(),
+        ));
+    }
+    let dir = tempdir("gguf");
+    let path = dir.join("q.safetensors");
+    let named: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    write_safetensors(&path, &named, None);
+    let spec = LoraSpec {
+        name: "q".into(),
+        path,
+        strength: 1.0,
+        strict: true,
+    };
+    let set = Arc::new(
+        lora::attach(&[spec], &q_layers, &Device::Cpu, DType::F32)
+            .unwrap()
+            .set,
+    );
+    assert_eq!(
+        set.layer_count(),
+        8,
+        "qkv -> 3, linear1 -> 4, final modulation -> 1"
+    );
+    let r = candle_core::safetensors::load(
+        flux.join("reference/transformer-q.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let run = |m: &FluxTransformer| {
+        m.forward(
+            &r["hidden_states"],
+            &r["encoder_hidden_states"],
+            &r["pooled_projections"],
+            &r["timestep"],
+            r.get("guidance"),
+            &r["img_ids"],
+            &r["txt_ids"],
+        )
+        .unwrap()
+    };
+    let base = run(&quant);
+    let q_out = with_adapters(Some(set.clone()), || run(&quant));
+    let d_out = with_adapters(Some(set), || run(&dense));
+    let (same, _) = common::max_rel_diff(&q_out, &d_out);
+    assert_eq!(
+        same, 0.0,
+        "quantized and dense layers take the adapters differently"
+    );
+    let (changed, scale) = common::max_rel_diff(&q_out, &base);
+    assert!(
+        changed > 1e-3 * scale,
+        "the LoRA changed the output by {changed} only"
+    );
+}
