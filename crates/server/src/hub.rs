@@ -525,6 +525,17 @@ fn download(
                 );
             }
         }
+        // LFS files are named by their SHA-256: check it, resumed parts included.
+        if tag.len() == 64 && tag.chars().all(|c| c.is_ascii_hexdigit()) {
+            let sum = sha256_file(&partial)?;
+            if !sum.eq_ignore_ascii_case(&tag) {
+                let _ = std::fs::remove_file(&partial);
+                bail!(
+                    "{}: {file} does not match its SHA-256 (got {sum}, expected {tag}); the partial file was removed, run again",
+                    repo.repo
+                );
+            }
+        }
         std::fs::rename(&partial, &blob)?;
     }
     if let Some(parent) = link.parent() {
@@ -545,6 +556,21 @@ fn download(
         std::fs::copy(&blob, &link)?;
     }
     Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `--model`: a path as given, or the snapshot folder of a Hub repo id.

@@ -32,15 +32,18 @@ struct Repo {
     token: Option<String>,
     /// Serve only this many bytes of this file on its first GET, then hang up.
     cut: Option<(String, usize)>,
+    /// Flip a byte of this file on its first GET (its ETag still names the right bytes).
+    corrupt: Option<String>,
 }
 
+/// The Hub names LFS files by their SHA-256 (and small files by a git hash; the tests use
+/// SHA-256 for both).
 fn etag(bytes: &[u8]) -> String {
-    // FNV-1a, enough for distinct test blobs.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}{:08x}", bytes.len())
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn tiny_sd1_files() -> HashMap<String, Vec<u8>> {
@@ -219,6 +222,11 @@ fn handle(mut s: TcpStream, repo_id: &str, repo: &Mutex<Repo>, log: &Mutex<Vec<S
         let _ = s.write_all(head.as_bytes());
         return;
     }
+    let mut bytes = bytes;
+    if repo.corrupt.as_deref() == Some(file.as_str()) {
+        repo.corrupt = None;
+        bytes[100] ^= 0xff;
+    }
     let from = range_from.unwrap_or(0).min(bytes.len());
     let body = &bytes[from..];
     let status = if from > 0 {
@@ -310,6 +318,7 @@ fn download_resume_cache_layout_and_offline() {
             files: tiny_sd1_files(),
             token: None,
             cut: Some((unet.to_string(), 3000)),
+            corrupt: None,
         },
     );
     let home = tmpdir("home");
@@ -426,6 +435,7 @@ fn gated_repos_need_the_token_and_serve_fetches_before_ready() {
             files: tiny_sd1_files(),
             token: Some("secret".into()),
             cut: None,
+            corrupt: None,
         },
     );
     let home = tmpdir("gated");
@@ -477,4 +487,40 @@ fn gated_repos_need_the_token_and_serve_fetches_before_ready() {
         common::b64decode(data["image"].as_str().unwrap()),
         std::fs::read(&out).unwrap()
     );
+}
+
+#[test]
+fn corrupted_downloads_are_refused_and_fetched_again() {
+    let vae = "vae/diffusion_pytorch_model.safetensors";
+    let hub = FakeHub::start(
+        "bad/sd1",
+        Repo {
+            files: tiny_sd1_files(),
+            token: None,
+            cut: None,
+            corrupt: Some(vae.to_string()),
+        },
+    );
+    let home = tmpdir("corrupt");
+    let home_s = home.to_str().unwrap().to_string();
+    let env = [
+        ("HF_ENDPOINT", hub.addr.as_str()),
+        ("HF_HOME", home_s.as_str()),
+    ];
+    let out = home.join("c.png");
+    let (ok, e) = generate("bad/sd1", &out, &env);
+    assert!(!ok);
+    assert!(
+        e.contains("does not match its SHA-256") && e.contains(vae),
+        "{e}"
+    );
+    let blobs = home.join("hub/models--bad--sd1/blobs");
+    let leftovers = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "incomplete"))
+        .count();
+    assert_eq!(leftovers, 0, "the corrupt partial file stays");
+    let (ok, e) = generate("bad/sd1", &out, &env);
+    assert!(ok, "{e}");
 }
