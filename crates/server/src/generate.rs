@@ -17,7 +17,9 @@ use crate::request::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json).
+    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json), a
+    /// single-file SD checkpoint, a FLUX transformer file (with --components), or a Hugging
+    /// Face repo id org/repo[@revision] (fetched into the HF cache).
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
     /// The text prompt.

@@ -8,8 +8,8 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// A Stable Diffusion or FLUX.1 diffusers folder (with model_index.json), a single-file
-    /// SD 1.x/2.x checkpoint, or a FLUX transformer file (.safetensors with the original key
-    /// names, or .gguf).
+    /// SD 1.x/2.x checkpoint, a FLUX transformer file (.safetensors with the original key
+    /// names, or .gguf), or a Hugging Face repo id (fetched first).
     #[arg(env = "SD_MODEL")]
     pub model: PathBuf,
     /// With a FLUX transformer file: the diffusers FLUX folder that would provide the rest

@@ -38,7 +38,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the model over HTTP: a job queue with progress and previews over SSE.
     Serve(serve::ServeArgs),
-    /// Print what was detected in a model folder, without loading the weights.
+    /// Print what was detected in a model folder or file, without loading the weights.
     Inspect(inspect::InspectArgs),
     /// Time CLIP encode, one UNet step and VAE decode on the full-size SD 1.5
     /// architecture with random weights.

@@ -14,7 +14,9 @@ use crate::request::Limits;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json).
+    /// A Stable Diffusion 1.x/2.x or FLUX.1 diffusers folder (with model_index.json), a
+    /// single-file SD checkpoint, a FLUX transformer file (with --components), or a Hugging
+    /// Face repo id org/repo[@revision] (fetched into the HF cache).
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
     /// FLUX with a single-file transformer: --model is the transformer file and this diffusers
