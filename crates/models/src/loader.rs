@@ -460,11 +460,11 @@ fn checkpoint_parts(
         tokenizer,
         tokenizer_dir,
         te_cfg,
-        te_vb: sf::builder(te_map, dtype, device),
+        te_vb: VarBuilder::from_tensors(te_map, dtype, device),
         unet_cfg,
-        unet_vb: sf::builder(unet_map, dtype, device),
+        unet_vb: VarBuilder::from_tensors(unet_map, dtype, device),
         vae_cfg,
-        vae_vb: sf::builder(vae_map, dtype, device),
+        vae_vb: VarBuilder::from_tensors(vae_map, dtype, device),
         scheduler,
     };
     Ok((parts, info))
@@ -489,7 +489,7 @@ fn vae_file_builder(file: &Path, device: &Device, dtype: DType) -> Result<VarBui
             let tensors = sf::load_tensors(file, device)?;
             let map = sf::apply(&sf::vae_plan(&ckpt, prefix)?, &tensors, file)?;
             // Only the VAE's tensors: a full checkpoint passed as --vae keeps just those.
-            Ok(sf::builder(map, dtype, device))
+            Ok(VarBuilder::from_tensors(map, dtype, device))
         }
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::modules::config::{numbered_count, JsonConfig};
@@ -225,7 +225,7 @@ impl Checkpoint {
         // SD 2.x: 64-wide heads; SD 1.x: 8 heads (diffusers' `attention_head_dim` counts heads
         // there).
         let heads: Value = if sd2 {
-            json!(channels.iter().map(|c| c / 64).collect::<Vec<_>>())
+            json!(channels.iter().map(|c| (c / 64).max(1)).collect::<Vec<_>>())
         } else {
             json!(8)
         };
@@ -645,15 +645,6 @@ pub(crate) fn load_tensors(file: &Path, device: &Device) -> Result<HashMap<Strin
             format!("cannot read safetensors weights: {}", Error::from(e)),
         )
     })
-}
-
-/// `map` as a var builder in `dtype` on `device`.
-pub(crate) fn builder(
-    map: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-) -> candle_nn::VarBuilder<'static> {
-    candle_nn::VarBuilder::from_tensors(map, dtype, device)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use sd_models::modules::config::JsonConfig;
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
@@ -73,21 +73,6 @@ fn flux_schedules_equal_diffusers() {
     }
 }
 
-/// The transformer on the inputs stored in a reference file.
-fn forward_reference(model: &FluxTransformer, r: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(
-            &r["hidden_states"],
-            &r["encoder_hidden_states"],
-            &r["pooled_projections"],
-            &r["timestep"],
-            r.get("guidance"),
-            &r["img_ids"],
-            &r["txt_ids"],
-        )
-        .unwrap()
-}
-
 #[test]
 fn flux_transformer_matches_diffusers() {
     for name in ["dev", "schnell"] {
@@ -109,7 +94,7 @@ fn flux_transformer_matches_diffusers() {
             &Device::Cpu,
         )
         .unwrap();
-        let out = forward_reference(&model, &r);
+        let out = common::flux_forward(&model, &r);
         common::assert_close(name, "transformer output", &out, &r["sample"], 1e-4);
     }
 }
@@ -296,7 +281,7 @@ fn single_file_transformers_with_original_names_load() {
             &Device::Cpu,
         )
         .unwrap();
-        let out = forward_reference(&model, &r);
+        let out = common::flux_forward(&model, &r);
         common::assert_close(
             name,
             "single-file transformer output",
@@ -389,7 +374,6 @@ fn flux_img2img_matches_diffusers() {
 /// at load.
 #[test]
 fn gguf_transformers_dequantize_per_layer() {
-    use sd_models::modules::flux::original_to_diffusers;
     let cfg = FluxConfig::from_config(
         &JsonConfig::load(&fixtures().join("transformer-q/config.json")).unwrap(),
     )
@@ -399,7 +383,7 @@ fn gguf_transformers_dequantize_per_layer() {
         &Device::Cpu,
     )
     .unwrap();
-    let run = |m: &FluxTransformer| forward_reference(m, &r);
+    let run = |m: &FluxTransformer| common::flux_forward(m, &r);
     for (label, loose) in [
         ("Q8_0", 2e-2),
         ("Q5_0", 8e-2),
@@ -427,19 +411,7 @@ fn gguf_transformers_dequantize_per_layer() {
         common::assert_close(label, "vs f32", &out, &r["sample_f32"], loose);
 
         // Dequantize everything at load and run the dense network: the same bits.
-        let mut reader = std::fs::File::open(&file).unwrap();
-        let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
-        let mut dense = std::collections::HashMap::new();
-        for name in content.tensor_infos.keys() {
-            let q = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
-            dense.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
-        }
-        let vb = VarBuilder::from_tensors(
-            original_to_diffusers(dense).unwrap(),
-            DType::F32,
-            &Device::Cpu,
-        );
-        let dense_out = run(&FluxTransformer::new(vb, &cfg).unwrap());
+        let dense_out = run(&common::dequantized_flux(&file, &cfg));
         let (diff, _) = common::max_rel_diff(&out, &dense_out);
         assert_eq!(
             diff, 0.0,
@@ -452,7 +424,6 @@ fn gguf_transformers_dequantize_per_layer() {
 #[test]
 fn malformed_transformer_shapes_are_errors() {
     use sd_models::modules::flux::{infer_config_from_shapes, original_plan};
-    use std::collections::HashMap;
     let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
     shapes.insert("x_embedder.weight".into(), vec![16]);
     assert!(infer_config_from_shapes(&shapes, None).is_err());

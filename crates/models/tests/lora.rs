@@ -386,10 +386,9 @@ fn names_resolve_inside_the_lora_folder_only() {
 /// exactly what they give on the same weights dequantized at load, and change the output.
 #[test]
 fn loras_apply_to_quantized_flux_layers() {
-    use candle_nn::VarBuilder;
     use sd_models::modules::adapter::registering;
     use sd_models::modules::config::JsonConfig;
-    use sd_models::modules::flux::{original_to_diffusers, FluxConfig, FluxTransformer};
+    use sd_models::modules::flux::{FluxConfig, FluxTransformer};
     let flux = fixtures().join("flux");
     let cfg = FluxConfig::from_config(
         &JsonConfig::load(&flux.join("transformer-q/config.json")).unwrap(),
@@ -405,20 +404,7 @@ fn loras_apply_to_quantized_flux_layers() {
         )
     });
     let quant = quant.unwrap();
-    let mut reader = std::fs::File::open(&file).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
-    let mut dense = std::collections::HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let q = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
-        dense.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
-    }
-    let vb = VarBuilder::from_tensors(
-        original_to_diffusers(dense).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    );
-    let (dense, d_layers) = registering("transformer", || FluxTransformer::new(vb, &cfg));
-    let dense = dense.unwrap();
+    let (dense, d_layers) = registering("transformer", || common::dequantized_flux(&file, &cfg));
     assert_eq!(q_layers, d_layers);
 
     // A kohya LoRA on the fused original layers.
@@ -472,18 +458,7 @@ fn loras_apply_to_quantized_flux_layers() {
         &Device::Cpu,
     )
     .unwrap();
-    let run = |m: &FluxTransformer| {
-        m.forward(
-            &r["hidden_states"],
-            &r["encoder_hidden_states"],
-            &r["pooled_projections"],
-            &r["timestep"],
-            r.get("guidance"),
-            &r["img_ids"],
-            &r["txt_ids"],
-        )
-        .unwrap()
-    };
+    let run = |m: &FluxTransformer| common::flux_forward(m, &r);
     let base = run(&quant);
     let q_out = with_adapters(Some(set.clone()), || run(&quant));
     let d_out = with_adapters(Some(set), || run(&dense));

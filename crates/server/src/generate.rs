@@ -112,10 +112,11 @@ pub fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
         .map(|arg| {
             // The strength follows the last colon when it parses as a number (a path may
             // hold colons).
-            let (file, strength) = match arg.rsplit_once(':') {
-                Some((f, s)) if !f.is_empty() && s.trim().parse::<f64>().is_ok() => {
-                    (f, s.trim().parse::<f64>().unwrap_or(1.0))
-                }
+            let (file, strength) = match arg
+                .rsplit_once(':')
+                .and_then(|(f, s)| Some((f, s.trim().parse::<f64>().ok()?)))
+            {
+                Some((f, s)) if !f.is_empty() => (f, s),
                 _ => (arg.as_str(), 1.0),
             };
             let max = sd_models::lora::MAX_STRENGTH;

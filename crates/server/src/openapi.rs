@@ -60,7 +60,7 @@ pub fn document() -> Value {
                         "hive_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "worker_id": {"type": ["string", "null"], "maxLength": 256, "description": "Recorded on the job and shown in its status."},
                         "loras": {"type": ["array", "null"], "maxItems": 8, "description": "LoRA adapters for this job only (needs --lora-dir). Kohya (lora_unet_/lora_te_, .alpha, LoCon), diffusers/PEFT (lora_A/lora_B, scale from lora_adapter_metadata) and, for FLUX, kohya and original-name layouts; UNet/transformer and CLIP text encoder. The base weights are never changed.", "items": {"type": "object", "additionalProperties": false, "required": ["path"], "properties": {
-                            "path": {"type": "string", "description": "A .safetensors file inside --lora-dir (relative, no `..`; `.safetensors` may be left out). Symbolic links must stay inside the folder."},
+                            "path": {"type": "string", "maxLength": 1024, "description": "A .safetensors file inside --lora-dir (relative, no `..`; `.safetensors` may be left out). Symbolic links must stay inside the folder."},
                             "strength": {"type": "number", "minimum": -10, "maximum": 10, "default": 1.0, "description": "Multiplies the adapter (alpha / rank from the file)."},
                             "strict": {"type": "boolean", "default": true, "description": "true: keys that match no layer (or do not fit it) fail the job, listed in its error. false: the rest applies and the complete event lists them in `warnings`."}
                         }}},

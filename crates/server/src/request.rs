@@ -135,6 +135,8 @@ fn text(obj: &Map<String, Value>, name: &str, max: usize) -> Result<Option<Strin
 
 /// LoRAs one job may apply at most.
 pub const MAX_LORAS: usize = 8;
+/// Longest LoRA path, in characters.
+pub const MAX_LORA_PATH_CHARS: usize = 1024;
 /// The fields of one `loras` entry.
 const LORA_FIELDS: [&str; 3] = ["path", "strength", "strict"];
 
@@ -188,13 +190,12 @@ fn loras(obj: &Map<String, Value>, limits: &Limits) -> Result<Vec<LoraSpec>, Req
             ));
         }
         let path = match field(e, "path") {
-            Some(Value::String(p)) if p.chars().count() <= MAX_ID_CHARS * 4 => p.clone(),
+            Some(Value::String(p)) if p.chars().count() <= MAX_LORA_PATH_CHARS => p.clone(),
             Some(Value::String(p)) => {
                 return Err(invalid(
                     &name("path"),
                     format!(
-                        "must be at most {} characters, got {}",
-                        MAX_ID_CHARS * 4,
+                        "must be at most {MAX_LORA_PATH_CHARS} characters, got {}",
                         p.chars().count()
                     ),
                 ))
@@ -804,6 +805,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.params.seed, r.params.width), (7, 512));
+    }
+
+    /// The OpenAPI document describes every field the parser takes.
+    #[test]
+    fn every_field_is_described() {
+        let doc = crate::openapi::document();
+        let schemas = &doc["components"]["schemas"];
+        for (schema, fields) in [
+            ("ImageGeneration", &FIELDS[..]),
+            ("ImageTransform", &TRANSFORM_FIELDS[..]),
+            ("ImageInpaint", &INPAINT_FIELDS[..]),
+        ] {
+            for f in fields {
+                assert!(
+                    schemas[schema]["properties"][f].is_object(),
+                    "{schema}.{f} not described"
+                );
+            }
+        }
+        let lora = &schemas["ImageGeneration"]["properties"]["loras"]["items"]["properties"];
+        for f in LORA_FIELDS {
+            assert!(lora[f].is_object(), "loras[].{f} not described");
+        }
     }
 
     #[test]

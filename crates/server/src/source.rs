@@ -80,52 +80,38 @@ pub struct SourceArgs {
 impl SourceArgs {
     /// The SD loading options of the flags, checked against the model kind.
     pub fn sd_options(&self, kind: ModelKind, components: Option<&Path>) -> Result<SdLoadOptions> {
-        sd_options(
-            kind,
-            components,
-            self.vae.as_ref(),
-            self.prediction_type.as_deref(),
-        )
-    }
-}
-
-/// The SD loading options of the flags, checked against the model kind.
-fn sd_options(
-    kind: ModelKind,
-    components: Option<&Path>,
-    vae: Option<&PathBuf>,
-    prediction: Option<&str>,
-) -> Result<SdLoadOptions> {
-    if kind == ModelKind::Flux {
+        let (vae, prediction) = (self.vae.as_ref(), self.prediction_type.as_deref());
+        if kind == ModelKind::Flux {
+            if let Some(v) = vae {
+                bail!(
+                    "--vae {} applies to Stable Diffusion models only",
+                    v.display()
+                );
+            }
+            if let Some(p) = prediction {
+                bail!("--prediction-type {p} applies to Stable Diffusion checkpoints only");
+            }
+        }
+        if kind == ModelKind::SdFolder {
+            if let Some(c) = components {
+                bail!(
+                    "--components {} goes with a single-file checkpoint or a FLUX transformer file, not a model folder",
+                    c.display()
+                );
+            }
+            if let Some(p) = prediction {
+                bail!("--prediction-type {p} applies to single-file checkpoints (a folder's scheduler config sets it)");
+            }
+        }
         if let Some(v) = vae {
-            bail!(
-                "--vae {} applies to Stable Diffusion models only",
-                v.display()
-            );
+            if !v.is_file() {
+                bail!("invalid --vae {}: not a file", v.display());
+            }
         }
-        if let Some(p) = prediction {
-            bail!("--prediction-type {p} applies to Stable Diffusion checkpoints only");
-        }
+        Ok(SdLoadOptions {
+            vae: vae.cloned(),
+            components: components.map(Path::to_path_buf),
+            prediction_type: prediction.map(parse_prediction).transpose()?,
+        })
     }
-    if kind == ModelKind::SdFolder {
-        if let Some(c) = components {
-            bail!(
-                "--components {} goes with a single-file checkpoint or a FLUX transformer file, not a model folder",
-                c.display()
-            );
-        }
-        if let Some(p) = prediction {
-            bail!("--prediction-type {p} applies to single-file checkpoints (a folder's scheduler config sets it)");
-        }
-    }
-    if let Some(v) = vae {
-        if !v.is_file() {
-            bail!("invalid --vae {}: not a file", v.display());
-        }
-    }
-    Ok(SdLoadOptions {
-        vae: vae.cloned(),
-        components: components.map(Path::to_path_buf),
-        prediction_type: prediction.map(parse_prediction).transpose()?,
-    })
 }

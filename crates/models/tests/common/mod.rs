@@ -78,3 +78,43 @@ pub fn read_rgb_png(path: &Path) -> (usize, usize, Vec<u8>) {
     buf.truncate(info.buffer_size());
     (info.width as usize, info.height as usize, buf)
 }
+
+/// A FLUX transformer on the inputs stored in a reference file.
+pub fn flux_forward(
+    model: &sd_models::modules::flux::FluxTransformer,
+    r: &std::collections::HashMap<String, Tensor>,
+) -> Tensor {
+    model
+        .forward(
+            &r["hidden_states"],
+            &r["encoder_hidden_states"],
+            &r["pooled_projections"],
+            &r["timestep"],
+            r.get("guidance"),
+            &r["img_ids"],
+            &r["txt_ids"],
+        )
+        .unwrap()
+}
+
+/// The dense FLUX transformer of a GGUF file: every tensor dequantized at load, renamed to
+/// diffusers' names.
+pub fn dequantized_flux(
+    file: &Path,
+    cfg: &sd_models::modules::flux::FluxConfig,
+) -> sd_models::modules::flux::FluxTransformer {
+    let device = candle_core::Device::Cpu;
+    let mut reader = std::fs::File::open(file).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+    let mut dense = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut reader, name, &device).unwrap();
+        dense.insert(name.clone(), q.dequantize(&device).unwrap());
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(
+        sd_models::modules::flux::original_to_diffusers(dense).unwrap(),
+        DType::F32,
+        &device,
+    );
+    sd_models::modules::flux::FluxTransformer::new(vb, cfg).unwrap()
+}
