@@ -3,6 +3,7 @@
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -12,6 +13,7 @@ use candle_transformers::models::clip::text_model as candle_clip;
 use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
 use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
+use sd_models::modules::adapter::{registering, with_adapters, AdapterSet, LayerInfo, LayerShape};
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
 use sd_models::modules::unet::{UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
@@ -26,7 +28,8 @@ pub struct BenchArgs {
     /// Untimed warm-up runs per stage.
     #[arg(long, env = "SD_BENCH_WARMUP", default_value_t = 1)]
     pub warmup: usize,
-    /// Stages to time, comma-separated: clip, unet, vae (ours); preview (the server's cheap
+    /// Stages to time, comma-separated: clip, unet, vae (ours); unet-lora (our UNet with a
+    /// rank-16 LoRA on every linear and convolution layer); preview (the server's cheap
     /// latent-to-RGB preview of one image, PNG-encoded); candle-clip, candle-unet, candle-vae
     /// (candle-transformers' own modules, for comparison).
     #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
@@ -45,9 +48,13 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-const STAGES: [&str; 7] = [
+/// The rank of the `unet-lora` stage's adapters.
+const BENCH_LORA_RANK: usize = 16;
+
+const STAGES: [&str; 8] = [
     "clip",
     "unet",
+    "unet-lora",
     "vae",
     "preview",
     "candle-clip",
@@ -91,6 +98,16 @@ fn random_model<T>(
     device: &Device,
     build: impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T> {
+    let tensors = random_weights(dtype, device, &build)?;
+    Ok(build(VarBuilder::from_tensors(tensors, dtype, device))?)
+}
+
+/// The random weights a model built by `build` reads, as plain tensors.
+fn random_weights<T>(
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+) -> Result<HashMap<String, Tensor>> {
     let map = VarMap::new();
     drop(build(VarBuilder::from_varmap(&map, dtype, device))?);
     let tensors: HashMap<String, Tensor> = map
@@ -100,8 +117,50 @@ fn random_model<T>(
         .iter()
         .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
         .collect();
-    drop(map);
-    Ok(build(VarBuilder::from_tensors(tensors, dtype, device))?)
+    Ok(tensors)
+}
+
+/// As [`random_model`], built as the loader builds our networks: with adaptable (LoRA) layers,
+/// which are returned too.
+fn random_adaptable<T>(
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+) -> Result<(T, Vec<LayerInfo>)> {
+    let tensors = random_weights(dtype, device, &build)?;
+    let (model, layers) = registering("bench", || {
+        build(VarBuilder::from_tensors(tensors, dtype, device))
+    });
+    Ok((model?, layers))
+}
+
+/// A random rank-`rank` adapter on every layer of `layers`.
+fn random_adapters(
+    layers: &[LayerInfo],
+    rank: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<AdapterSet> {
+    let mut set = AdapterSet::default();
+    for l in layers {
+        let (din, dout) = l.shape.dims();
+        let k = match l.shape {
+            LayerShape::Linear { .. } => None,
+            LayerShape::Conv { k, .. } => Some(k),
+        };
+        let randn = |shape: Vec<usize>| -> Result<Tensor> {
+            Ok((Tensor::randn(0f32, 1f32, shape, device)? * 0.01)?.to_dtype(dtype)?)
+        };
+        let (down, up) = match k {
+            None => (randn(vec![rank, din])?, randn(vec![dout, rank])?),
+            Some(k) => (
+                randn(vec![rank, din, k, k])?,
+                randn(vec![dout, rank, 1, 1])?,
+            ),
+        };
+        set.attach(l, down, up, 1.0)?;
+    }
+    Ok(set)
 }
 
 /// Our modules return the models crate's error; `random_model` wants candle's.
@@ -175,7 +234,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for stage in &stages {
         let (shape, times) = match stage.as_str() {
             "clip" => {
-                let model = random_model(dtype, &device, |vb| {
+                let (model, _) = random_adaptable(dtype, &device, |vb| {
                     ClipTextModel::new(vb, &ClipTextConfig::sd15()).map_err(candle_error)
                 })?;
                 let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
@@ -185,17 +244,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })?;
                 ("1x77 tokens".to_string(), times)
             }
-            "unet" => {
-                let model = random_model(dtype, &device, |vb| {
+            "unet" | "unet-lora" => {
+                let (model, layers) = random_adaptable(dtype, &device, |vb| {
                     UNet::new(vb, &UNetConfig::sd15()).map_err(candle_error)
                 })?;
+                let lora = stage == "unet-lora";
+                let set = if lora {
+                    Some(Arc::new(random_adapters(
+                        &layers,
+                        BENCH_LORA_RANK,
+                        dtype,
+                        &device,
+                    )?))
+                } else {
+                    None
+                };
                 let x = Tensor::randn(0f32, 1f32, (2, 4, lat, lat), &device)?.to_dtype(dtype)?;
                 let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
-                let times = time(args.warmup, args.runs, &device, || {
-                    model.forward(&x, 999.0, &ctx)?;
-                    Ok(())
+                let times = with_adapters(set, || {
+                    time(args.warmup, args.runs, &device, || {
+                        model.forward(&x, 999.0, &ctx)?;
+                        Ok(())
+                    })
                 })?;
-                (format!("batch 2 (CFG), 4x{lat}x{lat} latents"), times)
+                let what = if lora {
+                    format!(
+                        ", rank-{BENCH_LORA_RANK} LoRA on all {} layers",
+                        layers.len()
+                    )
+                } else {
+                    String::new()
+                };
+                (format!("batch 2 (CFG), 4x{lat}x{lat} latents{what}"), times)
             }
             "preview" => {
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
