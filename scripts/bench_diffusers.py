@@ -5,6 +5,8 @@ on the full-size Stable Diffusion 1.5 architecture with random weights, f32 on t
 
     python scripts/bench_diffusers.py [--runs 3] [--warmup 1] [--threads 2] [--stages clip,unet,vae]
 
+Stage `unet-lora` (needs peft) adds a rank-16 LoRA to every linear and convolution layer.
+
 Prints one JSON object, like `sd-worker bench --json`.
 """
 
@@ -64,13 +66,23 @@ def main():
                 ids = torch.arange(77).unsqueeze(0)
                 times = timed(lambda: model(ids), a.warmup, a.runs)
                 shape = "1x77 tokens"
-            elif stage == "unet":
+            elif stage in ("unet", "unet-lora"):
                 model = UNet2DConditionModel(**UNET).eval()
+                if stage == "unet-lora":
+                    # As `sd-worker bench --stages unet-lora`: a rank-16 PEFT LoRA (unmerged)
+                    # on every linear and convolution layer.
+                    from peft import LoraConfig
+                    names = [n for n, m in model.named_modules()
+                             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+                    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names,
+                                                 init_lora_weights=False))
                 x = torch.randn(2, 4, 64, 64)
                 ctx = torch.randn(2, 77, 768)
                 t = torch.tensor(999)
                 times = timed(lambda: model(x, t, encoder_hidden_states=ctx), a.warmup, a.runs)
                 shape = "batch 2 (CFG), 4x64x64 latents"
+                if stage == "unet-lora":
+                    shape += f", rank-16 LoRA on all {len(names)} layers"
             elif stage == "vae":
                 model = AutoencoderKL(**VAE).eval()
                 z = torch.randn(1, 4, 64, 64)

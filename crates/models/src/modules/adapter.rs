@@ -67,7 +67,9 @@ struct Adapter {
     down: Tensor,
     up: Tensor,
     scale: f64,
-    conv: Option<(usize, usize)>,
+    /// For a convolution: the down projection as a convolution with the layer's stride and
+    /// padding (the project's CPU convolution, kernel laid out once).
+    conv: Option<super::conv::Conv2d>,
 }
 
 /// The adapters of one job, by layer.
@@ -88,15 +90,9 @@ impl AdapterSet {
     ) -> crate::Result<()> {
         let rank = down.dim(0)?;
         let (din, dout) = layer.shape.dims();
-        let (down_want, up_want, conv) = match layer.shape {
-            LayerShape::Linear { .. } => (vec![rank, din], vec![dout, rank], None),
-            LayerShape::Conv {
-                k, stride, padding, ..
-            } => (
-                vec![rank, din, k, k],
-                vec![dout, rank, 1, 1],
-                Some((stride, padding)),
-            ),
+        let (down_want, up_want) = match layer.shape {
+            LayerShape::Linear { .. } => (vec![rank, din], vec![dout, rank]),
+            LayerShape::Conv { k, .. } => (vec![rank, din, k, k], vec![dout, rank, 1, 1]),
         };
         if down.dims() != down_want.as_slice() || up.dims() != up_want.as_slice() {
             return Err(crate::Error::invalid(
@@ -109,6 +105,23 @@ impl AdapterSet {
                 ),
             ));
         }
+        let conv = match layer.shape {
+            LayerShape::Linear { .. } => None,
+            LayerShape::Conv {
+                stride, padding, ..
+            } => {
+                let cfg = candle_nn::Conv2dConfig {
+                    padding,
+                    stride,
+                    ..Default::default()
+                };
+                Some(super::conv::Conv2d::new(candle_nn::Conv2d::new(
+                    down.clone(),
+                    None,
+                    cfg,
+                ))?)
+            }
+        };
         self.layers.entry(layer.key()).or_default().push(Adapter {
             down,
             up,
@@ -200,13 +213,18 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
         // Adapters are read onto the model's main device and dtype; a text encoder kept
         // elsewhere (FLUX with --text-encoder-device) gets copies (no-ops otherwise).
         let place = |t: &Tensor| t.to_device(x.device())?.to_dtype(x.dtype());
-        let (down, up) = (place(&a.down)?, place(&a.up)?);
-        let delta = match a.conv {
-            None => candle_nn::Linear::new(up, None)
-                .forward(&candle_nn::Linear::new(down, None).forward(x)?)?,
-            Some((stride, padding)) => x
-                .conv2d(&down, padding, stride, 1, 1)?
-                .conv2d(&up, 0, 1, 1, 1)?,
+        let delta = match &a.conv {
+            None => candle_nn::Linear::new(place(&a.up)?, None)
+                .forward(&candle_nn::Linear::new(place(&a.down)?, None).forward(x)?)?,
+            // Convolutions live in the UNet, on the model's device and dtype.
+            Some(down) => {
+                let h = down.forward(x)?;
+                let (b, r, hh, ww) = h.dims4()?;
+                // The 1x1 up projection as one matmul over the pixels.
+                let up = a.up.reshape((a.up.dim(0)?, r))?;
+                up.broadcast_matmul(&h.reshape((b, r, hh * ww))?)?
+                    .reshape((b, (), hh, ww))?
+            }
         };
         y = (y + (delta * a.scale)?)?;
     }
