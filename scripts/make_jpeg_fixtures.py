@@ -1,7 +1,7 @@
-"""JPEG and WebP files and Pillow's decoded pixels, for crates/server/src/jpeg.rs and
-input_image.rs (webp.safetensors: lossy and lossless WebP, the same layout).
+"""JPEG and WebP files and Pillow's decoded pixels, for crates/engine/src/images/jpeg.rs and
+input.rs (webp.safetensors: lossy and lossless WebP, the same layout).
 
-Writes crates/server/tests/fixtures/jpeg.safetensors: for each case, `<name>.jpg` (the file's
+Writes crates/engine/tests/fixtures/jpeg.safetensors: for each case, `<name>.jpg` (the file's
 bytes, uint8) and `<name>.rgb` (Pillow's `Image.open(f).convert("RGB")`, (H, W, 3) uint8, or
 (H, W) for grayscale files kept as "L"). Cases: 4:2:0, 4:2:2 and 4:4:4 chroma subsampling,
 grayscale, progressive, optimised Huffman tables, restart intervals, odd sizes, low and high
@@ -15,7 +15,7 @@ import PIL
 from PIL import Image, features
 from safetensors.numpy import save_file
 
-OUT = Path(__file__).resolve().parent.parent / "crates/server/tests/fixtures/jpeg.safetensors"
+OUT = Path(__file__).resolve().parent.parent / "crates/engine/tests/fixtures/jpeg.safetensors"
 WEBP_OUT = OUT.with_name("webp.safetensors")
 
 

@@ -15,11 +15,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::Stream;
+use sd_engine::events::EventRef;
+use sd_engine::jobs::{CancelOutcome, JobView, Phase, SubmitError};
+use sd_engine::validate::{self, default_strength, MAX_GUIDANCE, MAX_LORAS, MAX_SIDE};
+use sd_engine::{Engine, Limits, Operation};
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::engine::{CancelOutcome, Engine, EventRef, Phase, SubmitError};
-use crate::request::{parse_job, parse_json, Limits};
+use crate::native::{parse_job, parse_json, RequestError};
 
 /// What every handler shares.
 pub struct AppState {
@@ -29,6 +33,32 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub keep_alive: Duration,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// A job's record with the URLs of the native API.
+#[derive(Serialize)]
+struct JobStatus {
+    #[serde(flatten)]
+    view: JobView,
+    images: Vec<String>,
+    status_url: String,
+    events_url: String,
+}
+
+impl From<JobView> for JobStatus {
+    fn from(view: JobView) -> Self {
+        let id = &view.job_id;
+        JobStatus {
+            images: (0..view.image_count)
+                .map(|n| format!("/v1/jobs/{id}/images/{n}"))
+                .collect(),
+            status_url: format!("/v1/jobs/{id}"),
+            events_url: format!("/v1/jobs/{id}/events"),
+            view,
+        }
+    }
 }
 
 pub type Shared = Arc<AppState>;
@@ -227,7 +257,7 @@ async fn submit(
             )
         }
     })?;
-    let to_error = |e: crate::request::RequestError| {
+    let to_error = |e: RequestError| {
         if e.malformed {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.message)
         } else {
@@ -283,17 +313,23 @@ async fn submit(
     Ok(response)
 }
 
-async fn list_jobs(State(st): State<Shared>) -> Json<Value> {
-    Json(json!({"jobs": st.engine.list()}))
+#[derive(Serialize)]
+struct JobList {
+    jobs: Vec<JobStatus>,
+}
+
+async fn list_jobs(State(st): State<Shared>) -> Json<JobList> {
+    let jobs = st.engine.list().into_iter().map(JobStatus::from).collect();
+    Json(JobList { jobs })
 }
 
 async fn job_status(
     State(st): State<Shared>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobStatus>, ApiError> {
     st.engine
         .status(&id)
-        .map(Json)
+        .map(|v| Json(JobStatus::from(v)))
         .ok_or_else(|| ApiError::not_found(&id))
 }
 
@@ -302,8 +338,12 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     match st.engine.cancel(&id) {
-        CancelOutcome::Cancelled(view) => Ok((StatusCode::OK, Json(view)).into_response()),
-        CancelOutcome::Stopping(view) => Ok((StatusCode::ACCEPTED, Json(view)).into_response()),
+        CancelOutcome::Cancelled(view) => {
+            Ok((StatusCode::OK, Json(JobStatus::from(view))).into_response())
+        }
+        CancelOutcome::Stopping(view) => {
+            Ok((StatusCode::ACCEPTED, Json(JobStatus::from(view))).into_response())
+        }
         CancelOutcome::AlreadyFinished(state) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -324,10 +364,6 @@ struct Feed {
     first: VecDeque<EventRef>,
     live: Option<broadcast::Receiver<EventRef>>,
     done: bool,
-}
-
-fn is_final(name: &str) -> bool {
-    matches!(name, "complete" | "error" | "cancelled")
 }
 
 async fn job_events(
@@ -362,8 +398,8 @@ async fn job_events(
                 }
             }
         };
-        feed.done = is_final(ev.name);
-        let sse = Event::default().event(ev.name).data(ev.data.as_str());
+        feed.done = ev.event.is_final();
+        let sse = Event::default().event(ev.name()).data(ev.json());
         Some((Ok(sse), feed))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.keep_alive)))
@@ -406,6 +442,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
     let spec = st.engine.spec().ok_or_else(|| unavailable(&phase))?;
     let config = st.engine.config();
     let default_scheduler = spec.default_sampler.as_ref().ok().map(|s| s.name());
+    let operations = validate::operations(&spec);
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "model": {
@@ -422,29 +459,26 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "defaults": {
             "width": spec.default_width,
             "height": spec.default_height,
-            "steps": crate::request::default_steps(&spec, &st.limits),
+            "steps": validate::default_steps(&spec, &st.limits),
             "guidance_scale": spec.default_guidance,
             "max_sequence_length": spec.default_max_sequence_length,
             "scheduler": default_scheduler,
             "batch": 1,
-            "preview_every": crate::request::DEFAULT_PREVIEW_EVERY,
+            "preview_every": validate::DEFAULT_PREVIEW_EVERY,
             "preview": "approx",
-            "strength": if spec.flux {
-                serde_json::json!({"image_transform": crate::generate_flux::DEFAULT_STRENGTH})
-            } else {
-                serde_json::json!({
-                    "image_transform": crate::request::DEFAULT_TRANSFORM_STRENGTH,
-                    "image_inpaint": crate::request::DEFAULT_INPAINT_STRENGTH,
-                })
-            },
+            "strength": operations
+                .iter()
+                .filter(|o| **o != Operation::Generation)
+                .map(|o| (o.name().to_string(), json!(default_strength(&spec, *o))))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "limits": {
             "max_pixels": st.limits.max_pixels,
             "max_input_pixels": st.limits.max_input_pixels,
-            "max_side": crate::request::MAX_SIDE,
+            "max_side": MAX_SIDE,
             "max_steps": st.limits.max_steps.min(spec.num_train_timesteps),
             "max_batch": st.limits.max_batch,
-            "max_guidance_scale": crate::request::MAX_GUIDANCE,
+            "max_guidance_scale": MAX_GUIDANCE,
             "max_queue": config.max_queue,
             "max_body_bytes": st.max_body_bytes,
             "job_timeout_s": config.job_timeout.as_secs_f64(),
@@ -457,13 +491,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             sd_models::samplers::SamplerKind::ALL.iter().map(|s| s.name()).collect::<Vec<_>>()
         },
         "capabilities": {
-            "operations": if spec.inpainting_model {
-                vec!["image_inpaint"]
-            } else if spec.flux {
-                vec!["image_generation", "image_transform"]
-            } else {
-                vec!["image_generation", "image_transform", "image_inpaint"]
-            },
+            "operations": operations.iter().map(|o| o.name()).collect::<Vec<_>>(),
             "inpaint_method": spec.inpaint_method,
             "negative_prompt": !spec.flux,
             "max_prompt_tokens": spec.max_prompt_tokens,
@@ -478,7 +506,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "auth": st.api_key.is_some(),
             "loras": {
                 "enabled": st.limits.lora_dir.is_some(),
-                "max_per_job": crate::request::MAX_LORAS,
+                "max_per_job": MAX_LORAS,
                 "max_strength": sd_models::lora::MAX_STRENGTH,
                 "formats": ["kohya", "diffusers-peft", "locon", "flux-original"],
             },
@@ -492,7 +520,11 @@ async fn metrics(State(st): State<Shared>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        st.engine.metrics_text(),
+        {
+            st.engine.update_gauges();
+            st.metrics.run_upkeep();
+            st.metrics.render()
+        },
     )
         .into_response()
 }

@@ -282,7 +282,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let times = time(args.warmup, args.runs, &device, || {
                     let images = sd_models::pipelines::latent_preview(&z)?;
                     for image in &images {
-                        crate::png_out::encode_png(image, "")?;
+                        sd_engine::images::png::encode_png(image, "")?;
                     }
                     Ok(())
                 })?;

@@ -51,10 +51,4 @@ pub fn check_dtype_on_device(dtype: DType, device: &Device) -> Result<()> {
     Ok(())
 }
 
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
+pub use sd_engine::load::dtype_name;

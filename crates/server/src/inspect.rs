@@ -19,7 +19,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(mut args: InspectArgs) -> Result<()> {
-    args.model = crate::hub::resolve_model(&args.model, None)?;
+    args.model = sd_engine::hub::resolve_model(
+        &args.model,
+        None,
+        &mut crate::model_args::ConsoleProgress::new(),
+    )?;
     if args.components.is_some() && !args.model.is_file() {
         anyhow::bail!(
             "--components goes with a single-file model; {} is a folder",
@@ -27,7 +31,7 @@ pub fn run(mut args: InspectArgs) -> Result<()> {
         );
     }
     if args.model.is_file()
-        && crate::source::model_kind(&args.model)? == crate::source::ModelKind::SdCheckpoint
+        && sd_engine::source::model_kind(&args.model)? == sd_engine::source::ModelKind::SdCheckpoint
     {
         return inspect_checkpoint(&args);
     }
@@ -73,7 +77,7 @@ pub fn run(mut args: InspectArgs) -> Result<()> {
         println!("latent factor: {} (packed 2x2)", info.latent_factor);
         println!(
             "default size: {0}x{0} (width x height)",
-            crate::generate_flux::DEFAULT_SAMPLE_SIZE * info.latent_factor
+            sd_engine::load::FLUX_DEFAULT_SAMPLE_SIZE * info.latent_factor
         );
         println!("transformer parameters: {}", info.transformer_parameters);
         let types: Vec<String> = info

@@ -10,19 +10,13 @@ use clap::{Parser, Subcommand};
 mod api;
 mod bench;
 mod device;
-mod engine;
 mod generate;
-mod generate_flux;
-mod hub;
-mod input_image;
 mod inspect;
-mod jpeg;
-mod metrics;
+mod model_args;
+mod native;
 mod openapi;
-mod png_out;
-mod request;
+mod prometheus;
 mod serve;
-mod source;
 
 /// Stable Diffusion image-generation worker on candle.
 #[derive(Parser, Debug)]

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use sd_engine::backend::Model;
+use sd_engine::jobs::{EngineConfig, Loader};
+use sd_engine::load::LoadRequest;
+use sd_engine::{Engine, Limits};
 
 use crate::api::{router, AppState};
-use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
-use crate::engine::{Engine, EngineConfig, Loader, Model, ModelSpec};
-use crate::request::Limits;
+use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -77,7 +79,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SD_SSE_KEEPALIVE", default_value_t = 15)]
     pub sse_keepalive: u64,
     #[command(flatten)]
-    pub source: crate::source::SourceArgs,
+    pub source: crate::model_args::SourceArgs,
     /// Folder of LoRA files (.safetensors) that jobs may name in `loras`; names resolve
     /// inside it only. Default: jobs take no LoRAs.
     #[arg(long, env = "SD_LORA_DIR")]
@@ -153,7 +155,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
             args.model.display()
         );
     }
-    let repo_id = args.model.to_str().and_then(crate::hub::parse_repo_id);
+    let repo_id = args.model.to_str().and_then(sd_engine::hub::parse_repo_id);
     if !args.model.exists() && repo_id.is_none() {
         bail!(
             "invalid --model {}: no such file or folder",
@@ -172,7 +174,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args, device, dtype))
+    let metrics = crate::prometheus::install()?;
+    let text_device = args
+        .text_encoder_device
+        .as_deref()
+        .map(parse_device)
+        .transpose()?;
+    let load = LoadRequest {
+        model: args.model.clone(),
+        components: args.components.clone(),
+        source: args.source.options(),
+        device,
+        device_name: args.device.trim().to_ascii_lowercase(),
+        text_device,
+        dtype,
+    };
+    runtime.block_on(serve(args, load, metrics))
 }
 
 enum Exit {
@@ -205,117 +222,13 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-async fn serve(
-    args: ServeArgs,
-    device: candle_core::Device,
-    dtype: candle_core::DType,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-    let addr = listener.local_addr()?;
-    eprintln!("listening on http://{addr}");
-
-    let given_model = args.model.clone();
-    let source = args.source.clone();
-    let components = args.components.clone();
-    let text_device = args
-        .text_encoder_device
-        .as_deref()
-        .map(parse_device)
-        .transpose()?;
-    let device_name = args.device.trim().to_ascii_lowercase();
-    let loader: Loader<Model> = Box::new(move || {
+/// Loads the model on the engine thread, while the port already answers `/ready` with 503: a
+/// Hub repo id is fetched into the cache first.
+fn loader(load: LoadRequest) -> Loader<Model> {
+    Box::new(move || {
         let started = Instant::now();
-        let dtype_s = dtype_name(dtype).to_string();
-        // On the engine thread, while the port answers /ready with 503: a Hub repo id is
-        // fetched into the cache first; the model's files may still be arriving.
-        let model = crate::hub::resolve_model(&given_model, source.variant.as_deref())?;
-        let repo_id = crate::request::hub_repo_id(&model);
-        let kind = crate::source::model_kind(&model)?;
-        let sd_opts = source.sd_options(kind, components.as_deref())?;
-        let (backend, spec) = if kind == crate::source::ModelKind::Flux {
-            let (pipeline, name) = crate::generate_flux::load(
-                &model,
-                components.as_deref(),
-                &device,
-                text_device.as_ref(),
-                dtype,
-            )?;
-            let variant = if pipeline.is_guidance_distilled() {
-                "dev"
-            } else {
-                "schnell"
-            };
-            let dev = pipeline.is_guidance_distilled();
-            let side = crate::generate_flux::DEFAULT_SAMPLE_SIZE * pipeline.core.latent_factor();
-            let spec = ModelSpec {
-                name,
-                path: model.clone(),
-                repo_id,
-                family: "flux".into(),
-                pipeline_class: "FluxPipeline".into(),
-                prediction_type: variant.into(),
-                // Sizes are multiples of twice the VAE factor (2x2 packing).
-                latent_factor: 2 * pipeline.core.latent_factor(),
-                inpainting_model: false,
-                inpaint_method: "none",
-                flux: true,
-                default_steps: if dev {
-                    crate::generate_flux::DEV_DEFAULTS.0
-                } else {
-                    crate::generate_flux::SCHNELL_STEPS
-                },
-                default_guidance: if dev {
-                    crate::generate_flux::DEV_DEFAULTS.1
-                } else {
-                    0.0
-                },
-                guidance_embedded: dev,
-                default_max_sequence_length: Some(pipeline.default_max_sequence_length()),
-                max_prompt_tokens: crate::generate_flux::MAX_SEQUENCE_LENGTH,
-                default_width: side,
-                default_height: side,
-                default_sampler: Err("FLUX runs its flow-matching Euler schedule".into()),
-                num_train_timesteps: pipeline.core.scheduler.num_train_timesteps,
-                scheduler: sd_models::samplers::SchedulerConfig::default(),
-                device: device_name,
-                dtype: dtype_s,
-            };
-            (Model::Flux(Box::new(pipeline)), spec)
-        } else {
-            if text_device.is_some() {
-                anyhow::bail!("--text-encoder-device applies to FLUX models only");
-            }
-            let (pipeline, info) =
-                sd_models::loader::load_sd_with(&model, &sd_opts, &device, dtype)?;
-            let (default_width, default_height) = pipeline.default_size();
-            let spec = ModelSpec {
-                name: info.name.clone(),
-                path: model.clone(),
-                repo_id,
-                family: info.family.to_string(),
-                pipeline_class: info.pipeline_class.clone(),
-                prediction_type: info.prediction_type.as_str().to_string(),
-                latent_factor: pipeline.latent_factor(),
-                inpainting_model: pipeline.is_inpainting_model(),
-                inpaint_method: pipeline.inpaint_method().name(),
-                flux: false,
-                default_steps: crate::request::DEFAULT_STEPS,
-                default_guidance: crate::request::DEFAULT_GUIDANCE,
-                guidance_embedded: false,
-                default_max_sequence_length: None,
-                max_prompt_tokens: pipeline.tokenizer.max_length(),
-                default_width,
-                default_height,
-                default_sampler: pipeline.default_sampler().map_err(|e| e.to_string()),
-                num_train_timesteps: pipeline.scheduler.num_train_timesteps,
-                scheduler: pipeline.scheduler.clone(),
-                device: device_name,
-                dtype: dtype_s,
-            };
-            (Model::Sd(Box::new(pipeline)), spec)
-        };
+        let (model, spec) =
+            sd_engine::load::load(&load, &mut crate::model_args::ConsoleProgress::new())?;
         eprintln!(
             "ready: {} ({}, {}, {}) loaded in {:.1}s",
             spec.name,
@@ -324,25 +237,38 @@ async fn serve(
             spec.dtype,
             started.elapsed().as_secs_f64()
         );
-        Ok((backend, spec))
-    });
+        Ok((model, spec))
+    })
+}
+
+/// Starts the engine, and a watcher that resolves when loading the model failed.
+fn start_engine(
+    args: &ServeArgs,
+    load: LoadRequest,
+) -> (Engine, tokio::sync::oneshot::Receiver<String>) {
     let config = EngineConfig {
         max_queue: args.max_queue,
         result_ttl: Duration::from_secs(args.result_ttl),
         max_results: args.max_results,
         job_timeout: Duration::from_secs(args.job_timeout),
     };
-    let (engine, loaded) = Engine::start(config, loader);
-
+    let (engine, loaded) = Engine::start(config, loader(load));
     let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
     std::thread::spawn(move || {
         if let Ok(Err(message)) = loaded.recv() {
             let _ = fail_tx.send(message);
         }
     });
+    (engine, fail_rx)
+}
 
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
+fn app_state(
+    args: &ServeArgs,
+    engine: Engine,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> AppState {
+    AppState {
+        engine,
         limits: Limits {
             max_pixels: args.max_pixels,
             max_input_pixels: args.max_input_pixels,
@@ -353,40 +279,61 @@ async fn serve(
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         keep_alive: Duration::from_secs(args.sse_keepalive),
-    });
-    let app = router(state);
+        metrics,
+    }
+}
 
-    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<Exit>();
-    let grace = Duration::from_secs(args.shutdown_grace);
-    let drain_engine = engine.clone();
-    let shutdown = async move {
-        let load_failed = async {
-            match fail_rx.await {
-                Ok(m) => m,
-                // Loaded: only a signal ends the server.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        let exit = tokio::select! {
-            s = wait_for_signal() => Exit::Signal(s),
-            m = load_failed => Exit::LoadFailed(m),
-        };
-        if let Exit::Signal(name) = &exit {
-            // A second signal does not wait for the drain.
-            tokio::spawn(async {
-                let name = wait_for_signal().await;
-                eprintln!(
-                    "error: {name} while draining: exiting without waiting for the running job"
-                );
-                std::process::exit(1);
-            });
-            eprintln!(
-                "{name}: draining (no new jobs; the running job has {}s)",
-                grace.as_secs()
-            );
-            let engine = drain_engine.clone();
-            let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
+/// Resolves when the worker should stop: on a signal, after draining the engine (a second
+/// signal exits at once), or when the model failed to load.
+async fn shutdown_signal(
+    engine: Engine,
+    grace: Duration,
+    load_failed: tokio::sync::oneshot::Receiver<String>,
+) -> Exit {
+    let load_failed = async {
+        match load_failed.await {
+            Ok(m) => m,
+            // Loaded: only a signal ends the server.
+            Err(_) => std::future::pending().await,
         }
+    };
+    let exit = tokio::select! {
+        s = wait_for_signal() => Exit::Signal(s),
+        m = load_failed => Exit::LoadFailed(m),
+    };
+    if let Exit::Signal(name) = &exit {
+        // A second signal does not wait for the drain.
+        tokio::spawn(async {
+            let name = wait_for_signal().await;
+            eprintln!("error: {name} while draining: exiting without waiting for the running job");
+            std::process::exit(1);
+        });
+        eprintln!(
+            "{name}: draining (no new jobs; the running job has {}s)",
+            grace.as_secs()
+        );
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
+    }
+    exit
+}
+
+async fn serve(
+    args: ServeArgs,
+    load: LoadRequest,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!("listening on http://{addr}");
+
+    let (engine, load_failed) = start_engine(&args, load);
+    let app = router(Arc::new(app_state(&args, engine.clone(), metrics)));
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<Exit>();
+    let shutdown = async move {
+        let exit = shutdown_signal(engine, grace, load_failed).await;
         let _ = exit_tx.send(exit);
     };
     let mut server = tokio::spawn(async move {

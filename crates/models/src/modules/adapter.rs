@@ -69,7 +69,7 @@ struct Adapter {
     scale: f64,
     /// For a convolution: the down projection as a convolution with the layer's stride and
     /// padding (the project's CPU convolution, kernel laid out once).
-    conv: Option<super::conv::Conv2d>,
+    conv: Option<super::conv_kernel::CpuConv2d>,
 }
 
 /// The adapters of one job, by layer.
@@ -115,7 +115,7 @@ impl AdapterSet {
                     stride,
                     ..Default::default()
                 };
-                Some(super::conv::Conv2d::new(candle_nn::Conv2d::new(
+                Some(super::conv_kernel::CpuConv2d::new(candle_nn::Conv2d::new(
                     down.clone(),
                     None,
                     cfg,

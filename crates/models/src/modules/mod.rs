@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod conv_kernel;
 pub mod flux;
 pub mod resnet;
 pub mod t5;

@@ -1,98 +1,18 @@
 //! `sd-worker generate` for FLUX.1 folders: text-to-image.
 
-use sd_models::lora::LoraSpec;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use sd_models::pipelines::flux::FluxParams;
+use sd_engine::images::png::{encode_job_results, ResultInfo};
+use sd_engine::load::{load_flux, FLUX_DEFAULT_SAMPLE_SIZE, FLUX_DEV_DEFAULTS, FLUX_SCHNELL_STEPS};
+use sd_engine::validate::{DEFAULT_FLUX_STRENGTH, MAX_SEQUENCE_LENGTH};
+use sd_models::lora::LoraSpec;
+use sd_models::pipelines::GenerateParams;
 
+use super::progress_bar;
+use super::{output_paths, GenerateArgs};
 use crate::device::dtype_name;
-use crate::generate::progress_bar;
-use crate::generate::{output_paths, GenerateArgs};
-use crate::png_out::{encode_png, py_float};
-
-/// Default image-to-image strength of FLUX (diffusers' `FluxImg2ImgPipeline`: 0.6).
-pub const DEFAULT_STRENGTH: f64 = 0.6;
-
-/// Defaults of FLUX jobs: (steps, guidance) for dev-like and schnell-like models.
-pub const DEV_DEFAULTS: (usize, f64) = (28, 3.5);
-pub const SCHNELL_STEPS: usize = 4;
-/// diffusers' `default_sample_size`: the default image side is this times the VAE factor.
-pub const DEFAULT_SAMPLE_SIZE: usize = 128;
-/// T5's position limit in diffusers' FluxPipeline.
-pub const MAX_SEQUENCE_LENGTH: usize = 512;
-
-/// The PNG `parameters` text of a FLUX image.
-pub fn parameters_text(
-    prompt: &str,
-    p: &FluxParams,
-    guidance_embedded: bool,
-    model: &str,
-    strength: Option<f64>,
-    batch: Option<(usize, usize)>,
-) -> String {
-    let mut s = format!("{prompt}\nSteps: {}, Sampler: Euler", p.steps);
-    if guidance_embedded {
-        let g = p.guidance;
-        let g = if g.fract() == 0.0 {
-            format!("{g:.1}")
-        } else {
-            format!("{g}")
-        };
-        s.push_str(&format!(", Distilled CFG Scale: {g}"));
-    }
-    s.push_str(&format!(
-        ", Seed: {}, Size: {}x{}, Model: {model}",
-        p.seed, p.width, p.height
-    ));
-    if let Some(strength) = strength {
-        s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
-    }
-    if let Some((n, i)) = batch {
-        s.push_str(&format!(", Batch size: {n}, Batch pos: {i}"));
-    }
-    s
-}
-
-/// Loads a FLUX folder, or a single-file transformer with `--components`; and the model's
-/// short name (folder name, or file stem).
-pub fn load(
-    model: &std::path::Path,
-    components: Option<&std::path::Path>,
-    device: &Device,
-    text_device: Option<&Device>,
-    dtype: DType,
-) -> Result<(sd_models::pipelines::flux::FluxPipeline, String)> {
-    match components {
-        None => {
-            let pipe = sd_models::loader::load_flux_with(model, None, device, text_device, dtype)?;
-            let name = sd_models::loader::model_name(model);
-            Ok((pipe, name))
-        }
-        Some(dir) => {
-            if !model.is_file() {
-                bail!(
-                    "invalid --model {}: with --components it must be a transformer file",
-                    model.display()
-                );
-            }
-            if !sd_models::loader::is_flux_folder(dir) {
-                bail!(
-                    "invalid --components {}: not a diffusers FLUX folder (model_index.json with a Flux pipeline class)",
-                    dir.display()
-                );
-            }
-            let pipe =
-                sd_models::loader::load_flux_with(dir, Some(model), device, text_device, dtype)?;
-            let name = model
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| model.display().to_string());
-            Ok((pipe, name))
-        }
-    }
-}
 
 pub fn run(
     args: &GenerateArgs,
@@ -134,11 +54,11 @@ pub fn run(
             let bytes = std::fs::read(path)
                 .with_context(|| format!("cannot read --init-image {}", path.display()))?;
             let max_side = sd_models::pipelines::sd::MAX_SIDE;
-            let image = crate::input_image::decode_rgb(&bytes, max_side * max_side, max_side)
+            let image = sd_engine::images::input::decode_rgb(&bytes, max_side * max_side, max_side)
                 .map_err(|e| {
                     anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display())
                 })?;
-            Some((image, args.strength.unwrap_or(DEFAULT_STRENGTH)))
+            Some((image, args.strength.unwrap_or(DEFAULT_FLUX_STRENGTH)))
         }
         None => None,
     };
@@ -148,7 +68,7 @@ pub fn run(
         .as_deref()
         .map(crate::device::parse_device)
         .transpose()?;
-    let (pipe, name) = load(
+    let (pipe, name) = load_flux(
         &args.model,
         args.components.as_deref(),
         device,
@@ -157,7 +77,7 @@ pub fn run(
     )?;
     let dev = pipe.is_guidance_distilled();
     let guidance = match (dev, args.guidance) {
-        (true, g) => g.unwrap_or(DEV_DEFAULTS.1),
+        (true, g) => g.unwrap_or(FLUX_DEV_DEFAULTS.1),
         (false, Some(g)) => bail!(
             "--guidance {g} cannot be used with {name}: it has no guidance embedding (schnell-like); omit it"
         ),
@@ -166,9 +86,11 @@ pub fn run(
     if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
         bail!("invalid --guidance: must be between 0 and 100, got {guidance}");
     }
-    let steps = args
-        .steps
-        .unwrap_or(if dev { DEV_DEFAULTS.0 } else { SCHNELL_STEPS });
+    let steps = args.steps.unwrap_or(if dev {
+        FLUX_DEV_DEFAULTS.0
+    } else {
+        FLUX_SCHNELL_STEPS
+    });
     if steps == 0 || steps > 1000 {
         bail!("invalid --steps: must be between 1 and 1000, got {steps}");
     }
@@ -178,15 +100,19 @@ pub fn run(
     if !(2..=MAX_SEQUENCE_LENGTH).contains(&max_seq) {
         bail!("invalid --max-sequence-length: must be between 2 and {MAX_SEQUENCE_LENGTH}, got {max_seq}");
     }
-    let side = DEFAULT_SAMPLE_SIZE * pipe.core.latent_factor();
-    let p = FluxParams {
+    let side = FLUX_DEFAULT_SAMPLE_SIZE * pipe.core.latent_factor();
+    let params = GenerateParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: None,
         width: args.width.unwrap_or(side),
         height: args.height.unwrap_or(side),
         steps,
         guidance,
         seed: args.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
+        sampler: sd_models::samplers::SamplerKind::Euler,
         batch: args.batch,
     };
+    let p = sd_engine::backend::flux_params(&params);
     pipe.core.validate(&p)?;
     if let Some((_, strength)) = &init {
         sd_models::pipelines::flux::FluxCore::img2img_start(p.steps, *strength).map_err(
@@ -235,7 +161,7 @@ pub fn run(
         },
     )?;
     bar.finish_and_clear();
-    crate::generate::print_warnings(&warnings);
+    super::print_warnings(&warnings);
     if clip_dropped > 0 {
         eprintln!("warning: the prompt was truncated for CLIP; {clip_dropped} tokens were dropped");
     }
@@ -245,18 +171,16 @@ pub fn run(
         );
     }
     let paths = output_paths(&args.output, images.len());
-    let n = images.len();
-    for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
-        let strength = init.as_ref().map(|(_, s)| *s);
-        let text = parameters_text(
-            &args.prompt,
-            &p,
-            dev,
-            &name,
-            strength,
-            (n > 1).then_some((n, i)),
-        );
-        let png = encode_png(image, &crate::png_out::with_loras(text, loras))?;
+    let result = ResultInfo {
+        strength: init.as_ref().map(|(_, s)| *s),
+        flux: Some(dev),
+        model: &name,
+        loras,
+    };
+    for (png, path) in encode_job_results(&params, &result, &images)?
+        .iter()
+        .zip(&paths)
+    {
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

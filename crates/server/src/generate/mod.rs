@@ -1,5 +1,7 @@
 //! `sd-worker generate`: one prompt to PNG files.
 
+mod flux;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,8 +14,10 @@ use sd_models::pipelines::{GenerateParams, ImageInput, SdPipeline};
 use sd_models::samplers::SamplerKind;
 
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
-use crate::input_image::{decode_mask, decode_rgb};
-use crate::request::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
+use crate::model_args::ConsoleProgress;
+use sd_engine::images::input::{decode_mask, decode_rgb};
+use sd_engine::images::png::{encode_job_results, ResultInfo};
+use sd_engine::validate::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -93,7 +97,7 @@ pub struct GenerateArgs {
     #[arg(long, short, env = "SD_OUTPUT")]
     pub output: PathBuf,
     #[command(flatten)]
-    pub source: crate::source::SourceArgs,
+    pub source: crate::model_args::SourceArgs,
     /// A LoRA to apply: FILE[:STRENGTH] (.safetensors; strength default 1, between -10 and
     /// 10). Repeat for several (the env var takes a comma-separated list). Kohya,
     /// diffusers/PEFT and LoCon layouts; FLUX also kohya and original-name layouts.
@@ -204,11 +208,18 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
     check_dtype_on_device(dtype, &device)?;
     let quiet = !std::io::stderr().is_terminal();
     let loras = lora_specs(&args)?;
-    args.model = crate::hub::resolve_model(&args.model, args.source.variant.as_deref())?;
-    let kind = crate::source::model_kind(&args.model)?;
-    let sd_opts = args.source.sd_options(kind, args.components.as_deref())?;
-    if kind == crate::source::ModelKind::Flux {
-        return crate::generate_flux::run(&args, &loras, &device, dtype, quiet);
+    args.model = sd_engine::hub::resolve_model(
+        &args.model,
+        args.source.variant.as_deref(),
+        &mut ConsoleProgress::new(),
+    )?;
+    let kind = sd_engine::source::model_kind(&args.model)?;
+    let sd_opts = args
+        .source
+        .options()
+        .sd_options(kind, args.components.as_deref())?;
+    if kind == sd_engine::source::ModelKind::Flux {
+        return flux::run(&args, &loras, &device, dtype, quiet);
     }
     if let Some(n) = args.max_sequence_length {
         bail!("--max-sequence-length {n} applies to FLUX models only");
@@ -351,14 +362,13 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
 
     let paths = output_paths(&args.output, generated.images.len());
     let strength = input.as_ref().map(|i| i.strength);
-    let pngs = crate::engine::encode_job_results(
-        &params,
+    let result = ResultInfo {
         strength,
-        None,
-        &info.name,
-        &loras,
-        &generated.images,
-    )?;
+        flux: None,
+        model: &info.name,
+        loras: &loras,
+    };
+    let pngs = encode_job_results(&params, &result, &generated.images)?;
     for (png, path) in pngs.iter().zip(&paths) {
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }

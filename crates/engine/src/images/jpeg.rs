@@ -6,6 +6,12 @@
 //! Supported: 8-bit Huffman-coded sequential (SOF0/SOF1) and progressive (SOF2) images with 1
 //! or 3 components, any sampling factors up to 4, restart intervals. Refused with an error:
 //! arithmetic coding, lossless, 12-bit, CMYK.
+//!
+//! Why our own and not the `image` crate's (zune-jpeg): diffusers reads init images and masks
+//! with Pillow, and zune-jpeg's IDCT and chroma upsampling round differently (up to 3 levels in
+//! some pixels), so the same JPEG gave other latents than the reference. Decoding exactly as
+//! libjpeg-turbo does keeps JPEG inputs inside the parity tolerances. PNG and WebP are lossless
+//! and go through the `image` crate.
 
 const ZIGZAG: [usize; 64] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,

@@ -10,6 +10,8 @@ use sd_models::samplers::SamplerKind;
 use serde_json::Value;
 
 use super::*;
+use crate::backend::Backend;
+use crate::request::PreviewKind;
 
 /// Runs `steps` steps of `step_ms` each; the prompt "panic" panics at step 2, "fail" errors
 /// at step 2 and "slow-decode" takes 400 ms after its last step.
@@ -21,7 +23,7 @@ struct Fake {
 impl Backend for Fake {
     fn generate(
         &self,
-        request: &JobRequest,
+        request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> sd_models::Result<()>,
     ) -> sd_models::Result<Generated> {
         let params = &request.params;
@@ -70,7 +72,7 @@ impl Backend for Fake {
     fn preview(
         &self,
         _latents: &Tensor,
-        _request: &JobRequest,
+        _request: &GenerationRequest,
         _kind: PreviewKind,
     ) -> sd_models::Result<RgbImage> {
         Ok(RgbImage {
@@ -129,8 +131,8 @@ fn start(config: EngineConfig, step_ms: u64) -> (Engine, Arc<Mutex<Vec<String>>>
     (engine, log)
 }
 
-fn job(prompt: &str, steps: usize) -> JobRequest {
-    JobRequest {
+fn job(prompt: &str, steps: usize) -> GenerationRequest {
+    GenerationRequest {
         operation: Operation::Generation,
         input: None,
         max_sequence_length: None,
@@ -154,8 +156,13 @@ fn job(prompt: &str, steps: usize) -> JobRequest {
     }
 }
 
+/// The job's record as the HTTP layer serialises it.
+fn status(engine: &Engine, id: &str) -> Option<Value> {
+    engine.status(id).map(|v| serde_json::to_value(v).unwrap())
+}
+
 fn state(engine: &Engine, id: &str) -> String {
-    engine.status(id).unwrap()["state"]
+    status(engine, id).unwrap()["state"]
         .as_str()
         .unwrap()
         .to_string()
@@ -164,7 +171,7 @@ fn state(engine: &Engine, id: &str) -> String {
 fn wait_final(engine: &Engine, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let v = engine.status(id).unwrap();
+        let v = status(engine, id).unwrap();
         if ["completed", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
             return v;
         }
@@ -186,7 +193,12 @@ fn collect_events(engine: &Engine, id: &str) -> Vec<(String, Value)> {
     let (first, live) = engine.subscribe(id).unwrap();
     let mut out: Vec<(String, Value)> = first
         .iter()
-        .map(|e| (e.name.to_string(), serde_json::from_str(&e.data).unwrap()))
+        .map(|e| {
+            (
+                e.name().to_string(),
+                serde_json::from_str(e.json()).unwrap(),
+            )
+        })
         .collect();
     if let Some(mut rx) = live {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -202,7 +214,10 @@ fn collect_events(engine: &Engine, id: &str) -> Vec<(String, Value)> {
                     .await
                     .expect("event within 20 s")
                     .unwrap();
-                out.push((ev.name.to_string(), serde_json::from_str(&ev.data).unwrap()));
+                out.push((
+                    ev.name().to_string(),
+                    serde_json::from_str(ev.json()).unwrap(),
+                ));
             }
         });
     }
@@ -219,7 +234,7 @@ fn jobs_run_in_submission_order() {
     for id in &ids {
         let v = wait_final(&engine, id);
         assert_eq!(v["state"], "completed");
-        assert_eq!(v["images"].as_array().unwrap().len(), 1);
+        assert_eq!(engine.status(id).unwrap().image_count, 1);
     }
     assert_eq!(*log.lock().unwrap(), vec!["a", "b", "c", "d"]);
     let png = engine.image(&ids[0], 0).unwrap().unwrap();
@@ -278,8 +293,8 @@ fn queue_is_bounded_and_full_queue_loses_nothing() {
         }
         other => panic!("expected QueueFull, got {other:?}"),
     }
-    assert_eq!(engine.status(&a).unwrap()["position"], 1);
-    assert_eq!(engine.status(&b).unwrap()["position"], 2);
+    assert_eq!(status(&engine, &a).unwrap()["position"], 1);
+    assert_eq!(status(&engine, &b).unwrap()["position"], 2);
     assert!(matches!(
         engine.cancel(&running),
         CancelOutcome::Stopping(_)
@@ -296,13 +311,14 @@ fn cancel_queued_and_running_jobs() {
     let queued = engine.submit(job("queued", 1)).unwrap();
     let after = engine.submit(job("after", 1)).unwrap();
     wait_running(&engine, &running);
-    assert_eq!(engine.status(&after).unwrap()["position"], 2);
+    assert_eq!(status(&engine, &after).unwrap()["position"], 2);
     let CancelOutcome::Cancelled(v) = engine.cancel(&queued) else {
         panic!("queued job not cancelled at once");
     };
+    let v = serde_json::to_value(v).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["cancel_reason"], "client");
-    assert_eq!(engine.status(&after).unwrap()["position"], 1);
+    assert_eq!(status(&engine, &after).unwrap()["position"], 1);
     let t = Instant::now();
     assert!(matches!(
         engine.cancel(&running),
@@ -363,9 +379,7 @@ fn a_panic_or_error_fails_only_its_job() {
     let events = collect_events(&engine, &panics);
     assert_eq!(events[0].0, "error");
     assert_eq!(events[0].1["error"]["type"], "internal");
-    assert!(engine
-        .metrics_text()
-        .contains("sd_worker_jobs_total{outcome=\"failed\"} 2"));
+    assert_eq!(engine.outcomes().failed, 2);
 }
 
 #[test]
@@ -390,7 +404,7 @@ fn finished_jobs_expire_after_the_ttl_and_beyond_max_results() {
     assert!(engine.status(&ids[0]).is_none());
     assert!(engine.status(&ids[1]).is_none());
     assert!(engine.status(&ids[2]).is_some());
-    assert_eq!(engine.list().as_array().unwrap().len(), 2);
+    assert_eq!(engine.list().len(), 2);
 }
 
 #[test]
@@ -402,7 +416,7 @@ fn shutdown_cancels_the_queue_and_lets_the_running_job_finish_within_grace() {
     engine.shutdown(Duration::from_secs(10));
     assert_eq!(engine.phase(), Phase::Draining);
     assert_eq!(state(&engine, &running), "completed");
-    let v = engine.status(&queued).unwrap();
+    let v = status(&engine, &queued).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["cancel_reason"], "shutdown");
     assert_eq!(engine.submit(job("late", 1)), Err(SubmitError::Draining));
@@ -417,7 +431,7 @@ fn shutdown_cancels_the_running_job_after_the_grace() {
     let t = Instant::now();
     engine.shutdown(Duration::from_millis(50));
     assert!(t.elapsed() < Duration::from_secs(2));
-    let v = engine.status(&running).unwrap();
+    let v = status(&engine, &running).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["cancel_reason"], "shutdown");
 }
@@ -453,7 +467,7 @@ fn a_late_subscriber_to_a_running_job_gets_started_and_the_latest_progress() {
     let (engine, _) = start(config(), 10);
     let id = engine.submit(job("run", 60)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while engine.status(&id).unwrap()["step"].as_u64().unwrap() < 3 {
+    while status(&engine, &id).unwrap()["step"].as_u64().unwrap() < 3 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -476,7 +490,7 @@ fn a_job_past_its_last_step_cannot_be_cancelled() {
     let (engine, _) = start(config(), 1);
     let id = engine.submit(job("slow-decode", 3)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while engine.status(&id).unwrap()["step"].as_u64().unwrap() < 3 {
+    while status(&engine, &id).unwrap()["step"].as_u64().unwrap() < 3 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -3,6 +3,7 @@
 use std::io::BufWriter;
 
 use anyhow::Result;
+use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, RgbImage};
 
 /// The generation settings, written in AUTOMATIC1111's `parameters` format.
@@ -72,7 +73,7 @@ impl<'a> Parameters<'a> {
 
 /// `text` with the LoRAs of the run appended to its settings line:
 /// `, Lora: "name:strength, name:strength"` (names are file stems).
-pub fn with_loras(mut text: String, loras: &[sd_models::lora::LoraSpec]) -> String {
+pub fn with_loras(mut text: String, loras: &[LoraSpec]) -> String {
     if loras.is_empty() {
         return text;
     }
@@ -89,6 +90,71 @@ pub fn with_loras(mut text: String, loras: &[sd_models::lora::LoraSpec]) -> Stri
         .collect();
     text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
     text
+}
+
+/// The `parameters` text of a FLUX image: FLUX has no CFG scale and no sampler choice; a
+/// guidance-distilled model (dev) reports its embedded guidance as Forge does.
+pub fn flux_parameters_text(
+    params: &GenerateParams,
+    guidance_embedded: bool,
+    model: &str,
+    strength: Option<f64>,
+    batch: Option<(usize, usize)>,
+) -> String {
+    let p = params;
+    let mut s = format!("{}\nSteps: {}, Sampler: Euler", p.prompt, p.steps);
+    if guidance_embedded {
+        s.push_str(&format!(", Distilled CFG Scale: {}", py_float(p.guidance)));
+    }
+    s.push_str(&format!(
+        ", Seed: {}, Size: {}x{}, Model: {model}",
+        p.seed, p.width, p.height
+    ));
+    if let Some(strength) = strength {
+        s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
+    }
+    if let Some((n, i)) = batch {
+        s.push_str(&format!(", Batch size: {n}, Batch pos: {i}"));
+    }
+    s
+}
+
+/// What the PNG text of a job's images says beyond its parameters.
+pub struct ResultInfo<'a> {
+    /// Image-to-image / inpainting strength.
+    pub strength: Option<f64>,
+    /// FLUX jobs: Some(whether the model embeds the guidance scale).
+    pub flux: Option<bool>,
+    pub model: &'a str,
+    pub loras: &'a [LoraSpec],
+}
+
+/// PNG files of a finished job, each with its `parameters` text; the job's LoRAs end the
+/// settings line. The CLI and the HTTP APIs write the same text for the same settings.
+pub fn encode_job_results(
+    params: &GenerateParams,
+    info: &ResultInfo<'_>,
+    images: &[RgbImage],
+) -> Result<Vec<Vec<u8>>> {
+    let n = images.len();
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let batch = (n > 1).then_some((n, i));
+            let text = match info.flux {
+                Some(embedded) => {
+                    flux_parameters_text(params, embedded, info.model, info.strength, batch)
+                }
+                None => {
+                    let mut text = Parameters::for_job(params, info.model, batch);
+                    text.strength = info.strength;
+                    text.to_text()
+                }
+            };
+            encode_png(image, &with_loras(text, info.loras))
+        })
+        .collect()
 }
 
 /// A float as Python prints it: `7.0`, `7.5`.

@@ -9,6 +9,22 @@
 //! request. `HF_ENDPOINT` sets the server, `HF_TOKEN` the bearer token (gated repos such as FLUX
 //! dev need one), `HF_HUB_OFFLINE=1` uses the cache only; when the Hub cannot be reached, a
 //! cached snapshot of the revision is used.
+//!
+//! Why not the `hf-hub` crate: it was compared with this module on what `tests/hub.rs` checks,
+//! in its 1.0.0 release (reqwest, tokio and hf-xet behind a blocking wrapper) and in 0.5.0, the
+//! last release with a ureq-based sync API. Both write the cache layout shared with Python's
+//! huggingface_hub (blobs named by ETag, relative snapshot links, `refs/<branch>`), take branch,
+//! tag and commit revisions, read HF_HOME and HF_ENDPOINT, and list a revision's files with its
+//! commit (`info()`). What they lack: neither checks the SHA-256 or the size of a finished
+//! download, so a corrupt transfer becomes a cached blob; 1.0.0 never resumes (it recreates
+//! `blobs/<etag>.incomplete` and sends no `Range`), and 0.5.0 appends whatever the server sends
+//! to its partial file without checking for a 206; neither reads HF_HUB_OFFLINE; neither sets a
+//! connect timeout, and 1.0.0 retries connection errors five times instead of failing fast;
+//! there is no fallback to a cached snapshot when the Hub cannot be reached (1.0.0 falls back
+//! one file at a time); 0.5.0 sends the token to the CDN host on redirects. 1.0.0 would also
+//! bring an async runtime into this crate, which the engine layer does not own. Choosing the
+//! files (model_index.json, component configs, one weight variant) and the 401/403/404 messages
+//! would stay here with either.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -109,60 +125,6 @@ pub trait Progress {
     fn start(&mut self, file: &str, size: Option<u64>, resumed_from: u64);
     fn advance(&mut self, bytes: u64);
     fn finish(&mut self);
-}
-
-/// A progress bar per file on a terminal, one line per file otherwise.
-pub struct ConsoleProgress {
-    bar: Option<indicatif::ProgressBar>,
-    terminal: bool,
-}
-
-impl ConsoleProgress {
-    pub fn new() -> Self {
-        use std::io::IsTerminal;
-        Self {
-            bar: None,
-            terminal: std::io::stderr().is_terminal(),
-        }
-    }
-}
-
-impl Progress for ConsoleProgress {
-    fn start(&mut self, file: &str, size: Option<u64>, resumed_from: u64) {
-        let resumed = if resumed_from > 0 {
-            format!(", resuming at {resumed_from} bytes")
-        } else {
-            String::new()
-        };
-        if !self.terminal {
-            match size {
-                Some(s) => eprintln!("downloading {file} ({s} bytes{resumed})"),
-                None => eprintln!("downloading {file}{resumed}"),
-            }
-            return;
-        }
-        let bar = indicatif::ProgressBar::new(size.unwrap_or(0));
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message(file.to_string());
-        bar.set_position(resumed_from);
-        self.bar = Some(bar);
-    }
-
-    fn advance(&mut self, bytes: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(bytes);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-    }
 }
 
 fn agent() -> ureq::Agent {
@@ -574,7 +536,11 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 /// `--model`: a path as given, or the snapshot folder of a Hub repo id.
-pub fn resolve_model(model: &Path, variant: Option<&str>) -> Result<PathBuf> {
+pub fn resolve_model(
+    model: &Path,
+    variant: Option<&str>,
+    progress: &mut dyn Progress,
+) -> Result<PathBuf> {
     let Some(repo) = model.to_str().and_then(parse_repo_id) else {
         if let Some(v) = variant {
             bail!("--variant {v} applies to Hugging Face repo ids (org/repo), not to local files");
@@ -582,7 +548,7 @@ pub fn resolve_model(model: &Path, variant: Option<&str>) -> Result<PathBuf> {
         return Ok(model.to_path_buf());
     };
     let cfg = HubConfig::from_env()?;
-    fetch(&repo, &cfg, variant, &mut ConsoleProgress::new())
+    fetch(&repo, &cfg, variant, progress)
 }
 
 #[cfg(test)]

@@ -60,24 +60,18 @@ pub fn parse_prediction(s: &str) -> Result<PredictionType> {
     }
 }
 
-/// The model-source flags `generate` and `serve` share.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct SourceArgs {
-    /// With a Hugging Face repo id as --model: the precision variant of the weights to fetch
-    /// (e.g. fp16); default the plain files, else fp16.
-    #[arg(long, env = "SD_VARIANT")]
+/// How to read a model source beyond its path: the flags `generate` and `serve` share.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// With a Hugging Face repo id: the precision variant of the weights to fetch.
     pub variant: Option<String>,
-    /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
-    /// original names as in A1111 `.vae.safetensors` files).
-    #[arg(long, env = "SD_VAE")]
+    /// Stable Diffusion: a VAE file that replaces the model's.
     pub vae: Option<PathBuf>,
-    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
-    /// the tensors do not tell.
-    #[arg(long, env = "SD_PREDICTION_TYPE")]
+    /// Single-file SD checkpoints: `epsilon` or `v_prediction`.
     pub prediction_type: Option<String>,
 }
 
-impl SourceArgs {
+impl SourceOptions {
     /// The SD loading options of the flags, checked against the model kind.
     pub fn sd_options(&self, kind: ModelKind, components: Option<&Path>) -> Result<SdLoadOptions> {
         let (vae, prediction) = (self.vae.as_ref(), self.prediction_type.as_deref());

@@ -85,7 +85,7 @@ fn decode(
     }
     if format == ImageFormat::Jpeg {
         // Our decoder, equal to Pillow's libjpeg-turbo pixels.
-        let d = crate::jpeg::decode(bytes, max_pixels)
+        let d = super::jpeg::decode(bytes, max_pixels)
             .map_err(|e| err(format!("is not a readable JPEG image: {e}")))?;
         let (w, h) = (d.width as u32, d.height as u32);
         let image = if d.channels == 1 {

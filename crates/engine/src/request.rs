@@ -1,0 +1,160 @@
+//! The one internal request every interface builds: [`RequestDraft`] is what a wire format
+//! (the native job API, a compatibility API, the CLI) read from its input, with its own field
+//! names already mapped; [`crate::validate`] turns it into a [`GenerationRequest`] with every
+//! default applied and every limit checked, or an error naming the field.
+
+use std::sync::Arc;
+
+use sd_models::lora::LoraSpec;
+use sd_models::pipelines::{GenerateParams, ImageInput};
+use serde::Serialize;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Operation {
+    #[serde(rename = "image_generation")]
+    Generation,
+    #[serde(rename = "image_transform")]
+    Transform,
+    #[serde(rename = "image_inpaint")]
+    Inpaint,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 3] = [
+        Operation::Generation,
+        Operation::Transform,
+        Operation::Inpaint,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Generation => "image_generation",
+            Operation::Transform => "image_transform",
+            Operation::Inpaint => "image_inpaint",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|o| o.name() == name)
+    }
+}
+
+/// What a preview shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewKind {
+    /// A linear latent-to-RGB map at latent resolution (no VAE).
+    Approx,
+    /// A full VAE decode at image resolution.
+    Full,
+}
+
+impl PreviewKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PreviewKind::Approx => "approx",
+            PreviewKind::Full => "full",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<PreviewKind> {
+        [PreviewKind::Approx, PreviewKind::Full]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+/// A validated job, with every default already applied.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub operation: Operation,
+    pub params: GenerateParams,
+    /// The init image, strength and (inpainting) mask.
+    pub input: Option<Arc<ImageInput>>,
+    /// FLUX: the T5 prompt length (None: the model's default).
+    pub max_sequence_length: Option<usize>,
+    /// FLUX jobs: whether the model embeds the guidance scale (for the PNG text).
+    pub flux: Option<bool>,
+    /// A preview every this many steps (0: none).
+    pub preview_every: usize,
+    pub preview: PreviewKind,
+    pub hive_id: Option<String>,
+    pub worker_id: Option<String>,
+    /// LoRA adapters for this job only (resolved inside the worker's LoRA folder).
+    pub loras: Vec<LoraSpec>,
+}
+
+/// An encoded input image and the wire field it came from (named in errors).
+#[derive(Debug, Clone)]
+pub struct ImageBytes {
+    pub field: String,
+    pub bytes: Vec<u8>,
+}
+
+/// One LoRA a request names, before it is resolved in the LoRA folder.
+#[derive(Debug, Clone, Default)]
+pub struct LoraDraft {
+    /// A file name inside the worker's LoRA folder.
+    pub path: String,
+    pub strength: Option<f64>,
+    pub strict: Option<bool>,
+}
+
+/// A request as an interface read it, before defaults and limits. `None` means the field was
+/// omitted; every present value is checked by [`crate::validate::validate`].
+#[derive(Debug, Clone)]
+pub struct RequestDraft {
+    pub operation: Operation,
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub width: Option<u64>,
+    pub height: Option<u64>,
+    pub steps: Option<u64>,
+    pub guidance_scale: Option<f64>,
+    /// None: a random seed.
+    pub seed: Option<u64>,
+    pub scheduler: Option<String>,
+    pub batch: Option<u64>,
+    pub max_sequence_length: Option<u64>,
+    /// image_transform: the init image; image_inpaint: the image to repaint.
+    pub init_image: Option<ImageBytes>,
+    /// image_inpaint: the mask (white = repaint).
+    pub mask_image: Option<ImageBytes>,
+    pub strength: Option<f64>,
+    pub preview_every: Option<u64>,
+    pub preview: Option<PreviewKind>,
+    pub hive_id: Option<String>,
+    pub worker_id: Option<String>,
+    /// The model the client expects (refused when it is not the loaded one).
+    pub model: Option<String>,
+    pub loras: Vec<LoraDraft>,
+}
+
+impl RequestDraft {
+    /// A draft of `operation` with every field omitted.
+    pub fn new(operation: Operation) -> Self {
+        RequestDraft {
+            operation,
+            prompt: None,
+            negative_prompt: None,
+            width: None,
+            height: None,
+            steps: None,
+            guidance_scale: None,
+            seed: None,
+            scheduler: None,
+            batch: None,
+            max_sequence_length: None,
+            init_image: None,
+            mask_image: None,
+            strength: None,
+            preview_every: None,
+            preview: None,
+            hive_id: None,
+            worker_id: None,
+            model: None,
+            loras: Vec::new(),
+        }
+    }
+}

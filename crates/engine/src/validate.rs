@@ -1,0 +1,621 @@
+//! Validation: one place where a [`RequestDraft`] meets the loaded model and the worker's
+//! limits. Every limit is named here once; every error names the field, the limit and the
+//! value it got, whichever interface the request came through.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sd_models::lora::LoraSpec;
+use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage, SdPipeline};
+use sd_models::samplers::SamplerKind;
+
+use crate::images::input::{decode_mask, decode_rgb};
+use crate::request::{
+    GenerationRequest, ImageBytes, LoraDraft, Operation, PreviewKind, RequestDraft,
+};
+use crate::spec::ModelSpec;
+
+/// Per-worker request limits (from the command line).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Width x height of one image at most.
+    pub max_pixels: usize,
+    /// Width x height of an input image at most (checked from its header).
+    pub max_input_pixels: usize,
+    pub max_steps: usize,
+    pub max_batch: usize,
+    /// The folder `loras` names resolve in (none: jobs take no LoRAs).
+    pub lora_dir: Option<PathBuf>,
+}
+
+/// Defaults for omitted fields that the model does not define.
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+pub const DEFAULT_PREVIEW_EVERY: usize = 5;
+/// Default image-to-image strength.
+pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
+/// Default inpainting strength.
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+/// Default image-to-image strength of FLUX (diffusers' `FluxImg2ImgPipeline`: 0.6).
+pub const DEFAULT_FLUX_STRENGTH: f64 = 0.6;
+/// Largest classifier-free guidance scale accepted.
+pub const MAX_GUIDANCE: f64 = sd_models::pipelines::sd::MAX_GUIDANCE;
+/// Largest image side in pixels.
+pub const MAX_SIDE: usize = sd_models::pipelines::sd::MAX_SIDE;
+/// Longest prompt, negative prompt or id string, in characters.
+pub const MAX_TEXT_CHARS: usize = 20_000;
+pub const MAX_ID_CHARS: usize = 256;
+/// Longest `model` string, in characters.
+pub const MAX_MODEL_CHARS: usize = 4096;
+/// LoRAs one job may apply at most.
+pub const MAX_LORAS: usize = 8;
+/// Longest LoRA path, in characters.
+pub const MAX_LORA_PATH_CHARS: usize = 1024;
+/// FLUX's T5 prompt length: at least 2, at most T5's position limit in diffusers.
+pub const MIN_SEQUENCE_LENGTH: usize = 2;
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// A request the worker refuses: the field (as the request named it) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidField {
+    pub field: String,
+    pub reason: String,
+}
+
+impl InvalidField {
+    pub fn new(field: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        InvalidField {
+            field: field.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// "invalid `field`: reason".
+    pub fn message(&self) -> String {
+        format!("invalid `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl std::fmt::Display for InvalidField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl std::error::Error for InvalidField {}
+
+type Result<T> = std::result::Result<T, InvalidField>;
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> InvalidField {
+    InvalidField::new(field, reason)
+}
+
+/// Steps when the request has none: the model's default (50 for Stable Diffusion, 28 for
+/// FLUX dev, 4 for schnell), or the worker's limit when that is lower.
+pub fn default_steps(spec: &ModelSpec, limits: &Limits) -> usize {
+    spec.default_steps
+        .min(limits.max_steps)
+        .min(spec.num_train_timesteps)
+}
+
+/// The default strength of `operation` on this model.
+pub fn default_strength(spec: &ModelSpec, operation: Operation) -> f64 {
+    match operation {
+        Operation::Inpaint => DEFAULT_INPAINT_STRENGTH,
+        _ if spec.flux => DEFAULT_FLUX_STRENGTH,
+        _ => DEFAULT_TRANSFORM_STRENGTH,
+    }
+}
+
+/// The operations the loaded model runs.
+pub fn operations(spec: &ModelSpec) -> Vec<Operation> {
+    if spec.inpainting_model {
+        vec![Operation::Inpaint]
+    } else if spec.flux {
+        vec![Operation::Generation, Operation::Transform]
+    } else {
+        Operation::ALL.to_vec()
+    }
+}
+
+/// The hub repo id of a folder inside a Hugging Face cache
+/// (`.../models--org--name/snapshots/REV`), if it is one.
+pub fn hub_repo_id(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    path.ancestors().find_map(|dir| {
+        let name = dir.file_name()?.to_str()?;
+        let rest = name.strip_prefix("models--")?;
+        let parts: Vec<&str> = rest.split("--").collect();
+        (!parts.iter().any(|p| p.is_empty())).then(|| parts.join("/"))
+    })
+}
+
+/// Whether `given` names the loaded model: its hub repo id, its folder name, the path it was
+/// loaded from, or that path made canonical.
+pub fn names_model(spec: &ModelSpec, given: &str) -> bool {
+    if given == spec.name || Path::new(given) == spec.path || spec.repo_id.as_deref() == Some(given)
+    {
+        return true;
+    }
+    match (
+        std::fs::canonicalize(given),
+        std::fs::canonicalize(&spec.path),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Validates a draft against the loaded model and the worker's limits, filling in defaults.
+/// `random_seed` is used when the request has no seed.
+pub fn validate(
+    draft: RequestDraft,
+    spec: &ModelSpec,
+    limits: &Limits,
+    random_seed: u64,
+) -> Result<GenerationRequest> {
+    let op = draft.operation;
+    check_operation(spec, op)?;
+    let (input, mask) = input_images(&draft, limits)?;
+    check_model(spec, draft.model.as_deref())?;
+    let prompt = prompt(draft.prompt.clone())?;
+    let negative_prompt = draft
+        .negative_prompt
+        .clone()
+        .map(|n| text("negative_prompt", n, MAX_TEXT_CHARS))
+        .transpose()?;
+    if spec.flux && negative_prompt.is_some() {
+        return Err(invalid(
+            "negative_prompt",
+            "FLUX models here run without a negative prompt (no true classifier-free guidance); omit it",
+        ));
+    }
+    let max_sequence_length = max_sequence_length(spec, draft.max_sequence_length)?;
+    let (width, height) = size(spec, limits, &draft, input.as_ref(), mask.is_some())?;
+    let steps = steps(spec, limits, draft.steps)?;
+    let guidance = guidance(spec, draft.guidance_scale)?;
+    let seed = draft.seed.unwrap_or(random_seed);
+    let sampler = sampler(spec, draft.scheduler.as_deref())?;
+    let batch = draft.batch.unwrap_or(1);
+    if batch == 0 || batch > limits.max_batch as u64 {
+        return Err(invalid(
+            "batch",
+            format!(
+                "must be between 1 and {} (this worker's --max-batch), got {batch}",
+                limits.max_batch
+            ),
+        ));
+    }
+    check_sampler_steps(spec, sampler, steps)?;
+    let input = match input {
+        None => None,
+        Some(image) => {
+            let strength = draft.strength.unwrap_or_else(|| default_strength(spec, op));
+            check_strength(spec, steps, strength)?;
+            Some(Arc::new(ImageInput {
+                image,
+                strength,
+                mask,
+            }))
+        }
+    };
+    let preview_every = draft.preview_every.unwrap_or(DEFAULT_PREVIEW_EVERY as u64);
+    let hive_id = draft
+        .hive_id
+        .map(|s| text("hive_id", s, MAX_ID_CHARS))
+        .transpose()?;
+    let worker_id = draft
+        .worker_id
+        .map(|s| text("worker_id", s, MAX_ID_CHARS))
+        .transpose()?;
+    let loras = loras(draft.loras, limits)?;
+    Ok(GenerationRequest {
+        operation: op,
+        max_sequence_length,
+        flux: spec.flux.then_some(spec.guidance_embedded),
+        input,
+        params: GenerateParams {
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            sampler,
+            batch: batch as usize,
+        },
+        preview_every: usize::try_from(preview_every).unwrap_or(usize::MAX),
+        preview: draft.preview.unwrap_or(PreviewKind::Approx),
+        hive_id,
+        worker_id,
+        loras,
+    })
+}
+
+fn check_operation(spec: &ModelSpec, op: Operation) -> Result<()> {
+    let operation = op.name();
+    if spec.flux && op == Operation::Inpaint {
+        return Err(invalid(
+            "operation",
+            format!(
+                "this worker's model ({}) is FLUX: it runs \"image_generation\" and \"image_transform\" (FLUX inpainting is not supported yet), got \"{operation}\"",
+                spec.name
+            ),
+        ));
+    }
+    if spec.inpainting_model && op != Operation::Inpaint {
+        return Err(invalid(
+            "operation",
+            format!(
+                "this worker's model ({}) is an inpainting model: it runs \"image_inpaint\" only, got \"{operation}\"",
+                spec.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The field name the operation's init image goes by on the native API.
+fn init_image_field(op: Operation) -> &'static str {
+    match op {
+        Operation::Inpaint => "init_image",
+        _ => "input_image",
+    }
+}
+
+/// Decodes the init image and mask that the operation needs (and refuses those it does not
+/// take).
+fn input_images(
+    draft: &RequestDraft,
+    limits: &Limits,
+) -> Result<(Option<RgbImage>, Option<MaskImage>)> {
+    let op = draft.operation;
+    let image = |b: &ImageBytes| {
+        decode_rgb(&b.bytes, limits.max_input_pixels, MAX_SIDE).map_err(|e| invalid(&b.field, e))
+    };
+    let required = |b: &Option<ImageBytes>, field: &str, what: &str| match b {
+        Some(b) => Ok(b.clone()),
+        None => Err(invalid(field, format!("is required ({what})"))),
+    };
+    match op {
+        Operation::Generation => {
+            for (given, field) in [
+                (draft.init_image.as_ref(), "init_image"),
+                (draft.mask_image.as_ref(), "mask_image"),
+            ] {
+                if let Some(b) = given {
+                    let field = if b.field.is_empty() { field } else { &b.field };
+                    return Err(invalid(
+                        field,
+                        "applies to image_transform and image_inpaint, not image_generation",
+                    ));
+                }
+            }
+            if draft.strength.is_some() {
+                return Err(invalid(
+                    "strength",
+                    "applies to image_transform and image_inpaint, not image_generation",
+                ));
+            }
+            Ok((None, None))
+        }
+        Operation::Transform => {
+            if let Some(m) = &draft.mask_image {
+                return Err(invalid(&m.field, "applies to image_inpaint only"));
+            }
+            let b = required(
+                &draft.init_image,
+                init_image_field(op),
+                "a base64 PNG, JPEG or WebP, or a data: URL",
+            )?;
+            Ok((Some(image(&b)?), None))
+        }
+        Operation::Inpaint => {
+            let b = required(
+                &draft.init_image,
+                init_image_field(op),
+                "a base64 PNG, JPEG or WebP, or a data: URL",
+            )?;
+            let rgb = image(&b)?;
+            let m = required(
+                &draft.mask_image,
+                "mask_image",
+                "a base64 PNG, JPEG or WebP, or a data: URL; white = repaint",
+            )?;
+            let mask = decode_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
+                .map_err(|e| invalid(&m.field, e))?;
+            Ok((Some(rgb), Some(mask)))
+        }
+    }
+}
+
+fn check_model(spec: &ModelSpec, model: Option<&str>) -> Result<()> {
+    let Some(model) = model else {
+        return Ok(());
+    };
+    let model = text("model", model.to_string(), MAX_MODEL_CHARS)?;
+    if names_model(spec, &model) {
+        return Ok(());
+    }
+    Err(invalid(
+        "model",
+        format!(
+            "this worker serves {:?}{} (loaded from {}), got {model:?}",
+            spec.name,
+            spec.repo_id
+                .as_ref()
+                .map(|r| format!(" = {r}"))
+                .unwrap_or_default(),
+            spec.path.display()
+        ),
+    ))
+}
+
+fn text(field: &str, s: String, max: usize) -> Result<String> {
+    let n = s.chars().count();
+    if n > max {
+        return Err(invalid(
+            field,
+            format!("must be at most {max} characters, got {n}"),
+        ));
+    }
+    Ok(s)
+}
+
+fn prompt(prompt: Option<String>) -> Result<String> {
+    let Some(prompt) = prompt else {
+        return Err(invalid("prompt", "is required"));
+    };
+    if prompt.trim().is_empty() {
+        return Err(invalid("prompt", "must not be empty"));
+    }
+    text("prompt", prompt, MAX_TEXT_CHARS)
+}
+
+fn max_sequence_length(spec: &ModelSpec, given: Option<u64>) -> Result<Option<usize>> {
+    match (given, spec.flux) {
+        (None, _) => Ok(None),
+        (Some(n), true) => {
+            if !(MIN_SEQUENCE_LENGTH as u64..=MAX_SEQUENCE_LENGTH as u64).contains(&n) {
+                return Err(invalid(
+                    "max_sequence_length",
+                    format!(
+                        "must be between {MIN_SEQUENCE_LENGTH} and {MAX_SEQUENCE_LENGTH} (T5 tokens), got {n}"
+                    ),
+                ));
+            }
+            Ok(Some(n as usize))
+        }
+        (Some(n), false) => Err(invalid(
+            "max_sequence_length",
+            format!(
+                "applies to FLUX models only (this worker serves {}), got {n}",
+                spec.family
+            ),
+        )),
+    }
+}
+
+/// Width and height: given, or the default of the model (or of the init image, rounded down
+/// to the latent factor, for Stable Diffusion image-to-image).
+fn size(
+    spec: &ModelSpec,
+    limits: &Limits,
+    draft: &RequestDraft,
+    input: Option<&RgbImage>,
+    inpaint: bool,
+) -> Result<(usize, usize)> {
+    let f = spec.latent_factor;
+    let side = |name: &str, given: Option<u64>, default: usize| -> Result<usize> {
+        let v = given.unwrap_or(default as u64);
+        if v == 0 || !v.is_multiple_of(f as u64) {
+            return Err(invalid(
+                name,
+                format!("must be a positive multiple of {f} (this model's latent factor), got {v}"),
+            ));
+        }
+        if v > MAX_SIDE as u64 {
+            return Err(invalid(
+                name,
+                format!("must be at most {MAX_SIDE} pixels, got {v}"),
+            ));
+        }
+        Ok(v as usize)
+    };
+    let (default_width, default_height) = match input {
+        // Inpainting (and FLUX image-to-image) default to the model's size, as diffusers'
+        // pipelines do.
+        Some(_) if inpaint || spec.flux => (spec.default_width, spec.default_height),
+        Some(image) => {
+            let (w, h) = ImageInput {
+                image: image.clone(),
+                strength: 1.0,
+                mask: None,
+            }
+            .default_size(f);
+            if w == 0 || h == 0 {
+                let field = draft
+                    .init_image
+                    .as_ref()
+                    .map_or("input_image", |b| b.field.as_str());
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is {}x{}, smaller than this model's latent factor {f} on a side",
+                        image.width, image.height
+                    ),
+                ));
+            }
+            (w, h)
+        }
+        None => (spec.default_width, spec.default_height),
+    };
+    let width = side("width", draft.width, default_width)?;
+    let height = side("height", draft.height, default_height)?;
+    if width * height > limits.max_pixels {
+        return Err(invalid(
+            if draft.width.is_some() {
+                "width"
+            } else {
+                "height"
+            },
+            format!(
+                "{width}x{height} = {} pixels is over this worker's budget of {} pixels per image (--max-pixels)",
+                width * height,
+                limits.max_pixels
+            ),
+        ));
+    }
+    Ok((width, height))
+}
+
+fn steps(spec: &ModelSpec, limits: &Limits, given: Option<u64>) -> Result<usize> {
+    let (max_steps, source) = if limits.max_steps <= spec.num_train_timesteps {
+        (limits.max_steps, "this worker's --max-steps")
+    } else {
+        (
+            spec.num_train_timesteps,
+            "the scheduler's num_train_timesteps",
+        )
+    };
+    let steps = given.unwrap_or(default_steps(spec, limits) as u64);
+    if steps == 0 || steps > max_steps as u64 {
+        return Err(invalid(
+            "steps",
+            format!("must be between 1 and {max_steps} ({source}), got {steps}"),
+        ));
+    }
+    Ok(steps as usize)
+}
+
+fn guidance(spec: &ModelSpec, given: Option<f64>) -> Result<f64> {
+    if spec.flux && !spec.guidance_embedded && given.is_some() {
+        return Err(invalid(
+            "guidance_scale",
+            format!(
+                "{} has no guidance embedding (FLUX schnell-like): omit it",
+                spec.name
+            ),
+        ));
+    }
+    let guidance = given.unwrap_or(spec.default_guidance);
+    if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+        return Err(invalid(
+            "guidance_scale",
+            format!("must be between 0 and {MAX_GUIDANCE}, got {guidance}"),
+        ));
+    }
+    Ok(guidance)
+}
+
+fn sampler(spec: &ModelSpec, given: Option<&str>) -> Result<SamplerKind> {
+    match given {
+        // FLUX runs its flow-matching schedule; the value only fills the job record.
+        None if spec.flux => Ok(SamplerKind::Euler),
+        Some(_) if spec.flux => Err(invalid(
+            "scheduler",
+            "FLUX runs its flow-matching Euler schedule: omit `scheduler`",
+        )),
+        None => spec.default_sampler.clone().map_err(|e| {
+            invalid(
+                "scheduler",
+                format!("is required: the model's own scheduler cannot be used ({e})"),
+            )
+        }),
+        Some(s) => SamplerKind::from_name(s).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
+            other => invalid("scheduler", other),
+        }),
+    }
+}
+
+/// What the sampler itself refuses (e.g. PNDM with PRK warm-up needs 4 steps) is refused
+/// here, not after queueing.
+fn check_sampler_steps(spec: &ModelSpec, sampler: SamplerKind, steps: usize) -> Result<()> {
+    if spec.flux {
+        // FLUX sizes were checked against twice the VAE factor (its latent_factor here).
+        return Ok(());
+    }
+    match sd_models::samplers::build_sampler(sampler, &spec.scheduler.for_pipeline(false), steps) {
+        Ok(_) => Ok(()),
+        Err(sd_models::Error::Invalid { field, message }) => Err(invalid(
+            if field == "steps" {
+                "steps"
+            } else {
+                "scheduler"
+            },
+            format!("{message} (sampler {})", sampler.name()),
+        )),
+        Err(other) => Err(invalid(
+            "scheduler",
+            format!(
+                "{} cannot run with this model's scheduler config: {other}",
+                sampler.name()
+            ),
+        )),
+    }
+}
+
+fn check_strength(spec: &ModelSpec, steps: usize, strength: f64) -> Result<()> {
+    let start = if spec.flux {
+        sd_models::pipelines::flux::FluxCore::img2img_start(steps, strength)
+    } else {
+        SdPipeline::img2img_start(steps, strength)
+    };
+    match start {
+        Ok(_) => Ok(()),
+        Err(sd_models::Error::Invalid { message, .. }) => Err(invalid("strength", message)),
+        Err(other) => Err(invalid("strength", other)),
+    }
+}
+
+/// The job's LoRAs, resolved (and required to exist) inside the worker's LoRA folder; the
+/// files are read when the job runs.
+fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(dir) = &limits.lora_dir else {
+        return Err(invalid(
+            "loras",
+            "this worker takes no LoRAs (start it with --lora-dir DIR)",
+        ));
+    };
+    if list.len() > MAX_LORAS {
+        return Err(invalid(
+            "loras",
+            format!("at most {MAX_LORAS} LoRAs per job, got {}", list.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, entry) in list.into_iter().enumerate() {
+        let name = |f: &str| format!("loras[{i}].{f}");
+        let n = entry.path.chars().count();
+        if n > MAX_LORA_PATH_CHARS {
+            return Err(invalid(
+                &name("path"),
+                format!("must be at most {MAX_LORA_PATH_CHARS} characters, got {n}"),
+            ));
+        }
+        let max = sd_models::lora::MAX_STRENGTH;
+        let strength = entry.strength.unwrap_or(1.0);
+        if !strength.is_finite() || strength.abs() > max {
+            return Err(invalid(
+                &name("strength"),
+                format!("must be a number between -{max} and {max}, got {strength}"),
+            ));
+        }
+        let resolved = sd_models::lora::resolve(dir, &entry.path).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => invalid(&name("path"), message),
+            other => invalid(&name("path"), other),
+        })?;
+        out.push(LoraSpec {
+            name: entry.path,
+            path: resolved,
+            strength,
+            strict: entry.strict.unwrap_or(true),
+        });
+    }
+    Ok(out)
+}

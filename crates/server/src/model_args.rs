@@ -1,0 +1,87 @@
+//! The model-source flags `generate` and `serve` share, and the download progress they show.
+
+use std::path::PathBuf;
+
+use sd_engine::hub::Progress;
+use sd_engine::source::SourceOptions;
+
+/// The model-source flags `generate` and `serve` share.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// With a Hugging Face repo id as --model: the precision variant of the weights to fetch
+    /// (e.g. fp16); default the plain files, else fp16.
+    #[arg(long, env = "SD_VARIANT")]
+    pub variant: Option<String>,
+    /// Stable Diffusion: a VAE file that replaces the model's (diffusers names, or the
+    /// original names as in A1111 `.vae.safetensors` files).
+    #[arg(long, env = "SD_VAE")]
+    pub vae: Option<PathBuf>,
+    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
+    /// the tensors do not tell.
+    #[arg(long, env = "SD_PREDICTION_TYPE")]
+    pub prediction_type: Option<String>,
+}
+
+impl SourceArgs {
+    pub fn options(&self) -> SourceOptions {
+        SourceOptions {
+            variant: self.variant.clone(),
+            vae: self.vae.clone(),
+            prediction_type: self.prediction_type.clone(),
+        }
+    }
+}
+
+/// A progress bar per file on a terminal, one line per file otherwise.
+pub struct ConsoleProgress {
+    bar: Option<indicatif::ProgressBar>,
+    terminal: bool,
+}
+
+impl ConsoleProgress {
+    pub fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            bar: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl Progress for ConsoleProgress {
+    fn start(&mut self, file: &str, size: Option<u64>, resumed_from: u64) {
+        let resumed = if resumed_from > 0 {
+            format!(", resuming at {resumed_from} bytes")
+        } else {
+            String::new()
+        };
+        if !self.terminal {
+            match size {
+                Some(s) => eprintln!("downloading {file} ({s} bytes{resumed})"),
+                None => eprintln!("downloading {file}{resumed}"),
+            }
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(size.unwrap_or(0));
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(file.to_string());
+        bar.set_position(resumed_from);
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
