@@ -40,8 +40,11 @@ pub struct Completion {
     pub format: &'static str,
     pub seed: u64,
     pub timings: Timings,
-    /// LoRA keys not applied, and the like.
+    /// LoRA keys not applied (LoRAs with `strict` false), one line each.
     pub warnings: Vec<String>,
+    /// Prompt tokens dropped beyond the text encoder's limit: [prompt, negative prompt] for
+    /// Stable Diffusion, [CLIP, T5] for FLUX.
+    pub truncated_tokens: [usize; 2],
 }
 
 /// One event of a job.

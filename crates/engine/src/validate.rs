@@ -24,8 +24,42 @@ pub struct Limits {
     pub max_input_pixels: usize,
     pub max_steps: usize,
     pub max_batch: usize,
-    /// The folder `loras` names resolve in (none: jobs take no LoRAs).
-    pub lora_dir: Option<PathBuf>,
+    /// Where the files that `loras` names may be.
+    pub loras: LoraFiles,
+    /// The limits are `sd-worker serve`'s flags (errors name the flag), or the pipeline's own
+    /// (`sd-worker generate`).
+    pub from_flags: bool,
+    /// An empty prompt is taken (an unconditional image, as diffusers makes it from ""). The
+    /// CLI, where it is typed on purpose, takes it; the HTTP APIs refuse it as a likely
+    /// client mistake.
+    pub empty_prompt: bool,
+}
+
+/// Where the files of a request's LoRAs may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraFiles {
+    /// The request may name none.
+    Refused,
+    /// Names are resolved inside this folder (the server's `--lora-dir`).
+    InFolder(PathBuf),
+    /// Any file the caller names (the CLI's `--lora FILE`: the user names their own files).
+    AnyFile,
+}
+
+impl Limits {
+    /// The limits of one `sd-worker generate` run: the pipeline's own (sides, batch, the
+    /// scheduler's step count), no pixel budget beyond the largest side.
+    pub fn pipeline() -> Self {
+        Limits {
+            max_pixels: MAX_SIDE * MAX_SIDE,
+            max_input_pixels: MAX_SIDE * MAX_SIDE,
+            max_steps: usize::MAX,
+            max_batch: sd_models::pipelines::sd::MAX_BATCH,
+            loras: LoraFiles::AnyFile,
+            from_flags: false,
+            empty_prompt: true,
+        }
+    }
 }
 
 /// Defaults for omitted fields that the model does not define.
@@ -158,7 +192,7 @@ pub fn validate(
     check_operation(spec, op)?;
     let (input, mask) = input_images(&draft, limits)?;
     check_model(spec, draft.model.as_deref())?;
-    let prompt = prompt(draft.prompt.clone())?;
+    let prompt = prompt(draft.prompt.clone(), limits.empty_prompt)?;
     let negative_prompt = draft
         .negative_prompt
         .clone()
@@ -178,10 +212,15 @@ pub fn validate(
     let sampler = sampler(spec, draft.scheduler.as_deref())?;
     let batch = draft.batch.unwrap_or(1);
     if batch == 0 || batch > limits.max_batch as u64 {
+        let source = if limits.from_flags {
+            "this worker's --max-batch"
+        } else {
+            "the largest batch"
+        };
         return Err(invalid(
             "batch",
             format!(
-                "must be between 1 and {} (this worker's --max-batch), got {batch}",
+                "must be between 1 and {}, got {batch}; the limit is {source}",
                 limits.max_batch
             ),
         ));
@@ -239,7 +278,7 @@ fn check_operation(spec: &ModelSpec, op: Operation) -> Result<()> {
         return Err(invalid(
             "operation",
             format!(
-                "this worker's model ({}) is FLUX: it runs \"image_generation\" and \"image_transform\" (FLUX inpainting is not supported yet), got \"{operation}\"",
+                "the model ({}) is FLUX: it runs \"image_generation\" and \"image_transform\" (FLUX inpainting is not supported yet), got \"{operation}\"",
                 spec.name
             ),
         ));
@@ -248,7 +287,7 @@ fn check_operation(spec: &ModelSpec, op: Operation) -> Result<()> {
         return Err(invalid(
             "operation",
             format!(
-                "this worker's model ({}) is an inpainting model: it runs \"image_inpaint\" only, got \"{operation}\"",
+                "the model ({}) is an inpainting model: it runs \"image_inpaint\" only, got \"{operation}\"",
                 spec.name
             ),
         ));
@@ -363,11 +402,11 @@ fn text(field: &str, s: String, max: usize) -> Result<String> {
     Ok(s)
 }
 
-fn prompt(prompt: Option<String>) -> Result<String> {
+fn prompt(prompt: Option<String>, empty_allowed: bool) -> Result<String> {
     let Some(prompt) = prompt else {
         return Err(invalid("prompt", "is required"));
     };
-    if prompt.trim().is_empty() {
+    if prompt.trim().is_empty() && !empty_allowed {
         return Err(invalid("prompt", "must not be empty"));
     }
     text("prompt", prompt, MAX_TEXT_CHARS)
@@ -390,7 +429,7 @@ fn max_sequence_length(spec: &ModelSpec, given: Option<u64>) -> Result<Option<us
         (Some(n), false) => Err(invalid(
             "max_sequence_length",
             format!(
-                "applies to FLUX models only (this worker serves {}), got {n}",
+                "applies to FLUX models only (the model is {}), got {n}",
                 spec.family
             ),
         )),
@@ -483,7 +522,7 @@ fn steps(spec: &ModelSpec, limits: &Limits, given: Option<u64>) -> Result<usize>
     if steps == 0 || steps > max_steps as u64 {
         return Err(invalid(
             "steps",
-            format!("must be between 1 and {max_steps} ({source}), got {steps}"),
+            format!("must be between 1 and {max_steps}, got {steps}; the limit is {source}"),
         ));
     }
     Ok(steps as usize)
@@ -576,12 +615,12 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
     if list.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(dir) = &limits.lora_dir else {
+    if limits.loras == LoraFiles::Refused {
         return Err(invalid(
             "loras",
             "this worker takes no LoRAs (start it with --lora-dir DIR)",
         ));
-    };
+    }
     if list.len() > MAX_LORAS {
         return Err(invalid(
             "loras",
@@ -606,13 +645,31 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
                 format!("must be a number between -{max} and {max}, got {strength}"),
             ));
         }
-        let resolved = sd_models::lora::resolve(dir, &entry.path).map_err(|e| match e {
-            sd_models::Error::Invalid { message, .. } => invalid(&name("path"), message),
-            other => invalid(&name("path"), other),
-        })?;
+        let (name, path) = match &limits.loras {
+            LoraFiles::InFolder(dir) => {
+                let resolved = sd_models::lora::resolve(dir, &entry.path).map_err(|e| match e {
+                    sd_models::Error::Invalid { message, .. } => invalid(&name("path"), message),
+                    other => invalid(&name("path"), other),
+                })?;
+                (entry.path, resolved)
+            }
+            _ => {
+                let path = PathBuf::from(&entry.path);
+                if !path.is_file() {
+                    return Err(invalid(
+                        &name("path"),
+                        format!("{} is not a file", entry.path),
+                    ));
+                }
+                let file = path
+                    .file_name()
+                    .map_or_else(|| entry.path.clone(), |n| n.to_string_lossy().into_owned());
+                (file, path)
+            }
+        };
         out.push(LoraSpec {
-            name: entry.path,
-            path: resolved,
+            name,
+            path,
             strength,
             strict: entry.strict.unwrap_or(true),
         });

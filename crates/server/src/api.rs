@@ -505,7 +505,7 @@ async fn info(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
             "image_formats": ["png"],
             "auth": st.api_key.is_some(),
             "loras": {
-                "enabled": st.limits.lora_dir.is_some(),
+                "enabled": st.limits.loras != validate::LoraFiles::Refused,
                 "max_per_job": MAX_LORAS,
                 "max_strength": sd_models::lora::MAX_STRENGTH,
                 "formats": ["kohya", "diffusers-peft", "locon", "flux-original"],

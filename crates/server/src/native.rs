@@ -374,7 +374,9 @@ mod tests {
             max_input_pixels: 4096 * 4096,
             max_steps: 150,
             max_batch: 8,
-            lora_dir: None,
+            loras: sd_engine::validate::LoraFiles::Refused,
+            from_flags: true,
+            empty_prompt: false,
         }
     }
 

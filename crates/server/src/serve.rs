@@ -9,6 +9,7 @@ use clap::Args;
 use sd_engine::backend::Model;
 use sd_engine::jobs::{EngineConfig, Loader};
 use sd_engine::load::LoadRequest;
+use sd_engine::validate::LoraFiles;
 use sd_engine::{Engine, Limits};
 
 use crate::api::{router, AppState};
@@ -251,6 +252,7 @@ fn start_engine(
         result_ttl: Duration::from_secs(args.result_ttl),
         max_results: args.max_results,
         job_timeout: Duration::from_secs(args.job_timeout),
+        log_jobs: true,
     };
     let (engine, loaded) = Engine::start(config, loader(load));
     let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
@@ -274,7 +276,12 @@ fn app_state(
             max_input_pixels: args.max_input_pixels,
             max_steps: args.max_steps,
             max_batch: args.max_batch,
-            lora_dir: args.lora_dir.clone(),
+            loras: match &args.lora_dir {
+                Some(dir) => LoraFiles::InFolder(dir.clone()),
+                None => LoraFiles::Refused,
+            },
+            from_flags: true,
+            empty_prompt: false,
         },
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,

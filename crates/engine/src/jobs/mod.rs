@@ -106,7 +106,25 @@ pub struct EngineConfig {
     pub max_results: usize,
     /// A running job is cancelled this long after it started.
     pub job_timeout: Duration,
+    /// One line on stderr per finished job (the server's log; the CLI reports for itself).
+    pub log_jobs: bool,
 }
+
+impl EngineConfig {
+    /// An engine for one job that the caller follows itself (`sd-worker generate`): no queue
+    /// to speak of, no deadline, the result kept until the caller has read it.
+    pub fn single_job() -> Self {
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        EngineConfig {
+            max_queue: 1,
+            result_ttl: YEAR,
+            max_results: 1,
+            job_timeout: YEAR,
+            log_jobs: false,
+        }
+    }
+}
+
 /// Where the worker is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -270,6 +288,7 @@ impl Engine {
             final_event: None,
             images: Vec::new(),
             warnings: Vec::new(),
+            truncated_tokens: [0, 0],
         };
         s.jobs.insert(id.clone(), job);
         s.queue.push_back(id.clone());
@@ -373,19 +392,14 @@ impl Engine {
             }
             JobState::Completed => {
                 let images = job.images.clone();
-                let seed = job.request.params.seed;
-                let operation = job.request.operation;
-                let method = (operation == Operation::Inpaint)
+                let method = (job.request.operation == Operation::Inpaint)
                     .then(|| s.spec.as_ref().map(|m| m.inpaint_method))
                     .flatten();
-                let timings: Timings = job.timings.clone();
-                let warnings = job.warnings.clone();
+                let completion = runner::completion(job, method);
                 drop(s);
                 // Base64 outside the lock.
                 let encoded: Vec<String> = images.iter().map(|p| runner::b64(p)).collect();
-                first.push(runner::completion(
-                    encoded, operation, method, seed, timings, warnings,
-                ));
+                first.push(runner::with_images(completion, encoded));
                 return Some((first, None));
             }
             _ => {

@@ -340,9 +340,11 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     // Encode outside the lock: status requests keep being answered meanwhile.
     let t = Instant::now();
     let mut warnings = Vec::new();
+    let mut truncated = [0, 0];
     let (state, outcome) = match outcome {
         Outcome::Completed(generated) => {
             warnings = generated.warnings.clone();
+            truncated = [generated.truncated_tokens.0, generated.truncated_tokens.1];
             let strength = request.input.as_ref().map(|i| i.strength);
             let info = ResultInfo {
                 strength,
@@ -375,7 +377,9 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
                 Instant::now(),
             );
             s.prune(&inner.config, Instant::now());
-            eprintln!("job {id}: cancelled ({})", reason.name());
+            if inner.config.log_jobs {
+                eprintln!("job {id}: cancelled ({})", reason.name());
+            }
             return;
         }
     };
@@ -391,20 +395,12 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     job.timings.generation = Some(generation);
     job.timings.encode = Some(encode);
     job.timings.total = Some(now.duration_since(job.queued_at).as_secs_f64());
-    let seed = job.request.params.seed;
-    let operation = job.request.operation;
     let ev = match outcome {
         Ok((pngs, encoded)) => {
             job.images = pngs.into_iter().map(Arc::new).collect();
-            job.warnings = warnings.clone();
-            completion(
-                encoded,
-                operation,
-                method,
-                seed,
-                job.timings.clone(),
-                warnings,
-            )
+            job.warnings = warnings;
+            job.truncated_tokens = truncated;
+            with_images(completion(job, method), encoded)
         }
         Err((kind, message)) => {
             job.error = Some(JobError {
@@ -416,6 +412,9 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     };
     s.finish(id, state, ev, now);
     s.prune(&inner.config, now);
+    if !inner.config.log_jobs {
+        return;
+    }
     match state {
         JobState::Completed => eprintln!("job {id}: completed in {generation:.2}s"),
         _ => eprintln!(
@@ -429,27 +428,29 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
     }
 }
 
-/// The `complete` event of a job whose images are `encoded` (base64 PNG).
+/// What the `complete` event of `job` reports, but its images (see [`with_images`]).
 pub(super) fn completion(
-    encoded: Vec<String>,
-    operation: Operation,
+    job: &super::store::Job,
     inpaint_method: Option<&'static str>,
-    seed: u64,
-    timings: crate::events::Timings,
-    warnings: Vec<String>,
-) -> EventRef {
-    let image = encoded.first().cloned().unwrap_or_default();
-    JobEvent::Completed(Completion {
-        operation,
+) -> Completion {
+    Completion {
+        operation: job.request.operation,
         inpaint_method,
-        images: encoded,
-        image,
+        images: Vec::new(),
+        image: String::new(),
         format: "png",
-        seed,
-        timings,
-        warnings,
-    })
-    .into()
+        seed: job.request.params.seed,
+        timings: job.timings.clone(),
+        warnings: job.warnings.clone(),
+        truncated_tokens: job.truncated_tokens,
+    }
+}
+
+/// The `complete` event with its images, `encoded` as base64 PNG.
+pub(super) fn with_images(mut completion: Completion, encoded: Vec<String>) -> EventRef {
+    completion.image = encoded.first().cloned().unwrap_or_default();
+    completion.images = encoded;
+    JobEvent::Completed(completion).into()
 }
 
 pub(super) fn b64(bytes: &[u8]) -> String {

@@ -41,6 +41,8 @@ pub(super) struct Job {
     pub images: Vec<Arc<Vec<u8>>>,
     /// Warnings of the completed job (LoRA keys not applied).
     pub warnings: Vec<String>,
+    /// Prompt tokens the completed job dropped (see [`crate::events::Completion`]).
+    pub truncated_tokens: [usize; 2],
 }
 
 /// Job outcomes so far: the Retry-After estimate of a full queue is their mean duration.

@@ -116,6 +116,7 @@ fn config() -> EngineConfig {
         result_ttl: Duration::from_secs(60),
         max_results: 100,
         job_timeout: Duration::from_secs(60),
+        log_jobs: true,
     }
 }
 

@@ -1,23 +1,28 @@
-//! `sd-worker generate`: one prompt to PNG files.
-
-mod flux;
+//! `sd-worker generate`: one prompt to PNG files, as a client of the engine. The flags become
+//! a [`RequestDraft`], validated by the engine as an HTTP job is, and the job runs on an engine
+//! thread like the server's; so the CLI and the server share defaults, limits, messages and
+//! PNG text. What the flags alone decide (file names, flag combinations, the scheduler's
+//! name, the input files) is checked before the model loads, so that it fails at once.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sd_models::lora::LoraSpec;
-use sd_models::pipelines::{GenerateParams, ImageInput, SdPipeline};
+use sd_engine::events::JobEvent;
+use sd_engine::images::input::{decode_mask, decode_rgb};
+use sd_engine::jobs::{EngineConfig, Loader};
+use sd_engine::load::LoadRequest;
+use sd_engine::request::{ImageBytes, LoraDraft, Operation, RequestDraft};
+use sd_engine::validate::MAX_SIDE;
+use sd_engine::{Engine, InvalidField, Limits, ModelSpec};
 use sd_models::samplers::SamplerKind;
 
-use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
+use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
 use crate::model_args::ConsoleProgress;
-use sd_engine::images::input::{decode_mask, decode_rgb};
-use sd_engine::images::png::{encode_job_results, ResultInfo};
-use sd_engine::validate::{DEFAULT_INPAINT_STRENGTH, DEFAULT_TRANSFORM_STRENGTH};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -109,8 +114,8 @@ pub struct GenerateArgs {
     pub lora_allow_unmatched: bool,
 }
 
-/// The `--lora` values as LoRA specs: `FILE[:STRENGTH]`, the file checked to exist.
-pub fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
+/// The `--lora` values: `FILE[:STRENGTH]`, the file checked to exist.
+fn lora_drafts(args: &GenerateArgs) -> Result<Vec<LoraDraft>> {
     args.loras
         .iter()
         .map(|arg| {
@@ -127,32 +132,27 @@ pub fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
             if !strength.is_finite() || strength.abs() > max {
                 bail!("invalid --lora {arg}: the strength must be between -{max} and {max}, got {strength}");
             }
-            let path = PathBuf::from(file);
-            if !path.is_file() {
+            if !Path::new(file).is_file() {
                 bail!("invalid --lora {arg}: {file} is not a file");
             }
-            Ok(LoraSpec {
-                name: path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| file.to_string()),
-                path,
-                strength,
-                strict: !args.lora_allow_unmatched,
+            Ok(LoraDraft {
+                path: file.to_string(),
+                strength: Some(strength),
+                strict: Some(!args.lora_allow_unmatched),
             })
         })
         .collect()
 }
 
 /// Prints the warnings of a run (LoRA keys not applied).
-pub fn print_warnings(warnings: &[String]) {
+fn print_warnings(warnings: &[String]) {
     for w in warnings {
         eprintln!("warning: LoRA {w}");
     }
 }
 
 /// A step progress bar with steps/s on a terminal; hidden when `quiet`.
-pub fn progress_bar(quiet: bool) -> ProgressBar {
+fn progress_bar(quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
@@ -164,7 +164,7 @@ pub fn progress_bar(quiet: bool) -> ProgressBar {
 }
 
 /// The files a batch writes: `out.png` for one image, `out-0.png`, `out-1.png`... for more.
-pub fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
+fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![output.to_path_buf()];
     }
@@ -181,83 +181,79 @@ pub fn output_paths(output: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn run(mut args: GenerateArgs) -> Result<()> {
-    match args.output.extension().and_then(|e| e.to_str()) {
+fn check_output(output: &Path) -> Result<()> {
+    match output.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("png") => {}
         _ => bail!(
             "invalid --output {}: the file name must end in .png",
-            args.output.display()
+            output.display()
         ),
     }
-    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             bail!(
                 "invalid --output {}: folder {} does not exist",
-                args.output.display(),
+                output.display(),
                 dir.display()
             );
         }
     }
-    let sampler_override = args
-        .scheduler
-        .as_deref()
-        .map(SamplerKind::from_name)
-        .transpose()?;
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    check_dtype_on_device(dtype, &device)?;
-    let quiet = !std::io::stderr().is_terminal();
-    let loras = lora_specs(&args)?;
-    args.model = sd_engine::hub::resolve_model(
-        &args.model,
-        args.source.variant.as_deref(),
-        &mut ConsoleProgress::new(),
-    )?;
-    let kind = sd_engine::source::model_kind(&args.model)?;
-    let sd_opts = args
-        .source
-        .options()
-        .sd_options(kind, args.components.as_deref())?;
-    if kind == sd_engine::source::ModelKind::Flux {
-        return flux::run(&args, &loras, &device, dtype, quiet);
-    }
-    if let Some(n) = args.max_sequence_length {
-        bail!("--max-sequence-length {n} applies to FLUX models only");
-    }
-    if let Some(d) = &args.text_encoder_device {
-        bail!("--text-encoder-device {d} applies to FLUX models only");
-    }
+    Ok(())
+}
 
-    // Inputs are read before the model loads, so that a bad file fails at once.
-    let max_side = sd_models::pipelines::sd::MAX_SIDE;
-    let read = |flag: &str, path: &Path| -> Result<Vec<u8>> {
-        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+/// The flag that sets a request field, for error messages.
+fn flag(field: &str) -> &str {
+    match field {
+        "prompt" => "--prompt",
+        "negative_prompt" => "--negative-prompt",
+        "width" => "--width",
+        "height" => "--height",
+        "steps" => "--steps",
+        "guidance_scale" => "--guidance",
+        "seed" => "--seed",
+        "scheduler" => "--scheduler",
+        "batch" => "--batch",
+        "max_sequence_length" => "--max-sequence-length",
+        "init_image" | "input_image" => "--init-image",
+        "mask_image" => "--mask",
+        "strength" => "--strength",
+        "operation" => "--init-image / --mask",
+        f if f.starts_with("loras") => "--lora",
+        other => other,
+    }
+}
+
+/// An engine error in the CLI's words: `invalid --flag: reason`.
+fn cli_error(e: InvalidField) -> anyhow::Error {
+    anyhow::anyhow!("invalid {}: {}", flag(&e.field), e.reason)
+}
+
+/// Reads an input file and checks that it decodes, before the model loads.
+fn read_input(flag: &str, path: &Path, mask: bool) -> Result<ImageBytes> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let checked = if mask {
+        decode_mask(&bytes, MAX_SIDE * MAX_SIDE, MAX_SIDE).map(|_| ())
+    } else {
+        decode_rgb(&bytes, MAX_SIDE * MAX_SIDE, MAX_SIDE).map(|_| ())
     };
+    checked.map_err(|e| anyhow::anyhow!("invalid {flag} {}: the file {e}", path.display()))?;
+    let field = if mask { "mask_image" } else { "init_image" };
+    Ok(ImageBytes {
+        field: field.into(),
+        bytes,
+    })
+}
+
+/// The request the flags make, with its input files read.
+fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     let mask = match (&args.mask, &args.init_image) {
-        (Some(path), Some(_)) => Some(
-            decode_mask(&read("--mask", path)?, max_side * max_side, max_side)
-                .map_err(|e| anyhow::anyhow!("invalid --mask {}: the file {e}", path.display()))?,
-        ),
+        (Some(path), Some(_)) => Some(read_input("--mask", path, true)?),
         (Some(_), None) => bail!("--mask needs --init-image (the image to inpaint)"),
         (None, _) => None,
     };
-    let input = match &args.init_image {
-        Some(path) => {
-            let image = decode_rgb(&read("--init-image", path)?, max_side * max_side, max_side)
-                .map_err(|e| {
-                    anyhow::anyhow!("invalid --init-image {}: the file {e}", path.display())
-                })?;
-            let default_strength = if mask.is_some() {
-                DEFAULT_INPAINT_STRENGTH
-            } else {
-                DEFAULT_TRANSFORM_STRENGTH
-            };
-            Some(ImageInput {
-                image,
-                strength: args.strength.unwrap_or(default_strength),
-                mask,
-            })
-        }
+    let init = match &args.init_image {
+        Some(path) => Some(read_input("--init-image", path, false)?),
         None => {
             if let Some(s) = args.strength {
                 bail!("--strength {s} needs --init-image (strength applies to image-to-image and inpainting)");
@@ -265,112 +261,193 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
             None
         }
     };
-    let started = Instant::now();
-    let (pipeline, info) = sd_models::loader::load_sd_with(&args.model, &sd_opts, &device, dtype)?;
-    let sampler = match sampler_override {
-        Some(s) => s,
-        None => pipeline.default_sampler()?,
+    let operation = match (&init, &mask) {
+        (None, _) => Operation::Generation,
+        (Some(_), None) => Operation::Transform,
+        (Some(_), Some(_)) => Operation::Inpaint,
     };
-    if pipeline.is_inpainting_model() && input.as_ref().is_none_or(|i| i.mask.is_none()) {
-        bail!(
-            "{} is an inpainting model: it needs --init-image and --mask",
-            info.name
-        );
-    }
-    let (default_width, default_height) = match &input {
-        // Inpainting defaults to the model's size, as diffusers' inpainting pipeline does.
-        Some(i) if i.mask.is_some() => pipeline.default_size(),
-        Some(i) => {
-            let (w, h) = i.default_size(pipeline.latent_factor());
-            if w == 0 || h == 0 {
-                bail!(
-                    "invalid --init-image: {}x{} is smaller than the latent factor {}",
-                    i.image.width,
-                    i.image.height,
-                    pipeline.latent_factor()
-                );
-            }
-            (w, h)
-        }
-        None => pipeline.default_size(),
-    };
-    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let params = GenerateParams {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width: args.width.unwrap_or(default_width),
-        height: args.height.unwrap_or(default_height),
-        steps: args.steps.unwrap_or(50),
-        guidance: args.guidance.unwrap_or(7.5),
-        seed,
-        sampler,
-        batch: args.batch,
-    };
-    pipeline.validate(&params)?;
-    if let Some(i) = &input {
-        SdPipeline::img2img_start(params.steps, i.strength).map_err(|e| match e {
-            sd_models::Error::Invalid { message, .. } => {
-                anyhow::anyhow!("invalid --strength: {message}")
-            }
-            other => other.into(),
-        })?;
-    }
-    if !quiet {
-        eprintln!(
-            "loaded {} ({}, {}, {}) in {:.1}s; seed {seed}, sampler {}",
-            info.name,
-            info.family,
-            args.device,
-            dtype_name(dtype),
-            started.elapsed().as_secs_f64(),
-            sampler.name()
-        );
-    }
+    let mut d = RequestDraft::new(operation);
+    d.prompt = Some(args.prompt.clone());
+    d.negative_prompt = args.negative_prompt.clone();
+    d.width = args.width.map(|v| v as u64);
+    d.height = args.height.map(|v| v as u64);
+    d.steps = args.steps.map(|v| v as u64);
+    d.guidance_scale = args.guidance;
+    d.seed = args.seed;
+    d.scheduler = args.scheduler.clone();
+    d.batch = Some(args.batch as u64);
+    d.max_sequence_length = args.max_sequence_length.map(|v| v as u64);
+    d.init_image = init;
+    d.mask_image = mask;
+    d.strength = args.strength;
+    d.preview_every = Some(0);
+    d.loras = lora_drafts(args)?;
+    Ok(d)
+}
 
-    let bar = progress_bar(quiet);
-    if params.negative_prompt.is_some() && params.guidance <= 1.0 {
+/// Loads the model on the engine thread.
+fn loader(load: LoadRequest) -> Loader<sd_engine::backend::Model> {
+    Box::new(move || sd_engine::load::load(&load, &mut ConsoleProgress::new()))
+}
+
+/// The images of a finished job, in order, and its `complete` event; the progress bar follows
+/// the job's steps.
+fn follow(engine: &Engine, id: &str, bar: &ProgressBar) -> Result<(Vec<Arc<Vec<u8>>>, JobEvent)> {
+    let (first, live) = engine
+        .subscribe(id)
+        .context("the job disappeared from the engine")?;
+    let mut pending: std::collections::VecDeque<_> = first.into();
+    let mut live = live;
+    let last = loop {
+        let ev = match pending.pop_front() {
+            Some(ev) => ev,
+            None => {
+                let rx = live
+                    .as_mut()
+                    .context("the job's events ended before its final event")?;
+                match rx.blocking_recv() {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        bail!("the job's events ended before its final event")
+                    }
+                }
+            }
+        };
+        match &ev.event {
+            JobEvent::Progress { step, total, .. } => {
+                bar.set_length(*total as u64);
+                bar.set_position(*step as u64);
+            }
+            JobEvent::Failed { message, .. } => bail!("{message}"),
+            JobEvent::Cancelled { reason } => bail!("the job was cancelled ({reason})"),
+            JobEvent::Completed(_) => break ev.event.clone(),
+            _ => {}
+        }
+    };
+    let count = engine.status(id).map_or(0, |v| v.image_count);
+    let images = (0..count)
+        .map(|n| match engine.image(id, n) {
+            Some(Ok(png)) => Ok(png),
+            _ => bail!("image {n} of the job is missing"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((images, last))
+}
+
+fn print_loaded(spec: &ModelSpec, request: &sd_engine::GenerationRequest, seconds: f64) {
+    let p = &request.params;
+    let sampler = if spec.flux {
+        "flow-match-euler"
+    } else {
+        p.sampler.name()
+    };
+    let variant = if spec.flux {
+        format!("flux {}", spec.prediction_type)
+    } else {
+        spec.family.clone()
+    };
+    eprintln!(
+        "loaded {} ({variant}, {}, {}) in {seconds:.1}s; seed {}, sampler {sampler}",
+        spec.name, spec.device, spec.dtype, p.seed
+    );
+}
+
+/// Warnings about the request that do not stop it.
+fn print_request_warnings(spec: &ModelSpec, request: &sd_engine::GenerationRequest) {
+    let p = &request.params;
+    if !spec.flux && p.negative_prompt.is_some() && p.guidance <= 1.0 {
         eprintln!(
             "warning: --negative-prompt has no effect when --guidance ({}) is not above 1",
-            params.guidance
+            p.guidance
         );
     }
-    let run_started = Instant::now();
-    let mut on_step = |p: sd_models::pipelines::Progress<'_>| {
-        bar.set_length(p.total as u64);
-        bar.set_position(p.step as u64);
-        Ok(())
-    };
-    let (generated, warnings) = sd_models::lora::run_with(
-        &loras,
-        &pipeline.lora_layers,
-        &pipeline.device,
-        pipeline.dtype,
-        || match &input {
-            Some(i) => pipeline.generate_from_image(&params, i, &mut on_step),
-            None => pipeline.generate(&params, &mut on_step),
-        },
-    )?;
-    bar.finish_and_clear();
-    print_warnings(&warnings);
-    let (dropped, neg_dropped) = generated.truncated_tokens;
-    if dropped > 0 {
-        eprintln!("warning: the prompt was truncated; {dropped} tokens beyond the text encoder's limit were dropped");
+}
+
+fn print_truncation(spec: &ModelSpec, request: &sd_engine::GenerationRequest, dropped: [usize; 2]) {
+    let [first, second] = dropped;
+    if spec.flux {
+        if first > 0 {
+            eprintln!("warning: the prompt was truncated for CLIP; {first} tokens were dropped");
+        }
+        if second > 0 {
+            let n = request
+                .max_sequence_length
+                .or(spec.default_max_sequence_length)
+                .unwrap_or(0);
+            eprintln!(
+                "warning: the prompt was truncated for T5 (--max-sequence-length {n}); {second} tokens were dropped"
+            );
+        }
+        return;
     }
-    if neg_dropped > 0 {
-        eprintln!("warning: the negative prompt was truncated; {neg_dropped} tokens were dropped");
+    if first > 0 {
+        eprintln!("warning: the prompt was truncated; {first} tokens beyond the text encoder's limit were dropped");
+    }
+    if second > 0 {
+        eprintln!("warning: the negative prompt was truncated; {second} tokens were dropped");
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_output(&args.output)?;
+    if let Some(name) = &args.scheduler {
+        SamplerKind::from_name(name)?;
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    check_dtype_on_device(dtype, &device)?;
+    let quiet = !std::io::stderr().is_terminal();
+    let draft = draft(&args)?;
+    let text_device = args
+        .text_encoder_device
+        .as_deref()
+        .map(parse_device)
+        .transpose()?;
+    let load = LoadRequest {
+        model: args.model.clone(),
+        components: args.components.clone(),
+        source: args.source.options(),
+        device,
+        device_name: args.device.trim().to_ascii_lowercase(),
+        text_device,
+        dtype,
+    };
+
+    let started = Instant::now();
+    let (engine, loaded) = Engine::start(EngineConfig::single_job(), loader(load));
+    match loaded.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(message)) => bail!("{message}"),
+        Err(_) => bail!("the engine stopped while loading the model"),
+    }
+    let spec = engine.spec().context("the engine has no model")?;
+    let seed = rand::random::<u32>() as u64;
+    let request =
+        sd_engine::validate(draft, &spec, &Limits::pipeline(), seed).map_err(cli_error)?;
+    if !quiet {
+        print_loaded(&spec, &request, started.elapsed().as_secs_f64());
+    }
+    print_request_warnings(&spec, &request);
+    let seed = request.params.seed;
+    let request_copy = request.clone();
+
+    let bar = progress_bar(quiet);
+    let run_started = Instant::now();
+    let id = engine
+        .submit(request)
+        .map_err(|e| anyhow::anyhow!("the engine refused the job: {e:?}"))?;
+    let (pngs, last) = follow(&engine, &id, &bar)?;
+    bar.finish_and_clear();
+    if let JobEvent::Completed(c) = &last {
+        print_warnings(&c.warnings);
+        print_truncation(&spec, &request_copy, c.truncated_tokens);
     }
 
-    let paths = output_paths(&args.output, generated.images.len());
-    let strength = input.as_ref().map(|i| i.strength);
-    let result = ResultInfo {
-        strength,
-        flux: None,
-        model: &info.name,
-        loras: &loras,
-    };
-    let pngs = encode_job_results(&params, &result, &generated.images)?;
+    let paths = output_paths(&args.output, pngs.len());
     for (png, path) in pngs.iter().zip(&paths) {
-        std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, png.as_slice())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
