@@ -11,6 +11,7 @@ use crate::request::Operation;
 
 /// Seconds spent in each phase of a job.
 #[derive(Debug, Clone, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Timings {
     pub queue: Option<f64>,
     pub generation: Option<f64>,
@@ -21,6 +22,7 @@ pub struct Timings {
 
 /// An error kind and its message, as job records and `error` events carry them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobError {
     #[serde(rename = "type")]
     pub kind: String,
@@ -29,6 +31,7 @@ pub struct JobError {
 
 /// What a `complete` event reports.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Completion {
     pub operation: Operation,
     /// Inpainting jobs: `inpaint-unet` or `latent-blend`.
@@ -49,6 +52,7 @@ pub struct Completion {
 
 /// One event of a job.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type")]
 pub enum JobEvent {
     /// Waiting; `position` 1 runs next.

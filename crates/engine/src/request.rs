@@ -11,6 +11,7 @@ use serde::Serialize;
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Operation {
     #[serde(rename = "image_generation")]
     Generation,
@@ -42,6 +43,7 @@ impl Operation {
 
 /// What a preview shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PreviewKind {
     /// A linear latent-to-RGB map at latent resolution (no VAE).

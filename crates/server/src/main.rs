@@ -1,8 +1,5 @@
 //! `sd-worker`: a Stable Diffusion image-generation worker.
 
-// The OpenAPI document is one json! literal, deeper than the default limit.
-#![recursion_limit = "256"]
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -14,7 +11,6 @@ mod generate;
 mod inspect;
 mod model_args;
 mod native;
-mod openapi;
 mod prometheus;
 mod serve;
 

@@ -29,6 +29,7 @@ use store::{Job, Store, EVENT_BUFFER};
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -59,6 +60,7 @@ impl JobState {
 
 /// Why a job was cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CancelReason {
     /// `DELETE /v1/jobs/{id}`.

@@ -79,6 +79,7 @@ pub(super) struct Store {
 
 /// A job's settings as its record echoes them.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RequestEcho {
     pub prompt: String,
     pub negative_prompt: Option<String>,
@@ -97,6 +98,7 @@ pub struct RequestEcho {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LoraEcho {
     pub path: String,
     pub strength: f64,
@@ -105,6 +107,7 @@ pub struct LoraEcho {
 
 /// The record of one job, as `GET /v1/jobs/{id}` shows it (the HTTP layer adds the URLs).
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobView {
     pub job_id: String,
     pub operation: Operation,

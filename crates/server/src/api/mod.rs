@@ -1,0 +1,260 @@
+//! The HTTP API (axum): routes, the shared state, bearer auth and the one error table of the
+//! native API. Handlers live by concern: [`jobs`] (submission, records, events, images),
+//! [`info`] (health, readiness, worker information, metrics) and [`openapi`] (the document
+//! generated from the types they read and write).
+
+mod info;
+mod jobs;
+pub mod openapi;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sd_engine::jobs::Phase;
+use sd_engine::{Engine, Limits};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: Engine,
+    pub limits: Limits,
+    /// Bearer token required on every route but `/health` and `/ready`.
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub keep_alive: Duration,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Every error of the native API, and the HTTP status each one answers with: the one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The body is not JSON.
+    MalformedJson,
+    /// The body could not be read.
+    BadRequest,
+    /// A field is invalid, unknown or missing.
+    InvalidRequest,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    /// The job is in a state where that cannot be done.
+    Conflict,
+    PayloadTooLarge,
+    QueueFull,
+    /// The model is loading, or failed to load.
+    NotReady,
+    Draining,
+    /// A bug while reading a request.
+    Internal,
+}
+
+impl ErrorKind {
+    #[cfg(test)]
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::MalformedJson,
+        ErrorKind::BadRequest,
+        ErrorKind::InvalidRequest,
+        ErrorKind::Unauthorized,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::Conflict,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::QueueFull,
+        ErrorKind::NotReady,
+        ErrorKind::Draining,
+        ErrorKind::Internal,
+    ];
+
+    /// The `type` of the error body (also a metrics label where one is wanted).
+    pub fn name(self) -> &'static str {
+        self.entry().1
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.entry().0
+    }
+
+    fn entry(self) -> (StatusCode, &'static str) {
+        match self {
+            ErrorKind::MalformedJson => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+            ErrorKind::InvalidRequest => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ErrorKind::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ErrorKind::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ErrorKind::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ErrorKind::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ErrorKind::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// An error answer of the native API.
+#[derive(Debug)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+/// The one error shape: `{"error": {"type", "message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// malformed_json, bad_request, invalid_request, unauthorized, not_found,
+    /// method_not_allowed, conflict, payload_too_large, queue_full, not_ready, draining or
+    /// internal.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// For invalid_request: names the field, the limit and the value.
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn not_found(id: &str) -> Self {
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!("no job {id:?} (unknown, or finished and expired)"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: self.kind.name(),
+                message: self.message,
+            },
+        };
+        let mut response = (self.kind.status(), Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if self.kind == ErrorKind::Unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The error of a route that needs the model while the worker is not ready.
+fn unavailable(phase: &Phase) -> ApiError {
+    match phase {
+        Phase::Draining => ApiError::new(
+            ErrorKind::Draining,
+            "the worker is shutting down and takes no new jobs",
+        ),
+        Phase::Failed(m) => ApiError::new(
+            ErrorKind::NotReady,
+            format!("the model failed to load: {m}"),
+        ),
+        _ => ApiError::new(
+            ErrorKind::NotReady,
+            "the model is still loading; watch GET /ready",
+        ),
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    let n = a.len().max(b.len());
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = header.and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        let message = match token {
+            None if header.is_none() => Some("missing `Authorization: Bearer <token>` header"),
+            None => Some("the Authorization header must be `Bearer <token>`"),
+            Some(t) if !constant_time_eq(t.as_bytes(), key.as_bytes()) => {
+                Some("wrong bearer token")
+            }
+            Some(_) => None,
+        };
+        if let Some(m) = message {
+            return ApiError::new(ErrorKind::Unauthorized, m).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The router with every route of the API.
+pub fn router(state: Shared) -> Router {
+    let max_body = state.max_body_bytes;
+    let protected = Router::new()
+        .route("/v1/jobs", get(jobs::list_jobs).post(jobs::submit))
+        .route(
+            "/v1/jobs/{id}",
+            get(jobs::job_status).delete(jobs::cancel_job),
+        )
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
+        .route("/v1/jobs/{id}/stream", get(jobs::job_stream))
+        .route("/v1/jobs/{id}/images/{n}", get(jobs::job_image))
+        .route("/v1/info", get(info::info))
+        .route("/metrics", get(info::metrics))
+        .route("/openapi.json", get(openapi::openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(info::health))
+        .route("/ready", get(info::ready))
+        .merge(protected)
+        .fallback(not_found_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn not_found_route() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "no such route; see /openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        "this route does not take that method; see /openapi.json",
+    )
+}
