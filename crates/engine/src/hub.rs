@@ -25,6 +25,9 @@
 //! bring an async runtime into this crate, which the engine layer does not own. Choosing the
 //! files (model_index.json, component configs, one weight variant) and the 401/403/404 messages
 //! would stay here with either.
+//!
+//! Its tests of repo-id parsing and file selection are at the end; the download behaviour is
+//! tested against a loopback Hub in `crates/server/tests/hub.rs`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

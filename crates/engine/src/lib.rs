@@ -16,6 +16,7 @@ pub mod events;
 pub mod hub;
 pub mod images;
 pub mod jobs;
+pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod request;

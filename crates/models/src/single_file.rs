@@ -15,6 +15,9 @@
 //! 1.x) or 64-wide heads (SD 2.x), the VAE's 32 norm groups and 0.18215 scaling, quick-GELU CLIP
 //! (SD 1.x) or GELU OpenCLIP without its last layer (SD 2.x), and the scheduler; the prediction
 //! type (epsilon or v) is the caller's.
+//!
+//! Why one long file: the renaming of the three networks and the inference of their configs
+//! read the same key and shape tables of a checkpoint; its tests are at the end.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -12,6 +12,10 @@
 //! some pixels), so the same JPEG gave other latents than the reference. Decoding exactly as
 //! libjpeg-turbo does keeps JPEG inputs inside the parity tolerances. PNG and WebP are lossless
 //! and go through the `image` crate.
+//!
+//! Why one long file: the parts of the decoder (markers, Huffman and progressive scans, IDCT,
+//! upsampling, colour conversion) share the frame state and are only meaningful together; its
+//! tests against Pillow's pixels are at the end.
 
 const ZIGZAG: [usize; 64] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,

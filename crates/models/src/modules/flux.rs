@@ -2,6 +2,11 @@
 //! in "double stream" blocks, then "single stream" blocks over the concatenated sequence,
 //! with 3-axis rotary position embeddings and adaptive layer norms conditioned on the
 //! timestep, the guidance scale (dev) and the pooled CLIP text embedding.
+//!
+//! Why one long file: the transformer and the two weight layouts it loads from (diffusers'
+//! names, and the original names and GGUF files renamed at the end of this file) are kept
+//! together, because every rename follows the module's own layer list and a layer added to one
+//! must be added to the other.
 
 use candle_core::{DType, Module, Tensor, D};
 use std::collections::HashMap;

@@ -26,6 +26,10 @@
 //! bos/eos/unk/sep/pad/cls/mask naming it decides (a plain string means "not normalized", a
 //! dict its `normalized` field, false when absent). In the SD 2.x layout the pad token `!` is
 //! therefore a special token: every `!` in a prompt becomes id 0, as in diffusers.
+//!
+//! Why one long file: the steps above are one algorithm that must match transformers' output
+//! token for token, and they share the vocabulary, merges and added-token tables; its tests are
+//! at the end.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

@@ -1,0 +1,239 @@
+//! The typed body of `POST /v1/jobs`. The reader in [`super`] builds these values field by
+//! field; their `ToSchema` derives are the request schemas of the OpenAPI document; and each
+//! becomes the engine's [`RequestDraft`].
+
+use sd_engine::request::{ImageBytes, LoraDraft, Operation, PreviewKind, RequestDraft};
+use utoipa::ToSchema;
+
+/// The body of `POST /v1/jobs`: one of three operations, told apart by `operation`.
+#[derive(Debug, ToSchema)]
+#[serde(untagged)]
+#[schema(discriminator = "operation")]
+pub enum JobBody {
+    Generation(ImageGeneration),
+    Transform(ImageTransform),
+    Inpaint(ImageInpaint),
+}
+
+#[derive(Debug, Clone, Copy, ToSchema)]
+pub enum GenerationOperation {
+    #[serde(rename = "image_generation")]
+    ImageGeneration,
+}
+
+#[derive(Debug, Clone, Copy, ToSchema)]
+pub enum TransformOperation {
+    #[serde(rename = "image_transform")]
+    ImageTransform,
+}
+
+#[derive(Debug, Clone, Copy, ToSchema)]
+pub enum InpaintOperation {
+    #[serde(rename = "image_inpaint")]
+    ImageInpaint,
+}
+
+/// Text-to-image. Unknown fields are refused; `null` counts as omitted.
+#[derive(Debug, ToSchema)]
+pub struct ImageGeneration {
+    /// See ImageTransform and ImageInpaint for the other operations.
+    #[schema(inline)]
+    pub operation: GenerationOperation,
+    #[serde(flatten)]
+    pub fields: JobFields,
+}
+
+/// Image-to-image (diffusers' StableDiffusionImg2ImgPipeline, or FluxImg2ImgPipeline for FLUX
+/// models): every field of ImageGeneration plus the ones here. Stable Diffusion: width/height
+/// default to the input's size rounded down to the latent factor; FLUX: to the model's size.
+/// The input is resized to width x height with Pillow's Lanczos.
+#[derive(Debug, ToSchema)]
+pub struct ImageTransform {
+    #[schema(inline)]
+    pub operation: TransformOperation,
+    /// Base64 PNG, JPEG or WebP, or a data: URL. Grayscale is expanded to RGB, alpha dropped.
+    /// At most --max-input-pixels (checked from the header).
+    #[schema(value_type = String, required = true)]
+    pub input_image: Option<Vec<u8>>,
+    /// Share of the steps that run. Stable Diffusion: default 0.8, int(steps x strength) steps
+    /// run and must be at least 1. FLUX: default 0.6, the run starts at
+    /// int(steps - min(steps x strength, steps)).
+    #[schema(exclusive_minimum = 0, maximum = 1, default = 0.8)]
+    pub strength: Option<f64>,
+    #[serde(flatten)]
+    pub fields: JobFields,
+}
+
+/// Inpainting (diffusers' StableDiffusionInpaintPipeline): a 9-channel inpainting UNet, or a
+/// regular UNet blending the unmasked region back after each step (see /v1/info
+/// capabilities.inpaint_method). Every field of ImageGeneration plus the ones here.
+/// width/height default to the model's size, as in diffusers; image and mask are resized to it.
+#[derive(Debug, ToSchema)]
+pub struct ImageInpaint {
+    #[schema(inline)]
+    pub operation: InpaintOperation,
+    /// Base64 PNG, JPEG or WebP, or a data: URL.
+    #[schema(value_type = String, required = true)]
+    pub init_image: Option<Vec<u8>>,
+    /// Base64 image of any size (resized to the output size: Lanczos, nearest for palette and
+    /// 1-bit PNGs); converted to luma after resizing; luma >= 128 (white) is repainted. Alpha
+    /// is dropped.
+    #[schema(value_type = String, required = true)]
+    pub mask_image: Option<Vec<u8>>,
+    #[schema(exclusive_minimum = 0, maximum = 1, default = 1.0)]
+    pub strength: Option<f64>,
+    #[serde(flatten)]
+    pub fields: JobFields,
+}
+
+/// The fields every operation takes.
+#[derive(Debug, ToSchema)]
+pub struct JobFields {
+    /// Not empty; truncated to the text encoder's tokens (77 for CLIP) as in diffusers.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 20000)]
+    pub prompt: Option<String>,
+    /// Default: the empty prompt. Used when guidance_scale > 1; refused for FLUX.
+    #[schema(max_length = 20000)]
+    pub negative_prompt: Option<String>,
+    /// Multiple of the latent factor (GET /v1/info); default the model's size; width x height
+    /// at most --max-pixels.
+    #[schema(minimum = 1, maximum = 8192)]
+    pub width: Option<u64>,
+    #[schema(minimum = 1, maximum = 8192)]
+    pub height: Option<u64>,
+    /// At most --max-steps and the scheduler's num_train_timesteps. Default 50; FLUX dev 28,
+    /// FLUX schnell 4.
+    #[schema(minimum = 1, default = 50)]
+    pub steps: Option<u64>,
+    /// Stable Diffusion: classifier-free guidance (default 7.5). FLUX dev: the embedded
+    /// guidance (default 3.5); refused for FLUX schnell.
+    #[schema(minimum = 0, maximum = 100, default = 7.5)]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the torch-compatible CPU generator; omitted, null or -1: random (reported in
+    /// the status and the complete event).
+    #[schema(value_type = Option<i64>, minimum = -1)]
+    pub seed: Option<u64>,
+    /// Default: the model's own scheduler. One of GET /v1/info `schedulers`; refused for FLUX
+    /// (flow-matching Euler).
+    pub scheduler: Option<String>,
+    /// At most --max-batch.
+    #[schema(minimum = 1, default = 1)]
+    pub batch: Option<u64>,
+    /// A preview event every this many steps, none on the last step; 0: none.
+    #[schema(minimum = 0, default = 5)]
+    pub preview_every: Option<u64>,
+    /// approx: latent-to-RGB map at latent resolution; full: VAE decode.
+    #[schema(default = "approx")]
+    pub preview: Option<PreviewKind>,
+    /// Recorded on the job and shown in its status.
+    #[schema(max_length = 256)]
+    pub hive_id: Option<String>,
+    /// Recorded on the job and shown in its status.
+    #[schema(max_length = 256)]
+    pub worker_id: Option<String>,
+    /// LoRA adapters for this job only (needs --lora-dir). Kohya (lora_unet_/lora_te_, .alpha,
+    /// LoCon), diffusers/PEFT (lora_A/lora_B, scale from lora_adapter_metadata) and, for FLUX,
+    /// kohya and original-name layouts; UNet/transformer and CLIP text encoder. The base
+    /// weights are never changed.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub loras: Vec<LoraEntry>,
+    /// When given, must name the loaded model (folder name, path, or hub repo id of a Hugging
+    /// Face cache snapshot).
+    pub model: Option<String>,
+    /// FLUX models only: T5 prompt tokens (default 512 dev, 256 schnell); a 422 for Stable
+    /// Diffusion models.
+    #[schema(minimum = 2, maximum = 512)]
+    pub max_sequence_length: Option<u64>,
+}
+
+/// One LoRA of a job.
+#[derive(Debug, ToSchema)]
+pub struct LoraEntry {
+    /// A .safetensors file inside --lora-dir (relative, no `..`; `.safetensors` may be left
+    /// out). Symbolic links must stay inside the folder.
+    #[schema(max_length = 1024)]
+    pub path: String,
+    /// Multiplies the adapter (alpha / rank from the file).
+    #[schema(minimum = -10, maximum = 10, default = 1.0)]
+    pub strength: Option<f64>,
+    /// true: keys that match no layer (or do not fit it) fail the job, listed in its error.
+    /// false: the rest applies and the complete event lists them in `warnings`.
+    #[schema(default = true)]
+    pub strict: Option<bool>,
+}
+
+impl From<JobBody> for RequestDraft {
+    fn from(body: JobBody) -> Self {
+        let image = |field: &str, bytes: Option<Vec<u8>>| {
+            bytes.map(|bytes| ImageBytes {
+                field: field.to_string(),
+                bytes,
+            })
+        };
+        let (operation, fields, init_image, mask_image, strength) = match body {
+            JobBody::Generation(g) => (Operation::from(g.operation), g.fields, None, None, None),
+            JobBody::Transform(t) => (
+                Operation::from(t.operation),
+                t.fields,
+                image("input_image", t.input_image),
+                None,
+                t.strength,
+            ),
+            JobBody::Inpaint(i) => (
+                Operation::from(i.operation),
+                i.fields,
+                image("init_image", i.init_image),
+                image("mask_image", i.mask_image),
+                i.strength,
+            ),
+        };
+        let mut d = RequestDraft::new(operation);
+        d.init_image = init_image;
+        d.mask_image = mask_image;
+        d.strength = strength;
+        d.prompt = fields.prompt;
+        d.negative_prompt = fields.negative_prompt;
+        d.width = fields.width;
+        d.height = fields.height;
+        d.steps = fields.steps;
+        d.guidance_scale = fields.guidance_scale;
+        d.seed = fields.seed;
+        d.scheduler = fields.scheduler;
+        d.batch = fields.batch;
+        d.preview_every = fields.preview_every;
+        d.preview = fields.preview;
+        d.hive_id = fields.hive_id;
+        d.worker_id = fields.worker_id;
+        d.model = fields.model;
+        d.max_sequence_length = fields.max_sequence_length;
+        d.loras = fields
+            .loras
+            .into_iter()
+            .map(|l| LoraDraft {
+                path: l.path,
+                strength: l.strength,
+                strict: l.strict,
+            })
+            .collect();
+        d
+    }
+}
+
+impl From<GenerationOperation> for Operation {
+    fn from(_: GenerationOperation) -> Self {
+        Operation::Generation
+    }
+}
+
+impl From<TransformOperation> for Operation {
+    fn from(_: TransformOperation) -> Self {
+        Operation::Transform
+    }
+}
+
+impl From<InpaintOperation> for Operation {
+    fn from(_: InpaintOperation) -> Self {
+        Operation::Inpaint
+    }
+}

@@ -1,0 +1,182 @@
+//! The native body reader with validation: defaults, every field read, errors that name the
+//! field, the limit and the value.
+
+use super::*;
+use sd_engine::validate::{hub_repo_id, names_model};
+use sd_models::samplers::{SamplerKind, SchedulerConfig};
+use serde_json::json;
+use std::path::Path;
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        name: "tiny".into(),
+        path: "/models/tiny".into(),
+        repo_id: Some("org/tiny".into()),
+        family: "sd1".into(),
+        pipeline_class: "StableDiffusionPipeline".into(),
+        prediction_type: "epsilon".into(),
+        latent_factor: 8,
+        inpainting_model: false,
+        inpaint_method: "latent-blend",
+        flux: false,
+        default_steps: 50,
+        default_guidance: 7.5,
+        guidance_embedded: false,
+        default_max_sequence_length: None,
+        max_prompt_tokens: 77,
+        default_width: 512,
+        default_height: 512,
+        default_sampler: Ok(SamplerKind::Pndm),
+        num_train_timesteps: 1000,
+        scheduler: SchedulerConfig::default(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_pixels: 1024 * 1024,
+        max_input_pixels: 4096 * 4096,
+        max_steps: 150,
+        max_batch: 8,
+        loras: sd_engine::validate::LoraFiles::Refused,
+        from_flags: true,
+        empty_prompt: false,
+    }
+}
+
+fn parse(v: Value) -> Result<GenerationRequest> {
+    parse_job(&v, &spec(), &limits(), 7)
+}
+
+fn err(v: Value) -> String {
+    let e = parse(v).unwrap_err();
+    assert!(!e.malformed);
+    e.message
+}
+
+#[test]
+fn defaults_come_from_the_model() {
+    let r = parse(json!({"operation": "image_generation", "prompt": "a cat"})).unwrap();
+    let p = &r.params;
+    assert_eq!((p.width, p.height, p.steps, p.batch), (512, 512, 50, 1));
+    assert_eq!(p.guidance, 7.5);
+    assert_eq!(p.seed, 7);
+    assert_eq!(p.sampler, SamplerKind::Pndm);
+    assert_eq!(r.preview_every, 5);
+    assert_eq!(r.preview, PreviewKind::Approx);
+    let r =
+        parse(json!({"operation": "image_generation", "prompt": "a", "seed": -1, "width": null}))
+            .unwrap();
+    assert_eq!((r.params.seed, r.params.width), (7, 512));
+}
+
+#[test]
+fn every_field_is_read() {
+    let r = parse(json!({
+        "operation": "image_generation", "prompt": "a", "negative_prompt": "b",
+        "width": 256, "height": 128, "steps": 20, "guidance_scale": 3, "seed": 42,
+        "scheduler": "euler-a", "batch": 2, "preview_every": 0, "preview": "full",
+        "hive_id": "h", "worker_id": "w", "model": "tiny"
+    }))
+    .unwrap();
+    let p = &r.params;
+    assert_eq!(p.negative_prompt.as_deref(), Some("b"));
+    assert_eq!(
+        (p.width, p.height, p.steps, p.batch, p.seed),
+        (256, 128, 20, 2, 42)
+    );
+    assert_eq!(p.guidance, 3.0);
+    assert_eq!(p.sampler, SamplerKind::EulerAncestral);
+    assert_eq!((r.preview_every, r.preview), (0, PreviewKind::Full));
+    assert_eq!(
+        (r.hive_id.as_deref(), r.worker_id.as_deref()),
+        (Some("h"), Some("w"))
+    );
+}
+
+#[test]
+fn errors_name_the_field_the_limit_and_the_value() {
+    let base = |extra: Value| {
+        let mut v = json!({"operation": "image_generation", "prompt": "a"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let cases = [
+        (json!({"width": 100}), ["`width`", "multiple of 8", "100"]),
+        (
+            json!({"width": 2048, "height": 2048}),
+            ["`width`", "1048576", "4194304"],
+        ),
+        (json!({"steps": 0}), ["`steps`", "150", "0"]),
+        (json!({"steps": 151}), ["`steps`", "150", "151"]),
+        (
+            json!({"guidance_scale": 101}),
+            ["`guidance_scale`", "100", "101"],
+        ),
+        (json!({"batch": 9}), ["`batch`", "8", "9"]),
+        (json!({"scheduler": "lms"}), ["`scheduler`", "euler", "lms"]),
+        (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
+        (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
+        (json!({"width": "512"}), ["`width`", "integer", "\"512\""]),
+        (json!({"seed": 1.5}), ["`seed`", "integer", "1.5"]),
+        (json!({"model": "other"}), ["`model`", "tiny", "other"]),
+        (json!({"preview": "vae"}), ["`preview`", "full", "vae"]),
+        (
+            json!({"operation": "image_inpaint"}),
+            ["`init_image`", "required", "base64"],
+        ),
+        (
+            json!({"operation": "paint"}),
+            ["`operation`", "image_generation", "paint"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let message = err(base(extra.clone()));
+        for n in needles {
+            assert!(message.contains(n), "{extra}: {message:?} lacks {n:?}");
+        }
+    }
+    assert!(err(json!({"prompt": "a"})).contains("`operation`"));
+    assert!(err(json!({"operation": "image_generation"})).contains("`prompt`"));
+    assert!(err(json!([1])).contains("JSON object"));
+    assert!(parse_json(b"{").unwrap_err().malformed);
+}
+
+#[test]
+fn hub_cache_folders_have_a_repo_id() {
+    let p = Path::new("/c/hub/models--runwayml--stable-diffusion-v1-5/snapshots/abc");
+    assert_eq!(
+        hub_repo_id(p).as_deref(),
+        Some("runwayml/stable-diffusion-v1-5")
+    );
+    assert_eq!(hub_repo_id(Path::new("/models/tiny")), None);
+}
+
+#[test]
+fn what_the_sampler_refuses_is_refused_before_queueing() {
+    let mut spec = spec();
+    spec.scheduler.skip_prk_steps = false;
+    let body =
+        json!({"operation": "image_generation", "prompt": "a", "scheduler": "pndm", "steps": 3});
+    let e = parse_job(&body, &spec, &limits(), 1).unwrap_err();
+    assert!(
+        e.message.contains("`steps`") && e.message.contains("at least 4"),
+        "{}",
+        e.message
+    );
+    let body =
+        json!({"operation": "image_generation", "prompt": "a", "scheduler": "pndm", "steps": 4});
+    assert!(parse_job(&body, &spec, &limits(), 1).is_ok());
+}
+
+#[test]
+fn the_model_is_named_by_folder_or_path() {
+    assert!(names_model(&spec(), "tiny"));
+    assert!(names_model(&spec(), "org/tiny"));
+    assert!(names_model(&spec(), "/models/tiny"));
+    assert!(!names_model(&spec(), "tiny2"));
+}
