@@ -20,12 +20,29 @@ pub struct Timings {
     pub total: Option<f64>,
 }
 
-/// An error kind and its message, as job records and `error` events carry them.
+/// Why a job that was queued did not complete (validation refuses bad input before queueing;
+/// these are what can still go wrong while it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A value the pipeline refused: a LoRA file that is not safetensors, or whose keys do
+    /// not all match the model when strict.
+    InvalidRequest,
+    /// The pipeline failed (a model error).
+    GenerationFailed,
+    /// The result could not be encoded.
+    EncodingFailed,
+    /// A bug: a panic, or the engine thread stopped.
+    Internal,
+}
+
+/// A failure and its message, as job records and `error` events carry them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobError {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: FailureKind,
     pub message: String,
 }
 
@@ -119,11 +136,11 @@ impl JobEvent {
         }
     }
 
-    pub fn failed(kind: &str, message: &str) -> Self {
+    pub fn failed(kind: FailureKind, message: &str) -> Self {
         JobEvent::Failed {
             message: message.to_string(),
             error: JobError {
-                kind: kind.to_string(),
+                kind,
                 message: message.to_string(),
             },
         }

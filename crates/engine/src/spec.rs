@@ -44,3 +44,35 @@ pub struct ModelSpec {
     pub device: String,
     pub dtype: String,
 }
+
+impl ModelSpec {
+    /// A Stable Diffusion 1.5-shaped model (`tiny` at `/models/tiny`: 512x512, PNDM, 1000
+    /// training steps, CLIP's 77 tokens) with no weights behind it: for tests of validation
+    /// and of the job engine, which need a spec but no model.
+    pub fn sd_example() -> ModelSpec {
+        ModelSpec {
+            name: "tiny".into(),
+            path: "/models/tiny".into(),
+            repo_id: None,
+            family: "sd1".into(),
+            pipeline_class: "StableDiffusionPipeline".into(),
+            prediction_type: "epsilon".into(),
+            latent_factor: 8,
+            inpainting_model: false,
+            inpaint_method: "latent-blend",
+            flux: false,
+            default_steps: 50,
+            default_guidance: 7.5,
+            guidance_embedded: false,
+            default_max_sequence_length: None,
+            max_prompt_tokens: 77,
+            default_width: 512,
+            default_height: 512,
+            default_sampler: Ok(SamplerKind::Pndm),
+            num_train_timesteps: 1000,
+            scheduler: SchedulerConfig::default(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
+    }
+}

@@ -5,33 +5,10 @@
 use sd_engine::request::{ImageBytes, LoraDraft, Operation, RequestDraft};
 use sd_engine::validate::{validate, LoraFiles, MAX_SIDE};
 use sd_engine::{Limits, ModelSpec};
-use sd_models::samplers::{SamplerKind, SchedulerConfig};
+use sd_models::samplers::SamplerKind;
 
 fn spec() -> ModelSpec {
-    ModelSpec {
-        name: "tiny".into(),
-        path: "/models/tiny".into(),
-        repo_id: None,
-        family: "sd1".into(),
-        pipeline_class: "StableDiffusionPipeline".into(),
-        prediction_type: "epsilon".into(),
-        latent_factor: 8,
-        inpainting_model: false,
-        inpaint_method: "latent-blend",
-        flux: false,
-        default_steps: 50,
-        default_guidance: 7.5,
-        guidance_embedded: false,
-        default_max_sequence_length: None,
-        max_prompt_tokens: 77,
-        default_width: 512,
-        default_height: 512,
-        default_sampler: Ok(SamplerKind::Pndm),
-        num_train_timesteps: 1000,
-        scheduler: SchedulerConfig::default(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-    }
+    ModelSpec::sd_example()
 }
 
 fn served() -> Limits {

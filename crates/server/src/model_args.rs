@@ -1,9 +1,13 @@
 //! The model-source flags `generate` and `serve` share, and the download progress they show.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Result;
 use sd_engine::hub::Progress;
+use sd_engine::load::LoadRequest;
 use sd_engine::source::SourceOptions;
+
+use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
 
 /// The model-source flags `generate` and `serve` share.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -29,6 +33,36 @@ impl SourceArgs {
             vae: self.vae.clone(),
             prediction_type: self.prediction_type.clone(),
         }
+    }
+}
+
+/// The flags that say what to load and where, as `generate` and `serve` take them.
+pub struct ModelFlags<'a> {
+    pub model: &'a Path,
+    pub components: Option<&'a Path>,
+    pub source: &'a SourceArgs,
+    pub device: &'a str,
+    pub dtype: &'a str,
+    pub text_encoder_device: Option<&'a str>,
+}
+
+impl ModelFlags<'_> {
+    /// What to load; the devices and the dtype are parsed and checked here, before anything
+    /// loads.
+    pub fn load_request(&self) -> Result<LoadRequest> {
+        let device = parse_device(self.device)?;
+        let dtype = parse_dtype(self.dtype)?;
+        check_dtype_on_device(dtype, &device)?;
+        let text_device = self.text_encoder_device.map(parse_device).transpose()?;
+        Ok(LoadRequest {
+            model: self.model.to_path_buf(),
+            components: self.components.map(Path::to_path_buf),
+            source: self.source.options(),
+            device,
+            device_name: self.device.trim().to_ascii_lowercase(),
+            text_device,
+            dtype,
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use sd_engine::validate::LoraFiles;
 use sd_engine::{Engine, Limits};
 
 use crate::api::{router, AppState};
-use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
+use crate::model_args::ModelFlags;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -168,28 +168,20 @@ fn check_args(args: &ServeArgs) -> Result<()> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     check_args(&args)?;
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    check_dtype_on_device(dtype, &device)?;
+    let load = ModelFlags {
+        model: &args.model,
+        components: args.components.as_deref(),
+        source: &args.source,
+        device: &args.device,
+        dtype: &args.dtype,
+        text_encoder_device: args.text_encoder_device.as_deref(),
+    }
+    .load_request()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let metrics = crate::prometheus::install()?;
-    let text_device = args
-        .text_encoder_device
-        .as_deref()
-        .map(parse_device)
-        .transpose()?;
-    let load = LoadRequest {
-        model: args.model.clone(),
-        components: args.components.clone(),
-        source: args.source.options(),
-        device,
-        device_name: args.device.trim().to_ascii_lowercase(),
-        text_device,
-        dtype,
-    };
     runtime.block_on(serve(args, load, metrics))
 }
 

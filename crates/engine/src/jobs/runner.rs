@@ -14,7 +14,7 @@ use sd_models::pipelines::{Generated, RgbImage};
 use super::store::Store;
 use super::{panic_message, CancelReason, Inner, JobState, Loader, Phase};
 use crate::backend::Backend;
-use crate::events::{Completion, EventRef, JobError, JobEvent};
+use crate::events::{Completion, EventRef, FailureKind, JobError, JobEvent};
 use crate::images::png::{encode_job_results, encode_png, ResultInfo};
 use crate::request::{GenerationRequest, Operation};
 
@@ -41,7 +41,7 @@ enum Publish {
 
 enum Outcome {
     Completed(Generated),
-    Failed { kind: &'static str, message: String },
+    Failed { kind: FailureKind, message: String },
     Cancelled(CancelReason),
 }
 
@@ -70,7 +70,7 @@ impl Drop for EngineGuard {
         for id in open {
             s.fail(
                 &id,
-                "internal",
+                FailureKind::Internal,
                 "the engine thread stopped unexpectedly",
                 now,
             );
@@ -242,14 +242,14 @@ fn run_job<B: Backend>(
             let message = format!("{e}");
             Outcome::Failed {
                 kind: match e {
-                    sd_models::Error::Invalid { .. } => "invalid_request",
-                    _ => "generation_failed",
+                    sd_models::Error::Invalid { .. } => FailureKind::InvalidRequest,
+                    _ => FailureKind::GenerationFailed,
                 },
                 message: message.split_whitespace().collect::<Vec<_>>().join(" "),
             }
         }
         Err(panic) => Outcome::Failed {
-            kind: "internal",
+            kind: FailureKind::Internal,
             message: format!("internal error: {}", panic_message(panic.as_ref())),
         },
     };
@@ -273,7 +273,7 @@ fn publisher_main(inner: Arc<Inner>, rx: mpsc::Receiver<Publish>) {
             if last {
                 inner
                     .store()
-                    .fail(&id, "internal", &message, Instant::now());
+                    .fail(&id, FailureKind::Internal, &message, Instant::now());
             }
         }
     }
@@ -359,7 +359,10 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
                 }
                 Err(e) => (
                     JobState::Failed,
-                    Err(("encoding_failed", format!("cannot encode the image: {e:#}"))),
+                    Err((
+                        FailureKind::EncodingFailed,
+                        format!("cannot encode the image: {e:#}"),
+                    )),
                 ),
             }
         }
@@ -404,7 +407,7 @@ fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
         }
         Err((kind, message)) => {
             job.error = Some(JobError {
-                kind: kind.to_string(),
+                kind,
                 message: message.clone(),
             });
             JobEvent::failed(kind, &message).into()

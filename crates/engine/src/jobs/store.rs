@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::{CancelReason, EngineConfig, JobState, Phase};
-use crate::events::{EventRef, JobError, JobEvent, Timings};
+use crate::events::{EventRef, FailureKind, JobError, JobEvent, Timings};
 use crate::request::{GenerationRequest, Operation, PreviewKind};
 use crate::spec::ModelSpec;
 
@@ -195,11 +195,11 @@ impl Store {
     }
 
     /// Fails a job that is not final yet (queued or running).
-    pub fn fail(&mut self, id: &str, kind: &str, message: &str, now: Instant) {
+    pub fn fail(&mut self, id: &str, kind: FailureKind, message: &str, now: Instant) {
         match self.jobs.get_mut(id) {
             Some(job) if !job.state.is_final() => {
                 job.error = Some(JobError {
-                    kind: kind.to_string(),
+                    kind,
                     message: message.to_string(),
                 });
             }

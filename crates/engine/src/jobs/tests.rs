@@ -87,26 +87,10 @@ fn spec() -> ModelSpec {
     ModelSpec {
         name: "fake".into(),
         path: "/fake".into(),
-        repo_id: None,
-        family: "sd1".into(),
-        pipeline_class: "StableDiffusionPipeline".into(),
-        prediction_type: "epsilon".into(),
-        latent_factor: 8,
-        inpainting_model: false,
-        flux: false,
-        default_steps: 50,
-        default_guidance: 7.5,
-        guidance_embedded: false,
-        default_max_sequence_length: None,
-        max_prompt_tokens: 77,
-        inpaint_method: "latent-blend",
         default_width: 16,
         default_height: 16,
         default_sampler: Ok(SamplerKind::Euler),
-        num_train_timesteps: 1000,
-        scheduler: sd_models::samplers::SchedulerConfig::default(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
+        ..ModelSpec::sd_example()
     }
 }
 

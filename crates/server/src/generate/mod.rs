@@ -21,8 +21,7 @@ use sd_engine::validate::MAX_SIDE;
 use sd_engine::{Engine, InvalidField, Limits, ModelSpec};
 use sd_models::samplers::SamplerKind;
 
-use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
-use crate::model_args::ConsoleProgress;
+use crate::model_args::{ConsoleProgress, ModelFlags};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -394,25 +393,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(name) = &args.scheduler {
         SamplerKind::from_name(name)?;
     }
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    check_dtype_on_device(dtype, &device)?;
+    let load = ModelFlags {
+        model: &args.model,
+        components: args.components.as_deref(),
+        source: &args.source,
+        device: &args.device,
+        dtype: &args.dtype,
+        text_encoder_device: args.text_encoder_device.as_deref(),
+    }
+    .load_request()?;
     let quiet = !std::io::stderr().is_terminal();
     let draft = draft(&args)?;
-    let text_device = args
-        .text_encoder_device
-        .as_deref()
-        .map(parse_device)
-        .transpose()?;
-    let load = LoadRequest {
-        model: args.model.clone(),
-        components: args.components.clone(),
-        source: args.source.options(),
-        device,
-        device_name: args.device.trim().to_ascii_lowercase(),
-        text_device,
-        dtype,
-    };
 
     let started = Instant::now();
     let (engine, loaded) = Engine::start(EngineConfig::single_job(), loader(load));

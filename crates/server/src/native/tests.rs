@@ -3,34 +3,14 @@
 
 use super::*;
 use sd_engine::validate::{hub_repo_id, names_model};
-use sd_models::samplers::{SamplerKind, SchedulerConfig};
+use sd_models::samplers::SamplerKind;
 use serde_json::json;
 use std::path::Path;
 
 fn spec() -> ModelSpec {
     ModelSpec {
-        name: "tiny".into(),
-        path: "/models/tiny".into(),
         repo_id: Some("org/tiny".into()),
-        family: "sd1".into(),
-        pipeline_class: "StableDiffusionPipeline".into(),
-        prediction_type: "epsilon".into(),
-        latent_factor: 8,
-        inpainting_model: false,
-        inpaint_method: "latent-blend",
-        flux: false,
-        default_steps: 50,
-        default_guidance: 7.5,
-        guidance_embedded: false,
-        default_max_sequence_length: None,
-        max_prompt_tokens: 77,
-        default_width: 512,
-        default_height: 512,
-        default_sampler: Ok(SamplerKind::Pndm),
-        num_train_timesteps: 1000,
-        scheduler: SchedulerConfig::default(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
+        ..ModelSpec::sd_example()
     }
 }
 
