@@ -87,6 +87,17 @@ pub struct GenerationRequest {
     pub loras: Vec<LoraSpec>,
 }
 
+/// Which pixels of a mask are the area to repaint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaskRule {
+    /// White (luma >= 128 after resizing), as diffusers and A1111 read masks.
+    #[default]
+    White,
+    /// Fully transparent (alpha 0), as the OpenAI Images API reads them; the mask may be the
+    /// init image itself.
+    Transparent,
+}
+
 /// An encoded input image and the wire field it came from (named in errors).
 #[derive(Debug, Clone)]
 pub struct ImageBytes {
@@ -121,8 +132,10 @@ pub struct RequestDraft {
     pub max_sequence_length: Option<u64>,
     /// image_transform: the init image; image_inpaint: the image to repaint.
     pub init_image: Option<ImageBytes>,
-    /// image_inpaint: the mask (white = repaint).
+    /// image_inpaint: the mask.
     pub mask_image: Option<ImageBytes>,
+    /// Which pixels of `mask_image` are repainted.
+    pub mask_rule: MaskRule,
     pub strength: Option<f64>,
     pub preview_every: Option<u64>,
     pub preview: Option<PreviewKind>,
@@ -150,6 +163,7 @@ impl RequestDraft {
             max_sequence_length: None,
             init_image: None,
             mask_image: None,
+            mask_rule: MaskRule::White,
             strength: None,
             preview_every: None,
             preview: None,

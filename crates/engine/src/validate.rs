@@ -9,9 +9,9 @@ use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage, SdPipeline};
 use sd_models::samplers::SamplerKind;
 
-use crate::images::input::{decode_mask, decode_rgb};
+use crate::images::input::{decode_alpha_mask, decode_mask, decode_rgb};
 use crate::request::{
-    GenerationRequest, ImageBytes, LoraDraft, Operation, PreviewKind, RequestDraft,
+    GenerationRequest, ImageBytes, LoraDraft, MaskRule, Operation, PreviewKind, RequestDraft,
 };
 use crate::spec::ModelSpec;
 
@@ -262,8 +262,20 @@ fn input_images(
                 "mask_image",
                 "a base64 PNG, JPEG or WebP, or a data: URL; white = repaint",
             )?;
-            let mask = decode_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
-                .map_err(|e| invalid(&m.field, e))?;
+            let mask = match draft.mask_rule {
+                MaskRule::White => decode_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
+                    .map_err(|e| invalid(&m.field, e))?,
+                MaskRule::Transparent => {
+                    decode_alpha_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
+                        .map_err(|e| invalid(&m.field, e))?
+                        .ok_or_else(|| {
+                            invalid(
+                        &m.field,
+                        "has no transparency: its fully transparent pixels mark the area to edit",
+                    )
+                        })?
+                }
+            };
             Ok((Some(rgb), Some(mask)))
         }
     }

@@ -123,6 +123,33 @@ pub fn decode_rgb(
     })
 }
 
+/// The mask of an image's transparency (OpenAI's convention): its fully transparent pixels
+/// (alpha 0) are the area to repaint (255), every other pixel is kept (0). `None` when the
+/// image has no alpha channel.
+pub fn decode_alpha_mask(
+    bytes: &[u8],
+    max_pixels: usize,
+    max_side: usize,
+) -> Result<Option<MaskImage>, ImageError> {
+    let img = decode(bytes, max_pixels, max_side)?;
+    if !img.color().has_alpha() {
+        return Ok(None);
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = (rgba.width() as usize, rgba.height() as usize);
+    let pixels = rgba
+        .pixels()
+        .map(|p| if p.0[3] == 0 { 255 } else { 0 })
+        .collect();
+    Ok(Some(MaskImage {
+        width: w,
+        height: h,
+        channels: 1,
+        pixels,
+        nearest: false,
+    }))
+}
+
 /// A mask as diffusers' mask processor reads it with Pillow: grayscale stays one channel,
 /// colour stays RGB (converted to luma after resizing), alpha is dropped, 16-bit channels are
 /// reduced to 8 bits. PNG palette and 1-bit images are marked for nearest-neighbour resizing,

@@ -5,13 +5,14 @@
 
 mod info;
 mod jobs;
+pub mod openai;
 pub mod openapi;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -216,6 +217,10 @@ async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
             Some(_) => None,
         };
         if let Some(m) = message {
+            if openai::owns(req.uri().path()) {
+                let kind = openai::error::Kind::InvalidApiKey;
+                return openai::error::OpenAiError::new(kind, m).into_response();
+            }
             return ApiError::new(ErrorKind::Unauthorized, m).into_response();
         }
     }
@@ -237,10 +242,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/info", get(info::info))
         .route("/metrics", get(info::metrics))
         .route("/openapi.json", get(openapi::openapi))
+        .merge(openai::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(info::health))
         .route("/ready", get(info::ready))
+        .merge(openai::file_routes())
         .merge(protected)
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -248,13 +255,20 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-async fn not_found_route() -> ApiError {
-    ApiError::new(ErrorKind::NotFound, "no such route; see /openapi.json")
+async fn not_found_route(uri: Uri) -> Response {
+    let message = "no such route; see /openapi.json";
+    if openai::owns(uri.path()) {
+        let kind = openai::error::Kind::NotFound;
+        return openai::error::OpenAiError::new(kind, message).into_response();
+    }
+    ApiError::new(ErrorKind::NotFound, message).into_response()
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        ErrorKind::MethodNotAllowed,
-        "this route does not take that method; see /openapi.json",
-    )
+async fn method_not_allowed(uri: Uri) -> Response {
+    let message = "this route does not take that method; see /openapi.json";
+    if openai::owns(uri.path()) {
+        let kind = openai::error::Kind::NotFound;
+        return openai::error::OpenAiError::new(kind, message).into_response();
+    }
+    ApiError::new(ErrorKind::MethodNotAllowed, message).into_response()
 }

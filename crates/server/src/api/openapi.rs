@@ -9,7 +9,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{info, jobs, ErrorBody};
+use super::{info, jobs, openai, ErrorBody};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,11 @@ use super::{info, jobs, ErrorBody};
         info::health,
         info::ready,
         openapi,
+        openai::generations,
+        openai::edits,
+        openai::variations,
+        openai::models,
+        openai::model,
     ),
     components(schemas(sd_engine::events::JobEvent, ErrorBody)),
     modifiers(&BearerAuth),
