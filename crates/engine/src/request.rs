@@ -96,6 +96,8 @@ pub enum MaskRule {
     /// Fully transparent (alpha 0), as the OpenAI Images API reads them; the mask may be the
     /// init image itself.
     Transparent,
+    /// Black (luma < 128): the white rule inverted, as A1111's `inpainting_mask_invert`.
+    Black,
 }
 
 /// An encoded input image and the wire field it came from (named in errors).

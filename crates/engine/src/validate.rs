@@ -265,6 +265,13 @@ fn input_images(
             let mask = match draft.mask_rule {
                 MaskRule::White => decode_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
                     .map_err(|e| invalid(&m.field, e))?,
+                MaskRule::Black => {
+                    let mut mask = decode_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
+                        .map_err(|e| invalid(&m.field, e))?;
+                    // Resizing is linear, so inverting before it equals inverting after.
+                    mask.pixels.iter_mut().for_each(|p| *p = 255 - *p);
+                    mask
+                }
                 MaskRule::Transparent => {
                     decode_alpha_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
                         .map_err(|e| invalid(&m.field, e))?

@@ -279,6 +279,7 @@ fn app_state(
         max_body_bytes: args.max_body_bytes,
         keep_alive: Duration::from_secs(args.sse_keepalive),
         metrics,
+        a1111: Default::default(),
     }
 }
 

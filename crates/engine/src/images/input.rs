@@ -123,6 +123,20 @@ pub fn decode_rgb(
     })
 }
 
+/// Whether the image has an alpha channel with any pixel not fully opaque (checked from the
+/// header for its size first, as every decode here).
+pub fn has_transparency(
+    bytes: &[u8],
+    max_pixels: usize,
+    max_side: usize,
+) -> Result<bool, ImageError> {
+    let img = decode(bytes, max_pixels, max_side)?;
+    if !img.color().has_alpha() {
+        return Ok(false);
+    }
+    Ok(img.into_rgba8().pixels().any(|p| p.0[3] != 255))
+}
+
 /// The mask of an image's transparency (OpenAI's convention): its fully transparent pixels
 /// (alpha 0) are the area to repaint (255), every other pixel is kept (0). `None` when the
 /// image has no alpha channel.

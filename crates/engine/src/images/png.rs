@@ -191,3 +191,30 @@ pub fn encode_png(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// The text chunks of a PNG file (tEXt, zTXt and iTXt), in file order; an empty list for a
+/// file that is not a PNG. Reading the header and chunks allocates no pixel buffer.
+pub fn text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_ignore_text_chunk(false);
+    let Ok(reader) = decoder.read_info() else {
+        return Vec::new();
+    };
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    out.extend(
+        info.compressed_latin1_text
+            .iter()
+            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
+    );
+    out.extend(
+        info.utf8_text
+            .iter()
+            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
+    );
+    out
+}

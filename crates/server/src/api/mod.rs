@@ -3,10 +3,12 @@
 //! [`info`] (health, readiness, worker information, metrics) and [`openapi`] (the document
 //! generated from the types they read and write).
 
+pub mod a1111;
 mod info;
 mod jobs;
 pub mod openai;
 pub mod openapi;
+mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +34,8 @@ pub struct AppState {
     pub keep_alive: Duration,
     /// Renders `GET /metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The A1111 API's running request.
+    pub a1111: a1111::A1111State,
 }
 
 pub type Shared = Arc<AppState>;
@@ -198,7 +202,46 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Checks A1111 clients' credentials: HTTP Basic (as `--api-auth` and Open WebUI send them)
+/// whose password, or whose `user:password`, is the key; or the bearer token.
+fn a1111_auth(header: Option<&str>, key: &str) -> Option<&'static str> {
+    use base64::Engine as _;
+    let Some(value) = header else {
+        return Some("Not authenticated");
+    };
+    let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
+    let credential = credential.trim();
+    let ok = if scheme.eq_ignore_ascii_case("bearer") {
+        constant_time_eq(credential.as_bytes(), key.as_bytes())
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credential)
+            .unwrap_or_default();
+        let password = decoded
+            .iter()
+            .position(|b| *b == b':')
+            .map_or(&decoded[..0], |i| &decoded[i + 1..]);
+        // Both compared in full, so the time does not tell which one matched.
+        let whole = constant_time_eq(&decoded, key.as_bytes());
+        let pass = constant_time_eq(password, key.as_bytes());
+        whole | pass
+    } else {
+        false
+    };
+    (!ok).then_some("Incorrect username or password")
+}
+
 async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if let (Some(key), true) = (&st.api_key, a1111::owns(req.uri().path())) {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Some(m) = a1111_auth(header, key) {
+            return a1111::unauthorized(m);
+        }
+        return next.run(req).await;
+    }
     if let Some(key) = &st.api_key {
         let header = req
             .headers()
@@ -243,6 +286,7 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(info::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .merge(openai::routes())
+        .merge(a1111::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(info::health))
@@ -257,6 +301,9 @@ pub fn router(state: Shared) -> Router {
 
 async fn not_found_route(uri: Uri) -> Response {
     let message = "no such route; see /openapi.json";
+    if a1111::owns(uri.path()) {
+        return a1111::no_route(StatusCode::NOT_FOUND);
+    }
     if openai::owns(uri.path()) {
         let kind = openai::error::Kind::NotFound;
         return openai::error::OpenAiError::new(kind, message).into_response();
@@ -266,6 +313,9 @@ async fn not_found_route(uri: Uri) -> Response {
 
 async fn method_not_allowed(uri: Uri) -> Response {
     let message = "this route does not take that method; see /openapi.json";
+    if a1111::owns(uri.path()) {
+        return a1111::no_route(StatusCode::METHOD_NOT_ALLOWED);
+    }
     if openai::owns(uri.path()) {
         let kind = openai::error::Kind::NotFound;
         return openai::error::OpenAiError::new(kind, message).into_response();

@@ -18,13 +18,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sd_engine::events::{FailureKind, JobEvent};
+use sd_engine::events::FailureKind;
 use sd_engine::jobs::{Phase, SubmitError};
 use sd_engine::validate::names_model;
 use sd_engine::{Engine, ModelSpec};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::wait::{CancelOnDrop, JobEnd};
 use super::Shared;
 use error::{Kind, OpenAiError};
 use request::{Endpoint, Output, OutputFormat, Params, ResponseFormat};
@@ -236,13 +237,9 @@ async fn run(
             })?;
     let size = format!("{}x{}", request.params.width, request.params.height);
     let id = st.engine.submit(request).map_err(submit_error)?;
-    let mut guard = CancelOnDrop {
-        engine: st.engine.clone(),
-        id: id.clone(),
-        armed: true,
-    };
+    let guard = CancelOnDrop::new(&st.engine, &id);
     let pngs = wait(&st.engine, &id).await?;
-    guard.armed = false;
+    guard.disarm();
     let data = answer(pngs, output, &id, headers).await?;
     let body = ImagesResponse {
         created: unix_now(),
@@ -270,64 +267,25 @@ fn submit_error(e: SubmitError) -> OpenAiError {
     }
 }
 
-/// Cancels the job when the handler is dropped before it finished (the client hung up).
-struct CancelOnDrop {
-    engine: Engine,
-    id: String,
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.engine.cancel(&self.id);
-        }
-    }
-}
-
-/// The PNG images of a finished job.
+/// The PNG images of a finished job, or its end in this API's terms.
 async fn wait(engine: &Engine, id: &str) -> Result<Vec<std::sync::Arc<Vec<u8>>>> {
-    let lost = || OpenAiError::new(Kind::Server, "the job disappeared before it finished");
-    let (first, live) = engine.subscribe(id).ok_or_else(lost)?;
-    let mut pending: std::collections::VecDeque<_> = first.into();
-    let mut live = live;
-    loop {
-        let ev = match pending.pop_front() {
-            Some(ev) => ev,
-            None => {
-                let rx = live.as_mut().ok_or_else(lost)?;
-                match rx.recv().await {
-                    Ok(ev) => ev,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(lost()),
-                }
-            }
-        };
-        match &ev.event {
-            JobEvent::Completed(_) => break,
-            JobEvent::Failed { error, .. } => {
-                let kind = match error.kind {
+    super::wait::images(engine, id)
+        .await
+        .map_err(|end| match end {
+            JobEnd::Failed { kind, message } => {
+                let kind = match kind {
                     FailureKind::InvalidRequest => Kind::InvalidValue,
                     _ => Kind::Server,
                 };
-                return Err(OpenAiError::new(kind, error.message.clone()));
+                OpenAiError::new(kind, message)
             }
-            JobEvent::Cancelled { reason } => {
-                return Err(OpenAiError::new(
-                    Kind::Server,
-                    format!("the job was cancelled ({reason})"),
-                ))
+            JobEnd::Cancelled(reason) => {
+                OpenAiError::new(Kind::Server, format!("the job was cancelled ({reason})"))
             }
-            _ => {}
-        }
-    }
-    let count = engine.status(id).map_or(0, |v| v.image_count);
-    (0..count)
-        .map(|n| match engine.image(id, n) {
-            Some(Ok(png)) => Ok(png),
-            _ => Err(lost()),
+            JobEnd::Lost => {
+                OpenAiError::new(Kind::Server, "the job disappeared before it finished")
+            }
         })
-        .collect()
 }
 
 /// The answer's images: base64 in the requested encoding, or URLs of the PNG files.
