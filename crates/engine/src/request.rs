@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use sd_models::lora::LoraSpec;
+pub use sd_models::pipelines::PromptSyntax;
 use sd_models::pipelines::{GenerateParams, ImageInput};
 use serde::Serialize;
 
@@ -123,6 +124,8 @@ pub struct RequestDraft {
     pub operation: Operation,
     pub prompt: Option<String>,
     pub negative_prompt: Option<String>,
+    /// How the prompts are read (diffusers' plain text, or A1111's syntax).
+    pub prompt_syntax: PromptSyntax,
     pub width: Option<u64>,
     pub height: Option<u64>,
     pub steps: Option<u64>,
@@ -155,6 +158,7 @@ impl RequestDraft {
             operation,
             prompt: None,
             negative_prompt: None,
+            prompt_syntax: PromptSyntax::Plain,
             width: None,
             height: None,
             steps: None,

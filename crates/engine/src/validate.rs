@@ -11,7 +11,8 @@ use sd_models::samplers::SamplerKind;
 
 use crate::images::input::{decode_alpha_mask, decode_mask, decode_rgb};
 use crate::request::{
-    GenerationRequest, ImageBytes, LoraDraft, MaskRule, Operation, PreviewKind, RequestDraft,
+    GenerationRequest, ImageBytes, LoraDraft, MaskRule, Operation, PreviewKind, PromptSyntax,
+    RequestDraft,
 };
 use crate::spec::ModelSpec;
 
@@ -104,6 +105,12 @@ pub fn validate(
             "FLUX models here run without a negative prompt (no true classifier-free guidance); omit it",
         ));
     }
+    if spec.flux && draft.prompt_syntax == PromptSyntax::A1111 {
+        return Err(invalid(
+            "prompt_syntax",
+            "\"a1111\" applies to Stable Diffusion models (their CLIP text encoder); FLUX reads prompts as they are",
+        ));
+    }
     let max_sequence_length = max_sequence_length(spec, draft.max_sequence_length)?;
     let (width, height) = size(spec, limits, &draft, input.as_ref(), mask.is_some())?;
     let steps = steps(spec, limits, draft.steps)?;
@@ -163,6 +170,7 @@ pub fn validate(
             seed,
             sampler,
             batch: batch as usize,
+            prompt_syntax: draft.prompt_syntax,
         },
         preview_every: usize::try_from(preview_every).unwrap_or(usize::MAX),
         preview: draft.preview.unwrap_or(PreviewKind::Approx),

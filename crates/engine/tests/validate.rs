@@ -138,3 +138,24 @@ fn lora_files_follow_the_interface_policy() {
     assert_eq!(r.loras[0].path, file);
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn a1111_prompt_syntax_is_for_stable_diffusion_models() {
+    use sd_engine::request::PromptSyntax;
+    let mut d = draft("a (cat:1.2)");
+    d.prompt_syntax = PromptSyntax::A1111;
+    let r = validate(d.clone(), &spec(), &served(), 1).unwrap();
+    assert_eq!(r.params.prompt_syntax, PromptSyntax::A1111);
+    let flux = ModelSpec {
+        flux: true,
+        latent_factor: 16,
+        default_sampler: Err("flow matching".into()),
+        ..spec()
+    };
+    let (field, reason) = {
+        let e = validate(d, &flux, &served(), 1).unwrap_err();
+        (e.field, e.reason)
+    };
+    assert_eq!(field, "prompt_syntax");
+    assert!(reason.contains("Stable Diffusion"), "{reason}");
+}

@@ -65,6 +65,7 @@ fn run(name: &str, case: &Value) {
         seed: case["seed"].as_u64().unwrap(),
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
+        prompt_syntax: Default::default(),
     };
 
     let pre = pipe.preprocess(&input.image, width, height).unwrap();

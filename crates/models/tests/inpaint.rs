@@ -76,6 +76,7 @@ fn run(name: &str, case: &Value) {
         seed: case["seed"].as_u64().unwrap(),
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
+        prompt_syntax: Default::default(),
     };
     let unet9 = pipe.inpaint_method() == InpaintMethod::Unet9;
     assert_eq!(unet9, model.ends_with("-inpaint"));
@@ -196,6 +197,7 @@ fn an_inpainting_model_only_inpaints() {
         seed: 0,
         sampler: SamplerKind::Euler,
         batch: 1,
+        prompt_syntax: Default::default(),
     };
     let e = pipe.generate(&p, &mut |_| Ok(())).unwrap_err().to_string();
     assert!(e.contains("inpainting model"), "{e}");

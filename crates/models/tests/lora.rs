@@ -65,6 +65,7 @@ fn sd_params(case: &Value, pipe: &sd_models::pipelines::SdPipeline) -> GenerateP
         seed: case["seed"].as_u64().unwrap(),
         sampler: pipe.default_sampler().unwrap(),
         batch: 1,
+        prompt_syntax: Default::default(),
     }
 }
 

@@ -62,6 +62,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         seed: case["seed"].as_u64().unwrap(),
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
+        prompt_syntax: Default::default(),
     }
 }
 

@@ -57,6 +57,7 @@ fn checkpoints_match_diffusers_from_single_file() {
             seed: case["seed"].as_u64().unwrap(),
             sampler: pipe.default_sampler().unwrap(),
             batch: 1,
+            prompt_syntax: Default::default(),
         };
         let out = match case["mask"].as_str() {
             Some(mask) => {

@@ -12,6 +12,7 @@ mod inspect;
 mod model_args;
 mod native;
 mod prometheus;
+mod register;
 mod serve;
 
 /// Stable Diffusion image-generation worker on candle.

@@ -14,6 +14,7 @@ use sd_engine::{Engine, Limits};
 
 use crate::api::{router, AppState};
 use crate::model_args::ModelFlags;
+use crate::register::{Registrar, Target};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -85,6 +86,52 @@ pub struct ServeArgs {
     /// inside it only. Default: jobs take no LoRAs.
     #[arg(long, env = "SD_LORA_DIR")]
     pub lora_dir: Option<PathBuf>,
+    /// Announce the worker to an orchestrator under this id (needs --callback-url).
+    #[arg(long, env = "SD_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// The orchestrator URL that receives the worker's registration (JSON POST, `state:
+    /// "ready"`) once the model is loaded, a heartbeat every --heartbeat-secs, and `state:
+    /// "stopping"` on shutdown (needs --worker-id).
+    #[arg(long, env = "SD_CALLBACK_URL")]
+    pub callback_url: Option<String>,
+    /// The worker's base URL as announced to the orchestrator. Default: http://ADDRESS:PORT
+    /// that it listens on.
+    #[arg(long, env = "SD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Seconds between heartbeats to the orchestrator.
+    #[arg(long, env = "SD_HEARTBEAT_SECS", default_value_t = 30)]
+    pub heartbeat_secs: u64,
+}
+
+/// The orchestrator flags: both of --worker-id and --callback-url or neither, http(s) URLs.
+fn check_registration(args: &ServeArgs) -> Result<()> {
+    match (&args.worker_id, &args.callback_url) {
+        (Some(_), None) => bail!("--worker-id needs --callback-url (where to announce the worker)"),
+        (None, Some(_)) => bail!("--callback-url needs --worker-id (the name to announce)"),
+        _ => {}
+    }
+    if let Some(id) = &args.worker_id {
+        if id.trim().is_empty() || id.chars().count() > 256 {
+            bail!("invalid --worker-id {id:?}: must be 1 to 256 characters");
+        }
+    }
+    for (flag, url) in [
+        ("--callback-url", &args.callback_url),
+        ("--public-url", &args.public_url),
+    ] {
+        if let Some(u) = url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("invalid {flag} {u}: must start with http:// or https://");
+            }
+        }
+    }
+    if args.heartbeat_secs == 0 || args.heartbeat_secs > 365 * 24 * 3600 {
+        bail!(
+            "invalid --heartbeat-secs {}: must be between 1 and one year of seconds",
+            args.heartbeat_secs
+        );
+    }
+    Ok(())
 }
 
 fn check_args(args: &ServeArgs) -> Result<()> {
@@ -168,6 +215,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     check_args(&args)?;
+    check_registration(&args)?;
     let load = ModelFlags {
         model: &args.model,
         components: args.components.as_deref(),
@@ -283,12 +331,36 @@ fn app_state(
     }
 }
 
+/// Starts announcing the worker to the orchestrator, when the flags name one.
+fn start_registration(
+    args: &ServeArgs,
+    engine: &Engine,
+    addr: std::net::SocketAddr,
+) -> Result<Option<Registrar>> {
+    let (Some(worker_id), Some(callback_url)) = (&args.worker_id, &args.callback_url) else {
+        return Ok(None);
+    };
+    let target = Target {
+        worker_id: worker_id.clone(),
+        callback_url: callback_url.clone(),
+        public_url: args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        heartbeat: Duration::from_secs(args.heartbeat_secs),
+    };
+    let registrar = Registrar::start(target, engine.clone(), args.api_key.is_some())
+        .context("cannot start the registration thread")?;
+    Ok(Some(registrar))
+}
+
 /// Resolves when the worker should stop: on a signal, after draining the engine (a second
-/// signal exits at once), or when the model failed to load.
+/// signal exits at once) and telling the orchestrator, or when the model failed to load.
 async fn shutdown_signal(
     engine: Engine,
     grace: Duration,
     load_failed: tokio::sync::oneshot::Receiver<String>,
+    registrar: Option<Registrar>,
 ) -> Exit {
     let load_failed = async {
         match load_failed.await {
@@ -314,6 +386,9 @@ async fn shutdown_signal(
         );
         let _ = tokio::task::spawn_blocking(move || engine.shutdown(grace)).await;
     }
+    if let Some(r) = registrar {
+        let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+    }
     exit
 }
 
@@ -329,11 +404,12 @@ async fn serve(
     eprintln!("listening on http://{addr}");
 
     let (engine, load_failed) = start_engine(&args, load);
+    let registrar = start_registration(&args, &engine, addr)?;
     let app = router(Arc::new(app_state(&args, engine.clone(), metrics)));
     let grace = Duration::from_secs(args.shutdown_grace);
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<Exit>();
     let shutdown = async move {
-        let exit = shutdown_signal(engine, grace, load_failed).await;
+        let exit = shutdown_signal(engine, grace, load_failed, registrar).await;
         let _ = exit_tx.send(exit);
     };
     let mut server = tokio::spawn(async move {

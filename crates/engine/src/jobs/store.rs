@@ -83,6 +83,8 @@ pub(super) struct Store {
 pub struct RequestEcho {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// `plain` or `a1111`.
+    pub prompt_syntax: &'static str,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -258,6 +260,10 @@ impl Store {
             request: RequestEcho {
                 prompt: p.prompt.clone(),
                 negative_prompt: p.negative_prompt.clone(),
+                prompt_syntax: match p.prompt_syntax {
+                    crate::request::PromptSyntax::Plain => "plain",
+                    crate::request::PromptSyntax::A1111 => "a1111",
+                },
                 width: p.width,
                 height: p.height,
                 steps: p.steps,

@@ -132,6 +132,7 @@ fn job(prompt: &str, steps: usize) -> GenerationRequest {
             seed: 3,
             sampler: SamplerKind::Euler,
             batch: 1,
+            prompt_syntax: Default::default(),
         },
         preview_every: 0,
         preview: PreviewKind::Approx,

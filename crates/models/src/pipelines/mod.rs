@@ -7,5 +7,6 @@ pub mod sd;
 
 pub use preview::latent_preview;
 pub use sd::{
-    GenerateParams, Generated, ImageInput, InpaintMethod, MaskImage, Progress, RgbImage, SdPipeline,
+    GenerateParams, Generated, ImageInput, InpaintMethod, MaskImage, Progress, PromptSyntax,
+    RgbImage, SdPipeline,
 };

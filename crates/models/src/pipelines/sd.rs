@@ -24,6 +24,19 @@ pub struct GenerateParams {
     pub seed: u64,
     pub sampler: SamplerKind,
     pub batch: usize,
+    /// How the prompts are read.
+    pub prompt_syntax: PromptSyntax,
+}
+
+/// How prompts are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PromptSyntax {
+    /// As diffusers: the text as it is, truncated to the tokenizer's length.
+    #[default]
+    Plain,
+    /// As AUTOMATIC1111's web UI: attention weights, `BREAK`, chunks of 75 tokens
+    /// ([`crate::tokenizer::a1111`]).
+    A1111,
 }
 
 /// Reported after every denoising step.
@@ -232,6 +245,56 @@ impl SdPipeline {
         Ok((emb, (dropped, neg_dropped)))
     }
 
+    /// The hidden states of a prompt read with A1111's syntax: each 77-token chunk encoded,
+    /// weighted with A1111's "Original" emphasis, and joined along the sequence.
+    fn encode_chunks(&self, text: &str) -> Result<Tensor> {
+        let (chunks, _) = crate::tokenizer::a1111::chunks(&self.tokenizer, text);
+        let mut parts = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let n = c.tokens.len();
+            let ids = Tensor::from_vec(c.tokens, (1, n), &self.device)?;
+            let z = self.text_encoder.forward(&ids)?;
+            parts.push(crate::tokenizer::a1111::emphasis(&z, &c.multipliers)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// As [`Self::encode_prompt`], with A1111's prompt syntax: prompts of any length, and the
+    /// shorter of prompt and negative prompt extended with the empty prompt's chunk until both
+    /// have as many chunks, as A1111 pads them.
+    pub fn encode_prompt_a1111(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        batch: usize,
+        guidance: bool,
+    ) -> Result<Tensor> {
+        let mut cond = self.encode_chunks(prompt)?;
+        if !guidance {
+            return Ok(cond.repeat((batch, 1, 1))?.to_dtype(self.dtype)?);
+        }
+        let mut uncond = self.encode_chunks(negative.unwrap_or(""))?;
+        let (a, b) = (cond.dim(1)?, uncond.dim(1)?);
+        if a != b {
+            let empty = self.encode_chunks("")?;
+            let chunk = empty.dim(1)?;
+            let pad = |t: Tensor, missing: usize| -> Result<Tensor> {
+                let extra = empty.repeat((1, missing / chunk, 1))?;
+                Ok(Tensor::cat(&[t, extra], 1)?)
+            };
+            if a < b {
+                cond = pad(cond, b - a)?;
+            } else {
+                uncond = pad(uncond, a - b)?;
+            }
+        }
+        let emb = Tensor::cat(
+            &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
+            0,
+        )?;
+        Ok(emb.to_dtype(self.dtype)?)
+    }
+
     /// The loop index image-to-image starts at, as diffusers' `get_timesteps`:
     /// `init = min(int(steps * strength), steps)`, `t_start = steps - init` (every sampler
     /// here has order 1). Errors when `strength` is outside (0, 1] or runs no step.
@@ -358,8 +421,20 @@ impl SdPipeline {
         };
         let mut sampler = build_sampler(p.sampler, &self.scheduler.for_pipeline(inpaint), p.steps)?;
         let cfg = p.guidance > 1.0;
-        let (context, truncated_tokens) =
-            self.encode_prompt(&p.prompt, p.negative_prompt.as_deref(), p.batch, cfg)?;
+        let (context, truncated_tokens) = match p.prompt_syntax {
+            PromptSyntax::Plain => {
+                self.encode_prompt(&p.prompt, p.negative_prompt.as_deref(), p.batch, cfg)?
+            }
+            PromptSyntax::A1111 => {
+                let emb = self.encode_prompt_a1111(
+                    &p.prompt,
+                    p.negative_prompt.as_deref(),
+                    p.batch,
+                    cfg,
+                )?;
+                (emb, (0, 0))
+            }
+        };
 
         let f = self.latent_factor();
         let shape = [

@@ -350,6 +350,13 @@ impl ClipTokenizer {
         })
     }
 
+    /// The ids of `text` alone: no BOS, no EOS, untruncated.
+    pub fn tokens(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        self.tokenize_into(text, &mut ids);
+        ids
+    }
+
     /// ids with BOS and EOS, untruncated.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = vec![self.bos_id];

@@ -1,4 +1,5 @@
 //! Tokenizers.
 
+pub mod a1111;
 pub mod clip;
 pub mod t5;

@@ -36,7 +36,11 @@ use super::{info, jobs, openai, ErrorBody};
         openai::models,
         openai::model,
     ),
-    components(schemas(sd_engine::events::JobEvent, ErrorBody)),
+    components(schemas(
+        sd_engine::events::JobEvent,
+        ErrorBody,
+        crate::register::Registration
+    )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

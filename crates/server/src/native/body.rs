@@ -2,7 +2,9 @@
 //! field; their `ToSchema` derives are the request schemas of the OpenAPI document; and each
 //! becomes the engine's [`RequestDraft`].
 
-use sd_engine::request::{ImageBytes, LoraDraft, Operation, PreviewKind, RequestDraft};
+use sd_engine::request::{
+    ImageBytes, LoraDraft, Operation, PreviewKind, PromptSyntax, RequestDraft,
+};
 use utoipa::ToSchema;
 
 /// The body of `POST /v1/jobs`: one of three operations, told apart by `operation`.
@@ -95,6 +97,11 @@ pub struct JobFields {
     /// Default: the empty prompt. Used when guidance_scale > 1; refused for FLUX.
     #[schema(max_length = 20000)]
     pub negative_prompt: Option<String>,
+    /// `plain` (default): the prompts as they are, truncated to 77 tokens, as diffusers.
+    /// `a1111`: AUTOMATIC1111's syntax: `(word)` / `[word]` / `(word:1.3)` weights, `BREAK`,
+    /// and prompts of any length in 75-token chunks. Stable Diffusion models only.
+    #[schema(value_type = Option<String>, example = "a1111")]
+    pub prompt_syntax: PromptSyntax,
     /// Multiple of the latent factor (GET /v1/info); default the model's size; width x height
     /// at most --max-pixels.
     #[schema(minimum = 1, maximum = 8192)]
@@ -194,6 +201,7 @@ impl From<JobBody> for RequestDraft {
         d.strength = strength;
         d.prompt = fields.prompt;
         d.negative_prompt = fields.negative_prompt;
+        d.prompt_syntax = fields.prompt_syntax;
         d.width = fields.width;
         d.height = fields.height;
         d.steps = fields.steps;

@@ -7,7 +7,7 @@
 use serde_json::{Map, Value};
 
 use sd_engine::images::input::decode_base64;
-use sd_engine::request::{Operation, PreviewKind, RequestDraft};
+use sd_engine::request::{Operation, PreviewKind, PromptSyntax, RequestDraft};
 use sd_engine::{GenerationRequest, InvalidField, Limits, ModelSpec};
 
 mod body;
@@ -19,8 +19,9 @@ use body::{
 };
 
 /// The fields every operation takes.
-pub const FIELDS: [&str; 17] = [
+pub const FIELDS: [&str; 18] = [
     "loras",
+    "prompt_syntax",
     "max_sequence_length",
     "operation",
     "prompt",
@@ -242,6 +243,16 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
     let model = string(obj, "model")?;
     let prompt = string(obj, "prompt")?;
     let negative_prompt = string(obj, "negative_prompt")?;
+    let prompt_syntax = match string(obj, "prompt_syntax")?.as_deref() {
+        None | Some("plain") => PromptSyntax::Plain,
+        Some("a1111") => PromptSyntax::A1111,
+        Some(other) => {
+            return Err(invalid(
+                "prompt_syntax",
+                format!("must be \"plain\" (diffusers) or \"a1111\" (AUTOMATIC1111's weights, BREAK and 75-token chunks), got {other:?}"),
+            ))
+        }
+    };
     let max_sequence_length = uint(obj, "max_sequence_length")?;
     let width = uint(obj, "width")?;
     let height = uint(obj, "height")?;
@@ -263,6 +274,7 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
     Ok(JobFields {
         prompt,
         negative_prompt,
+        prompt_syntax,
         width,
         height,
         steps,

@@ -160,3 +160,20 @@ fn the_model_is_named_by_folder_or_path() {
     assert!(names_model(&spec(), "/models/tiny"));
     assert!(!names_model(&spec(), "tiny2"));
 }
+
+#[test]
+fn prompt_syntax_is_read() {
+    use sd_engine::request::PromptSyntax;
+    let r = parse(
+        json!({"operation": "image_generation", "prompt": "a (cat)", "prompt_syntax": "a1111"}),
+    )
+    .unwrap();
+    assert_eq!(r.params.prompt_syntax, PromptSyntax::A1111);
+    let r = parse(json!({"operation": "image_generation", "prompt": "a"})).unwrap();
+    assert_eq!(r.params.prompt_syntax, PromptSyntax::Plain);
+    let e = err(json!({"operation": "image_generation", "prompt": "a", "prompt_syntax": "comfy"}));
+    assert!(
+        e.contains("`prompt_syntax`") && e.contains("a1111") && e.contains("comfy"),
+        "{e}"
+    );
+}

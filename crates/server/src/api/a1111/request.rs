@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use sd_engine::request::{ImageBytes, MaskRule, Operation, RequestDraft};
+use sd_engine::request::{ImageBytes, MaskRule, Operation, PromptSyntax, RequestDraft};
 use sd_engine::validate::MAX_SIDE;
 use sd_models::samplers::SamplerKind;
 
@@ -597,6 +597,7 @@ pub fn read(
     };
     let prompt = body.text("prompt")?.unwrap_or_default();
     if prompt.contains("<lora:") || prompt.contains("<lyco:") || prompt.contains("<hypernet:") {
+        // Extra networks are not read from prompts yet; the weights and BREAK are.
         return Err(invalid(
             "prompt",
             "holds extra-network tags (<lora:...>), which this API does not apply yet; name LoRAs through /v1/jobs `loras`",
@@ -608,6 +609,7 @@ pub fn read(
     };
     let mut draft = RequestDraft::new(operation);
     draft.prompt = Some(prompt);
+    draft.prompt_syntax = PromptSyntax::A1111;
     draft.negative_prompt = body.text("negative_prompt")?.filter(|n| !n.is_empty());
     draft.width = Some(body.uint("width")?.unwrap_or(DEFAULT_SIZE));
     draft.height = Some(body.uint("height")?.unwrap_or(DEFAULT_SIZE));

@@ -201,7 +201,16 @@ async fn run(
     params: Params,
     endpoint: Endpoint,
 ) -> Result<Response> {
-    let (draft, output, model) = request::read(params, endpoint)?;
+    // Reading an edit decodes its image (to find its transparency): off the async workers.
+    let (draft, output, model) =
+        tokio::task::spawn_blocking(move || request::read(params, endpoint))
+            .await
+            .map_err(|e| {
+                OpenAiError::new(
+                    Kind::Server,
+                    format!("internal error while reading the request: {e}"),
+                )
+            })??;
     if let Some(m) = model.filter(|m| !names_model(spec, m)) {
         return Err(OpenAiError::param(
             Kind::ModelNotFound,
