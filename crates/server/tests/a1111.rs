@@ -408,3 +408,49 @@ fn interrupt_ends_the_request_with_what_was_made() {
     .json();
     assert_eq!(p["state"]["job_count"], 0);
 }
+
+/// `<lora:NAME:WEIGHT>` in the prompt applies that LoRA of `--lora-dir`, as the same job with
+/// `loras` through the native API (the tag itself leaves the prompt).
+#[test]
+fn lora_tags_apply_loras_of_the_lora_dir() {
+    let dir = common::tmp("a1111-loras");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        root().join("fixtures/lora/sd1-kohya.safetensors"),
+        dir.join("sd1-kohya.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--api-key",
+        "secret-token",
+        "--lora-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let body = json!({"prompt": "a photo of a cat <lora:sd1-kohya:0.8>", "steps": 3, "width": 32,
+                      "height": 32, "seed": 4, "sampler_name": "Euler"});
+    let (images, info) = answer(&post(&server, "/sdapi/v1/txt2img", &body));
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Lora: \"sd1-kohya:0.8\""),
+        "{info}"
+    );
+    let want = native(
+        &server,
+        json!({"operation": "image_generation", "prompt": "a photo of a cat ",
+               "prompt_syntax": "a1111", "width": 32, "height": 32, "steps": 3, "seed": 4,
+               "guidance_scale": 7.0, "scheduler": "euler", "preview_every": 0,
+               "loras": [{"path": "sd1-kohya", "strength": 0.8}]}),
+    );
+    assert_eq!(images, vec![want]);
+    let without = answer(&post(&server, "/sdapi/v1/txt2img", &json!({"prompt": "a photo of a cat ", "steps": 3, "width": 32, "height": 32, "seed": 4, "sampler_name": "Euler"}))).0;
+    assert_ne!(images, without, "the LoRA changed the image");
+    let r = post(
+        &server,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a <lora:missing:1>", "steps": 1, "width": 32, "height": 32}),
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["detail"][0]["loc"], json!(["body", "prompt"]));
+}

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use sd_engine::request::{ImageBytes, MaskRule, Operation, PromptSyntax, RequestDraft};
+use sd_engine::request::{ImageBytes, LoraDraft, MaskRule, Operation, PromptSyntax, RequestDraft};
 use sd_engine::validate::MAX_SIDE;
 use sd_models::samplers::SamplerKind;
 
@@ -524,6 +524,70 @@ fn img2img(body: &Body, draft: &mut RequestDraft) -> Result<()> {
     Ok(())
 }
 
+/// The extra-network tags of a prompt, as A1111 reads them (`<NAME:ARG:ARG...>`, removed from
+/// the text): `<lora:FILE>` and `<lora:FILE:WEIGHT>` (also `lyco`) become LoRAs of the job,
+/// resolved in `--lora-dir`; `<lora:FILE:TE:UNET>` with two different weights, and any other
+/// network kind, are refused.
+fn extra_networks(prompt: &str) -> Result<(String, Vec<LoraDraft>)> {
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let kind_len = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let tag = (kind_len > 0 && after[kind_len..].starts_with(':'))
+            .then(|| after[kind_len + 1..].find('>').map(|end| (kind_len, end)))
+            .flatten();
+        let Some((kind_len, end)) =
+            tag.filter(|(k, e)| *e > 0 && !after[k + 1..k + 1 + e].contains('<'))
+        else {
+            text.push_str(&rest[..open + 1]);
+            rest = after;
+            continue;
+        };
+        let kind = &after[..kind_len];
+        let args: Vec<&str> = after[kind_len + 1..kind_len + 1 + end].split(':').collect();
+        text.push_str(&rest[..open]);
+        rest = &after[kind_len + 1 + end + 1..];
+        if !matches!(kind, "lora" | "lyco") {
+            return Err(invalid(
+                "prompt",
+                format!("<{kind}:...> is not an extra network this worker has (it applies <lora:FILE:WEIGHT>)"),
+            ));
+        }
+        let weight = |i: usize| -> Result<Option<f64>> {
+            match args.get(i).map(|a| a.trim()) {
+                None | Some("") => Ok(None),
+                Some(a) => a.parse().map(Some).map_err(|_| {
+                    invalid(
+                        "prompt",
+                        format!("<{kind}:{}>: {a:?} is not a weight", args.join(":")),
+                    )
+                }),
+            }
+        };
+        let te = weight(1)?;
+        let unet = weight(2)?;
+        if let (Some(t), Some(u)) = (te, unet) {
+            if t != u {
+                return Err(invalid(
+                    "prompt",
+                    format!("<{kind}:{}>: separate text-encoder and UNet weights ({t} and {u}) are not applied here; give one weight", args.join(":")),
+                ));
+            }
+        }
+        loras.push(LoraDraft {
+            path: args[0].trim().to_string(),
+            strength: Some(te.unwrap_or(1.0)),
+            strict: Some(true),
+        });
+    }
+    text.push_str(rest);
+    Ok((text, loras))
+}
+
 /// Reads a txt2img or img2img body.
 pub fn read(
     value: Value,
@@ -595,14 +659,12 @@ pub fn read(
             ))
         }
     };
-    let prompt = body.text("prompt")?.unwrap_or_default();
-    if prompt.contains("<lora:") || prompt.contains("<lyco:") || prompt.contains("<hypernet:") {
-        // Extra networks are not read from prompts yet; the weights and BREAK are.
-        return Err(invalid(
-            "prompt",
-            "holds extra-network tags (<lora:...>), which this API does not apply yet; name LoRAs through /v1/jobs `loras`",
-        ));
-    }
+    let (prompt, loras) = extra_networks(&body.text("prompt")?.unwrap_or_default())?;
+    let loras = if body.boolean("disable_extra_networks")? == Some(true) {
+        Vec::new()
+    } else {
+        loras
+    };
     let operation = match mode {
         Mode::Txt2Img => Operation::Generation,
         Mode::Img2Img => Operation::Transform,
@@ -610,6 +672,7 @@ pub fn read(
     let mut draft = RequestDraft::new(operation);
     draft.prompt = Some(prompt);
     draft.prompt_syntax = PromptSyntax::A1111;
+    draft.loras = loras;
     draft.negative_prompt = body.text("negative_prompt")?.filter(|n| !n.is_empty());
     draft.width = Some(body.uint("width")?.unwrap_or(DEFAULT_SIZE));
     draft.height = Some(body.uint("height")?.unwrap_or(DEFAULT_SIZE));
@@ -649,6 +712,33 @@ pub fn field_of(engine_field: &str) -> &str {
         "init_image" | "input_image" => "init_images",
         "mask_image" => "mask",
         "operation" => "mask",
+        f if f.starts_with("loras") => "prompt",
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_network_tags_become_loras() {
+        let (text, loras) =
+            extra_networks("a cat <lora:style:0.8>, <lyco:sub/other> night").unwrap();
+        assert_eq!(text, "a cat , night");
+        let got: Vec<(String, Option<f64>)> =
+            loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
+        assert_eq!(
+            got,
+            vec![("style".into(), Some(0.8)), ("sub/other".into(), Some(1.0))]
+        );
+        let (text, loras) = extra_networks("a <b> and x<y").unwrap();
+        assert_eq!((text.as_str(), loras.len()), ("a <b> and x<y", 0));
+        let (_, loras) = extra_networks("<lora:a:0.5:0.5>").unwrap();
+        assert_eq!(loras[0].strength, Some(0.5));
+        for bad in ["<lora:a:0.5:1>", "<hypernet:h:1>", "<lora:a:heavy>"] {
+            let e = extra_networks(bad).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("prompt"), "{bad}");
+        }
     }
 }
