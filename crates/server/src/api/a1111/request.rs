@@ -725,7 +725,7 @@ mod tests {
     fn extra_network_tags_become_loras() {
         let (text, loras) =
             extra_networks("a cat <lora:style:0.8>, <lyco:sub/other> night").unwrap();
-        assert_eq!(text, "a cat , night");
+        assert_eq!(text, "a cat ,  night", "only the tags leave, as A1111 removes them");
         let got: Vec<(String, Option<f64>)> =
             loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
         assert_eq!(
