@@ -383,10 +383,16 @@ fn interrupt_ends_the_request_with_what_was_made() {
             None,
         )
         .json();
-        if p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0 {
+        // Past the first live preview (every 10 steps).
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) > 11 {
             assert_eq!(p["state"]["job"], "scripts_txt2img");
             assert_eq!(p["state"]["job_count"], 3);
             assert!(p["progress"].as_f64().unwrap() > 0.0);
+            let preview = b64decode(p["current_image"].as_str().expect("a live preview"));
+            assert_eq!(&preview[1..4], b"PNG");
+            let q = "/sdapi/v1/progress?skip_current_image=true";
+            let skipped = http(&server.addr, "GET", q, &[("Authorization", BASIC)], None).json();
+            assert_eq!(skipped["current_image"], Value::Null);
             break;
         }
         assert!(Instant::now() < deadline, "never started: {p}");

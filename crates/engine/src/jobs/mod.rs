@@ -291,6 +291,7 @@ impl Engine {
             images: Vec::new(),
             warnings: Vec::new(),
             truncated_tokens: [0, 0],
+            last_preview: None,
         };
         s.jobs.insert(id.clone(), job);
         s.queue.push_back(id.clone());
@@ -412,6 +413,16 @@ impl Engine {
             }
         }
         Some((first, Some(job.events.subscribe())))
+    }
+
+    /// The PNG of the latest preview of a job that is still running (None once it ended, or
+    /// before its first preview).
+    pub fn preview(&self, id: &str) -> Option<Arc<Vec<u8>>> {
+        let s = self.inner.store();
+        let job = s.jobs.get(id)?;
+        (job.state == JobState::Running)
+            .then(|| job.last_preview.clone())
+            .flatten()
     }
 
     /// PNG bytes of result image `n`.

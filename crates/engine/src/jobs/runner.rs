@@ -305,12 +305,14 @@ fn publish(inner: &Inner, message: Publish) {
                     job.timings.preview += seconds;
                     match encoded {
                         Ok(png) => {
+                            let image_b64 = b64(&png);
+                            job.last_preview = Some(Arc::new(png));
                             let ev = JobEvent::Preview {
                                 step,
                                 total,
                                 width: image.width,
                                 height: image.height,
-                                image: b64(&png),
+                                image: image_b64,
                                 format: "png",
                             };
                             let _ = job.events.send(ev.into());

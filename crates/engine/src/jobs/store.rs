@@ -43,6 +43,8 @@ pub(super) struct Job {
     pub warnings: Vec<String>,
     /// Prompt tokens the completed job dropped (see [`crate::events::Completion`]).
     pub truncated_tokens: [usize; 2],
+    /// The PNG of the job's latest preview (one kept per job).
+    pub last_preview: Option<Arc<Vec<u8>>>,
 }
 
 /// Job outcomes so far: the Retry-After estimate of a full queue is their mean duration.

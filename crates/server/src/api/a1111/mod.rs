@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -369,7 +369,18 @@ fn submit_error(e: SubmitError) -> A1111Error {
     }
 }
 
-async fn progress(State(st): State<Shared>) -> Json<Value> {
+/// The query of `GET /progress`.
+#[derive(serde::Deserialize)]
+struct ProgressQuery {
+    #[serde(default)]
+    skip_current_image: bool,
+}
+
+async fn progress(
+    State(st): State<Shared>,
+    query: std::result::Result<Query<ProgressQuery>, QueryRejection>,
+) -> Json<Value> {
+    let skip_image = query.is_ok_and(|q| q.skip_current_image);
     let task = st.a1111.task();
     let Some(t) = task.as_ref() else {
         let state = json!({"skipped": false, "interrupted": false, "stopping_generation": false, "job": "",
@@ -396,8 +407,16 @@ async fn progress(State(st): State<Shared>) -> Json<Value> {
     let state = json!({"skipped": t.skipped, "interrupted": t.interrupted, "stopping_generation": false,
         "job": t.job, "job_count": t.total, "job_timestamp": t.timestamp, "job_no": t.done,
         "sampling_step": step, "sampling_steps": steps});
+    let image = if skip_image {
+        None
+    } else {
+        t.current
+            .as_deref()
+            .and_then(|id| st.engine.preview(id))
+            .map(|png| b64(&png))
+    };
     Json(
-        json!({"progress": progress, "eta_relative": eta, "state": state, "current_image": null, "textinfo": null}),
+        json!({"progress": progress, "eta_relative": eta, "state": state, "current_image": image, "textinfo": null}),
     )
 }
 

@@ -105,6 +105,8 @@ pub const DEFAULT_CFG: f64 = 7.0;
 pub const DEFAULT_SIZE: u64 = 512;
 pub const DEFAULT_SAMPLER: &str = "Euler";
 pub const DEFAULT_IMG2IMG_STRENGTH: f64 = 0.75;
+/// Steps between the live previews `/progress` shows.
+pub const PREVIEW_EVERY: u64 = 10;
 
 /// A request read: the draft of its first image (each image `i` runs with seed `seed + i`).
 #[derive(Debug)]
@@ -680,7 +682,9 @@ pub fn read(
     draft.guidance_scale = Some(body.number("cfg_scale")?.unwrap_or(DEFAULT_CFG));
     draft.scheduler = Some(kind.name().to_string());
     draft.batch = Some(1);
-    draft.preview_every = Some(0);
+    // Live previews for `/progress`, every 10 steps as A1111's default
+    // `show_progress_every_n_steps` (the cheap latent-to-RGB map).
+    draft.preview_every = Some(PREVIEW_EVERY);
     if mode == Mode::Img2Img {
         img2img(&body, &mut draft)?;
     }
@@ -725,7 +729,10 @@ mod tests {
     fn extra_network_tags_become_loras() {
         let (text, loras) =
             extra_networks("a cat <lora:style:0.8>, <lyco:sub/other> night").unwrap();
-        assert_eq!(text, "a cat ,  night", "only the tags leave, as A1111 removes them");
+        assert_eq!(
+            text, "a cat ,  night",
+            "only the tags leave, as A1111 removes them"
+        );
         let got: Vec<(String, Option<f64>)> =
             loras.iter().map(|l| (l.path.clone(), l.strength)).collect();
         assert_eq!(
