@@ -8,20 +8,20 @@ authorization, body_b64}. Run with a venv that has `openai` (pip install openai)
     /work/venv-clients/bin/python scripts/clients/record_openai.py
 """
 
-import base64
 import json
 import struct
-import threading
+import sys
 import zlib
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import openai
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capture  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "crates/server/tests/fixtures/openai"
 INPUTS = ROOT / "fixtures/inputs"
-RECORDED = []
 
 
 def png_rgba(width, height, pixel):
@@ -49,43 +49,14 @@ def hole_mask():
     return png_rgba(32, 32, lambda x, y: (0, 0, 0, 0 if 8 <= x < 24 and 8 <= y < 24 else 255))
 
 
-class Capture(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.record(b"")
-        self.answer({"object": "list", "data": [{"id": "tiny-sd1", "object": "model", "created": 0, "owned_by": "sd-worker"}]})
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length", 0))
-        self.record(self.rfile.read(length))
-        self.answer({"created": 0, "data": [{"b64_json": ""}]})
-
-    def record(self, body):
-        RECORDED.append(
-            {
-                "method": self.command,
-                "path": self.path,
-                "content_type": self.headers.get("Content-Type"),
-                "authorization": self.headers.get("Authorization"),
-                "user_agent": self.headers.get("User-Agent"),
-                "body_b64": base64.b64encode(body).decode(),
-            }
-        )
-
-    def answer(self, value):
-        data = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def answer(method, path):
+    if method == "GET":
+        return {"object": "list", "data": [{"id": "tiny-sd1", "object": "model", "created": 0, "owned_by": "sd-worker"}]}
+    return {"created": 0, "data": [{"b64_json": ""}]}
 
 
 def main():
-    server = HTTPServer(("127.0.0.1", 0), Capture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, RECORDED = capture.start(answer)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="secret-token", max_retries=0)
     square = (INPUTS / "square32.png").read_bytes()
     calls = {
@@ -120,7 +91,7 @@ def main():
     }
     OUT.mkdir(parents=True, exist_ok=True)
     for name, call in calls.items():
-        RECORDED.clear()
+        del RECORDED[:]
         call()
         (OUT / f"{name}.json").write_text(json.dumps(RECORDED[0], indent=1) + "\n")
         print(name, RECORDED[0]["method"], RECORDED[0]["path"], RECORDED[0]["content_type"], len(RECORDED[0]["body_b64"]))

@@ -12,17 +12,18 @@ Needs `webuiapi` (pip install webuiapi; it brings Pillow).
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import sys
 from pathlib import Path
 
 import webuiapi
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capture  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "crates/server/tests/fixtures/a1111"
 INPUTS = ROOT / "fixtures/inputs"
-RECORDED = []
 
 
 def tiny_png():
@@ -42,42 +43,12 @@ ANSWERS = {
 }
 
 
-class Capture(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.record(b"")
-        self.answer(ANSWERS.get(self.path.split("?")[0], []))
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length", 0))
-        self.record(self.rfile.read(length))
-        self.answer(ANSWERS.get(self.path, {}))
-
-    def record(self, body):
-        RECORDED.append(
-            {
-                "method": self.command,
-                "path": self.path,
-                "content_type": self.headers.get("Content-Type"),
-                "authorization": self.headers.get("Authorization"),
-                "body_b64": base64.b64encode(body).decode(),
-            }
-        )
-
-    def answer(self, value):
-        data = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def answer(method, path):
+    return ANSWERS.get(path, [] if method == "GET" else {})
 
 
 def main():
-    server = HTTPServer(("127.0.0.1", 0), Capture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, RECORDED = capture.start(answer)
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.server_port)
     api.set_auth("user", "secret-token")
     square = Image.open(INPUTS / "square32.png")
@@ -121,7 +92,7 @@ def main():
         if call is None:
             got = first
         else:
-            RECORDED.clear()
+            del RECORDED[:]
             call()
             got = RECORDED
         (OUT / f"{name}.json").write_text(json.dumps(got[0], indent=1) + "\n")

@@ -20,17 +20,9 @@ fn pipeline(model: &str) -> SdPipeline {
     .0
 }
 
+/// The largest absolute difference.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_rel_diff(a, b).0
 }
 
 #[test]
