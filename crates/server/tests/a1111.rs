@@ -460,3 +460,38 @@ fn lora_tags_apply_loras_of_the_lora_dir() {
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.json()["detail"][0]["loc"], json!(["body", "prompt"]));
 }
+
+/// The requests Open WebUI's AUTOMATIC1111 engine sends (`backend/open_webui/routers/images.py`,
+/// commit 02530d50): `GET options` for the model, the options posted back with the model set,
+/// `GET sd-models`, and txt2img as `{prompt, batch_size, width, height, steps,
+/// negative_prompt}`, with an empty `authorization` header when no credentials are set.
+#[test]
+fn open_webui_requests_work() {
+    let server = Server::start(&[]);
+    let empty = [("authorization", "")];
+    let options = http(&server.addr, "GET", "/sdapi/v1/options", &empty, None).json();
+    let mut back = options.clone();
+    back["sd_model_checkpoint"] = json!("tiny-sd1");
+    let r = http(
+        &server.addr,
+        "POST",
+        "/sdapi/v1/options",
+        &empty,
+        Some(back.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let models = http(&server.addr, "GET", "/sdapi/v1/sd-models", &empty, None).json();
+    assert_eq!(models[0]["model_name"], "tiny-sd1");
+    let body = json!({"prompt": "a photo of a cat", "batch_size": 2, "width": 32, "height": 32,
+                      "steps": 2, "negative_prompt": "blurry"});
+    let r = http(
+        &server.addr,
+        "POST",
+        "/sdapi/v1/txt2img",
+        &empty,
+        Some(body.to_string().as_bytes()),
+    );
+    let (images, info) = answer(&r);
+    assert_eq!(images.len(), 2);
+    assert_eq!(info["negative_prompt"], "blurry");
+}

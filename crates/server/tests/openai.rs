@@ -485,3 +485,49 @@ fn a_client_that_hangs_up_cancels_its_job() {
     assert_eq!(done["state"], "cancelled", "{done}");
     assert_eq!(done["cancel_reason"], "client");
 }
+
+/// The requests Open WebUI's OpenAI image engine sends (`backend/open_webui/routers/images.py`,
+/// commit 02530d50): generations as `{model, prompt, n, size, response_format: "b64_json"}`
+/// (plus the admin's extra parameters, here our `steps`), edits as a form with `model`,
+/// `prompt`, `n`, `size`, `response_format` and the images as `image[]` parts.
+#[test]
+fn open_webui_requests_work() {
+    let server = server();
+    let body = json!({"model": "tiny-sd1", "prompt": "a photo of a cat", "n": 1, "size": "32x32",
+                      "response_format": "b64_json", "steps": 2});
+    assert_eq!(
+        images(&post(&server, "/v1/images/generations", &body)).len(),
+        1
+    );
+
+    let square = std::fs::read(root().join("fixtures/inputs/square32.png")).unwrap();
+    let boundary = "OpenWebUIBoundary";
+    let mut form = Vec::new();
+    for (name, value) in [
+        ("model", "tiny-sd1"),
+        ("prompt", "a hat"),
+        ("n", "1"),
+        ("size", "32x32"),
+        ("response_format", "b64_json"),
+        ("steps", "2"),
+    ] {
+        write!(
+            form,
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        )
+        .unwrap();
+    }
+    write!(form, "--{boundary}\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").unwrap();
+    form.extend_from_slice(&square);
+    write!(form, "\r\n--{boundary}--\r\n").unwrap();
+    let auth = format!("Bearer {TOKEN}");
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = http(
+        &server.addr,
+        "POST",
+        "/v1/images/edits",
+        &[("Authorization", &auth), ("Content-Type", &ct)],
+        Some(&form),
+    );
+    assert_eq!(images(&r).len(), 1);
+}

@@ -323,6 +323,7 @@ async fn run_images(
         let id = st.engine.submit(one).map_err(submit_error)?;
         if let Some(t) = st.a1111.task().as_mut() {
             t.current = Some(id.clone());
+            t.skipped = false;
         }
         let guard = CancelOnDrop::new(&st.engine, &id);
         let ended = super::wait::images(&st.engine, &id).await;
