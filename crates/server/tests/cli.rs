@@ -492,3 +492,53 @@ fn f16_stays_close_to_the_f32_reference() {
         "f16 image drifts from the f32 reference by mean {mean:.2} levels"
     );
 }
+
+/// `--prompt-syntax a1111`: a plain prompt gives the same pixels as without it (the same
+/// embeddings), a weight changes them, and FLUX models refuse it.
+#[test]
+fn prompt_syntax_a1111_from_the_cli() {
+    let m = model("tiny-sd1");
+    let run = |prompt: &str, extra: &[&str], out: &std::path::Path| {
+        let mut args = vec![
+            "generate", "--model", &m, "--prompt", prompt, "--steps", "2", "--seed", "3",
+            "--output",
+        ];
+        let out = out.to_str().unwrap().to_string();
+        args.push(&out);
+        args.extend_from_slice(extra);
+        let o = sd_worker(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_png(std::path::Path::new(&out)).2
+    };
+    let plain = run("a photo of a cat", &[], &tmp("syntax-plain.png"));
+    let a1111 = run(
+        "a photo of a cat",
+        &["--prompt-syntax", "a1111"],
+        &tmp("syntax-a1111.png"),
+    );
+    let weighted = run(
+        "a photo of a (cat:1.5)",
+        &["--prompt-syntax", "a1111"],
+        &tmp("syntax-weighted.png"),
+    );
+    assert_eq!(plain, a1111);
+    assert_ne!(plain, weighted);
+    let flux = root().join("fixtures/flux/tiny-flux-dev");
+    let out = tmp("syntax-flux.png");
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            flux.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--steps",
+            "1",
+            "--prompt-syntax",
+            "a1111",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "--prompt-syntax",
+    );
+}

@@ -16,7 +16,7 @@ use sd_engine::events::JobEvent;
 use sd_engine::images::input::{decode_mask, decode_rgb};
 use sd_engine::jobs::{EngineConfig, Loader};
 use sd_engine::load::LoadRequest;
-use sd_engine::request::{ImageBytes, LoraDraft, Operation, RequestDraft};
+use sd_engine::request::{ImageBytes, LoraDraft, Operation, PromptSyntax, RequestDraft};
 use sd_engine::validate::MAX_SIDE;
 use sd_engine::{Engine, InvalidField, Limits, ModelSpec};
 use sd_models::samplers::SamplerKind;
@@ -36,6 +36,11 @@ pub struct GenerateArgs {
     /// What to guide away from (used when --guidance > 1). Default: the empty prompt.
     #[arg(long, env = "SD_NEGATIVE_PROMPT")]
     pub negative_prompt: Option<String>,
+    /// How prompts are read: plain (as diffusers: the text as it is, truncated to 77 tokens) or
+    /// a1111 (AUTOMATIC1111's (word:1.2) weights, BREAK and 75-token chunks; Stable Diffusion
+    /// models only).
+    #[arg(long, env = "SD_PROMPT_SYNTAX", default_value = "plain", value_parser = ["plain", "a1111"])]
+    pub prompt_syntax: String,
     /// Image width in pixels, a multiple of the model's latent factor (FLUX: of twice it).
     /// Default: the UNet's sample_size times the latent factor (FLUX: 128 times it).
     #[arg(long, env = "SD_WIDTH")]
@@ -205,6 +210,7 @@ fn flag(field: &str) -> &str {
     match field {
         "prompt" => "--prompt",
         "negative_prompt" => "--negative-prompt",
+        "prompt_syntax" => "--prompt-syntax",
         "width" => "--width",
         "height" => "--height",
         "steps" => "--steps",
@@ -268,6 +274,11 @@ fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     let mut d = RequestDraft::new(operation);
     d.prompt = Some(args.prompt.clone());
     d.negative_prompt = args.negative_prompt.clone();
+    d.prompt_syntax = if args.prompt_syntax == "a1111" {
+        PromptSyntax::A1111
+    } else {
+        PromptSyntax::Plain
+    };
     d.width = args.width.map(|v| v as u64);
     d.height = args.height.map(|v| v as u64);
     d.steps = args.steps.map(|v| v as u64);
