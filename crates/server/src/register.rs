@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sd_engine::jobs::{JobState, Phase};
+use sd_engine::jobs::Phase;
 use sd_engine::Engine;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -91,7 +91,7 @@ fn payload(
     state: &'static str,
 ) -> Option<Registration> {
     let spec = engine.spec()?;
-    let jobs = engine.list();
+    let (queue_depth, running_job) = engine.queue();
     Some(Registration {
         worker_id: target.worker_id.clone(),
         state,
@@ -109,12 +109,9 @@ fn payload(
             .map(|o| o.name())
             .collect(),
         apis: vec!["native", "openai", "a1111"],
-        queue_depth: jobs.iter().filter(|j| j.state == JobState::Queued).count(),
+        queue_depth,
         max_queue: engine.config().max_queue,
-        running_job: jobs
-            .iter()
-            .find(|j| j.state == JobState::Running)
-            .map(|j| j.job_id.clone()),
+        running_job,
         auth,
         version: env!("CARGO_PKG_VERSION"),
         sent_at: unix_now(),

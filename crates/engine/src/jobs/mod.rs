@@ -139,9 +139,38 @@ pub enum Phase {
 /// Why a submission was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
+    /// The model is loading, or failed to load; the message says which.
     NotReady(String),
     Draining,
-    QueueFull { max: usize, retry_after_s: u64 },
+    QueueFull {
+        max: usize,
+        retry_after_s: u64,
+    },
+}
+
+impl SubmitError {
+    /// What every interface tells its client (each adds its own status and shape).
+    pub fn message(&self) -> String {
+        match self {
+            SubmitError::NotReady(m) => m.clone(),
+            SubmitError::Draining => "the worker is shutting down and takes no new jobs".into(),
+            SubmitError::QueueFull { max, .. } => {
+                format!("the queue is full ({max} waiting jobs, --max-queue); retry later")
+            }
+        }
+    }
+}
+
+/// Why a phase takes no job, as a submission would be refused.
+fn not_ready(phase: &Phase) -> Option<SubmitError> {
+    match phase {
+        Phase::Ready => None,
+        Phase::Loading => Some(SubmitError::NotReady("the model is still loading".into())),
+        Phase::Failed(m) => Some(SubmitError::NotReady(format!(
+            "the model failed to load: {m}"
+        ))),
+        Phase::Draining => Some(SubmitError::Draining),
+    }
 }
 
 /// Outcome of a cancel request.
@@ -251,14 +280,23 @@ impl Engine {
         self.inner.store().spec.clone()
     }
 
+    /// The loaded model while jobs are admitted; otherwise why they are not, as
+    /// [`Engine::submit`] would refuse one.
+    pub fn ready_spec(&self) -> Result<Arc<ModelSpec>, SubmitError> {
+        let s = self.inner.store();
+        match (not_ready(&s.phase), &s.spec) {
+            (Some(e), _) => Err(e),
+            (None, Some(spec)) => Ok(spec.clone()),
+            // Ready always has a spec; say "loading" rather than panic if it had none.
+            (None, None) => Err(SubmitError::NotReady("the model is still loading".into())),
+        }
+    }
+
     /// Queues a job; returns its id.
     pub fn submit(&self, request: GenerationRequest) -> Result<String, SubmitError> {
         let mut s = self.inner.store();
-        match &s.phase {
-            Phase::Loading => return Err(SubmitError::NotReady("loading".into())),
-            Phase::Failed(m) => return Err(SubmitError::NotReady(m.clone())),
-            Phase::Draining => return Err(SubmitError::Draining),
-            Phase::Ready => {}
+        if let Some(e) = not_ready(&s.phase) {
+            return Err(e);
         }
         let max = self.inner.config.max_queue;
         if s.queue.len() >= max {
@@ -434,6 +472,17 @@ impl Engine {
             return Some(Err(job.state));
         }
         job.images.get(n).cloned().map(Ok)
+    }
+
+    /// Jobs waiting, and the id of the running one.
+    pub fn queue(&self) -> (usize, Option<String>) {
+        let s = self.inner.store();
+        let running = s
+            .jobs
+            .values()
+            .find(|j| j.state == JobState::Running)
+            .map(|j| j.id.clone());
+        (s.queue.len(), running)
     }
 
     /// Jobs finished so far, by outcome.

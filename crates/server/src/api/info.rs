@@ -161,8 +161,11 @@ pub(super) struct LoraCapabilities {
         (status = 503, description = "The model is loading.", body = ErrorBody),
     ))]
 pub(super) async fn info(State(st): State<Shared>) -> Result<Json<Info>, ApiError> {
-    let phase = st.engine.phase();
-    let spec = st.engine.spec().ok_or_else(|| unavailable(&phase))?;
+    // Described while draining too: only a worker without a model has nothing to say.
+    let spec = match st.engine.spec() {
+        Some(spec) => spec,
+        None => st.engine.ready_spec().map_err(unavailable)?,
+    };
     Ok(Json(describe(&st, &spec)))
 }
 

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
 use sd_engine::events::EventRef;
-use sd_engine::jobs::{CancelOutcome, JobView, Phase, SubmitError};
+use sd_engine::jobs::{CancelOutcome, JobView};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
@@ -75,11 +75,7 @@ pub(super) async fn submit(
     State(st): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let phase = st.engine.phase();
-    let spec = match (&phase, st.engine.spec()) {
-        (Phase::Ready, Some(spec)) => spec,
-        _ => return Err(unavailable(&phase)),
-    };
+    let spec = st.engine.ready_spec().map_err(unavailable)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -118,17 +114,7 @@ pub(super) async fn submit(
         )
     })?;
     let request = parsed.map_err(to_error)?;
-    let id = st.engine.submit(request).map_err(|e| match e {
-        SubmitError::NotReady(_) => unavailable(&st.engine.phase()),
-        SubmitError::Draining => unavailable(&Phase::Draining),
-        SubmitError::QueueFull { max, retry_after_s } => ApiError {
-            retry_after: Some(retry_after_s),
-            ..ApiError::new(
-                ErrorKind::QueueFull,
-                format!("the queue is full ({max} waiting jobs, --max-queue); retry later"),
-            )
-        },
-    })?;
+    let id = st.engine.submit(request).map_err(unavailable)?;
     let status_url = format!("/v1/jobs/{id}");
     let events_url = format!("/v1/jobs/{id}/events");
     let submitted = Submitted {

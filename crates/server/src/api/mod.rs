@@ -19,7 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sd_engine::jobs::Phase;
+use sd_engine::jobs::SubmitError;
 use sd_engine::{Engine, Limits};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -172,21 +172,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error of a route that needs the model while the worker is not ready.
-fn unavailable(phase: &Phase) -> ApiError {
-    match phase {
-        Phase::Draining => ApiError::new(
-            ErrorKind::Draining,
-            "the worker is shutting down and takes no new jobs",
-        ),
-        Phase::Failed(m) => ApiError::new(
-            ErrorKind::NotReady,
-            format!("the model failed to load: {m}"),
-        ),
-        _ => ApiError::new(
-            ErrorKind::NotReady,
-            "the model is still loading; watch GET /ready",
-        ),
+/// A refused submission (or a route that needs the model while the worker is not ready).
+fn unavailable(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Draining => ApiError::new(ErrorKind::Draining, e.message()),
+        SubmitError::NotReady(m) => {
+            ApiError::new(ErrorKind::NotReady, format!("{m}; see GET /ready"))
+        }
+        SubmitError::QueueFull { retry_after_s, .. } => ApiError {
+            retry_after: Some(retry_after_s),
+            ..ApiError::new(ErrorKind::QueueFull, e.message())
+        },
     }
 }
 

@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sd_engine::jobs::{JobState, Phase, SubmitError};
+use sd_engine::jobs::{JobState, SubmitError};
 use sd_engine::validate::{names_model, LoraFiles};
 use sd_engine::{Engine, ModelSpec};
 use serde_json::{json, Map, Value};
@@ -131,33 +131,8 @@ pub(super) fn unauthorized(message: &str) -> Response {
     A1111Error::new(Kind::Unauthorized, message).into_response()
 }
 
-/// The checkpoint title this worker reports (the model's name).
-fn title(spec: &ModelSpec) -> String {
-    spec.name.clone()
-}
-
-/// Whether `given` names the loaded model as A1111 clients name checkpoints (title, name,
-/// path, repo id).
-pub fn names_checkpoint(spec: &ModelSpec, given: &str) -> bool {
-    given == title(spec) || names_model(spec, given)
-}
-
 fn ready_spec(engine: &Engine) -> Result<Arc<ModelSpec>> {
-    match (engine.phase(), engine.spec()) {
-        (Phase::Ready, Some(spec)) => Ok(spec),
-        (Phase::Draining, _) => Err(A1111Error::new(
-            Kind::Unavailable,
-            "the worker is shutting down",
-        )),
-        (Phase::Failed(m), _) => Err(A1111Error::new(
-            Kind::Unavailable,
-            format!("the model failed to load: {m}"),
-        )),
-        _ => Err(A1111Error::new(
-            Kind::Unavailable,
-            "the model is still loading",
-        )),
-    }
+    engine.ready_spec().map_err(submit_error)
 }
 
 fn json_body(body: std::result::Result<Bytes, BytesRejection>, max: usize) -> Result<Value> {
@@ -357,16 +332,15 @@ async fn run_images(
 }
 
 fn submit_error(e: SubmitError) -> A1111Error {
+    let message = e.message();
     match e {
-        SubmitError::QueueFull { max, retry_after_s } => A1111Error {
+        SubmitError::QueueFull { retry_after_s, .. } => A1111Error {
             retry_after: Some(retry_after_s),
-            ..A1111Error::new(
-                Kind::QueueFull,
-                format!("the queue is full ({max} waiting jobs, --max-queue); retry later"),
-            )
+            ..A1111Error::new(Kind::QueueFull, message)
         },
-        SubmitError::Draining => A1111Error::new(Kind::Unavailable, "the worker is shutting down"),
-        SubmitError::NotReady(m) => A1111Error::new(Kind::Unavailable, m),
+        SubmitError::Draining | SubmitError::NotReady(_) => {
+            A1111Error::new(Kind::Unavailable, message)
+        }
     }
 }
 
@@ -455,7 +429,7 @@ async fn skip(State(st): State<Shared>) -> Json<Value> {
 /// The settings this worker has, at the values it runs with.
 fn current_options(spec: &ModelSpec) -> Map<String, Value> {
     let v = json!({
-        "sd_model_checkpoint": title(spec),
+        "sd_model_checkpoint": spec.name,
         "sd_checkpoint_hash": null,
         "CLIP_stop_at_last_layers": 1,
         "sd_vae": "Automatic",
@@ -489,9 +463,7 @@ async fn set_options(
     let current = current_options(&spec);
     for (key, value) in &given {
         let ok = match (key.as_str(), current.get(key)) {
-            ("sd_model_checkpoint", _) => {
-                value.as_str().is_some_and(|m| names_checkpoint(&spec, m))
-            }
+            ("sd_model_checkpoint", _) => value.as_str().is_some_and(|m| names_model(&spec, m)),
             (_, Some(have)) => have == value,
             (_, None) => false,
         };
@@ -519,7 +491,7 @@ async fn set_options(
 async fn sd_models(State(st): State<Shared>) -> Result<Json<Value>> {
     let spec = ready_spec(&st.engine)?;
     Ok(Json(json!([{
-        "title": title(&spec),
+        "title": spec.name,
         "model_name": spec.name,
         "hash": null,
         "sha256": null,
@@ -554,20 +526,35 @@ async fn schedulers() -> Json<Value> {
 
 /// The LoRA files of `--lora-dir` (none without one).
 async fn loras(State(st): State<Shared>) -> Json<Value> {
-    let LoraFiles::InFolder(dir) = &st.limits.loras else {
+    let LoraFiles::InFolder(dir) = st.limits.loras.clone() else {
         return Json(json!([]));
     };
+    // A walk of the file system: off the async workers.
+    let list = tokio::task::spawn_blocking(move || lora_files(&dir))
+        .await
+        .unwrap_or_default();
+    Json(Value::Array(list))
+}
+
+/// The `.safetensors` files under `dir`, bounded: at most 1,000 folders are read (symbolic
+/// link loops included) and 10,000 files listed.
+fn lora_files(dir: &std::path::Path) -> Vec<Value> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.clone()];
-    // Bounded: a folder of thousands of files is listed in part.
+    let mut stack = vec![dir.to_path_buf()];
+    let mut folders = 0;
     while let Some(d) = stack.pop() {
+        folders += 1;
+        if folders > 1_000 {
+            break;
+        }
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
-        for entry in entries.flatten().take(10_000) {
-            let path = entry.path();
-            if path.is_dir() && stack.len() < 1_000 {
-                stack.push(path);
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                if stack.len() < 1_000 {
+                    stack.push(path);
+                }
             } else if path.extension().is_some_and(|e| e == "safetensors") && out.len() < 10_000 {
                 let stem = path
                     .file_stem()
@@ -577,7 +564,7 @@ async fn loras(State(st): State<Shared>) -> Json<Value> {
             }
         }
     }
-    Json(Value::Array(out))
+    out
 }
 
 async fn cmd_flags(State(st): State<Shared>) -> Json<Value> {

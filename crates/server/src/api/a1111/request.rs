@@ -386,7 +386,7 @@ fn override_settings(body: &Body, spec: &sd_engine::ModelSpec) -> Result<()> {
         let ok = match key.as_str() {
             "sd_model_checkpoint" => value
                 .as_str()
-                .is_some_and(|m| super::names_checkpoint(spec, m)),
+                .is_some_and(|m| sd_engine::validate::names_model(spec, m)),
             "CLIP_stop_at_last_layers" => value.as_i64() == Some(1),
             "sd_vae" => matches!(value.as_str(), Some("Automatic" | "None")),
             "samples_format" => value.as_str() == Some("png"),

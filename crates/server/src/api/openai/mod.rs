@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sd_engine::events::FailureKind;
-use sd_engine::jobs::{Phase, SubmitError};
+use sd_engine::jobs::SubmitError;
 use sd_engine::validate::names_model;
 use sd_engine::{Engine, ModelSpec};
 use serde::Serialize;
@@ -54,22 +54,7 @@ pub(super) fn owns(path: &str) -> bool {
 }
 
 fn ready_spec(engine: &Engine) -> Result<std::sync::Arc<ModelSpec>> {
-    let phase = engine.phase();
-    match (&phase, engine.spec()) {
-        (Phase::Ready, Some(spec)) => Ok(spec),
-        (Phase::Draining, _) => Err(OpenAiError::new(
-            Kind::Unavailable,
-            "the worker is shutting down and takes no new jobs",
-        )),
-        (Phase::Failed(m), _) => Err(OpenAiError::new(
-            Kind::Unavailable,
-            format!("the model failed to load: {m}"),
-        )),
-        _ => Err(OpenAiError::new(
-            Kind::Unavailable,
-            "the model is still loading",
-        )),
-    }
+    engine.ready_spec().map_err(submit_error)
 }
 
 fn too_large(max: usize) -> OpenAiError {
@@ -104,7 +89,7 @@ pub(super) async fn generations(
         }
     })?;
     let params = Params::from_json(&body)?;
-    run(&st, &spec, &headers, params, Endpoint::Generations).await
+    run(&st, spec, &headers, params, Endpoint::Generations).await
 }
 
 /// Edit an image: the transparent pixels of `mask` (or of the image itself) are repainted; an
@@ -163,7 +148,7 @@ async fn form_request(
             e
         }
     })?;
-    run(&st, &spec, &headers, params, endpoint).await
+    run(&st, spec, &headers, params, endpoint).await
 }
 
 /// One image of the answer.
@@ -194,23 +179,15 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(
-    st: &Shared,
-    spec: &ModelSpec,
-    headers: &HeaderMap,
+/// The job of a request, and the answer's format.
+fn prepare(
     params: Params,
     endpoint: Endpoint,
-) -> Result<Response> {
-    // Reading an edit decodes its image (to find its transparency): off the async workers.
-    let (draft, output, model) =
-        tokio::task::spawn_blocking(move || request::read(params, endpoint))
-            .await
-            .map_err(|e| {
-                OpenAiError::new(
-                    Kind::Server,
-                    format!("internal error while reading the request: {e}"),
-                )
-            })??;
+    spec: &ModelSpec,
+    limits: &sd_engine::Limits,
+    seed: u64,
+) -> Result<(sd_engine::GenerationRequest, Output)> {
+    let (draft, output, model) = request::read(params, endpoint)?;
     if let Some(m) = model.filter(|m| !names_model(spec, m)) {
         return Err(OpenAiError::param(
             Kind::ModelNotFound,
@@ -221,29 +198,38 @@ async fn run(
             ),
         ));
     }
+    let request = sd_engine::validate(draft, spec, limits, seed).map_err(|e| {
+        let param = request::param_of(&e.field);
+        OpenAiError::param(
+            Kind::InvalidValue,
+            &param,
+            format!("invalid `{param}`: {}", e.reason),
+        )
+    })?;
+    Ok((request, output))
+}
+
+async fn run(
+    st: &Shared,
+    spec: std::sync::Arc<ModelSpec>,
+    headers: &HeaderMap,
+    params: Params,
+    endpoint: Endpoint,
+) -> Result<Response> {
     let mut limits = st.limits.clone();
     // Variations have no prompt of their own.
     limits.empty_prompt = endpoint == Endpoint::Variations;
     let seed = rand::random::<u32>() as u64;
-    let spec_owned = spec.clone();
-    // Validation decodes the input images: keep it off the async workers.
-    let request =
-        tokio::task::spawn_blocking(move || sd_engine::validate(draft, &spec_owned, &limits, seed))
+    // Reading (an edit's transparency) and validation decode images: off the async workers.
+    let (request, output) =
+        tokio::task::spawn_blocking(move || prepare(params, endpoint, &spec, &limits, seed))
             .await
             .map_err(|e| {
                 OpenAiError::new(
                     Kind::Server,
                     format!("internal error while reading the request: {e}"),
                 )
-            })?
-            .map_err(|e| {
-                let param = request::param_of(&e.field);
-                OpenAiError::param(
-                    Kind::InvalidValue,
-                    &param,
-                    format!("invalid `{param}`: {}", e.reason),
-                )
-            })?;
+            })??;
     let size = format!("{}x{}", request.params.width, request.params.height);
     let id = st.engine.submit(request).map_err(submit_error)?;
     let guard = CancelOnDrop::new(&st.engine, &id);
@@ -260,19 +246,15 @@ async fn run(
 }
 
 fn submit_error(e: SubmitError) -> OpenAiError {
+    let message = e.message();
     match e {
-        SubmitError::QueueFull { max, retry_after_s } => OpenAiError {
+        SubmitError::QueueFull { retry_after_s, .. } => OpenAiError {
             retry_after: Some(retry_after_s),
-            ..OpenAiError::new(
-                Kind::RateLimited,
-                format!("the queue is full ({max} waiting jobs, --max-queue); retry later"),
-            )
+            ..OpenAiError::new(Kind::RateLimited, message)
         },
-        SubmitError::Draining => OpenAiError::new(
-            Kind::Unavailable,
-            "the worker is shutting down and takes no new jobs",
-        ),
-        SubmitError::NotReady(m) => OpenAiError::new(Kind::Unavailable, m),
+        SubmitError::Draining | SubmitError::NotReady(_) => {
+            OpenAiError::new(Kind::Unavailable, message)
+        }
     }
 }
 
