@@ -171,6 +171,7 @@ pub fn validate(
             sampler,
             batch: batch as usize,
             prompt_syntax: draft.prompt_syntax,
+            micro: Default::default(),
         },
         preview_every: usize::try_from(preview_every).unwrap_or(usize::MAX),
         preview: draft.preview.unwrap_or(PreviewKind::Approx),

@@ -66,6 +66,7 @@ fn run(name: &str, case: &Value) {
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
+        micro: Default::default(),
     };
 
     let pre = pipe.preprocess(&input.image, width, height).unwrap();

@@ -77,6 +77,7 @@ fn run(name: &str, case: &Value) {
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
+        micro: Default::default(),
     };
     let unet9 = pipe.inpaint_method() == InpaintMethod::Unet9;
     assert_eq!(unet9, model.ends_with("-inpaint"));
@@ -198,6 +199,7 @@ fn an_inpainting_model_only_inpaints() {
         sampler: SamplerKind::Euler,
         batch: 1,
         prompt_syntax: Default::default(),
+        micro: Default::default(),
     };
     let e = pipe.generate(&p, &mut |_| Ok(())).unwrap_err().to_string();
     assert!(e.contains("inpainting model"), "{e}");

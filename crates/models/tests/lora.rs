@@ -66,6 +66,7 @@ fn sd_params(case: &Value, pipe: &sd_models::pipelines::SdPipeline) -> GenerateP
         sampler: pipe.default_sampler().unwrap(),
         batch: 1,
         prompt_syntax: Default::default(),
+        micro: Default::default(),
     }
 }
 

@@ -63,6 +63,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         sampler,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
+        micro: Default::default(),
     }
 }
 

@@ -58,6 +58,7 @@ fn checkpoints_match_diffusers_from_single_file() {
             sampler: pipe.default_sampler().unwrap(),
             batch: 1,
             prompt_syntax: Default::default(),
+            micro: Default::default(),
         };
         let out = match case["mask"].as_str() {
             Some(mask) => {

@@ -133,6 +133,7 @@ fn job(prompt: &str, steps: usize) -> GenerationRequest {
             sampler: SamplerKind::Euler,
             batch: 1,
             prompt_syntax: Default::default(),
+            micro: Default::default(),
         },
         preview_every: 0,
         preview: PreviewKind::Approx,

@@ -1,4 +1,4 @@
-//! Stable Diffusion 1.x/2.x: a diffusers folder (`model_index.json` and its components) or a
+//! Stable Diffusion 1.x/2.x and SDXL: a diffusers folder (`model_index.json` and its components) or a
 //! single-file checkpoint with its components folder or inferred configs, to an `SdPipeline`.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use crate::modules::clip::{ClipTextConfig, ClipTextModel};
 use crate::modules::config::JsonConfig;
 use crate::modules::unet::{UNet, UNetConfig};
 use crate::modules::vae::{Vae, VaeConfig};
-use crate::pipelines::SdPipeline;
+use crate::pipelines::{SdPipeline, XlText};
 use crate::samplers::{PredictionType, SchedulerConfig};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::{Error, Result};
@@ -25,6 +25,9 @@ const SD_CLASSES: &[&str] = &[
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ];
 
 /// What was found in a model folder.
@@ -33,7 +36,8 @@ pub struct ModelInfo {
     /// A short name for the model (its folder name).
     pub name: String,
     pub path: PathBuf,
-    /// `sd1` or `sd2`, judged from the text encoder (CLIP ViT-L vs OpenCLIP).
+    /// `sd1` or `sd2`, judged from the text encoder (CLIP ViT-L vs OpenCLIP), or `sdxl`
+    /// (two text encoders).
     pub family: &'static str,
     pub pipeline_class: String,
     pub prediction_type: PredictionType,
@@ -62,13 +66,21 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
     let class = index.str_or("_class_name", "")?.to_string();
     if !SD_CLASSES.contains(&class.as_str()) {
         return Err(index.err(format!(
-            "pipeline class {class:?} is not supported; this worker runs Stable Diffusion 1.x/2.x ({})",
+            "pipeline class {class:?} is not supported; this worker runs Stable Diffusion 1.x/2.x and SDXL ({})",
             SD_CLASSES.join(", ")
         )));
     }
+    let xl = class.starts_with("StableDiffusionXL");
+    if xl && !index_names(&index, "text_encoder") {
+        return Err(
+            index.err("SDXL models without the first text encoder (the refiner) are not supported")
+        );
+    }
     let te = JsonConfig::load(&component(root, "text_encoder")?.join("config.json"))?;
     let te_cfg = ClipTextConfig::from_config(&te)?;
-    let family = if te_cfg.hidden_act == crate::modules::clip::ClipActivation::QuickGelu {
+    let family = if xl {
+        "sdxl"
+    } else if te_cfg.hidden_act == crate::modules::clip::ClipActivation::QuickGelu {
         "sd1"
     } else {
         "sd2"
@@ -76,11 +88,15 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
     let sched =
         SchedulerConfig::load(&component(root, "scheduler")?.join("scheduler_config.json"))?;
     let mut weights = Vec::new();
-    for (name, stem) in [
+    let mut parts = vec![
         ("text_encoder", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
+    ];
+    if xl {
+        parts.insert(1, ("text_encoder_2", "model"));
+    }
+    for (name, stem) in parts {
         weights.push((
             name.to_string(),
             find_weights(&component(root, name)?, stem)?,
@@ -97,6 +113,25 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
     })
 }
 
+/// Whether `model_index.json` names a component (SDXL refiners list `[null, null]` for the
+/// first text encoder).
+fn index_names(index: &JsonConfig, name: &str) -> bool {
+    index
+        .value
+        .get(name)
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().any(|x| !x.is_null()))
+}
+
+/// SDXL's second text encoder, as found in a folder.
+struct XlParts {
+    tokenizer: ClipTokenizer,
+    tokenizer_dir: PathBuf,
+    te_cfg: JsonConfig,
+    te_vb: VarBuilder<'static>,
+    force_zeros_for_empty_prompt: bool,
+}
+
 /// Where each part of a Stable Diffusion pipeline comes from: config files (or configs built
 /// from a checkpoint's shapes), weights, tokenizer and scheduler.
 struct SdParts {
@@ -110,6 +145,7 @@ struct SdParts {
     vae_cfg: JsonConfig,
     vae_vb: VarBuilder<'static>,
     scheduler: SchedulerConfig,
+    xl: Option<XlParts>,
 }
 
 /// Options of `load_sd_with`.
@@ -175,6 +211,19 @@ fn folder_parts(root: &Path, device: &Device, dtype: DType) -> Result<(SdParts, 
         device,
     )?;
     let vae_cfg = JsonConfig::load(&component(root, "vae")?.join("config.json"))?;
+    let xl = if info.family == "sdxl" {
+        let index = JsonConfig::load(&root.join("model_index.json"))?;
+        let tokenizer_dir = component(root, "tokenizer_2")?;
+        Some(XlParts {
+            tokenizer: ClipTokenizer::from_dir(&tokenizer_dir)?,
+            tokenizer_dir,
+            te_cfg: JsonConfig::load(&component(root, "text_encoder_2")?.join("config.json"))?,
+            te_vb: var_builder(&weights("text_encoder_2"), dtype, device)?,
+            force_zeros_for_empty_prompt: index.bool_or("force_zeros_for_empty_prompt", true)?,
+        })
+    } else {
+        None
+    };
     let parts = SdParts {
         tokenizer,
         tokenizer_dir,
@@ -187,6 +236,7 @@ fn folder_parts(root: &Path, device: &Device, dtype: DType) -> Result<(SdParts, 
         scheduler: SchedulerConfig::load(
             &component(root, "scheduler")?.join("scheduler_config.json"),
         )?,
+        xl,
     };
     Ok((parts, info))
 }
@@ -343,6 +393,7 @@ fn checkpoint_parts(
         vae_cfg,
         vae_vb: VarBuilder::from_tensors(vae_map, dtype, device),
         scheduler,
+        xl: None,
     };
     Ok((parts, info))
 }
@@ -383,11 +434,29 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
         vae_cfg: vae_cfg_file,
         vae_vb,
         scheduler,
+        xl,
     } = parts;
     let te_cfg = ClipTextConfig::from_config(&te_cfg_file)?;
     let (text_encoder, mut lora_layers) =
         adapter::registering("text_encoder", || ClipTextModel::new(te_vb, &te_cfg));
     let text_encoder = in_component("text_encoder", &te_cfg_file.path, text_encoder)?;
+
+    let xl = match xl {
+        Some(parts) => {
+            let cfg = ClipTextConfig::from_config(&parts.te_cfg)?;
+            let (te, layers) =
+                adapter::registering("text_encoder_2", || ClipTextModel::new(parts.te_vb, &cfg));
+            lora_layers.extend(layers);
+            let text_encoder = in_component("text_encoder_2", &parts.te_cfg.path, te)?;
+            check_tokenizer(&parts.tokenizer, &parts.tokenizer_dir, &cfg)?;
+            Some(XlText {
+                tokenizer: parts.tokenizer,
+                text_encoder,
+                force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
+            })
+        }
+        None => None,
+    };
 
     let unet_cfg = UNetConfig::from_config(&unet_cfg_file)?;
     let (unet, unet_layers) = adapter::registering("unet", || UNet::new(unet_vb, &unet_cfg));
@@ -413,17 +482,44 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
             unet_cfg.out_channels, vae_cfg.latent_channels
         )));
     }
-    if let Some((i, d)) = unet_cfg
-        .cross_attention_dim
-        .iter()
-        .enumerate()
-        .find(|(_, &d)| d != te_cfg.hidden_size)
-    {
-        return Err(unet_cfg_file.err(format!(
-            "cross_attention_dim[{i}] = {d} but the text encoder's hidden_size is {}",
-            te_cfg.hidden_size
-        )));
+    match &xl {
+        Some(xl) => crate::pipelines::sdxl::check_fit(te_cfg.hidden_size, xl, &unet_cfg)
+            .map_err(|m| unet_cfg_file.err(m))?,
+        None => {
+            if unet_cfg.text_time.is_some() {
+                return Err(unet_cfg_file.err(
+                    "this UNet takes SDXL's text_time conditioning but the model has one text encoder",
+                ));
+            }
+            if let Some((i, d)) = unet_cfg
+                .cross_attention_dim
+                .iter()
+                .enumerate()
+                .find(|(_, &d)| d != te_cfg.hidden_size)
+            {
+                return Err(unet_cfg_file.err(format!(
+                    "cross_attention_dim[{i}] = {d} but the text encoder's hidden_size is {}",
+                    te_cfg.hidden_size
+                )));
+            }
+        }
     }
+    check_tokenizer(&tokenizer, &tokenizer_dir, &te_cfg)?;
+    Ok(SdPipeline {
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler,
+        device: device.clone(),
+        dtype,
+        lora_layers,
+        xl,
+    })
+}
+
+/// Checks that a tokenizer's ids and length fit its text encoder.
+fn check_tokenizer(tokenizer: &ClipTokenizer, dir: &Path, te_cfg: &ClipTextConfig) -> Result<()> {
     let max_id = [
         tokenizer.pad_id(),
         tokenizer.bos_id(),
@@ -435,7 +531,7 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
     .unwrap_or(0);
     if max_id as usize >= te_cfg.vocab_size {
         return Err(Error::config(
-            &tokenizer_dir,
+            dir,
             format!(
                 "token id {max_id} is outside the text encoder's vocab_size {}",
                 te_cfg.vocab_size
@@ -444,7 +540,7 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
     }
     if tokenizer.max_length() > te_cfg.max_position_embeddings {
         return Err(Error::config(
-            &tokenizer_dir,
+            dir,
             format!(
                 "model_max_length {} exceeds the text encoder's {} positions",
                 tokenizer.max_length(),
@@ -452,16 +548,7 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
             ),
         ));
     }
-    Ok(SdPipeline {
-        tokenizer,
-        text_encoder,
-        unet,
-        vae,
-        scheduler,
-        device: device.clone(),
-        dtype,
-        lora_layers,
-    })
+    Ok(())
 }
 
 /// The UNet config of a model folder.

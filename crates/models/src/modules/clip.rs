@@ -42,6 +42,8 @@ pub struct ClipTextConfig {
     /// Where the pooled output is taken: the first token with this id, or with the legacy
     /// value 2, the token with the highest id (transformers' `pooler_output`).
     pub eos_token_id: usize,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`), when the weights have one.
+    pub projection_dim: usize,
 }
 
 impl ClipTextConfig {
@@ -76,6 +78,7 @@ impl ClipTextConfig {
             hidden_act,
             layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
             eos_token_id: cfg.usize_or("eos_token_id", 49407)?,
+            projection_dim: cfg.usize_or("projection_dim", 512)?,
         };
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(cfg.err(format!(
@@ -98,6 +101,7 @@ impl ClipTextConfig {
             hidden_act: ClipActivation::QuickGelu,
             layer_norm_eps: 1e-5,
             eos_token_id: 2,
+            projection_dim: 768,
         }
     }
 }
@@ -180,19 +184,40 @@ impl EncoderLayer {
     }
 }
 
-/// `CLIPTextModel`: token + position embeddings, causal encoder, final layer norm.
+/// What [`ClipTextModel::forward_hidden`] returns.
+#[derive(Debug, Clone)]
+pub struct ClipHidden {
+    /// `last_hidden_state` (after the final layer norm).
+    pub last: Tensor,
+    /// `hidden_states[-2]`: the input of the last layer, without the final layer norm (what
+    /// SDXL conditions on).
+    pub penultimate: Tensor,
+}
+
+/// `CLIPTextModel`: token + position embeddings, causal encoder, final layer norm; with
+/// `text_projection` weights, `CLIPTextModelWithProjection`.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<candle_nn::Linear>,
     pub config: ClipTextConfig,
 }
 
 impl ClipTextModel {
     /// Builds the model; accepts weights saved with or without the `text_model.` prefix.
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let text_projection = if vb.contains_tensor("text_projection.weight") {
+            Some(candle_nn::linear_no_bias(
+                config.hidden_size,
+                config.projection_dim,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -216,6 +241,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: c.clone(),
         })
     }
@@ -229,6 +255,11 @@ impl ClipTextModel {
 
     /// `last_hidden_state` for token ids of shape (batch, seq).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_hidden(input_ids)?.last)
+    }
+
+    /// The last hidden state and the penultimate layer's output.
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<ClipHidden> {
         let (_, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(crate::Error::invalid(
@@ -245,10 +276,32 @@ impl ClipTextModel {
             .forward(input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(t, input_ids.device())?;
+        let mut penultimate = xs.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            penultimate = xs;
+            xs = layer.forward(&penultimate, &mask)?;
         }
-        Ok(self.final_layer_norm.forward(&xs)?)
+        Ok(ClipHidden {
+            last: self.final_layer_norm.forward(&xs)?,
+            penultimate,
+        })
+    }
+
+    /// `CLIPTextModelWithProjection`'s `text_embeds`: the pooled output of `hidden` (1, seq,
+    /// dim) for `ids` through `text_projection`. Errors when the weights have no projection.
+    pub fn projected_pooled(&self, hidden: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let proj = self.text_projection.as_ref().ok_or_else(|| {
+            crate::Error::Candle(candle_core::Error::Msg(
+                "this text encoder has no text_projection weights (CLIPTextModelWithProjection)"
+                    .into(),
+            ))
+        })?;
+        Ok(proj.forward(&self.pooled(hidden, ids)?)?)
+    }
+
+    /// Whether the weights hold `text_projection` (`CLIPTextModelWithProjection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
     }
 
     /// transformers' `pooler_output` of one sequence: the row of `hidden` (1, seq, dim) at the

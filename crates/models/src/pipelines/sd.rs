@@ -11,6 +11,8 @@ use crate::samplers::{build_sampler, SamplerKind, SchedulerConfig, TorchRng};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::{Error, Result};
 
+use super::sdxl::{Conditioning, MicroConditioning, XlText};
+
 /// One generation request, already resolved against the model's defaults.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -26,6 +28,8 @@ pub struct GenerateParams {
     pub batch: usize,
     /// How the prompts are read.
     pub prompt_syntax: PromptSyntax,
+    /// SDXL's size and crop conditioning (SDXL models only).
+    pub micro: MicroConditioning,
 }
 
 /// How prompts are read.
@@ -136,6 +140,8 @@ pub struct SdPipeline {
     pub dtype: DType,
     /// The layers of the text encoder and UNet that take LoRA adapters.
     pub lora_layers: Vec<LayerInfo>,
+    /// SDXL: the second text encoder (the UNet then takes `text_time` conditioning).
+    pub xl: Option<XlText>,
 }
 
 /// Limits checked before any work is done.
@@ -213,7 +219,43 @@ impl SdPipeline {
                 format!("must be between 1 and {MAX_BATCH}, got {}", p.batch),
             ));
         }
+        super::sdxl::reject_micro(self, &p.micro)?;
+        if self.xl.is_some() && p.prompt_syntax == PromptSyntax::A1111 {
+            return Err(Error::invalid(
+                "prompt_syntax",
+                "the a1111 prompt syntax is not available for SDXL models yet; use plain",
+            ));
+        }
         Ok(())
+    }
+
+    /// The UNet's conditioning for a run: text embeddings, and for SDXL the pooled embedding
+    /// and size ids; with the prompt tokens dropped by truncation.
+    pub fn condition(
+        &self,
+        p: &GenerateParams,
+        guidance: bool,
+        from_image: bool,
+    ) -> Result<(Conditioning, (usize, usize))> {
+        let negative = p.negative_prompt.as_deref();
+        if let Some(xl) = &self.xl {
+            let ids = p.micro.time_ids(p.height, p.width, from_image);
+            return super::sdxl::condition(self, xl, &p.prompt, negative, p.batch, guidance, ids);
+        }
+        let (context, dropped) = match p.prompt_syntax {
+            PromptSyntax::Plain => self.encode_prompt(&p.prompt, negative, p.batch, guidance)?,
+            PromptSyntax::A1111 => (
+                self.encode_prompt_a1111(&p.prompt, negative, p.batch, guidance)?,
+                (0, 0),
+            ),
+        };
+        Ok((
+            Conditioning {
+                context,
+                added: None,
+            },
+            dropped,
+        ))
     }
 
     /// Token ids padded to the tokenizer's max length, and how many tokens were dropped.
@@ -421,20 +463,7 @@ impl SdPipeline {
         };
         let mut sampler = build_sampler(p.sampler, &self.scheduler.for_pipeline(inpaint), p.steps)?;
         let cfg = p.guidance > 1.0;
-        let (context, truncated_tokens) = match p.prompt_syntax {
-            PromptSyntax::Plain => {
-                self.encode_prompt(&p.prompt, p.negative_prompt.as_deref(), p.batch, cfg)?
-            }
-            PromptSyntax::A1111 => {
-                let emb = self.encode_prompt_a1111(
-                    &p.prompt,
-                    p.negative_prompt.as_deref(),
-                    p.batch,
-                    cfg,
-                )?;
-                (emb, (0, 0))
-            }
-        };
+        let (cond, truncated_tokens) = self.condition(p, cfg, input.is_some())?;
 
         let f = self.latent_factor();
         let shape = [
@@ -524,7 +553,12 @@ impl SdPipeline {
             }
             let out = self
                 .unet
-                .forward(&input.to_dtype(self.dtype)?, t, &context)?
+                .forward_with(
+                    &input.to_dtype(self.dtype)?,
+                    t,
+                    &cond.context,
+                    cond.added.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let noise_pred = if cfg {
                 let uncond = out.narrow(0, 0, p.batch)?;

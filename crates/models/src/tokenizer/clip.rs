@@ -114,11 +114,25 @@ impl ClipTokenizer {
     /// Reads vocab.json + merges.txt (+ tokenizer_config.json / special_tokens_map.json for
     /// pad/bos/eos/unk tokens and model_max_length, default 77) from an SD `tokenizer/` folder.
     /// Clear errors naming the file for missing/malformed files.
+    ///
+    /// A folder with only `tokenizer.json` (what current transformers' `save_pretrained`
+    /// writes) is read from it: the BPE vocabulary and merges of its `model`, and its
+    /// `added_tokens` with their flags when `tokenizer_config.json` has no
+    /// `added_tokens_decoder`, as the `tokenizers` backend of transformers loads it.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let vocab_path = dir.join("vocab.json");
-        let vocab = read_vocab(&vocab_path)?;
+        let mut vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
-        let merges = read_merges(&merges_path, &vocab)?;
+        let json_path = dir.join("tokenizer.json");
+        let (vocab, merges, json_added) =
+            if !(vocab_path.is_file() && merges_path.is_file()) && json_path.is_file() {
+                let (vocab, merges, added) = read_tokenizer_json(&json_path)?;
+                vocab_path = json_path;
+                (vocab, merges, Some(added))
+            } else {
+                let vocab = read_vocab(&vocab_path)?;
+                let merges = read_merges(&merges_path, &vocab)?;
+                (vocab, merges, None)
+            };
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_optional_json_object(&config_path)?.unwrap_or_default();
@@ -159,7 +173,13 @@ impl ClipTokenizer {
         // The tokens of `added_tokens_decoder` (modern layout), by id.
         let mut decoder: Vec<(u32, TokenSpec)> = Vec::new();
         let modern = match config.get("added_tokens_decoder") {
-            None | Some(Value::Null) => false,
+            None | Some(Value::Null) => match json_added {
+                Some(added) => {
+                    decoder = added;
+                    true
+                }
+                None => false,
+            },
             Some(Value::Object(entries)) => {
                 for (key, value) in entries {
                     let id: u32 = key.parse().map_err(|_| {
@@ -657,6 +677,92 @@ fn read_merges(
         rank += 1;
     }
     Ok(merges)
+}
+
+/// The parts of `tokenizer.json` a CLIP tokenizer needs.
+#[derive(serde::Deserialize)]
+struct TokenizerJson {
+    model: BpeJson,
+    #[serde(default)]
+    added_tokens: Vec<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct BpeJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    vocab: HashMap<String, u32>,
+    merges: Vec<MergeJson>,
+    end_of_word_suffix: Option<String>,
+}
+
+/// A merge as `tokenizers` writes it: `"a b"` (older files) or `["a", "b"]`.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum MergeJson {
+    Pair([String; 2]),
+    Line(String),
+}
+
+type MergeTable = HashMap<(u32, u32), (u32, u32)>;
+/// Vocabulary, merges and added tokens by id.
+type BpeParts = (HashMap<String, u32>, MergeTable, Vec<(u32, TokenSpec)>);
+
+/// The vocabulary, merges and added tokens (by id) of a `tokenizer.json`.
+fn read_tokenizer_json(path: &Path) -> Result<BpeParts> {
+    let text = read_text(path)?;
+    let json: TokenizerJson = serde_json::from_str(&text)
+        .map_err(|e| Error::config(path, format!("not a BPE tokenizer.json: {e}")))?;
+    let model = json.model;
+    if model.kind.as_deref().is_some_and(|k| k != "BPE")
+        || model.end_of_word_suffix.as_deref() != Some("</w>")
+    {
+        return Err(Error::config(
+            path,
+            "expected a CLIP BPE model (type BPE, end_of_word_suffix \"</w>\")",
+        ));
+    }
+    let pairs = model.merges.into_iter().map(|m| match m {
+        MergeJson::Pair([a, b]) => Some((a, b)),
+        MergeJson::Line(line) => {
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) => Some((a.to_string(), b.to_string())),
+                _ => None,
+            }
+        }
+    });
+    let mut merges = HashMap::new();
+    for (rank, pair) in pairs.enumerate() {
+        let bad = |msg: String| Error::config(path, format!("model.merges[{rank}]: {msg}"));
+        let (a, b) = pair.ok_or_else(|| bad("expected two tokens".into()))?;
+        let id = |t: &str| {
+            model
+                .vocab
+                .get(t)
+                .copied()
+                .ok_or_else(|| bad(format!("token {t:?} is not in model.vocab")))
+        };
+        let merged = id(&format!("{a}{b}"))?;
+        merges.insert((id(&a)?, id(&b)?), (rank as u32, merged));
+    }
+    let mut added = Vec::with_capacity(json.added_tokens.len());
+    for (i, value) in json.added_tokens.iter().enumerate() {
+        let id = value
+            .get("id")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| Error::config(path, format!("added_tokens[{i}]: missing id")))?;
+        let spec = parse_token_spec(value, false)
+            .map_err(|msg| Error::config(path, format!("added_tokens[{i}]: {msg}")))?;
+        added.push((id, spec));
+    }
+    added.sort_by_key(|(id, _)| *id);
+    let mut vocab = model.vocab;
+    for (id, spec) in &added {
+        vocab.entry(spec.content.clone()).or_insert(*id);
+    }
+    Ok((vocab, merges, added))
 }
 
 fn read_optional_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {

@@ -44,6 +44,50 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     /// Width of the time embedding (default 4 x block_out_channels[0]).
     pub time_embedding_dim: usize,
+    /// SDXL's added conditioning (`addition_embed_type = "text_time"`).
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// SDXL's `text_time` added conditioning: the pooled text embedding and the sinusoidal
+/// features of the size / crop ids, through an MLP added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// Sinusoidal width per id (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// Input width of the MLP (`projection_class_embeddings_input_dim`): pooled text width
+    /// plus `time_embed_dim` x the number of ids.
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// How many ids the MLP expects next to a pooled embedding of `pooled_dim`, if the widths
+    /// fit.
+    pub fn id_count(&self, pooled_dim: usize) -> Option<usize> {
+        let rest = self.input_dim.checked_sub(pooled_dim)?;
+        (self.time_embed_dim > 0 && rest.is_multiple_of(self.time_embed_dim))
+            .then_some(rest / self.time_embed_dim)
+    }
+}
+
+fn parse_text_time(cfg: &JsonConfig) -> Result<Option<TextTimeConfig>> {
+    match cfg.str_opt("addition_embed_type")? {
+        None => Ok(None),
+        Some("text_time") => {
+            let c = TextTimeConfig {
+                time_embed_dim: cfg.usize_req("addition_time_embed_dim")?,
+                input_dim: cfg.usize_req("projection_class_embeddings_input_dim")?,
+            };
+            if c.time_embed_dim == 0 || c.input_dim == 0 {
+                return Err(cfg.err(
+                    "fields `addition_time_embed_dim` and `projection_class_embeddings_input_dim` must be positive",
+                ));
+            }
+            Ok(Some(c))
+        }
+        Some(other) => Err(cfg.err(format!(
+            "field `addition_embed_type` = \"{other}\" is not supported (text_time)"
+        ))),
+    }
 }
 
 fn parse_down(cfg: &JsonConfig, name: &str) -> Result<BlockKind> {
@@ -80,7 +124,6 @@ impl UNetConfig {
         // Options with non-default values that change the network and that we do not build.
         for (key, ok) in [
             ("class_embed_type", vec![]),
-            ("addition_embed_type", vec![]),
             ("encoder_hid_dim", vec![]),
             ("encoder_hid_dim_type", vec![]),
             ("num_class_embeds", vec![]),
@@ -192,6 +235,7 @@ impl UNetConfig {
             conv_in_kernel: cfg.usize_or("conv_in_kernel", 3)?,
             conv_out_kernel: cfg.usize_or("conv_out_kernel", 3)?,
             time_embedding_dim: cfg.usize_or("time_embedding_dim", block_out_channels[0] * 4)?,
+            text_time: parse_text_time(cfg)?,
             block_out_channels,
         };
         // `mid_block_only_cross_attention`, `cross_attention_norm` and
@@ -257,6 +301,7 @@ impl UNetConfig {
             conv_in_kernel: 3,
             conv_out_kernel: 3,
             time_embedding_dim: 1280,
+            text_time: None,
         }
     }
 }

@@ -15,7 +15,25 @@ use crate::modules::conv::Conv2d;
 use crate::modules::resnet::{conv, ResnetBlock, ResnetSpec};
 use crate::Result;
 
-pub use config::{BlockKind, UNetConfig};
+pub use config::{BlockKind, TextTimeConfig, UNetConfig};
+
+/// SDXL's added conditioning of one UNet call (diffusers' `added_cond_kwargs`).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// The pooled, projected text embedding (batch, pooled width).
+    pub text_embeds: Tensor,
+    /// The micro-conditioning ids (batch, ids), f32: original size, crop top-left and target
+    /// size (or aesthetic score), each as (height, width) / (top, left).
+    pub time_ids: Tensor,
+}
+
+/// The MLP of the `text_time` conditioning (`add_embedding`).
+#[derive(Debug)]
+struct TextTimeEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    config: TextTimeConfig,
+}
 
 #[derive(Debug)]
 struct Attention {
@@ -287,6 +305,7 @@ pub struct UNet {
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
     up: Vec<UpBlock>,
+    add_embedding: Option<TextTimeEmbedding>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
     pub config: UNetConfig,
@@ -301,6 +320,18 @@ impl UNet {
         let conv_in = conv(c.in_channels, ch0, c.conv_in_kernel, 1, vb.pp("conv_in"))?;
         let time_linear_1 = linear(ch0, temb, vb.pp("time_embedding").pp("linear_1"))?;
         let time_linear_2 = linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?;
+        let add_embedding = match c.text_time {
+            Some(config) => Some(TextTimeEmbedding {
+                linear_1: linear(
+                    config.input_dim,
+                    temb,
+                    vb.pp("add_embedding").pp("linear_1"),
+                )?,
+                linear_2: linear(temb, temb, vb.pp("add_embedding").pp("linear_2"))?,
+                config,
+            }),
+            None => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut out_ch = ch0;
@@ -424,52 +455,103 @@ impl UNet {
             down,
             mid,
             up,
+            add_embedding,
             norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv(ch0, c.out_channels, c.conv_out_kernel, 1, vb.pp("conv_out"))?,
             config: c.clone(),
         })
     }
 
-    /// Sinusoidal timestep features (diffusers `Timesteps`), computed in f32.
-    fn time_proj(
+    /// Sinusoidal features of `values` (diffusers `Timesteps`), computed in f32: one row of
+    /// `dim` per value.
+    fn sinusoidal(&self, values: &[f32], dim: usize) -> Vec<f32> {
+        let half = dim / 2;
+        let shift = self.config.freq_shift as f32;
+        let ln = (10000f64).ln() as f32;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-ln * (i as f32) / (half as f32 - shift)).exp())
+            .collect();
+        let mut out = Vec::with_capacity(values.len() * dim);
+        for &t in values {
+            let args = freqs.iter().map(|f| t * f);
+            let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
+            let start = out.len();
+            if self.config.flip_sin_to_cos {
+                out.extend(cos.into_iter().chain(sin));
+            } else {
+                out.extend(sin.into_iter().chain(cos));
+            }
+            out.resize(start + dim, 0.0);
+        }
+        out
+    }
+
+    /// The timestep embedding plus, for SDXL, the `text_time` embedding of `added`.
+    fn embedding(
         &self,
         timestep: f64,
         batch: usize,
+        dtype: DType,
+        added: Option<&AddedCond>,
         device: &candle_core::Device,
-    ) -> candle_core::Result<Tensor> {
+    ) -> Result<Tensor> {
         let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let t = timestep as f32;
-        let shift = self.config.freq_shift as f32;
-        let ln = (10000f64).ln() as f32;
-        let mut sin = Vec::with_capacity(half);
-        let mut cos = Vec::with_capacity(half);
-        for i in 0..half {
-            let exponent = -ln * (i as f32) / (half as f32 - shift);
-            let arg = t * exponent.exp();
-            sin.push(arg.sin());
-            cos.push(arg.cos());
+        let t_emb = Tensor::from_vec(self.sinusoidal(&[timestep as f32], dim), (1, dim), device)?
+            .repeat((batch, 1))?
+            .to_dtype(dtype)?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        match (&self.add_embedding, added) {
+            (None, None) => Ok(emb),
+            (Some(add), Some(added)) => {
+                let (b, n) = added.time_ids.dims2()?;
+                let ids: Vec<f32> = added
+                    .time_ids
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let d = add.config.time_embed_dim;
+                let time = Tensor::from_vec(self.sinusoidal(&ids, d), (b, n * d), device)?;
+                let input = Tensor::cat(&[&added.text_embeds.to_dtype(dtype)?, &time.to_dtype(dtype)?], 1)?;
+                if input.dim(1)? != add.config.input_dim {
+                    return Err(crate::Error::Candle(candle_core::Error::Msg(format!(
+                        "the UNet's added conditioning takes {} values, got {} ({} pooled + {n} ids x {d})",
+                        add.config.input_dim,
+                        input.dim(1)?,
+                        added.text_embeds.dim(1)?
+                    ))));
+                }
+                let aug = add
+                    .linear_2
+                    .forward(&add.linear_1.forward(&input)?.silu()?)?;
+                Ok((emb + aug)?)
+            }
+            (Some(_), None) => Err(crate::Error::Candle(candle_core::Error::Msg(
+                "this UNet (addition_embed_type text_time, SDXL) needs a pooled text embedding and size ids".into(),
+            ))),
+            (None, Some(_)) => Err(crate::Error::Candle(candle_core::Error::Msg(
+                "this UNet takes no added conditioning (it is not an SDXL UNet)".into(),
+            ))),
         }
-        let mut emb = if self.config.flip_sin_to_cos {
-            [cos, sin].concat()
-        } else {
-            [sin, cos].concat()
-        };
-        emb.resize(dim, 0.0);
-        Tensor::from_vec(emb, (1, dim), device)?.repeat((batch, 1))
     }
 
     /// Predicts the noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`
     /// conditioned on `context` (batch, tokens, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timestep, context, None)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let (b, _, _, _) = sample.dims4()?;
-        let dtype = sample.dtype();
-        let t_emb = self
-            .time_proj(timestep, b, sample.device())?
-            .to_dtype(dtype)?;
-        let emb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let emb = self.embedding(timestep, b, sample.dtype(), added, sample.device())?;
 
         let sample = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
