@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixtures import jitter_norms  # noqa: E402
+from make_fixtures import jitter_norms, load_sd2  # noqa: E402
 from make_inpaint_fixtures import as_decoded  # noqa: E402
 from make_tokenizer_fixtures import PROMPTS, write_tiny_clip_tokenizer  # noqa: E402
 
@@ -198,6 +198,18 @@ INPAINT = [
          image="wide48x32", mask="mask-p48x32", strength=1.0, width=48, height=32),
 ]
 
+# Turbo models: the tiny folders with the scheduler SD-Turbo and SDXL-Turbo ship (Euler
+# ancestral, trailing spacing), run as their model cards run them (1-4 steps, guidance 0). The
+# test builds the same folders from tiny-sdxl / tiny-sd2 with that scheduler config.
+TURBO = [
+    dict(name="xl-turbo-1step", model="tiny-sdxl-turbo", scheduler=None, prompt="a photo of a cat",
+         steps=1, guidance=0.0, seed=4),
+    dict(name="xl-turbo-4step-wide", model="tiny-sdxl-turbo", scheduler=None,
+         prompt="a red chair in the garden", steps=4, guidance=0.0, seed=6, width=48, height=32),
+    dict(name="sd2-turbo-1step", model="tiny-sd2-turbo", scheduler=None, prompt="green trees",
+         steps=1, guidance=0.0, seed=8, width=32, height=32),
+]
+
 MICRO = ["original_size", "crops_coords_top_left", "target_size", "negative_original_size",
          "negative_crops_coords_top_left", "negative_target_size"]
 
@@ -223,9 +235,10 @@ def run(pipe, case, kind):
         captured["unet_in"] = args[0].detach().clone()
         captured["timestep"] = torch.tensor([float(args[1])])
         captured["prompt_embeds"] = kwargs["encoder_hidden_states"].detach().clone()
-        added = kwargs["added_cond_kwargs"]
-        captured["text_embeds"] = added["text_embeds"].detach().clone()
-        captured["time_ids"] = added["time_ids"].detach().clone().float()
+        added = kwargs.get("added_cond_kwargs")
+        if added is not None:
+            captured["text_embeds"] = added["text_embeds"].detach().clone()
+            captured["time_ids"] = added["time_ids"].detach().clone().float()
         captured["unet_out"] = output[0].detach().clone()
 
     handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
@@ -300,6 +313,15 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     for case in IMG2IMG:
         cases.append(run(pipe, case, "img2img"))
+    for case in TURBO:
+        if case["model"] == "tiny-sdxl-turbo":
+            pipe = StableDiffusionXLPipeline.from_pretrained(path)
+        else:
+            pipe = load_sd2(ROOT / "models" / "tiny-sd2")
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.set_progress_bar_config(disable=True)
+        cases.append(run(pipe, case, "txt2img"))
     for case in INPAINT:
         pipe = StableDiffusionXLInpaintPipeline.from_pretrained(ROOT / "models" / case["model"])
         pipe.set_progress_bar_config(disable=True)

@@ -58,6 +58,10 @@ impl Limits {
 /// Defaults for omitted fields that the model does not define.
 pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// diffusers' `StableDiffusionXLPipeline` default guidance.
+pub const SDXL_DEFAULT_GUIDANCE: f64 = 5.0;
+/// Turbo models (SD-Turbo, SDXL-Turbo): one step, no guidance, as their model cards run them.
+pub const TURBO_DEFAULTS: (usize, f64) = (1, 0.0);
 pub const DEFAULT_PREVIEW_EVERY: usize = 5;
 /// Default image-to-image strength.
 pub const DEFAULT_TRANSFORM_STRENGTH: f64 = 0.8;
@@ -78,6 +82,8 @@ pub const MAX_MODEL_CHARS: usize = 4096;
 pub const MAX_LORAS: usize = 8;
 /// Longest LoRA path, in characters.
 pub const MAX_LORA_PATH_CHARS: usize = 1024;
+/// Largest value of an SDXL size or crop id (`original_size`, `crops_coords_top_left`, ...).
+pub const MAX_MICRO_PIXELS: u64 = 16_384;
 /// FLUX's T5 prompt length: at least 2, at most T5's position limit in diffusers.
 pub const MIN_SEQUENCE_LENGTH: usize = 2;
 pub const MAX_SEQUENCE_LENGTH: usize = 512;

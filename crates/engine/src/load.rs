@@ -12,7 +12,10 @@ use crate::backend::Model;
 use crate::hub::Progress;
 use crate::source::{model_kind, ModelKind, SourceOptions};
 use crate::spec::ModelSpec;
-use crate::validate::{hub_repo_id, DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH};
+use crate::validate::{
+    hub_repo_id, DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH, SDXL_DEFAULT_GUIDANCE,
+    TURBO_DEFAULTS,
+};
 
 /// Defaults of FLUX jobs: (steps, guidance) for dev-like and schnell-like models.
 pub const FLUX_DEV_DEFAULTS: (usize, f64) = (28, 3.5);
@@ -63,19 +66,21 @@ pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model
     let (pipeline, info) =
         sd_models::loader::load_sd_with(&model, &sd_opts, &request.device, request.dtype)?;
     let (default_width, default_height) = pipeline.default_size();
+    let (default_steps, default_guidance) = sd_defaults(info.family, info.variant);
     let spec = ModelSpec {
         name: info.name.clone(),
         repo_id: hub_repo_id(&model),
         path: model,
         family: info.family.to_string(),
+        variant: info.variant.to_string(),
         pipeline_class: info.pipeline_class.clone(),
         prediction_type: info.prediction_type.as_str().to_string(),
         latent_factor: pipeline.latent_factor(),
         inpainting_model: pipeline.is_inpainting_model(),
         inpaint_method: pipeline.inpaint_method().name(),
         flux: false,
-        default_steps: DEFAULT_STEPS,
-        default_guidance: DEFAULT_GUIDANCE,
+        default_steps,
+        default_guidance,
         guidance_embedded: false,
         default_max_sequence_length: None,
         max_prompt_tokens: pipeline.tokenizer.max_length(),
@@ -88,6 +93,17 @@ pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model
         dtype: dtype_name(request.dtype).to_string(),
     };
     Ok((Model::Sd(Box::new(pipeline)), spec))
+}
+
+/// Steps and guidance of jobs that leave them out: diffusers' pipeline defaults (50 steps;
+/// guidance 7.5, SDXL 5.0), and for turbo models the 1 step without guidance they are
+/// distilled for.
+pub fn sd_defaults(family: &str, variant: &str) -> (usize, f64) {
+    match (family, variant) {
+        (_, "turbo") => TURBO_DEFAULTS,
+        ("sdxl", _) => (DEFAULT_STEPS, SDXL_DEFAULT_GUIDANCE),
+        _ => (DEFAULT_STEPS, DEFAULT_GUIDANCE),
+    }
 }
 
 fn load_flux_model(request: &LoadRequest, model: PathBuf) -> Result<(Model, ModelSpec)> {
@@ -105,6 +121,7 @@ fn load_flux_model(request: &LoadRequest, model: PathBuf) -> Result<(Model, Mode
         repo_id: hub_repo_id(&model),
         path: model,
         family: "flux".into(),
+        variant: if dev { "dev" } else { "schnell" }.into(),
         pipeline_class: "FluxPipeline".into(),
         prediction_type: if dev { "dev" } else { "schnell" }.into(),
         // Sizes are multiples of twice the VAE factor (2x2 packing).

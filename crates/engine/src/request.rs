@@ -108,6 +108,21 @@ pub struct ImageBytes {
     pub bytes: Vec<u8>,
 }
 
+/// SDXL's size and crop conditioning as a request gave it: pairs of (height, width) or (top,
+/// left) pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MicroDraft {
+    pub original_size: Option<[u64; 2]>,
+    pub crops_coords_top_left: Option<[u64; 2]>,
+    pub target_size: Option<[u64; 2]>,
+    pub negative_original_size: Option<[u64; 2]>,
+    pub negative_crops_coords_top_left: Option<[u64; 2]>,
+    pub negative_target_size: Option<[u64; 2]>,
+    /// Refiner-style SDXL models only (`requires_aesthetics_score`).
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
+}
+
 /// One LoRA a request names, before it is resolved in the LoRA folder.
 #[derive(Debug, Clone, Default)]
 pub struct LoraDraft {
@@ -149,6 +164,8 @@ pub struct RequestDraft {
     /// The model the client expects (refused when it is not the loaded one).
     pub model: Option<String>,
     pub loras: Vec<LoraDraft>,
+    /// SDXL's size and crop conditioning.
+    pub micro: MicroDraft,
 }
 
 impl RequestDraft {
@@ -177,6 +194,7 @@ impl RequestDraft {
             worker_id: None,
             model: None,
             loras: Vec::new(),
+            micro: MicroDraft::default(),
         }
     }
 }

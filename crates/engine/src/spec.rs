@@ -14,6 +14,9 @@ pub struct ModelSpec {
     /// (`.../models--org--name/snapshots/REV`).
     pub repo_id: Option<String>,
     pub family: String,
+    /// `base`, `inpaint` or `turbo` for Stable Diffusion and SDXL; `dev` or `schnell` for
+    /// FLUX.
+    pub variant: String,
     pub pipeline_class: String,
     pub prediction_type: String,
     pub latent_factor: usize,
@@ -55,6 +58,7 @@ impl ModelSpec {
             path: "/models/tiny".into(),
             repo_id: None,
             family: "sd1".into(),
+            variant: "base".into(),
             pipeline_class: "StableDiffusionPipeline".into(),
             prediction_type: "epsilon".into(),
             latent_factor: 8,

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sd_models::lora::LoraSpec;
-use sd_models::pipelines::{GenerateParams, ImageInput, MaskImage, RgbImage, SdPipeline};
+use sd_models::pipelines::{
+    GenerateParams, ImageInput, MaskImage, MicroConditioning, RgbImage, SdPipeline,
+};
 use sd_models::samplers::SamplerKind;
 
 use crate::images::input::{decode_alpha_mask, decode_mask, decode_rgb};
 use crate::request::{
-    GenerationRequest, ImageBytes, LoraDraft, MaskRule, Operation, PreviewKind, PromptSyntax,
-    RequestDraft,
+    GenerationRequest, ImageBytes, LoraDraft, MaskRule, MicroDraft, Operation, PreviewKind,
+    PromptSyntax, RequestDraft,
 };
 use crate::spec::ModelSpec;
 
@@ -113,7 +115,7 @@ pub fn validate(
     }
     let max_sequence_length = max_sequence_length(spec, draft.max_sequence_length)?;
     let (width, height) = size(spec, limits, &draft, input.as_ref(), mask.is_some())?;
-    let steps = steps(spec, limits, draft.steps)?;
+    let mut steps = steps(spec, limits, draft.steps)?;
     let guidance = guidance(spec, draft.guidance_scale)?;
     let seed = draft.seed.unwrap_or(random_seed);
     let sampler = sampler(spec, draft.scheduler.as_deref())?;
@@ -137,6 +139,10 @@ pub fn validate(
         None => None,
         Some(image) => {
             let strength = draft.strength.unwrap_or_else(|| default_strength(spec, op));
+            if draft.steps.is_none() {
+                steps = steps_for_strength(steps, strength, spec, limits);
+                check_sampler_steps(spec, sampler, steps)?;
+            }
             check_strength(spec, steps, strength)?;
             Some(Arc::new(ImageInput {
                 image,
@@ -155,6 +161,7 @@ pub fn validate(
         .map(|s| text("worker_id", s, MAX_ID_CHARS))
         .transpose()?;
     let loras = loras(draft.loras, limits)?;
+    let micro = micro(spec, &draft.micro)?;
     Ok(GenerationRequest {
         operation: op,
         max_sequence_length,
@@ -171,13 +178,73 @@ pub fn validate(
             sampler,
             batch: batch as usize,
             prompt_syntax: draft.prompt_syntax,
-            micro: Default::default(),
+            micro,
         },
         preview_every: usize::try_from(preview_every).unwrap_or(usize::MAX),
         preview: draft.preview.unwrap_or(PreviewKind::Approx),
         hive_id,
         worker_id,
         loras,
+    })
+}
+
+/// SDXL's size and crop ids: SDXL models only, each value in range; the aesthetic scores of
+/// refiner-style models are refused (no such model loads here).
+fn micro(spec: &ModelSpec, d: &MicroDraft) -> Result<MicroConditioning> {
+    for (field, given) in [
+        ("aesthetic_score", d.aesthetic_score),
+        ("negative_aesthetic_score", d.negative_aesthetic_score),
+    ] {
+        if given.is_some() {
+            return Err(invalid(
+                field,
+                format!(
+                    "applies to SDXL refiner-style models (requires_aesthetics_score); the model ({}) is {}",
+                    spec.name,
+                    if spec.family == "sdxl" { "an SDXL base model, which takes target_size instead" } else { spec.family.as_str() }
+                ),
+            ));
+        }
+    }
+    let pairs = [
+        ("original_size", d.original_size, 1),
+        ("crops_coords_top_left", d.crops_coords_top_left, 0),
+        ("target_size", d.target_size, 1),
+        ("negative_original_size", d.negative_original_size, 1),
+        (
+            "negative_crops_coords_top_left",
+            d.negative_crops_coords_top_left,
+            0,
+        ),
+        ("negative_target_size", d.negative_target_size, 1),
+    ];
+    let mut out = [None; 6];
+    for (slot, (field, given, min)) in out.iter_mut().zip(pairs) {
+        let Some([a, b]) = given else { continue };
+        if spec.family != "sdxl" {
+            return Err(invalid(
+                field,
+                format!(
+                    "applies to SDXL models only; the model ({}) is {}",
+                    spec.name, spec.family
+                ),
+            ));
+        }
+        if [a, b].iter().any(|&v| v < min || v > MAX_MICRO_PIXELS) {
+            return Err(invalid(
+                field,
+                format!("each value must be between {min} and {MAX_MICRO_PIXELS} pixels, got [{a}, {b}]"),
+            ));
+        }
+        *slot = Some((a as u32, b as u32));
+    }
+    Ok(MicroConditioning {
+        original_size: out[0],
+        crops_coords_top_left: out[1],
+        target_size: out[2],
+        negative_original_size: out[3],
+        negative_crops_coords_top_left: out[4],
+        negative_target_size: out[5],
     })
 }
 
@@ -522,6 +589,20 @@ fn check_sampler_steps(spec: &ModelSpec, sampler: SamplerKind, steps: usize) -> 
             ),
         )),
     }
+}
+
+/// Default steps raised, when they are too few to run one step at `strength` (turbo models
+/// default to 1 step), to the fewest that run one: int(steps x strength) >= 1.
+fn steps_for_strength(steps: usize, strength: f64, spec: &ModelSpec, limits: &Limits) -> usize {
+    if spec.flux || !(strength > 0.0 && strength <= 1.0) {
+        return steps;
+    }
+    let cap = limits.max_steps.min(spec.num_train_timesteps);
+    let mut n = steps;
+    while n < cap && ((n as f64) * strength) < 1.0 {
+        n += 1;
+    }
+    n
 }
 
 fn check_strength(spec: &ModelSpec, steps: usize, strength: f64) -> Result<()> {

@@ -159,3 +159,82 @@ fn a1111_prompt_syntax_is_for_stable_diffusion_models() {
     assert_eq!(field, "prompt_syntax");
     assert!(reason.contains("Stable Diffusion"), "{reason}");
 }
+
+fn sdxl_spec(variant: &str) -> ModelSpec {
+    let (steps, guidance) = sd_engine::load::sd_defaults("sdxl", variant);
+    ModelSpec {
+        family: "sdxl".into(),
+        variant: variant.into(),
+        default_steps: steps,
+        default_guidance: guidance,
+        default_sampler: Ok(SamplerKind::EulerAncestral),
+        ..ModelSpec::sd_example()
+    }
+}
+
+#[test]
+fn sdxl_and_turbo_defaults() {
+    let r = validate(draft("a cat"), &sdxl_spec("base"), &served(), 1).unwrap();
+    assert_eq!((r.params.steps, r.params.guidance), (50, 5.0));
+    let r = validate(draft("a cat"), &sdxl_spec("turbo"), &served(), 1).unwrap();
+    assert_eq!((r.params.steps, r.params.guidance), (1, 0.0));
+    assert_eq!(sd_engine::load::sd_defaults("sd2", "turbo"), (1, 0.0));
+    assert_eq!(sd_engine::load::sd_defaults("sd1", "base"), (50, 7.5));
+}
+
+#[test]
+fn micro_conditioning_is_sdxl_only_and_bounded() {
+    let mut d = draft("a cat");
+    d.micro.original_size = Some([1024, 768]);
+    d.micro.negative_crops_coords_top_left = Some([0, 16]);
+    let r = validate(d.clone(), &sdxl_spec("base"), &served(), 1).unwrap();
+    assert_eq!(r.params.micro.original_size, Some((1024, 768)));
+    assert_eq!(r.params.micro.negative_crops_coords_top_left, Some((0, 16)));
+
+    let (field, reason) = error(d, &served());
+    assert_eq!(field, "original_size");
+    assert!(reason.contains("SDXL models only"), "{reason}");
+
+    for (pair, field) in [([0, 64], "target_size"), ([64, 16385], "original_size")] {
+        let mut d = draft("a cat");
+        match field {
+            "target_size" => d.micro.target_size = Some(pair),
+            _ => d.micro.original_size = Some(pair),
+        }
+        let e = validate(d, &sdxl_spec("base"), &served(), 1).unwrap_err();
+        assert_eq!(e.field, field);
+        assert!(e.reason.contains("16384"), "{}", e.reason);
+    }
+    let mut d = draft("a cat");
+    d.micro.aesthetic_score = Some(6.0);
+    let e = validate(d, &sdxl_spec("base"), &served(), 1).unwrap_err();
+    assert_eq!(e.field, "aesthetic_score");
+    assert!(e.reason.contains("refiner"), "{}", e.reason);
+}
+
+/// Turbo models default to one step; an image job that leaves `steps` out gets the fewest
+/// steps that run one at its strength, and an explicit count is kept (and refused when it runs
+/// none).
+#[test]
+fn omitted_steps_are_raised_to_run_one_at_the_strength() {
+    let png = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/inputs/square32.png"),
+    )
+    .unwrap();
+    let transform = |strength: f64, steps: Option<u64>| {
+        let mut d = RequestDraft::new(Operation::Transform);
+        d.prompt = Some("a cat".into());
+        d.init_image = Some(ImageBytes {
+            field: "input_image".into(),
+            bytes: png.clone(),
+        });
+        d.strength = Some(strength);
+        d.steps = steps;
+        validate(d, &sdxl_spec("turbo"), &served(), 1)
+    };
+    assert_eq!(transform(0.8, None).unwrap().params.steps, 2);
+    assert_eq!(transform(0.5, None).unwrap().params.steps, 2);
+    assert_eq!(transform(0.3, None).unwrap().params.steps, 4);
+    assert_eq!(transform(1.0, None).unwrap().params.steps, 1);
+    assert_eq!(transform(0.5, Some(1)).unwrap_err().field, "strength");
+}

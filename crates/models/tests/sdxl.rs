@@ -1,5 +1,6 @@
 //! SDXL parity with diffusers on the tiny random models `fixtures/models/tiny-sdxl` and
-//! `tiny-sdxl-inpaint`.
+//! `tiny-sdxl-inpaint`, and of turbo models (those folders and `tiny-sd2` with the scheduler
+//! SD-Turbo and SDXL-Turbo ship: Euler ancestral, trailing; 1-4 steps, guidance 0).
 //!
 //! The expected numbers come from `scripts/make_sdxl_fixtures.py`, which runs diffusers'
 //! `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and
@@ -42,14 +43,61 @@ fn cases() -> &'static HashMap<String, Value> {
     })
 }
 
+/// A fixture model; `<base>-turbo` is the base folder with the scheduler SD-Turbo and
+/// SDXL-Turbo ship (Euler ancestral, trailing spacing), copied under the test scratch space.
+fn model_dir(model: &str) -> std::path::PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let Some(base) = model.strip_suffix("-turbo") else {
+        return fixtures().join("models").join(model);
+    };
+    let _guard = LOCK.lock().unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{model}-{}", std::process::id()));
+    if dir.exists() {
+        return dir;
+    }
+    let src = fixtures().join("models").join(base);
+    let staging = dir.with_extension("tmp");
+    copy_dir(&src, &staging);
+    let sched = staging.join("scheduler/scheduler_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    cfg["_class_name"] = "EulerAncestralDiscreteScheduler".into();
+    cfg["timestep_spacing"] = "trailing".into();
+    std::fs::write(&sched, cfg.to_string()).unwrap();
+    std::fs::rename(&staging, &dir).unwrap();
+    dir
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+}
+
 fn pipeline(model: &str) -> SdPipeline {
-    let (p, info) = load_sd(
-        &fixtures().join("models").join(model),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap_or_else(|e| panic!("loading {model}: {e}"));
-    assert_eq!(info.family, "sdxl");
+    let (p, info) = load_sd(&model_dir(model), &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("loading {model}: {e}"));
+    let family = if model.starts_with("tiny-sdxl") {
+        "sdxl"
+    } else {
+        "sd2"
+    };
+    assert_eq!(info.family, family, "{model}");
+    let variant = if model.ends_with("-turbo") {
+        "turbo"
+    } else if model.ends_with("-inpaint") {
+        "inpaint"
+    } else {
+        "base"
+    };
+    assert_eq!(info.variant, variant, "{model}");
     p
 }
 
@@ -133,29 +181,34 @@ fn check_case(name: &str) {
         &r["prompt_embeds"],
         1e-4,
     );
-    let added = cond.added.as_ref().expect("SDXL added conditioning");
-    assert_close(
-        name,
-        "pooled text_embeds",
-        &added.text_embeds,
-        &r["text_embeds"],
-        1e-4,
-    );
-    assert_close(name, "time_ids", &added.time_ids, &r["time_ids"], 0.0);
+    let reference_added = match (&cond.added, r.get("text_embeds")) {
+        (Some(added), Some(text_embeds)) => {
+            assert_close(
+                name,
+                "pooled text_embeds",
+                &added.text_embeds,
+                text_embeds,
+                1e-4,
+            );
+            assert_close(name, "time_ids", &added.time_ids, &r["time_ids"], 0.0);
+            Some(AddedCond {
+                text_embeds: text_embeds.clone(),
+                time_ids: r["time_ids"].clone(),
+            })
+        }
+        (None, None) => None,
+        _ => panic!("{name}: added conditioning present on one side only"),
+    };
 
     // The first UNet call on exactly diffusers' inputs.
     let t: Vec<f32> = r["timestep"].to_vec1().unwrap();
-    let reference_added = AddedCond {
-        text_embeds: r["text_embeds"].clone(),
-        time_ids: r["time_ids"].clone(),
-    };
     let out = pipe
         .unet
         .forward_with(
             &r["unet_in"],
             t[0] as f64,
             &r["prompt_embeds"],
-            Some(&reference_added),
+            reference_added.as_ref(),
         )
         .unwrap();
     assert_close(name, "first UNet output", &out, &r["unet_out"], 1e-4);
@@ -215,6 +268,9 @@ parity_tests! {
     xl_img2img_dpmpp_2m_wide_micro => "xl-i2i-dpmpp-2m-s08-wide-micro",
     xl_inpaint_blend_euler_a => "xl-inp-blend-euler-a",
     xl_inpaint_unet_euler_full_strength_wide => "xl-inp-unet-euler-s1-wide",
+    sdxl_turbo_one_step => "xl-turbo-1step",
+    sdxl_turbo_four_steps_wide => "xl-turbo-4step-wide",
+    sd_turbo_one_step => "sd2-turbo-1step",
 }
 
 #[test]
@@ -256,4 +312,66 @@ fn tokenizer_json_only_folders_match_transformers() {
             assert_eq!(got, want, "{sub}: {prompt:?}");
         }
     }
+}
+
+/// A1111's prompt syntax on SDXL: a prompt without weights reads as diffusers reads it; a
+/// long one keeps every 75-token chunk; an empty negative prompt gives zeros (as A1111
+/// conditions SDXL).
+#[test]
+fn a1111_syntax_on_sdxl() {
+    use sd_models::pipelines::PromptSyntax;
+    let pipe = pipeline("tiny-sdxl");
+    let mut p = params(&cases()["xl-euler-a-neg-wide-batch"], &pipe);
+    let (plain, _) = pipe.condition(&p, true, false).unwrap();
+    p.prompt_syntax = PromptSyntax::A1111;
+    let (a1111, _) = pipe.condition(&p, true, false).unwrap();
+    assert_close("a1111", "context", &a1111.context, &plain.context, 1e-6);
+    let (pa, pp) = (a1111.added.unwrap(), plain.added.unwrap());
+    assert_close("a1111", "pooled", &pa.text_embeds, &pp.text_embeds, 1e-6);
+
+    p.prompt = format!(
+        "{}, (a red chair:1.4)",
+        cases()["xl-dpmpp-2m-long-empty-neg"]["prompt"]
+            .as_str()
+            .unwrap()
+    );
+    p.negative_prompt = Some(String::new());
+    p.batch = 1;
+    let (long, _) = pipe.condition(&p, true, false).unwrap();
+    let (b, n, w) = long.context.dims3().unwrap();
+    assert_eq!((b, w), (2, 80));
+    assert!(n >= 3 * 77 && n % 77 == 0, "{n} tokens");
+    // The zeros of the empty negative prompt fill its one chunk; the chunks it lacks are the
+    // empty prompt's encoding, as A1111 pads the shorter side.
+    let uncond = long.context.get(0).unwrap();
+    let sum = |t: Tensor| -> f32 { t.abs().unwrap().sum_all().unwrap().to_scalar().unwrap() };
+    assert_eq!(
+        sum(uncond.narrow(0, 0, 77).unwrap()),
+        0.0,
+        "empty negative prompt: zeros"
+    );
+    assert!(sum(uncond.narrow(0, 77, 77).unwrap()) > 0.0);
+    let cond: f32 = long
+        .context
+        .get(1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(cond > 0.0);
+}
+
+/// As diffusers' SDXL pipelines, a VAE with `force_upcast` runs in f32 when the model is
+/// loaded in half precision; the rest keeps the requested dtype.
+#[test]
+fn sdxl_vae_is_upcast_in_half_precision() {
+    let (pipe, _) = load_sd(&model_dir("tiny-sdxl"), &Device::Cpu, DType::F16).unwrap();
+    assert!(pipe.vae.config.force_upcast);
+    assert_eq!(pipe.vae.dtype(), DType::F32);
+    assert_eq!(pipe.unet.dtype(), DType::F16);
+    let (sd, _) = load_sd(&model_dir("tiny-sd1"), &Device::Cpu, DType::F16).unwrap();
+    assert_eq!(sd.vae.dtype(), DType::F16);
 }

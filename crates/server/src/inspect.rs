@@ -98,6 +98,7 @@ pub fn run(mut args: InspectArgs) -> Result<()> {
     println!("model:        {}", info.name);
     println!("path:         {}", info.path.display());
     println!("family:       {}", info.family);
+    println!("variant:      {}", info.variant);
     println!("layout:       diffusers folder ({})", info.pipeline_class);
     println!("prediction:   {}", info.prediction_type.as_str());
     println!("latent factor: {}", vae.scale_factor());

@@ -58,9 +58,9 @@ pub struct Registration {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RegisteredModel {
     pub name: String,
-    /// `sd1`, `sd2` or `flux`.
+    /// `sd1`, `sd2`, `sdxl` or `flux`.
     pub family: String,
-    /// The prediction type, or `dev` / `schnell` for FLUX.
+    /// `base`, `inpaint` or `turbo`; `dev` / `schnell` for FLUX.
     pub variant: String,
     pub repo_id: Option<String>,
 }
@@ -99,7 +99,7 @@ fn payload(
         model: RegisteredModel {
             name: spec.name.clone(),
             family: spec.family.clone(),
-            variant: spec.prediction_type.clone(),
+            variant: spec.variant.clone(),
             repo_id: spec.repo_id.clone(),
         },
         device: spec.device.clone(),

@@ -426,7 +426,8 @@ fn info_metrics_and_openapi_describe_the_worker() {
     let info = server.get("/v1/info").json();
     assert_eq!(info["model"]["name"], "tiny-sd1");
     assert_eq!(info["model"]["family"], "sd1");
-    assert_eq!(info["model"]["variant"], "epsilon");
+    assert_eq!(info["model"]["variant"], "base");
+    assert_eq!(info["model"]["prediction_type"], "epsilon");
     assert_eq!(info["device"], "cpu");
     assert_eq!(info["dtype"], "f32");
     assert_eq!(info["defaults"]["width"], 32);

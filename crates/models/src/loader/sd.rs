@@ -39,6 +39,9 @@ pub struct ModelInfo {
     /// `sd1` or `sd2`, judged from the text encoder (CLIP ViT-L vs OpenCLIP), or `sdxl`
     /// (two text encoders).
     pub family: &'static str,
+    /// `base`, `inpaint` (a 9-channel inpainting UNet) or `turbo` (Euler ancestral with
+    /// trailing spacing, as SD-Turbo and SDXL-Turbo ship: run at 1-4 steps without guidance).
+    pub variant: &'static str,
     pub pipeline_class: String,
     pub prediction_type: PredictionType,
     /// The weight file of each component.
@@ -103,14 +106,31 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
         ));
     }
     let name = model_name(root);
+    let unet = JsonConfig::load(&component(root, "unet")?.join("config.json"))?;
+    let variant = variant(unet.usize_or("in_channels", 4)?, &sched);
     Ok(ModelInfo {
         name,
         path: root.to_path_buf(),
         family,
+        variant,
         pipeline_class: class,
         prediction_type: sched.prediction_type(),
         weights,
     })
+}
+
+/// The variant of a model from its UNet's input channels and its scheduler.
+fn variant(unet_in_channels: usize, scheduler: &SchedulerConfig) -> &'static str {
+    use crate::samplers::TimestepSpacing;
+    if unet_in_channels == 9 {
+        "inpaint"
+    } else if scheduler.class_name.as_deref() == Some("EulerAncestralDiscreteScheduler")
+        && scheduler.timestep_spacing == Some(TimestepSpacing::Trailing)
+    {
+        "turbo"
+    } else {
+        "base"
+    }
 }
 
 /// Whether `model_index.json` names a component (SDXL refiners list `[null, null]` for the
@@ -375,10 +395,12 @@ fn checkpoint_parts(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| file.display().to_string());
+    let in_channels = UNetConfig::from_config(&unet_cfg)?.in_channels;
     let info = ModelInfo {
         name,
         path: file.to_path_buf(),
         family,
+        variant: variant(in_channels, &scheduler),
         pipeline_class: "single-file checkpoint".into(),
         prediction_type: prediction,
         weights: vec![("checkpoint".into(), vec![file.to_path_buf()])],
@@ -464,6 +486,13 @@ fn build_sd(parts: SdParts, device: &Device, dtype: DType) -> Result<SdPipeline>
     lora_layers.extend(unet_layers);
 
     let vae_cfg = VaeConfig::from_config(&vae_cfg_file)?;
+    // As diffusers' SDXL pipelines: a half-precision VAE with `force_upcast` (SDXL's overflows
+    // in f16) runs in f32; SD 1.x/2.x pipelines keep the pipeline's dtype.
+    let vae_vb = if xl.is_some() && vae_cfg.force_upcast && dtype != DType::F32 {
+        vae_vb.set_dtype(DType::F32)
+    } else {
+        vae_vb
+    };
     let vae = in_component("vae", &vae_cfg_file.path, Vae::new(vae_vb, &vae_cfg))?;
 
     // Regular UNets take the latents; inpainting UNets also the mask and the masked image's

@@ -11,7 +11,7 @@ use crate::samplers::{build_sampler, SamplerKind, SchedulerConfig, TorchRng};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::{Error, Result};
 
-use super::sdxl::{Conditioning, MicroConditioning, XlText};
+use super::sdxl::{Conditioning, MicroConditioning, XlEncoders, XlText};
 
 /// One generation request, already resolved against the model's defaults.
 #[derive(Debug, Clone)]
@@ -219,11 +219,10 @@ impl SdPipeline {
                 format!("must be between 1 and {MAX_BATCH}, got {}", p.batch),
             ));
         }
-        super::sdxl::reject_micro(self, &p.micro)?;
-        if self.xl.is_some() && p.prompt_syntax == PromptSyntax::A1111 {
+        if self.xl.is_none() && p.micro.is_set() {
             return Err(Error::invalid(
-                "prompt_syntax",
-                "the a1111 prompt syntax is not available for SDXL models yet; use plain",
+                "original_size",
+                "size and crop conditioning (original_size, crops_coords_top_left, target_size and their negative_ forms) applies to SDXL models only",
             ));
         }
         Ok(())
@@ -240,7 +239,23 @@ impl SdPipeline {
         let negative = p.negative_prompt.as_deref();
         if let Some(xl) = &self.xl {
             let ids = p.micro.time_ids(p.height, p.width, from_image);
-            return super::sdxl::condition(self, xl, &p.prompt, negative, p.batch, guidance, ids);
+            let (prompt, batch) = (&p.prompt, p.batch);
+            let enc = XlEncoders {
+                tokenizer: &self.tokenizer,
+                text_encoder: &self.text_encoder,
+                xl,
+                device: &self.device,
+                dtype: self.dtype,
+            };
+            return match p.prompt_syntax {
+                PromptSyntax::Plain => {
+                    super::sdxl::condition(&enc, prompt, negative, batch, guidance, ids)
+                }
+                PromptSyntax::A1111 => Ok((
+                    super::sdxl::condition_a1111(&enc, prompt, negative, batch, guidance, ids)?,
+                    (0, 0),
+                )),
+            };
         }
         let (context, dropped) = match p.prompt_syntax {
             PromptSyntax::Plain => self.encode_prompt(&p.prompt, negative, p.batch, guidance)?,

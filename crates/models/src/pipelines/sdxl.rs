@@ -6,9 +6,8 @@
 //! The denoising loop, image-to-image and inpainting are [`super::sd`]'s: SDXL only changes
 //! what the UNet is conditioned on.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
-use super::sd::SdPipeline;
 use crate::modules::clip::ClipTextModel;
 use crate::modules::unet::AddedCond;
 use crate::tokenizer::clip::ClipTokenizer;
@@ -22,6 +21,16 @@ pub struct XlText {
     /// `model_index.json`'s `force_zeros_for_empty_prompt`: without a negative prompt the
     /// unconditional embeddings are zeros instead of the empty prompt's encoding.
     pub force_zeros_for_empty_prompt: bool,
+}
+
+/// The two text encoders of an SDXL pipeline, borrowed for one encoding.
+pub struct XlEncoders<'a> {
+    pub tokenizer: &'a ClipTokenizer,
+    pub text_encoder: &'a ClipTextModel,
+    pub xl: &'a XlText,
+    pub device: &'a Device,
+    /// The dtype the UNet takes the embeddings in.
+    pub dtype: DType,
 }
 
 /// A (height, width) or (top, left) pair in pixels.
@@ -91,22 +100,138 @@ pub struct Conditioning {
 
 /// One prompt through both encoders: the concatenated penultimate states (1, 77, w1 + w2)
 /// and the second encoder's projected pooled embedding (1, p).
-fn encode_text(pipe: &SdPipeline, xl: &XlText, text: &str) -> Result<(Tensor, Tensor, usize)> {
-    let device = &pipe.device;
-    let (ids1, count) = pipe.tokenizer.encode_padded(text);
+fn encode_text(enc: &XlEncoders, text: &str) -> Result<(Tensor, Tensor, usize)> {
+    let device = enc.device;
+    let (ids1, count) = enc.tokenizer.encode_padded(text);
     let n1 = ids1.len();
-    let h1 = pipe
+    let h1 = enc
         .text_encoder
         .forward_hidden(&Tensor::from_vec(ids1, (1, n1), device)?)?;
-    let (ids2, _) = xl.tokenizer.encode_padded(text);
+    let (ids2, _) = enc.xl.tokenizer.encode_padded(text);
     let n2 = ids2.len();
-    let h2 = xl
-        .text_encoder
-        .forward_hidden(&Tensor::from_vec(ids2.clone(), (1, n2), device)?)?;
-    let pooled = xl.text_encoder.projected_pooled(&h2.last, &ids2)?;
+    let h2 =
+        enc.xl
+            .text_encoder
+            .forward_hidden(&Tensor::from_vec(ids2.clone(), (1, n2), device)?)?;
+    let pooled = enc.xl.text_encoder.projected_pooled(&h2.last, &ids2)?;
     let context = Tensor::cat(&[&h1.penultimate, &h2.penultimate], 2)?;
-    let kept = pipe.tokenizer.max_length().saturating_sub(2);
+    let kept = enc.tokenizer.max_length().saturating_sub(2);
     Ok((context, pooled, count.saturating_sub(kept)))
+}
+
+/// A prompt read with A1111's syntax through both encoders, as A1111 conditions SDXL: each
+/// 77-token chunk's penultimate states weighted (per encoder, "Original" emphasis) and
+/// concatenated, chunks joined along the sequence; the pooled embedding is the first chunk's.
+fn encode_chunks(enc: &XlEncoders, text: &str) -> Result<(Tensor, Tensor)> {
+    use crate::tokenizer::a1111::{chunks, emphasis};
+    let (c1, _) = chunks(enc.tokenizer, text);
+    let (c2, _) = chunks(&enc.xl.tokenizer, text);
+    if c1.len() != c2.len() {
+        return Err(Error::invalid(
+            "prompt",
+            "the two tokenizers split this prompt into different chunks",
+        ));
+    }
+    let device = enc.device;
+    let ids = |t: &[u32]| Tensor::from_slice(t, (1, t.len()), device);
+    let mut parts = Vec::with_capacity(c1.len());
+    let mut pooled = None;
+    for (a, b) in c1.iter().zip(&c2) {
+        let h1 = enc.text_encoder.forward_hidden(&ids(&a.tokens)?)?;
+        let h2 = enc.xl.text_encoder.forward_hidden(&ids(&b.tokens)?)?;
+        if pooled.is_none() {
+            pooled = Some(enc.xl.text_encoder.projected_pooled(&h2.last, &b.tokens)?);
+        }
+        let z1 = emphasis(&h1.penultimate, &a.multipliers)?;
+        let z2 = emphasis(&h2.penultimate, &b.multipliers)?;
+        parts.push(Tensor::cat(&[z1, z2], 2)?);
+    }
+    let pooled = pooled.ok_or_else(|| Error::invalid("prompt", "no token chunk"))?;
+    Ok((Tensor::cat(&parts, 1)?, pooled))
+}
+
+/// As [`condition`] with A1111's prompt syntax: prompts of any length; an empty negative prompt
+/// gives zeros (as A1111 conditions SDXL); the shorter of prompt and negative prompt is
+/// extended with the empty prompt's chunk until both have as many chunks.
+#[allow(clippy::too_many_arguments)]
+pub fn condition_a1111(
+    enc: &XlEncoders,
+    prompt: &str,
+    negative: Option<&str>,
+    batch: usize,
+    guidance: bool,
+    ids: ([f32; 6], [f32; 6]),
+) -> Result<Conditioning> {
+    let (mut ctx, pooled) = encode_chunks(enc, prompt)?;
+    if !guidance {
+        return assemble(enc, (ctx, pooled), None, batch, ids);
+    }
+    let negative = negative.unwrap_or("");
+    let (mut neg_ctx, neg_pooled) = if negative.is_empty() {
+        let (c, p) = encode_chunks(enc, "")?;
+        (c.zeros_like()?, p.zeros_like()?)
+    } else {
+        encode_chunks(enc, negative)?
+    };
+    let (a, b) = (ctx.dim(1)?, neg_ctx.dim(1)?);
+    if a != b {
+        let (empty, _) = encode_chunks(enc, "")?;
+        let chunk = empty.dim(1)?;
+        let pad = |t: &Tensor, missing: usize| -> Result<Tensor> {
+            Ok(Tensor::cat(
+                &[t, &empty.repeat((1, missing / chunk, 1))?],
+                1,
+            )?)
+        };
+        if a < b {
+            ctx = pad(&ctx, b - a)?;
+        } else {
+            neg_ctx = pad(&neg_ctx, a - b)?;
+        }
+    }
+    assemble(enc, (ctx, pooled), Some((neg_ctx, neg_pooled)), batch, ids)
+}
+
+/// The conditioning of `batch` images from one prompt's (context, pooled) and, with guidance,
+/// the negative's: `[negative x batch, prompt x batch]`.
+fn assemble(
+    enc: &XlEncoders,
+    cond: (Tensor, Tensor),
+    uncond: Option<(Tensor, Tensor)>,
+    batch: usize,
+    ids: ([f32; 6], [f32; 6]),
+) -> Result<Conditioning> {
+    let rep = |t: &Tensor| -> Result<Tensor> {
+        let mut dims = vec![batch];
+        dims.extend(std::iter::repeat_n(1, t.rank() - 1));
+        Ok(t.repeat(dims)?)
+    };
+    let device = enc.device;
+    let (pos_ids, neg_ids) = ids;
+    let pos_ids = Tensor::from_slice(&pos_ids, (1, 6), device)?;
+    let (ctx, pooled) = cond;
+    let Some((neg_ctx, neg_pooled)) = uncond else {
+        return Ok(Conditioning {
+            context: rep(&ctx)?.to_dtype(enc.dtype)?,
+            added: Some(AddedCond {
+                text_embeds: rep(&pooled)?.to_dtype(enc.dtype)?,
+                time_ids: rep(&pos_ids)?,
+            }),
+        });
+    };
+    let neg_ids = Tensor::from_slice(&neg_ids, (1, 6), device)?;
+    let context = Tensor::cat(&[rep(&neg_ctx)?, rep(&ctx)?], 0)?.to_dtype(enc.dtype)?;
+    let text_embeds = Tensor::cat(&[rep(&neg_pooled)?, rep(&pooled)?], 0)?.to_dtype(enc.dtype)?;
+    // diffusers repeats the (negative, positive) pair of ids per image, while the embeddings
+    // are all negatives then all positives; kept as it is, so that batches match diffusers.
+    let time_ids = Tensor::cat(&[&neg_ids, &pos_ids], 0)?.repeat((batch, 1))?;
+    Ok(Conditioning {
+        context,
+        added: Some(AddedCond {
+            text_embeds,
+            time_ids,
+        }),
+    })
 }
 
 /// diffusers' SDXL `encode_prompt` and added conditioning for `batch` images: with guidance,
@@ -114,57 +239,24 @@ fn encode_text(pipe: &SdPipeline, xl: &XlText, text: &str) -> Result<(Tensor, Te
 /// negative prompt and the model forces zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn condition(
-    pipe: &SdPipeline,
-    xl: &XlText,
+    enc: &XlEncoders,
     prompt: &str,
     negative: Option<&str>,
     batch: usize,
     guidance: bool,
     ids: ([f32; 6], [f32; 6]),
 ) -> Result<(Conditioning, (usize, usize))> {
-    let (ctx, pooled, dropped) = encode_text(pipe, xl, prompt)?;
-    let rep = |t: &Tensor| -> Result<Tensor> {
-        let mut dims = vec![batch];
-        dims.extend(std::iter::repeat_n(1, t.rank() - 1));
-        Ok(t.repeat(dims)?)
-    };
-    let device = &pipe.device;
-    let (pos_ids, neg_ids) = ids;
-    let pos_ids = Tensor::from_slice(&pos_ids, (1, 6), device)?;
+    let (ctx, pooled, dropped) = encode_text(enc, prompt)?;
     if !guidance {
-        let added = AddedCond {
-            text_embeds: rep(&pooled)?.to_dtype(pipe.dtype)?,
-            time_ids: rep(&pos_ids)?,
-        };
-        let context = rep(&ctx)?.to_dtype(pipe.dtype)?;
-        return Ok((
-            Conditioning {
-                context,
-                added: Some(added),
-            },
-            (dropped, 0),
-        ));
+        let cond = assemble(enc, (ctx, pooled), None, batch, ids)?;
+        return Ok((cond, (dropped, 0)));
     }
     let (neg_ctx, neg_pooled, neg_dropped) = match negative {
-        None if xl.force_zeros_for_empty_prompt => (ctx.zeros_like()?, pooled.zeros_like()?, 0),
-        _ => encode_text(pipe, xl, negative.unwrap_or(""))?,
+        None if enc.xl.force_zeros_for_empty_prompt => (ctx.zeros_like()?, pooled.zeros_like()?, 0),
+        _ => encode_text(enc, negative.unwrap_or(""))?,
     };
-    let neg_ids = Tensor::from_slice(&neg_ids, (1, 6), device)?;
-    let context = Tensor::cat(&[rep(&neg_ctx)?, rep(&ctx)?], 0)?.to_dtype(pipe.dtype)?;
-    let text_embeds = Tensor::cat(&[rep(&neg_pooled)?, rep(&pooled)?], 0)?.to_dtype(pipe.dtype)?;
-    // diffusers repeats the (negative, positive) pair of ids per image, while the embeddings
-    // are all negatives then all positives; kept as it is, so that batches match diffusers.
-    let time_ids = Tensor::cat(&[&neg_ids, &pos_ids], 0)?.repeat((batch, 1))?;
-    Ok((
-        Conditioning {
-            context,
-            added: Some(AddedCond {
-                text_embeds,
-                time_ids,
-            }),
-        },
-        (dropped, neg_dropped),
-    ))
+    let cond = assemble(enc, (ctx, pooled), Some((neg_ctx, neg_pooled)), batch, ids)?;
+    Ok((cond, (dropped, neg_dropped)))
 }
 
 /// Checks that the two encoders and the UNet fit together (at load time).
@@ -203,15 +295,4 @@ pub fn check_fit(
             p + 6 * tt.time_embed_dim
         )),
     }
-}
-
-/// Errors when micro-conditioning is asked of a model that is not SDXL.
-pub fn reject_micro(pipe: &SdPipeline, micro: &MicroConditioning) -> Result<()> {
-    if pipe.xl.is_none() && micro.is_set() {
-        return Err(Error::invalid(
-            "original_size",
-            "size and crop conditioning (original_size, crops_coords_top_left, target_size and their negative_ forms) applies to SDXL models only",
-        ));
-    }
-    Ok(())
 }

@@ -124,7 +124,7 @@ impl ClipTokenizer {
         let merges_path = dir.join("merges.txt");
         let json_path = dir.join("tokenizer.json");
         let (vocab, merges, json_added) =
-            if !(vocab_path.is_file() && merges_path.is_file()) && json_path.is_file() {
+            if !(vocab_path.exists() && merges_path.exists()) && json_path.is_file() {
                 let (vocab, merges, added) = read_tokenizer_json(&json_path)?;
                 vocab_path = json_path;
                 (vocab, merges, Some(added))

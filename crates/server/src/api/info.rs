@@ -87,10 +87,13 @@ pub(super) struct ModelInfo {
     path: String,
     /// `org/name` when the model is a snapshot in a Hugging Face cache.
     repo_id: Option<String>,
-    /// `sd1`, `sd2` or `flux`.
+    /// `sd1`, `sd2`, `sdxl` or `flux`.
     family: String,
-    /// The prediction type (`epsilon`, `v_prediction`), or `dev` / `schnell` for FLUX.
+    /// `base`, `inpaint` (an inpainting UNet) or `turbo` for Stable Diffusion and SDXL; `dev`
+    /// or `schnell` for FLUX.
     variant: String,
+    /// `epsilon` or `v_prediction`; `dev` / `schnell` for FLUX.
+    prediction_type: String,
     pipeline_class: String,
     /// Image sides are multiples of this.
     latent_factor: usize,
@@ -179,7 +182,8 @@ fn describe(st: &AppState, spec: &ModelSpec) -> Info {
             path: spec.path.display().to_string(),
             repo_id: spec.repo_id.clone(),
             family: spec.family.clone(),
-            variant: spec.prediction_type.clone(),
+            variant: spec.variant.clone(),
+            prediction_type: spec.prediction_type.clone(),
             pipeline_class: spec.pipeline_class.clone(),
             latent_factor: spec.latent_factor,
         },

@@ -3,7 +3,7 @@
 //! becomes the engine's [`RequestDraft`].
 
 use sd_engine::request::{
-    ImageBytes, LoraDraft, Operation, PreviewKind, PromptSyntax, RequestDraft,
+    ImageBytes, LoraDraft, MicroDraft, Operation, PreviewKind, PromptSyntax, RequestDraft,
 };
 use utoipa::ToSchema;
 
@@ -152,6 +152,30 @@ pub struct JobFields {
     /// Diffusion models.
     #[schema(minimum = 2, maximum = 512)]
     pub max_sequence_length: Option<u64>,
+    /// SDXL only: the `original_size` id, [height, width] in pixels (default: the image
+    /// size), each 1 to 16384. As diffusers' argument of the same name.
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2, example = json!([1024, 1024]))]
+    pub original_size: Option<[u64; 2]>,
+    /// SDXL only: [top, left] in pixels (default [0, 0]), each 0 to 16384.
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub crops_coords_top_left: Option<[u64; 2]>,
+    /// SDXL only: [height, width] (default: the image size).
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub target_size: Option<[u64; 2]>,
+    /// SDXL only: the ids of the unconditional half. Without any negative_ field they equal
+    /// the positive ids; a missing one takes its positive counterpart (the negative crop
+    /// defaults to [0, 0] for image_generation, to crops_coords_top_left otherwise).
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub negative_original_size: Option<[u64; 2]>,
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub negative_crops_coords_top_left: Option<[u64; 2]>,
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub negative_target_size: Option<[u64; 2]>,
+    /// SDXL refiner-style models only (requires_aesthetics_score); refused with a 422 by every
+    /// model this worker loads.
+    pub aesthetic_score: Option<f64>,
+    /// As aesthetic_score.
+    pub negative_aesthetic_score: Option<f64>,
 }
 
 /// One LoRA of a job.
@@ -215,6 +239,16 @@ impl From<JobBody> for RequestDraft {
         d.worker_id = fields.worker_id;
         d.model = fields.model;
         d.max_sequence_length = fields.max_sequence_length;
+        d.micro = MicroDraft {
+            original_size: fields.original_size,
+            crops_coords_top_left: fields.crops_coords_top_left,
+            target_size: fields.target_size,
+            negative_original_size: fields.negative_original_size,
+            negative_crops_coords_top_left: fields.negative_crops_coords_top_left,
+            negative_target_size: fields.negative_target_size,
+            aesthetic_score: fields.aesthetic_score,
+            negative_aesthetic_score: fields.negative_aesthetic_score,
+        };
         d.loras = fields
             .loras
             .into_iter()

@@ -19,7 +19,7 @@ use body::{
 };
 
 /// The fields every operation takes.
-pub const FIELDS: [&str; 18] = [
+pub const FIELDS: [&str; 26] = [
     "loras",
     "prompt_syntax",
     "max_sequence_length",
@@ -38,6 +38,14 @@ pub const FIELDS: [&str; 18] = [
     "hive_id",
     "model",
     "worker_id",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+    "aesthetic_score",
+    "negative_aesthetic_score",
 ];
 /// The fields `image_transform` adds.
 pub const TRANSFORM_FIELDS: [&str; 2] = ["input_image", "strength"];
@@ -114,6 +122,26 @@ fn string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>> {
             name,
             format!("must be a string, got {}", describe(v)),
         )),
+    }
+}
+
+/// A `[a, b]` pair of non-negative integers (SDXL's size and crop ids).
+fn pair(obj: &Map<String, Value>, name: &str) -> Result<Option<[u64; 2]>> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => match v.as_array().map(|a| a.as_slice()) {
+            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+                (Some(a), Some(b)) => Ok(Some([a, b])),
+                _ => Err(invalid(
+                    name,
+                    format!("must be two non-negative integers, got {}", describe(v)),
+                )),
+            },
+            _ => Err(invalid(
+                name,
+                format!("must be a list of two integers, got {}", describe(v)),
+            )),
+        },
     }
 }
 
@@ -289,6 +317,14 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
         loras: loras(obj)?,
         model,
         max_sequence_length,
+        original_size: pair(obj, "original_size")?,
+        crops_coords_top_left: pair(obj, "crops_coords_top_left")?,
+        target_size: pair(obj, "target_size")?,
+        negative_original_size: pair(obj, "negative_original_size")?,
+        negative_crops_coords_top_left: pair(obj, "negative_crops_coords_top_left")?,
+        negative_target_size: pair(obj, "negative_target_size")?,
+        aesthetic_score: number(obj, "aesthetic_score")?,
+        negative_aesthetic_score: number(obj, "negative_aesthetic_score")?,
     })
 }
 

@@ -177,3 +177,44 @@ fn prompt_syntax_is_read() {
         "{e}"
     );
 }
+
+#[test]
+fn sdxl_size_and_crop_ids_are_read_as_pairs() {
+    let sdxl = ModelSpec {
+        family: "sdxl".into(),
+        ..spec()
+    };
+    let body = json!({"operation": "image_generation", "prompt": "a",
+        "original_size": [1024, 768], "crops_coords_top_left": [0, 8], "target_size": [512, 512],
+        "negative_original_size": [256, 256], "negative_crops_coords_top_left": [1, 2],
+        "negative_target_size": [128, 64]});
+    let r = parse_job(&body, &sdxl, &limits(), 1).unwrap();
+    let m = r.params.micro;
+    assert_eq!(
+        (m.original_size, m.crops_coords_top_left, m.target_size),
+        (Some((1024, 768)), Some((0, 8)), Some((512, 512)))
+    );
+    assert_eq!(
+        (
+            m.negative_original_size,
+            m.negative_crops_coords_top_left,
+            m.negative_target_size
+        ),
+        (Some((256, 256)), Some((1, 2)), Some((128, 64)))
+    );
+    for bad in [
+        json!([1024]),
+        json!([-1, 5]),
+        json!("1024x1024"),
+        json!([1.5, 2]),
+    ] {
+        let body = json!({"operation": "image_generation", "prompt": "a", "original_size": bad});
+        let e = parse_job(&body, &sdxl, &limits(), 1).unwrap_err().message;
+        assert!(e.starts_with("invalid `original_size`"), "{e}");
+    }
+    let e = err(json!({"operation": "image_generation", "prompt": "a", "target_size": [64, 64]}));
+    assert!(
+        e.contains("`target_size`") && e.contains("SDXL models only"),
+        "{e}"
+    );
+}
