@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_DIR = REPO / "crates" / "models" / "tests" / "fixtures" / "clip-tokenizer"
+ASSETS = REPO / "crates" / "models" / "assets"
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -546,18 +547,20 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "expected.json").exists():
             (out / "expected.json").unlink()
-        for f in ["vocab.json", "merges.txt"]:
-            with open(full / f, "rb") as src, gzip.GzipFile(out / (f + ".gz"), "wb", 9,
-                                                            mtime=0) as dst:
+        # The merges and the SD 1.x / 2.x configs are built into the binary (assets/).
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        for f, dest in [("vocab.json", out / "vocab.json.gz"),
+                        ("merges.txt", ASSETS / "clip-merges.txt.gz")]:
+            with open(full / f, "rb") as src, gzip.GzipFile(dest, "wb", 9, mtime=0) as dst:
                 shutil.copyfileobj(src, dst)
 
         for name, pad in [("sd1", EOS), ("sd2", "!")]:
             d = write_full_clip_tokenizer(tmp / name, pad)
             tok = _load(d)
             print(name, type(tok).__name__, "pad", tok.pad_token, tok.pad_token_id)
-            (out / name).mkdir(parents=True, exist_ok=True)
+            (ASSETS / f"clip-{name}").mkdir(parents=True, exist_ok=True)
             for f in ["tokenizer_config.json", "special_tokens_map.json"]:
-                shutil.copy(d / f, out / name / f)
+                shutil.copy(d / f, ASSETS / f"clip-{name}" / f)
             expected["tokenizers"][name] = _describe(tok, PROMPTS, True)
             if name == "sd1":
                 expected["random"] = _describe(

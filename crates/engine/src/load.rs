@@ -91,6 +91,7 @@ pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model
         scheduler: pipeline.scheduler.clone(),
         device: request.device_name.clone(),
         dtype: dtype_name(request.dtype).to_string(),
+        builtin_tokenizer: info.builtin_tokenizer,
     };
     Ok((Model::Sd(Box::new(pipeline)), spec))
 }
@@ -145,6 +146,7 @@ fn load_flux_model(request: &LoadRequest, model: PathBuf) -> Result<(Model, Mode
         scheduler: sd_models::samplers::SchedulerConfig::default(),
         device: request.device_name.clone(),
         dtype: dtype_name(request.dtype).to_string(),
+        builtin_tokenizer: false,
     };
     Ok((Model::Flux(Box::new(pipeline)), spec))
 }

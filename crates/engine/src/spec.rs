@@ -46,6 +46,8 @@ pub struct ModelSpec {
     pub scheduler: SchedulerConfig,
     pub device: String,
     pub dtype: String,
+    /// A single file without a tokenizer at hand runs on the built-in CLIP vocabulary.
+    pub builtin_tokenizer: bool,
 }
 
 impl ModelSpec {
@@ -77,6 +79,7 @@ impl ModelSpec {
             scheduler: SchedulerConfig::default(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            builtin_tokenizer: false,
         }
     }
 }

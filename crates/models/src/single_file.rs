@@ -1,7 +1,10 @@
-//! Single-file Stable Diffusion 1.x / 2.x checkpoints with the original (LDM) key names, as
-//! published on model hubs: the UNet under `model.diffusion_model.`, the VAE under
-//! `first_stage_model.`, the text encoder under `cond_stage_model.transformer.` (CLIP, SD 1.x)
-//! or `cond_stage_model.model.` (OpenCLIP, SD 2.x). The tensors are renamed to diffusers' names
+//! Single-file Stable Diffusion 1.x / 2.x and SDXL checkpoints with the original (LDM / SGM)
+//! key names, as published on model hubs: the UNet under `model.diffusion_model.`, the VAE
+//! under `first_stage_model.`, the text encoder under `cond_stage_model.transformer.` (CLIP,
+//! SD 1.x) or `cond_stage_model.model.` (OpenCLIP, SD 2.x); SDXL's two under
+//! `conditioner.embedders.0.transformer.` (CLIP) and `conditioner.embedders.1.model.`
+//! (OpenCLIP with `text_projection` stored as a (hidden, projection) matrix, all layers used),
+//! and its added-conditioning MLP as `label_emb.0.{0,2}`. The tensors are renamed to diffusers' names
 //! as diffusers' single-file conversion does (`convert_ldm_unet_checkpoint`,
 //! `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint`): resnet parts renamed, the VAE
 //! attention's 1x1 convolutions taken as linear layers, OpenCLIP's fused `in_proj` split into
@@ -33,6 +36,9 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first (CLIP) and second (OpenCLIP) text encoders.
+pub const XL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const XL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// Names and shapes of a safetensors file's tensors, read from its header only.
 pub fn read_shapes(file: &Path) -> Result<HashMap<String, Vec<usize>>> {
@@ -65,6 +71,9 @@ pub enum TextEncoderKind {
     Clip,
     /// OpenCLIP names (SD 2.x).
     OpenClip,
+    /// SDXL: CLIP names under `conditioner.embedders.0.transformer.` and OpenCLIP names (with
+    /// its projection) under `conditioner.embedders.1.model.`.
+    XlDual,
 }
 
 /// What the tensors of a checkpoint say.
@@ -82,22 +91,30 @@ impl Checkpoint {
     /// Reads a checkpoint's header and checks that it is one we load.
     pub fn open(path: &Path) -> Result<Self> {
         let shapes = read_shapes(path)?;
-        if shapes
-            .keys()
-            .any(|k| k.starts_with("conditioner.embedders.") || k.contains("label_emb."))
-        {
-            return Err(Error::config(
-                path,
-                "an SDXL single-file checkpoint: only SD 1.x / 2.x checkpoints are loaded",
-            ));
-        }
         if !is_sd_checkpoint(&shapes) {
             return Err(Error::config(
                 path,
                 "not a Stable Diffusion checkpoint: no UNet tensors under `model.diffusion_model.`",
             ));
         }
-        let text_encoder = if shapes.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+        let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
+        let sgm = has("conditioner.embedders.");
+        let label_emb = has(&format!("{UNET_PREFIX}label_emb."));
+        let text_encoder = if sgm || label_emb {
+            if !(has(XL_CLIP_PREFIX) && has(XL_OPEN_CLIP_PREFIX)) {
+                return Err(Error::config(
+                    path,
+                    "an SDXL (SGM) checkpoint needs both text encoders (`conditioner.embedders.0.transformer.` and `conditioner.embedders.1.model.`); refiner checkpoints (one OpenCLIP encoder) are not loaded",
+                ));
+            }
+            if !label_emb || has("cond_stage_model.") {
+                return Err(Error::config(
+                    path,
+                    "mixed layouts: SDXL text encoders with an SD 1.x / 2.x UNet or text encoder (expected `model.diffusion_model.label_emb.` and no `cond_stage_model.`)",
+                ));
+            }
+            TextEncoderKind::XlDual
+        } else if shapes.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
             TextEncoderKind::OpenClip
         } else if shapes.keys().any(|k| k.starts_with(CLIP_PREFIX)) {
             TextEncoderKind::Clip
@@ -144,6 +161,7 @@ impl Checkpoint {
         match self.text_encoder {
             TextEncoderKind::Clip => "sd1",
             TextEncoderKind::OpenClip => "sd2",
+            TextEncoderKind::XlDual => "sdxl",
         }
     }
 
@@ -198,12 +216,14 @@ impl Checkpoint {
         }
         let mut channels = Vec::new();
         let mut down_types = Vec::new();
+        let mut depth = Vec::new();
         let mut cross = None;
         let mut linear = false;
         for b in 0..blocks {
             let i = 1 + b * (l + 1);
             channels.push(self.dim(&format!("{p}input_blocks.{i}.0.out_layers.3.weight"), 0)?);
             let attn = format!("{p}input_blocks.{i}.1.");
+            depth.push(self.count(&format!("{attn}transformer_blocks.")).max(1));
             if self.has(&format!("{attn}proj_in.weight")) {
                 down_types.push("CrossAttnDownBlock2D");
                 linear = self.shape(&format!("{attn}proj_in.weight"))?.len() == 2;
@@ -224,6 +244,9 @@ impl Checkpoint {
             })
             .collect();
         let cross = cross.ok_or_else(|| Error::config(&self.path, "the UNet has no attention"))?;
+        if self.text_encoder == TextEncoderKind::XlDual {
+            return self.infer_xl_unet(channels, l, down_types, up_types, depth, cross, linear);
+        }
         let sd2 = self.text_encoder == TextEncoderKind::OpenClip;
         // SD 2.x: 64-wide heads; SD 1.x: 8 heads (diffusers' `attention_head_dim` counts heads
         // there).
@@ -249,6 +272,52 @@ impl Checkpoint {
         }))
     }
 
+    /// SDXL's UNet config: 64-wide heads, transformer depth per block from the tensors, and
+    /// the `text_time` conditioning whose widths follow from `label_emb` and the second text
+    /// encoder's projection (6 size / crop ids).
+    #[allow(clippy::too_many_arguments)]
+    fn infer_xl_unet(
+        &self,
+        channels: Vec<usize>,
+        layers: usize,
+        down_types: Vec<&str>,
+        up_types: Vec<&str>,
+        depth: Vec<usize>,
+        cross: usize,
+        linear: bool,
+    ) -> Result<Value> {
+        let p = UNET_PREFIX;
+        let input_dim = self.dim(&format!("{p}label_emb.0.0.weight"), 1)?;
+        let pooled = self.dim(&format!("{XL_OPEN_CLIP_PREFIX}text_projection"), 1)?;
+        let time_dim = input_dim
+            .checked_sub(pooled)
+            .filter(|r| r % 6 == 0 && *r > 0)
+            .map(|r| r / 6)
+            .ok_or_else(|| {
+                Error::config(
+                    &self.path,
+                    format!("label_emb takes {input_dim} values, which is not the pooled width {pooled} plus 6 ids (a refiner-style model?)"),
+                )
+            })?;
+        Ok(json!({
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": self.dim(&format!("{p}input_blocks.0.0.weight"), 1)?,
+            "out_channels": self.dim(&format!("{p}out.2.weight"), 0)?,
+            "block_out_channels": channels.clone(),
+            "layers_per_block": layers,
+            "down_block_types": down_types,
+            "up_block_types": up_types,
+            "transformer_layers_per_block": depth,
+            "cross_attention_dim": cross,
+            "attention_head_dim": channels.iter().map(|c| (c / 64).max(1)).collect::<Vec<_>>(),
+            "use_linear_projection": linear,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": input_dim,
+            "sample_size": 128,
+        }))
+    }
+
     /// The VAE config, from the shapes.
     pub fn infer_vae_config(&self) -> Result<Value> {
         let vp = self.vae_prefix;
@@ -269,15 +338,21 @@ impl Checkpoint {
             "layers_per_block": layers,
             "latent_channels": latent,
             "norm_num_groups": 32,
-            "scaling_factor": 0.18215,
+            "scaling_factor": if self.text_encoder == TextEncoderKind::XlDual { 0.13025 } else { 0.18215 },
+            "force_upcast": true,
         }))
     }
 
-    /// The text encoder config, from the shapes.
+    /// The text encoder config, from the shapes (SDXL: the first one).
     pub fn infer_text_encoder_config(&self) -> Result<Value> {
         match self.text_encoder {
-            TextEncoderKind::Clip => {
-                let p = format!("{CLIP_PREFIX}text_model.");
+            TextEncoderKind::Clip | TextEncoderKind::XlDual => {
+                let prefix = if self.text_encoder == TextEncoderKind::Clip {
+                    CLIP_PREFIX
+                } else {
+                    XL_CLIP_PREFIX
+                };
+                let p = format!("{prefix}text_model.");
                 let emb = self.shape(&format!("{p}embeddings.token_embedding.weight"))?;
                 let (vocab, hidden) = (emb[0], emb[1]);
                 Ok(json!({
@@ -295,28 +370,40 @@ impl Checkpoint {
                 }))
             }
             TextEncoderKind::OpenClip => {
-                let p = OPEN_CLIP_PREFIX;
-                let emb = self.shape(&format!("{p}token_embedding.weight"))?;
-                let (vocab, hidden) = (emb[0], emb[1]);
                 // SD 2.x uses the penultimate layer: the last one is not part of the model.
-                let layers = self
-                    .count(&format!("{p}transformer.resblocks."))
-                    .saturating_sub(1);
-                Ok(json!({
-                    "vocab_size": vocab,
-                    "hidden_size": hidden,
-                    "intermediate_size": self.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
-                    "num_hidden_layers": layers,
-                    "num_attention_heads": (hidden / 64).max(1),
-                    "max_position_embeddings": self.dim(&format!("{p}positional_embedding"), 0)?,
-                    "hidden_act": "gelu",
-                    "layer_norm_eps": 1e-5,
-                    "bos_token_id": 0,
-                    "eos_token_id": 2,
-                    "pad_token_id": 1,
-                }))
+                self.open_clip_config(OPEN_CLIP_PREFIX, 1)
             }
         }
+    }
+
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`), from the shapes.
+    pub fn infer_text_encoder_2_config(&self) -> Result<Value> {
+        let mut v = self.open_clip_config(XL_OPEN_CLIP_PREFIX, 0)?;
+        v["projection_dim"] = json!(self.dim(&format!("{XL_OPEN_CLIP_PREFIX}text_projection"), 1)?);
+        Ok(v)
+    }
+
+    /// An OpenCLIP text tower under `p` as a transformers config, without its last `drop`
+    /// layers.
+    fn open_clip_config(&self, p: &str, drop: usize) -> Result<Value> {
+        let emb = self.shape(&format!("{p}token_embedding.weight"))?;
+        let (vocab, hidden) = (emb[0], emb[1]);
+        let layers = self
+            .count(&format!("{p}transformer.resblocks."))
+            .saturating_sub(drop);
+        Ok(json!({
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": self.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+            "num_hidden_layers": layers,
+            "num_attention_heads": (hidden / 64).max(1),
+            "max_position_embeddings": self.dim(&format!("{p}positional_embedding"), 0)?,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+        }))
     }
 
     /// The scheduler of the SD 1.x (PNDM, as stable-diffusion-v1-5) or SD 2.x (DDIM, as
@@ -342,6 +429,13 @@ impl Checkpoint {
             TextEncoderKind::OpenClip => {
                 v["_class_name"] = json!("DDIMScheduler");
             }
+            TextEncoderKind::XlDual => {
+                // stable-diffusion-xl-base-1.0's scheduler.
+                v["_class_name"] = json!("EulerDiscreteScheduler");
+                v["timestep_spacing"] = json!("leading");
+                v["interpolation_type"] = json!("linear");
+                v["use_karras_sigmas"] = json!(false);
+            }
         }
         v
     }
@@ -354,6 +448,8 @@ pub(crate) enum Take {
     All,
     /// Rows `start..start + len`.
     Rows(usize, usize),
+    /// A matrix transposed (OpenCLIP's `text_projection` as a linear weight).
+    Transpose,
     /// A 1x1 convolution kernel taken as a linear weight.
     Squeeze,
 }
@@ -383,6 +479,8 @@ fn unet_name(key: &str, l: usize) -> Option<String> {
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
     ] {
@@ -491,11 +589,21 @@ fn vae_name(key: &str, n: usize) -> Option<(String, Take)> {
     Some((format!("{side}.{renamed}"), Take::All))
 }
 
-/// The diffusers names of an OpenCLIP key (without the prefix), for `layers` used layers.
-fn open_clip_names(key: &str, layers: usize, shapes: &[usize]) -> Option<Vec<(String, Take)>> {
+/// The diffusers names of an OpenCLIP key (without the prefix), for `layers` used layers;
+/// `projection`: `text_projection` becomes the linear weight of `CLIPTextModelWithProjection`.
+fn open_clip_names(
+    key: &str,
+    layers: usize,
+    shapes: &[usize],
+    projection: bool,
+) -> Option<Vec<(String, Take)>> {
     let t = "text_model.";
     let one = |n: String| Some(vec![(n, Take::All)]);
     match key {
+        "text_projection" if projection => {
+            return Some(vec![("text_projection.weight".into(), Take::Transpose)])
+        }
+        "logit_scale" if projection => return Some(Vec::new()),
         "token_embedding.weight" => return one(format!("{t}embeddings.token_embedding.weight")),
         "positional_embedding" => return one(format!("{t}embeddings.position_embedding.weight")),
         "ln_final.weight" | "ln_final.bias" => {
@@ -581,18 +689,32 @@ pub(crate) fn vae_plan(ckpt: &Checkpoint, prefix: &str) -> Result<Plan> {
 
 pub(crate) fn text_encoder_plan(ckpt: &Checkpoint, layers: usize) -> Result<Plan> {
     match ckpt.text_encoder {
-        TextEncoderKind::Clip => plan(ckpt, CLIP_PREFIX, |k, _| {
-            let n = if k.starts_with("text_model.") {
-                k.to_string()
+        TextEncoderKind::Clip | TextEncoderKind::XlDual => {
+            let prefix = if ckpt.text_encoder == TextEncoderKind::Clip {
+                CLIP_PREFIX
             } else {
-                format!("text_model.{k}")
+                XL_CLIP_PREFIX
             };
-            Some(vec![(n, Take::All)])
-        }),
+            plan(ckpt, prefix, |k, _| {
+                let n = if k.starts_with("text_model.") {
+                    k.to_string()
+                } else {
+                    format!("text_model.{k}")
+                };
+                Some(vec![(n, Take::All)])
+            })
+        }
         TextEncoderKind::OpenClip => plan(ckpt, OPEN_CLIP_PREFIX, |k, shape| {
-            open_clip_names(k, layers, shape)
+            open_clip_names(k, layers, shape, false)
         }),
     }
+}
+
+/// SDXL's second text encoder, all `layers` of it, with its projection.
+pub(crate) fn text_encoder_2_plan(ckpt: &Checkpoint, layers: usize) -> Result<Plan> {
+    plan(ckpt, XL_OPEN_CLIP_PREFIX, |k, shape| {
+        open_clip_names(k, layers, shape, true)
+    })
 }
 
 /// The tensors of `plan`, read from `file`'s `tensors` (loaded once) and renamed.
@@ -609,6 +731,7 @@ pub(crate) fn apply(
         let t = match take {
             Take::All => t.clone(),
             Take::Rows(s, n) => t.narrow(0, *s, *n)?,
+            Take::Transpose => t.t()?.contiguous()?,
             Take::Squeeze => {
                 let d = t.dims();
                 if d.len() == 4 && d[2] == 1 && d[3] == 1 {
@@ -705,10 +828,13 @@ mod tests {
                 "up_blocks.1.upsamplers.0.conv.bias",
             ),
             ("out.2.weight", 1, "conv_out.weight"),
+            // SDXL's added conditioning.
+            ("label_emb.0.0.weight", 2, "add_embedding.linear_1.weight"),
+            ("label_emb.0.2.bias", 2, "add_embedding.linear_2.bias"),
         ] {
             assert_eq!(unet_name(key, l).as_deref(), Some(want), "{key}");
         }
-        assert_eq!(unet_name("label_emb.0.0.weight", 2), None);
+        assert_eq!(unet_name("label_emb.0.1.weight", 2), None);
     }
 
     #[test]

@@ -12,6 +12,11 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tokenizer")
 }
 
+/// The vocabulary and tokenizer configs built into the binary (`crates/models/assets`).
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
 fn expected() -> &'static Value {
     static EXPECTED: OnceLock<Value> = OnceLock::new();
     EXPECTED.get_or_init(|| {
@@ -42,7 +47,7 @@ fn full_tokenizer_dir(name: &str, configs: &Path) -> PathBuf {
     let (vocab, merges) = VOCAB.get_or_init(|| {
         (
             gunzip(&fixtures().join("vocab.json.gz")),
-            gunzip(&fixtures().join("merges.txt.gz")),
+            gunzip(&assets().join("clip-merges.txt.gz")),
         )
     });
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -139,7 +144,7 @@ fn reference_was_made_with_transformers_5() {
 
 #[test]
 fn sd1_full_vocab_matches_transformers() {
-    let dir = full_tokenizer_dir("sd1", &fixtures().join("sd1"));
+    let dir = full_tokenizer_dir("sd1", &assets().join("clip-sd1"));
     let tok = ClipTokenizer::from_dir(&dir).unwrap();
     assert_eq!(tok.vocab_size(), 49408);
     assert_eq!(tok.pad_id(), 49407);
@@ -152,6 +157,32 @@ fn sd1_full_vocab_matches_transformers() {
     let random = &expected()["random"];
     assert_eq!(random["cases"].as_array().unwrap().len(), 1500);
     bad.extend(check(&tok, "sd1-random", random));
+    assert_clean(bad);
+}
+
+/// The built-in tokenizer (single files without a tokenizer): its vocabulary, built from the
+/// merges alone, is the published vocab.json, and it tokenizes as transformers does in both
+/// pad layouts.
+#[test]
+fn builtin_vocabulary_matches_the_published_tokenizers() {
+    use sd_models::tokenizer::clip::BuiltinPad;
+    let sd1 = ClipTokenizer::builtin(BuiltinPad::EndOfText).unwrap();
+    let published = ClipTokenizer::from_dir(&full_tokenizer_dir(
+        "sd1-builtin",
+        &assets().join("clip-sd1"),
+    ))
+    .unwrap();
+    let vocab: std::collections::HashMap<String, u32> =
+        serde_json::from_slice(&gunzip(&fixtures().join("vocab.json.gz"))).unwrap();
+    assert_eq!(vocab.len(), 49408);
+    for (token, id) in &vocab {
+        assert_eq!(sd1.token_to_id(token), Some(*id), "{token:?}");
+    }
+    assert_eq!(sd1.vocab_size(), published.vocab_size());
+    let mut bad = check(&sd1, "builtin-sd1", &expected()["tokenizers"]["sd1"]);
+    bad.extend(check(&sd1, "builtin-sd1-random", &expected()["random"]));
+    let sd2 = ClipTokenizer::builtin(BuiltinPad::Exclamation).unwrap();
+    bad.extend(check(&sd2, "builtin-sd2", &expected()["tokenizers"]["sd2"]));
     assert_clean(bad);
 }
 
@@ -171,7 +202,7 @@ fn long_words_take_linear_time() {
 
 #[test]
 fn sd2_full_vocab_matches_transformers() {
-    let dir = full_tokenizer_dir("sd2", &fixtures().join("sd2"));
+    let dir = full_tokenizer_dir("sd2", &assets().join("clip-sd2"));
     let tok = ClipTokenizer::from_dir(&dir).unwrap();
     assert_eq!(tok.pad_id(), 0);
     // "!" is the pad token and so a special token: it is matched before BPE.

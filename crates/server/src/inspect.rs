@@ -121,13 +121,22 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&args.model)?;
     println!("model:        {}", args.model.display());
     println!("family:       {}", ckpt.family());
-    println!("layout:       single-file checkpoint (original LDM names)");
+    println!(
+        "layout:       single-file checkpoint (original {} names)",
+        if ckpt.family() == "sdxl" {
+            "SGM"
+        } else {
+            "LDM"
+        }
+    );
     println!(
         "text encoder: {}",
         match ckpt.text_encoder {
             TextEncoderKind::Clip => "CLIP (cond_stage_model.transformer.)",
             TextEncoderKind::OpenClip =>
                 "OpenCLIP (cond_stage_model.model.; its last layer unused)",
+            TextEncoderKind::XlDual =>
+                "SDXL: CLIP (conditioner.embedders.0.transformer.) and OpenCLIP with projection (conditioner.embedders.1.model.)",
         }
     );
     println!(
@@ -140,6 +149,14 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
     );
     let unet = ckpt.infer_unet_config(sd_models::samplers::PredictionType::Epsilon)?;
     let inpainting = unet["in_channels"] == serde_json::json!(9);
+    println!(
+        "variant:      {}",
+        if inpainting {
+            "inpaint"
+        } else {
+            "base (turbo models are told by their scheduler, not the tensors)"
+        }
+    );
     println!(
         "unet:         blocks {}, {} layers per block, cross-attention width {}, {} projections{}",
         unet["block_out_channels"],
@@ -181,7 +198,7 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
                 t.display()
             ),
             None => println!(
-                "components:   none given and no tokenizer in the Hugging Face cache (generate and serve need --components DIR)"
+                "components:   none given: configs inferred, tokenizer from the built-in CLIP vocabulary (none in the Hugging Face cache)"
             ),
         },
     }

@@ -271,12 +271,17 @@ fn loader(load: LoadRequest) -> Loader<Model> {
         let (model, spec) =
             sd_engine::load::load(&load, &mut crate::model_args::ConsoleProgress::new())?;
         eprintln!(
-            "ready: {} ({}, {}, {}) loaded in {:.1}s",
+            "ready: {} ({}, {}, {}) loaded in {:.1}s{}",
             spec.name,
             spec.family,
             spec.device,
             spec.dtype,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            if spec.builtin_tokenizer {
+                "; tokenizer: the built-in CLIP vocabulary (none in the checkpoint, its folder or the Hugging Face cache)"
+            } else {
+                ""
+            }
         );
         Ok((model, spec))
     })

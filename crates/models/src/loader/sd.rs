@@ -13,7 +13,7 @@ use crate::modules::unet::{UNet, UNetConfig};
 use crate::modules::vae::{Vae, VaeConfig};
 use crate::pipelines::{SdPipeline, XlText};
 use crate::samplers::{PredictionType, SchedulerConfig};
-use crate::tokenizer::clip::ClipTokenizer;
+use crate::tokenizer::clip::{BuiltinPad, ClipTokenizer, BUILTIN_LABEL};
 use crate::{Error, Result};
 
 use super::{component, find_weights, in_component, model_name, var_builder};
@@ -46,6 +46,8 @@ pub struct ModelInfo {
     pub prediction_type: PredictionType,
     /// The weight file of each component.
     pub weights: Vec<(String, Vec<PathBuf>)>,
+    /// A single file with no tokenizer at hand: the built-in CLIP vocabulary is used.
+    pub builtin_tokenizer: bool,
 }
 
 /// Reads a model folder's description without loading any weights.
@@ -116,6 +118,7 @@ pub fn inspect(root: &Path) -> Result<ModelInfo> {
         pipeline_class: class,
         prediction_type: sched.prediction_type(),
         weights,
+        builtin_tokenizer: false,
     })
 }
 
@@ -270,6 +273,14 @@ pub fn cached_tokenizer(family: &str) -> Option<PathBuf> {
             ("runwayml/stable-diffusion-v1-5", "tokenizer"),
             ("CompVis/stable-diffusion-v1-4", "tokenizer"),
         ],
+        "sdxl" => &[
+            ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+            ("stabilityai/sdxl-turbo", "tokenizer"),
+            (
+                "stabilityai/stable-diffusion-xl-1.0-inpainting-0.1",
+                "tokenizer",
+            ),
+        ],
         _ => &[
             ("stabilityai/stable-diffusion-2-1", "tokenizer"),
             ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
@@ -290,7 +301,9 @@ pub fn cached_tokenizer(family: &str) -> Option<PathBuf> {
         }
         for d in dirs {
             let dir = if sub.is_empty() { d } else { d.join(sub) };
-            if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            let files = (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
+                || dir.join("tokenizer.json").is_file();
+            if files {
                 return Some(dir);
             }
         }
@@ -347,19 +360,39 @@ fn checkpoint_parts(
     let scheduler = SchedulerConfig::from_json(&sched_value, file)?;
     let prediction = scheduler.prediction_type();
 
-    let tokenizer_dir = match comp {
-        Some(dir) => component(dir, "tokenizer")?,
-        None => cached_tokenizer(family).ok_or_else(|| {
-                Error::config(
-                    file,
-                    format!(
-                        "a single-file checkpoint carries no tokenizer: pass a components folder (--components DIR: a diffusers {family} folder; its configs, tokenizer and scheduler are used, not its weights) or put {} in the Hugging Face cache",
-                        if family == "sd1" { "openai/clip-vit-large-patch14" } else { "stabilityai/stable-diffusion-2-1" }
-                    ),
-                )
-            })?,
+    // The tokenizers: the components', else a cached snapshot's, else the built-in vocabulary.
+    let cached = match comp {
+        Some(dir) => Some(component(dir, "tokenizer")?),
+        None => cached_tokenizer(family),
     };
-    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+    let builtin = cached.is_none();
+    let (tokenizer, tokenizer_dir) = match cached {
+        Some(dir) => (ClipTokenizer::from_dir(&dir)?, dir),
+        None => {
+            let pad = if family == "sd2" {
+                BuiltinPad::Exclamation
+            } else {
+                BuiltinPad::EndOfText
+            };
+            (ClipTokenizer::builtin(pad)?, PathBuf::from(BUILTIN_LABEL))
+        }
+    };
+    // SDXL: the second tokenizer, from the components, beside the cached first one, or built in.
+    let tokenizer_2 = match (family, comp) {
+        ("sdxl", Some(dir)) => {
+            let dir = component(dir, "tokenizer_2")?;
+            Some((ClipTokenizer::from_dir(&dir)?, dir))
+        }
+        ("sdxl", None) if !builtin => {
+            let dir = tokenizer_dir.with_file_name("tokenizer_2");
+            Some((ClipTokenizer::from_dir(&dir)?, dir))
+        }
+        ("sdxl", None) => Some((
+            ClipTokenizer::builtin(BuiltinPad::Exclamation)?,
+            PathBuf::from(BUILTIN_LABEL),
+        )),
+        _ => None,
+    };
     let unet_cfg = sf::config_or(comp, "unet", file, || ckpt.infer_unet_config(prediction))?;
     let te_cfg = sf::config_or(comp, "text_encoder", file, || {
         ckpt.infer_text_encoder_config()
@@ -385,6 +418,29 @@ fn checkpoint_parts(
     let unet_map = sf::apply(&sf::unet_plan(&ckpt, layers)?, &tensors, file)?;
     let te_layers = ClipTextConfig::from_config(&te_cfg)?.num_hidden_layers;
     let te_map = sf::apply(&sf::text_encoder_plan(&ckpt, te_layers)?, &tensors, file)?;
+    let xl = match tokenizer_2 {
+        Some((tokenizer_2, tokenizer_dir)) => {
+            let te_cfg = sf::config_or(comp, "text_encoder_2", file, || {
+                ckpt.infer_text_encoder_2_config()
+            })?;
+            let layers = ClipTextConfig::from_config(&te_cfg)?.num_hidden_layers;
+            let map = sf::apply(&sf::text_encoder_2_plan(&ckpt, layers)?, &tensors, file)?;
+            let force_zeros = match comp.map(|d| d.join("model_index.json")) {
+                Some(p) if p.is_file() => {
+                    JsonConfig::load(&p)?.bool_or("force_zeros_for_empty_prompt", true)?
+                }
+                _ => true,
+            };
+            Some(XlParts {
+                tokenizer: tokenizer_2,
+                tokenizer_dir,
+                te_cfg,
+                te_vb: VarBuilder::from_tensors(map, dtype, device),
+                force_zeros_for_empty_prompt: force_zeros,
+            })
+        }
+        None => None,
+    };
     let vae_map = if ckpt.has_vae {
         sf::apply(&sf::vae_plan(&ckpt, sf::VAE_PREFIX)?, &tensors, file)?
     } else {
@@ -404,6 +460,7 @@ fn checkpoint_parts(
         pipeline_class: "single-file checkpoint".into(),
         prediction_type: prediction,
         weights: vec![("checkpoint".into(), vec![file.to_path_buf()])],
+        builtin_tokenizer: builtin,
     };
     let parts = SdParts {
         tokenizer,
@@ -415,7 +472,7 @@ fn checkpoint_parts(
         vae_cfg,
         vae_vb: VarBuilder::from_tensors(vae_map, dtype, device),
         scheduler,
-        xl: None,
+        xl,
     };
     Ok((parts, info))
 }

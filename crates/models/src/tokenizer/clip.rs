@@ -33,7 +33,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -133,10 +133,73 @@ impl ClipTokenizer {
                 let merges = read_merges(&merges_path, &vocab)?;
                 (vocab, merges, None)
             };
-
         let config_path = dir.join("tokenizer_config.json");
-        let config = read_optional_json_object(&config_path)?.unwrap_or_default();
         let map_path = dir.join("special_tokens_map.json");
+        Self::build(TokenizerFiles {
+            vocab,
+            merges,
+            json_added,
+            config: read_optional_json_object(&config_path)?.unwrap_or_default(),
+            special_map: read_optional_json_object(&map_path)?,
+            vocab_path,
+            config_path,
+            map_path,
+        })
+    }
+
+    /// The CLIP tokenizer of the SD releases from the vocabulary built into the binary (OpenAI
+    /// CLIP's BPE, MIT licensed): for single-file checkpoints that come with no tokenizer.
+    /// `pad`: the SD 1.x layout pads with `<|endoftext|>`, the OpenCLIP layout (SD 2.x, SDXL's
+    /// second encoder) with `!`, a special token there as in the published folders.
+    pub fn builtin(pad: BuiltinPad) -> Result<Self> {
+        let label = PathBuf::from(BUILTIN_LABEL);
+        let merges_text = builtin_merges_text()?;
+        let pairs = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version"))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>();
+        let vocab = clip_vocab(&pairs);
+        let mut merges = MergeTable::new();
+        for (rank, (a, b)) in pairs.iter().enumerate() {
+            let id = |t: &str| {
+                vocab.get(t).copied().ok_or_else(|| {
+                    Error::config(&label, format!("token {t:?} not in the vocabulary"))
+                })
+            };
+            merges.insert((id(a)?, id(b)?), (rank as u32, id(&format!("{a}{b}"))?));
+        }
+        let (config, map) = match pad {
+            BuiltinPad::EndOfText => (BUILTIN_SD1_CONFIG, BUILTIN_SD1_MAP),
+            BuiltinPad::Exclamation => (BUILTIN_SD2_CONFIG, BUILTIN_SD2_MAP),
+        };
+        let parse = |text: &str| -> Result<Map<String, Value>> {
+            serde_json::from_str(text).map_err(|e| Error::config(&label, e.to_string()))
+        };
+        Self::build(TokenizerFiles {
+            vocab,
+            merges,
+            json_added: None,
+            config: parse(config)?,
+            special_map: Some(parse(map)?),
+            vocab_path: label.clone(),
+            config_path: label.clone(),
+            map_path: label,
+        })
+    }
+
+    fn build(files: TokenizerFiles) -> Result<Self> {
+        let TokenizerFiles {
+            vocab,
+            merges,
+            json_added,
+            config,
+            special_map,
+            vocab_path,
+            config_path,
+            map_path,
+        } = files;
 
         let max_length = match config.get("model_max_length") {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
@@ -225,7 +288,7 @@ impl ClipTokenizer {
             }
         }
         if !modern {
-            if let Some(map) = read_optional_json_object(&map_path)? {
+            if let Some(map) = special_map {
                 for name in NAMES {
                     if let Some(value) = map.get(name) {
                         match parse_named(value, name, &map_path)? {
@@ -677,6 +740,73 @@ fn read_merges(
         rank += 1;
     }
     Ok(merges)
+}
+
+/// What a tokenizer is built from, read from a folder or built in.
+struct TokenizerFiles {
+    vocab: HashMap<String, u32>,
+    merges: MergeTable,
+    /// `tokenizer.json`'s added tokens, when the vocabulary came from it.
+    json_added: Option<Vec<(u32, TokenSpec)>>,
+    config: Map<String, Value>,
+    special_map: Option<Map<String, Value>>,
+    /// Where each part came from (for error messages).
+    vocab_path: PathBuf,
+    config_path: PathBuf,
+    map_path: PathBuf,
+}
+
+/// The pad token of the built-in tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinPad {
+    /// `<|endoftext|>`: SD 1.x, SDXL's first encoder.
+    EndOfText,
+    /// `!`: OpenCLIP (SD 2.x, SDXL's second encoder).
+    Exclamation,
+}
+
+/// How the built-in vocabulary is named in messages and `inspect`.
+pub const BUILTIN_LABEL: &str = "<built-in CLIP BPE vocabulary>";
+
+/// OpenAI CLIP's 48894 BPE merges (`bpe_simple_vocab_16e6.txt.gz`, MIT licensed) in the
+/// layout of the published `merges.txt`, gzip-compressed.
+const BUILTIN_MERGES_GZ: &[u8] = include_bytes!("../../assets/clip-merges.txt.gz");
+/// The tokenizer config files of the SD 1.x (`openai/clip-vit-large-patch14`) and SD 2.x
+/// (`stabilityai/stable-diffusion-2-1`) tokenizer folders.
+const BUILTIN_SD1_CONFIG: &str = include_str!("../../assets/clip-sd1/tokenizer_config.json");
+const BUILTIN_SD1_MAP: &str = include_str!("../../assets/clip-sd1/special_tokens_map.json");
+const BUILTIN_SD2_CONFIG: &str = include_str!("../../assets/clip-sd2/tokenizer_config.json");
+const BUILTIN_SD2_MAP: &str = include_str!("../../assets/clip-sd2/special_tokens_map.json");
+
+fn builtin_merges_text() -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(BUILTIN_MERGES_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::config(BUILTIN_LABEL, format!("corrupt built-in merges: {e}")))?;
+    Ok(text)
+}
+
+/// CLIP's vocabulary from its merges, in OpenAI's order: the 256 byte symbols (in
+/// `bytes_to_unicode`'s order: the printable bytes, then the others, which is code point
+/// order), the same with `</w>`, one token per merge, then `<|startoftext|>` and
+/// `<|endoftext|>`.
+fn clip_vocab(merges: &[(String, String)]) -> HashMap<String, u32> {
+    let mut chars = byte_chars();
+    chars.sort_unstable();
+    let bytes: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+    let words = bytes.iter().map(|b| format!("{b}{END_OF_WORD}"));
+    let merged = merges.iter().map(|(a, b)| format!("{a}{b}"));
+    let specials = [BOS_DEFAULT.to_string(), EOS_DEFAULT.to_string()];
+    bytes
+        .iter()
+        .cloned()
+        .chain(words)
+        .chain(merged)
+        .chain(specials)
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect()
 }
 
 /// The parts of `tokenizer.json` a CLIP tokenizer needs.
