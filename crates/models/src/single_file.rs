@@ -406,6 +406,16 @@ impl Checkpoint {
         }))
     }
 
+    /// The prediction type diffusers' `from_single_file` assumes without a config: SD 2.x
+    /// checkpoints get stabilityai/stable-diffusion-2-1's (v_prediction, 768 pixels); the
+    /// others epsilon. (SD 2.x base models need `--prediction-type epsilon`.)
+    pub fn default_prediction(&self) -> PredictionType {
+        match self.text_encoder {
+            TextEncoderKind::OpenClip => PredictionType::VPrediction,
+            _ => PredictionType::Epsilon,
+        }
+    }
+
     /// The scheduler of the SD 1.x (PNDM, as stable-diffusion-v1-5) or SD 2.x (DDIM, as
     /// stable-diffusion-2-1) releases, with `prediction`.
     pub fn default_scheduler(&self, prediction: PredictionType) -> Value {

@@ -147,7 +147,7 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
             "none (generate and serve need --vae FILE)"
         }
     );
-    let unet = ckpt.infer_unet_config(sd_models::samplers::PredictionType::Epsilon)?;
+    let unet = ckpt.infer_unet_config(ckpt.default_prediction())?;
     let inpainting = unet["in_channels"] == serde_json::json!(9);
     println!(
         "variant:      {}",
@@ -186,7 +186,10 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
     let types: Vec<String> = dtypes.iter().map(|(t, n)| format!("{t} x {n}")).collect();
     println!("dtypes:       {}", types.join(", "));
     println!("parameters:   {params}");
-    println!("prediction:   epsilon unless --prediction-type v_prediction (not in the tensors)");
+    println!(
+        "prediction:   {} unless --prediction-type says otherwise (not in the tensors; as diffusers' from_single_file assumes)",
+        ckpt.default_prediction().as_str()
+    );
     match &args.components {
         Some(dir) => println!(
             "components:   {} (configs, tokenizer, scheduler)",

@@ -20,8 +20,9 @@ pub struct SourceArgs {
     /// original names as in A1111 `.vae.safetensors` files).
     #[arg(long, env = "SD_VAE")]
     pub vae: Option<PathBuf>,
-    /// Single-file SD checkpoints: epsilon (default) or v_prediction (SD 2.x 768 models);
-    /// the tensors do not tell.
+    /// Single-file SD checkpoints: epsilon or v_prediction; the tensors do not tell. Default:
+    /// the components' scheduler, else v_prediction for SD 2.x (as diffusers' from_single_file;
+    /// base models need epsilon) and epsilon for the others.
     #[arg(long, env = "SD_PREDICTION_TYPE")]
     pub prediction_type: Option<String>,
 }

@@ -344,7 +344,8 @@ fn checkpoint_parts(
     let ckpt = sf::Checkpoint::open(file)?;
     let comp = opts.components.as_deref();
     let family = ckpt.family();
-    // The prediction type: the flag, else the components' scheduler, else epsilon.
+    // The prediction type: the flag, else the components' scheduler, else what diffusers'
+    // `from_single_file` infers for the family.
     let mut sched_value = match comp {
         Some(dir) => {
             let p = dir.join("scheduler").join("scheduler_config.json");
@@ -352,7 +353,10 @@ fn checkpoint_parts(
             serde_json::from_str::<serde_json::Value>(&text)
                 .map_err(|e| Error::config(&p, format!("invalid JSON: {e}")))?
         }
-        None => ckpt.default_scheduler(opts.prediction_type.unwrap_or(PredictionType::Epsilon)),
+        None => ckpt.default_scheduler(
+            opts.prediction_type
+                .unwrap_or_else(|| ckpt.default_prediction()),
+        ),
     };
     if let Some(p) = opts.prediction_type {
         sched_value["prediction_type"] = serde_json::json!(p.as_str());
