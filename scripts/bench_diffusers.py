@@ -6,6 +6,8 @@ on the full-size Stable Diffusion 1.5 architecture with random weights, f32 on t
     python scripts/bench_diffusers.py [--runs 3] [--warmup 1] [--threads 2] [--stages clip,unet,vae]
 
 Stage `unet-lora` (needs peft) adds a rank-16 LoRA to every linear and convolution layer.
+Stages `sdxl-unet` and `sdxl-vae` time the SDXL base UNet (with its text_time conditioning) and
+VAE at `--sdxl-size` (default 1024: 128x128 latents).
 
 Prints one JSON object, like `sd-worker bench --json`.
 """
@@ -32,6 +34,15 @@ VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=512,
 )
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
 CLIP = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -55,6 +66,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stages", default="clip,unet,vae")
+    ap.add_argument("--sdxl-size", type=int, default=1024)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -88,6 +100,23 @@ def main():
                 z = torch.randn(1, 4, 64, 64)
                 times = timed(lambda: model.decode(z), a.warmup, a.runs)
                 shape = "1x4x64x64 latents -> 512x512"
+            elif stage == "sdxl-unet":
+                model = UNet2DConditionModel(**SDXL_UNET).eval()
+                lat, s = a.sdxl_size // 8, float(a.sdxl_size)
+                x = torch.randn(2, 4, lat, lat)
+                ctx = torch.randn(2, 77, 2048)
+                added = {"text_embeds": torch.randn(2, 1280),
+                         "time_ids": torch.tensor([[s, s, 0.0, 0.0, s, s]] * 2)}
+                t = torch.tensor(999)
+                times = timed(lambda: model(x, t, encoder_hidden_states=ctx,
+                                            added_cond_kwargs=added), a.warmup, a.runs)
+                shape = f"batch 2 (CFG), 4x{lat}x{lat} latents"
+            elif stage == "sdxl-vae":
+                model = AutoencoderKL(**VAE, scaling_factor=0.13025).eval()
+                lat = a.sdxl_size // 8
+                z = torch.randn(1, 4, lat, lat)
+                times = timed(lambda: model.decode(z), a.warmup, a.runs)
+                shape = f"1x4x{lat}x{lat} latents -> {a.sdxl_size}x{a.sdxl_size}"
             else:
                 raise SystemExit(f"unknown stage {stage!r}")
             stages[stage] = {"shape": shape, "median_s": statistics.median(times), "times_s": times}

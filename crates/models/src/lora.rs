@@ -7,7 +7,9 @@
 //!   (`lora_alpha`, `alpha_pattern`, `use_rslora`), else 1;
 //! - older diffusers: `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.*` and the
 //!   attention-processor names (`processor.to_q_lora`);
-//! - kohya: `lora_unet_<path with _>`, `lora_te_` / `lora_te1_<path>` for the CLIP text encoder,
+//! - kohya: `lora_unet_<path with _>` (diffusers paths, or for SDXL the original SGM ones:
+//!   `input_blocks_4_1_...`), `lora_te_` / `lora_te1_<path>` for the CLIP text encoder,
+//!   `lora_te2_<path>` for SDXL's second,
 //!   `.lora_down.weight` / `.lora_up.weight` / `.alpha` (scale alpha / rank), including LoCon
 //!   convolution adapters;
 //! - FLUX: the diffusers names, and kohya / original (BFL) names, whose fused layers (`qkv`,
@@ -106,6 +108,7 @@ fn alias_map(layers: &[LayerInfo]) -> HashMap<String, Vec<Target>> {
             rows: Vec::new(),
         }]
     };
+    let sgm = SgmLayout::of(layers);
     for (i, l) in layers.iter().enumerate() {
         let p = &l.path;
         let names = match l.component {
@@ -119,12 +122,30 @@ fn alias_map(layers: &[LayerInfo]) -> HashMap<String, Vec<Target>> {
                     format!("lora_te1_{}", underscored(&canon)),
                 ]
             }
-            c => vec![
-                format!("{c}.{p}"),
-                p.clone(),
-                format!("lora_unet_{}", underscored(p)),
-                format!("lora_transformer_{}", underscored(p)),
-            ],
+            "text_encoder_2" => {
+                let bare = p.strip_prefix("text_model.").unwrap_or(p);
+                let canon = format!("text_model.{bare}");
+                vec![
+                    format!("text_encoder_2.{canon}"),
+                    format!("text_encoder_2.{bare}"),
+                    format!("lora_te2_{}", underscored(&canon)),
+                ]
+            }
+            c => {
+                let mut names = vec![
+                    format!("{c}.{p}"),
+                    p.clone(),
+                    format!("lora_unet_{}", underscored(p)),
+                    format!("lora_transformer_{}", underscored(p)),
+                ];
+                // Kohya's SDXL LoRAs name UNet modules by their original (SGM) names.
+                if let (Some(sgm), "unet") = (&sgm, c) {
+                    if let Some(name) = sgm.name(p) {
+                        names.push(format!("lora_unet_{}", underscored(&name)));
+                    }
+                }
+                names
+            }
         };
         for n in names {
             map.entry(n).or_insert_with(|| whole(i));
@@ -155,6 +176,46 @@ fn alias_map(layers: &[LayerInfo]) -> HashMap<String, Vec<Target>> {
         }
     }
     map
+}
+
+/// What the original (SGM) names of a UNet's modules depend on, read from its layer paths:
+/// the resnets per down block (all equal, else no original names) and which up blocks have
+/// attentions.
+struct SgmLayout {
+    layers_per_block: usize,
+    up_attention: Vec<usize>,
+}
+
+impl SgmLayout {
+    fn of(layers: &[LayerInfo]) -> Option<Self> {
+        let mut per_block: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut up_attention = Vec::new();
+        for l in layers.iter().filter(|l| l.component == "unet") {
+            let mut parts = l.path.split('.');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("down_blocks"), Some(b), Some("resnets"), Some(k)) => {
+                    let (b, k) = (b.parse().ok()?, k.parse::<usize>().ok()?);
+                    let n = per_block.entry(b).or_default();
+                    *n = (*n).max(k + 1);
+                }
+                (Some("up_blocks"), Some(b), Some("attentions"), _) => {
+                    up_attention.push(b.parse().ok()?);
+                }
+                _ => {}
+            }
+        }
+        let first = *per_block.values().next()?;
+        per_block.values().all(|&n| n == first).then_some(Self {
+            layers_per_block: first,
+            up_attention,
+        })
+    }
+
+    fn name(&self, path: &str) -> Option<String> {
+        crate::single_file::ldm_unet_name(path, self.layers_per_block, &|b| {
+            self.up_attention.contains(&b)
+        })
+    }
 }
 
 /// The scale rules of a diffusers LoRA file (`lora_adapter_metadata`), per component.

@@ -540,6 +540,108 @@ fn unet_name(key: &str, l: usize) -> Option<String> {
     })
 }
 
+/// The original (LDM / SGM) name of a diffusers UNet module path, the inverse of
+/// [`unet_name`]: `l` layers per down block, `up_has_attention(b)` whether up block `b` has
+/// attentions (its upsampler then follows them). Kohya's SDXL LoRAs name UNet modules so.
+pub fn ldm_unet_name(
+    path: &str,
+    l: usize,
+    up_has_attention: &dyn Fn(usize) -> bool,
+) -> Option<String> {
+    for (a, b) in [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ] {
+        if let Some(r) = path.strip_prefix(a) {
+            if r.is_empty() || r.starts_with('.') {
+                return Some(format!("{b}{r}"));
+            }
+        }
+    }
+    let resnet = |rest: &str| -> String {
+        for (a, b) in [
+            ("norm1", "in_layers.0"),
+            ("conv1", "in_layers.2"),
+            ("time_emb_proj", "emb_layers.1"),
+            ("norm2", "out_layers.0"),
+            ("conv2", "out_layers.3"),
+            ("conv_shortcut", "skip_connection"),
+        ] {
+            if let Some(r) = rest.strip_prefix(a) {
+                if r.is_empty() || r.starts_with('.') {
+                    return format!("{b}{r}");
+                }
+            }
+        }
+        rest.to_string()
+    };
+    if let Some(rest) = path.strip_prefix("mid_block.") {
+        let (kind, rest) = rest.split_once('.')?;
+        let (i, rest) = rest.split_once('.').unwrap_or((rest, ""));
+        let tail = |r: &str| {
+            if r.is_empty() {
+                String::new()
+            } else {
+                format!(".{r}")
+            }
+        };
+        return match (kind, i) {
+            ("resnets", "0") => Some(format!("middle_block.0.{}", resnet(rest))),
+            ("attentions", "0") => Some(format!("middle_block.1{}", tail(rest))),
+            ("resnets", "1") => Some(format!("middle_block.2.{}", resnet(rest))),
+            _ => None,
+        };
+    }
+    let mut parts = path.splitn(5, '.');
+    let (group, b, kind, k) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let rest = parts.next().unwrap_or("");
+    let b: usize = b.parse().ok()?;
+    let k: usize = k.parse().ok()?;
+    let dotted = |r: &str| {
+        if r.is_empty() {
+            String::new()
+        } else {
+            format!(".{r}")
+        }
+    };
+    match (group, kind) {
+        ("down_blocks", "resnets") => Some(format!(
+            "input_blocks.{}.0.{}",
+            1 + b * (l + 1) + k,
+            resnet(rest)
+        )),
+        ("down_blocks", "attentions") => Some(format!(
+            "input_blocks.{}.1{}",
+            1 + b * (l + 1) + k,
+            dotted(rest)
+        )),
+        ("down_blocks", "downsamplers") => {
+            let rest = rest.strip_prefix("conv")?;
+            Some(format!("input_blocks.{}.0.op{rest}", (b + 1) * (l + 1)))
+        }
+        ("up_blocks", "resnets") => Some(format!(
+            "output_blocks.{}.0.{}",
+            b * (l + 1) + k,
+            resnet(rest)
+        )),
+        ("up_blocks", "attentions") => Some(format!(
+            "output_blocks.{}.1{}",
+            b * (l + 1) + k,
+            dotted(rest)
+        )),
+        ("up_blocks", "upsamplers") => {
+            let slot = if up_has_attention(b) { 2 } else { 1 };
+            Some(format!("output_blocks.{}.{slot}.{rest}", b * (l + 1) + l))
+        }
+        _ => None,
+    }
+}
+
 /// The diffusers name of a VAE key (without the prefix), for `n` resolution levels.
 fn vae_name(key: &str, n: usize) -> Option<(String, Take)> {
     let (side, rest) = key.split_once('.')?;
@@ -845,6 +947,53 @@ mod tests {
             assert_eq!(unet_name(key, l).as_deref(), Some(want), "{key}");
         }
         assert_eq!(unet_name("label_emb.0.1.weight", 2), None);
+    }
+
+    /// [`ldm_unet_name`] inverts [`unet_name`] on the SD 1.5 / SDXL layouts.
+    #[test]
+    fn ldm_names_invert_diffusers_names() {
+        for (path, l, attn) in [
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                2,
+                true,
+            ),
+            ("down_blocks.2.resnets.1.conv2", 2, true),
+            ("down_blocks.0.resnets.0.time_emb_proj", 2, true),
+            ("down_blocks.1.resnets.0.conv_shortcut", 2, true),
+            ("down_blocks.0.downsamplers.0.conv", 2, true),
+            ("mid_block.attentions.0.proj_in", 2, true),
+            ("mid_block.resnets.1.norm1", 2, true),
+            ("up_blocks.0.resnets.2.conv1", 2, true),
+            (
+                "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.0.proj",
+                2,
+                true,
+            ),
+            ("up_blocks.0.upsamplers.0.conv", 2, true),
+            ("up_blocks.2.upsamplers.0.conv", 2, false),
+            ("add_embedding.linear_2", 2, true),
+            ("time_embedding.linear_1", 1, true),
+            ("conv_out", 1, true),
+        ] {
+            let ldm = ldm_unet_name(path, l, &|_| attn).unwrap_or_else(|| panic!("{path}"));
+            let leaf = if path.ends_with("conv") {
+                "weight"
+            } else {
+                "bias"
+            };
+            let back = unet_name(&format!("{ldm}.{leaf}"), l);
+            assert_eq!(back, Some(format!("{path}.{leaf}")), "{path} -> {ldm}");
+        }
+        assert_eq!(
+            ldm_unet_name(
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                2,
+                &|_| true
+            )
+            .as_deref(),
+            Some("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+        );
     }
 
     #[test]

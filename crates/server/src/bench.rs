@@ -1,5 +1,6 @@
-//! `sd-worker bench`: times the three model stages on the full-size SD 1.5 architecture
-//! with random weights made in-process (speed does not depend on the weight values).
+//! `sd-worker bench`: times the three model stages on the full-size SD 1.5 architecture (and
+//! the SDXL UNet and VAE) with random weights made in-process (speed does not depend on the
+//! weight values).
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
 use sd_models::modules::adapter::{registering, with_adapters, AdapterSet, LayerInfo, LayerShape};
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
-use sd_models::modules::unet::{UNet, UNetConfig};
+use sd_models::modules::unet::{AddedCond, UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
 
 use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
@@ -29,7 +30,8 @@ pub struct BenchArgs {
     #[arg(long, env = "SD_BENCH_WARMUP", default_value_t = 1)]
     pub warmup: usize,
     /// Stages to time, comma-separated: clip, unet, vae (ours); unet-lora (our UNet with a
-    /// rank-16 LoRA on every linear and convolution layer); preview (the server's cheap
+    /// rank-16 LoRA on every linear and convolution layer); sdxl-unet, sdxl-vae (the SDXL base
+    /// UNet with its text_time conditioning, and its VAE, at --sdxl-size); preview (the server's cheap
     /// latent-to-RGB preview of one image, PNG-encoded); candle-clip, candle-unet, candle-vae
     /// (candle-transformers' own modules, for comparison).
     #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
@@ -43,6 +45,9 @@ pub struct BenchArgs {
     /// Image size in pixels (latents are size / 8); the SD 1.5 default is 512.
     #[arg(long, env = "SD_BENCH_SIZE", default_value_t = 512)]
     pub size: usize,
+    /// Image size of the SDXL stages (sdxl-unet, sdxl-vae); SDXL's default is 1024.
+    #[arg(long, env = "SD_BENCH_SDXL_SIZE", default_value_t = 1024)]
+    pub sdxl_size: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -51,11 +56,13 @@ pub struct BenchArgs {
 /// The rank of the `unet-lora` stage's adapters.
 const BENCH_LORA_RANK: usize = 16;
 
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 10] = [
     "clip",
     "unet",
     "unet-lora",
     "vae",
+    "sdxl-unet",
+    "sdxl-vae",
     "preview",
     "candle-clip",
     "candle-unet",
@@ -203,12 +210,12 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.size == 0 || !args.size.is_multiple_of(64) || args.size > 2048 {
-        bail!(
-            "invalid --size {}: must be a multiple of 64 between 64 and 2048",
-            args.size
-        );
+    for (flag, size) in [("--size", args.size), ("--sdxl-size", args.sdxl_size)] {
+        if size == 0 || !size.is_multiple_of(64) || size > 2048 {
+            bail!("invalid {flag} {size}: must be a multiple of 64 between 64 and 2048");
+        }
     }
+    let xl_lat = args.sdxl_size / 8;
     let lat = args.size / 8;
     if args.runs == 0 {
         bail!("invalid --runs 0: at least one timed run is needed");
@@ -276,6 +283,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     String::new()
                 };
                 (format!("batch 2 (CFG), 4x{lat}x{lat} latents{what}"), times)
+            }
+            "sdxl-unet" => {
+                let (model, _) = random_adaptable(dtype, &device, |vb| {
+                    UNet::new(vb, &UNetConfig::sdxl()).map_err(candle_error)
+                })?;
+                let l = xl_lat;
+                let x = Tensor::randn(0f32, 1f32, (2, 4, l, l), &device)?.to_dtype(dtype)?;
+                let ctx = Tensor::randn(0f32, 1f32, (2, 77, 2048), &device)?.to_dtype(dtype)?;
+                let s = args.sdxl_size as f32;
+                let added = AddedCond {
+                    text_embeds: Tensor::randn(0f32, 1f32, (2, 1280), &device)?.to_dtype(dtype)?,
+                    time_ids: Tensor::new(&[[s, s, 0.0, 0.0, s, s]; 2], &device)?,
+                };
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.forward_with(&x, 999.0, &ctx, Some(&added))?;
+                    Ok(())
+                })?;
+                (format!("batch 2 (CFG), 4x{l}x{l} latents"), times)
+            }
+            "sdxl-vae" => {
+                let cfg = VaeConfig {
+                    scaling_factor: 0.13025,
+                    ..VaeConfig::sd15()
+                };
+                let model = random_model(dtype, &device, |vb| {
+                    Vae::new(vb, &cfg).map_err(candle_error)
+                })?;
+                let l = xl_lat;
+                let z = Tensor::randn(0f32, 1f32, (1, 4, l, l), &device)?;
+                let times = time(args.warmup, args.runs, &device, || {
+                    model.decode(&z)?;
+                    Ok(())
+                })?;
+                (
+                    format!("1x4x{l}x{l} latents -> {0}x{0}", args.sdxl_size),
+                    times,
+                )
             }
             "preview" => {
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;

@@ -273,6 +273,28 @@ impl UNetConfig {
         self.cross_attention_dim[0]
     }
 
+    /// The stable-diffusion-xl-base-1.0 UNet (used by the benchmark).
+    pub fn sdxl() -> Self {
+        use BlockKind::*;
+        Self {
+            sample_size: (128, 128),
+            down_blocks: vec![Plain, CrossAttn, CrossAttn],
+            up_blocks: vec![CrossAttn, CrossAttn, Plain],
+            block_out_channels: vec![320, 640, 1280],
+            layers_per_block: vec![2; 3],
+            cross_attention_dim: vec![2048; 3],
+            transformer_layers_per_block: vec![1, 2, 10],
+            num_attention_heads: vec![5, 10, 20],
+            only_cross_attention: vec![false; 3],
+            use_linear_projection: true,
+            text_time: Some(TextTimeConfig {
+                time_embed_dim: 256,
+                input_dim: 2816,
+            }),
+            ..Self::sd15()
+        }
+    }
+
     /// The Stable Diffusion 1.5 UNet (used by the benchmark).
     pub fn sd15() -> Self {
         use BlockKind::*;
