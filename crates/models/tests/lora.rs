@@ -475,3 +475,45 @@ fn loras_apply_to_quantized_flux_layers() {
         "the LoRA changed the output by {changed} only"
     );
 }
+
+/// SDXL LoRAs (`scripts/make_sdxl_lora_fixtures.py`): kohya with the original SGM UNet names,
+/// LoCon convolutions, `lora_te1_` / `lora_te2_` and per-module alphas; diffusers/PEFT with
+/// `unet.`, `text_encoder.` and `text_encoder_2.` and per-component `lora_adapter_metadata`.
+/// References from diffusers' SDXL pipeline (the script says which parts were merged by hand).
+#[test]
+fn sdxl_loras_match_diffusers() {
+    let text = std::fs::read_to_string(fixtures().join("lora/sdxl_cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    let pipe = load_sd("tiny-sdxl");
+    let mut checked = 0;
+    for case in cases["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let attached = lora::attach(&specs(case), &pipe.lora_layers, &Device::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(attached.warnings.is_empty());
+        let r = reference(name);
+        let (px, latents) = run_sd(&pipe, &sd_params(case, &pipe), Some(Arc::new(attached.set)));
+        assert_close(name, "final latents", &latents, &r["latents_final"], 1e-4);
+        assert_images_close(name, &px, &bytes(&r["images"]));
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
+/// An SD 1.x LoRA on an SDXL model: its UNet keys name blocks the SDXL UNet does not have,
+/// which a strict job refuses, listing them.
+#[test]
+fn an_sd_lora_on_sdxl_is_refused() {
+    let pipe = load_sd("tiny-sdxl");
+    let spec = LoraSpec {
+        name: "sd1-kohya".into(),
+        path: lora_path("sd1-kohya.safetensors"),
+        strength: 1.0,
+        strict: true,
+    };
+    let e = lora::attach(&[spec], &pipe.lora_layers, &Device::Cpu, DType::F32)
+        .err()
+        .expect("an SD 1.x LoRA applied to SDXL")
+        .to_string();
+    assert!(e.contains("sd1-kohya") && e.contains("lora_unet_"), "{e}");
+}
