@@ -512,8 +512,7 @@ fn an_sd_lora_on_sdxl_is_refused() {
         strict: true,
     };
     let e = lora::attach(&[spec], &pipe.lora_layers, &Device::Cpu, DType::F32)
-        .err()
-        .expect("an SD 1.x LoRA applied to SDXL")
+        .expect_err("an SD 1.x LoRA applied to SDXL")
         .to_string();
     assert!(e.contains("sd1-kohya") && e.contains("lora_unet_"), "{e}");
 }

@@ -26,9 +26,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Generate images from a prompt and write them as PNG files.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Serve the model over HTTP: a job queue with progress and previews over SSE.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Print what was detected in a model folder or file, without loading the weights.
     Inspect(inspect::InspectArgs),
     /// Time CLIP encode, one UNet step and VAE decode on the full-size SD 1.5
@@ -74,8 +74,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Generate(args) => generate::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -16,7 +16,9 @@ use sd_engine::events::JobEvent;
 use sd_engine::images::input::{decode_mask, decode_rgb};
 use sd_engine::jobs::{EngineConfig, Loader};
 use sd_engine::load::LoadRequest;
-use sd_engine::request::{ImageBytes, LoraDraft, Operation, PromptSyntax, RequestDraft};
+use sd_engine::request::{
+    ImageBytes, LoraDraft, MicroDraft, Operation, PromptSyntax, RequestDraft,
+};
 use sd_engine::validate::MAX_SIDE;
 use sd_engine::{Engine, InvalidField, Limits, ModelSpec};
 use sd_models::samplers::SamplerKind;
@@ -96,6 +98,22 @@ pub struct GenerateArgs {
     /// Number of images generated from the prompt in one batch.
     #[arg(long, env = "SD_BATCH", default_value_t = 1)]
     pub batch: usize,
+    /// SDXL: the original_size id, HEIGHT,WIDTH in pixels (default: the image size).
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub original_size: Option<[u64; 2]>,
+    /// SDXL: the crop id, TOP,LEFT in pixels (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub crops_coords_top_left: Option<[u64; 2]>,
+    /// SDXL: the target_size id, HEIGHT,WIDTH (default: the image size).
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub target_size: Option<[u64; 2]>,
+    /// SDXL: the ids of the unconditional half (default: the positive ones; see the README).
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub negative_original_size: Option<[u64; 2]>,
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub negative_crops_coords_top_left: Option<[u64; 2]>,
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub negative_target_size: Option<[u64; 2]>,
     /// Device: cpu, cuda[:N] or metal[:N] (CUDA and Metal need the `cuda` / `metal` build features).
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -116,6 +134,20 @@ pub struct GenerateArgs {
     /// failing the run.
     #[arg(long, env = "SD_LORA_ALLOW_UNMATCHED")]
     pub lora_allow_unmatched: bool,
+}
+
+/// `A,B`: two non-negative integers (SDXL's size and crop ids).
+fn parse_pair(s: &str) -> std::result::Result<[u64; 2], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    match parts.as_slice() {
+        [a, b] => match (a.parse(), b.parse()) {
+            (Ok(a), Ok(b)) => Ok([a, b]),
+            _ => Err(format!("expected two non-negative integers A,B, got {s:?}")),
+        },
+        _ => Err(format!(
+            "expected two integers separated by a comma, got {s:?}"
+        )),
+    }
 }
 
 /// The `--lora` values: `FILE[:STRENGTH]`, the file checked to exist.
@@ -222,6 +254,12 @@ fn flag(field: &str) -> &str {
         "init_image" | "input_image" => "--init-image",
         "mask_image" => "--mask",
         "strength" => "--strength",
+        "original_size" => "--original-size",
+        "crops_coords_top_left" => "--crops-coords-top-left",
+        "target_size" => "--target-size",
+        "negative_original_size" => "--negative-original-size",
+        "negative_crops_coords_top_left" => "--negative-crops-coords-top-left",
+        "negative_target_size" => "--negative-target-size",
         "operation" => "--init-image / --mask",
         f if f.starts_with("loras") => "--lora",
         other => other,
@@ -292,6 +330,16 @@ fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     d.strength = args.strength;
     d.preview_every = Some(0);
     d.loras = lora_drafts(args)?;
+    d.micro = MicroDraft {
+        original_size: args.original_size,
+        crops_coords_top_left: args.crops_coords_top_left,
+        target_size: args.target_size,
+        negative_original_size: args.negative_original_size,
+        negative_crops_coords_top_left: args.negative_crops_coords_top_left,
+        negative_target_size: args.negative_target_size,
+        aesthetic_score: None,
+        negative_aesthetic_score: None,
+    };
     Ok(d)
 }
 
