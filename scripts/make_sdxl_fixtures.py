@@ -15,6 +15,9 @@ Writes, under fixtures/ at the repository root:
                              input image, and the mask as sd-worker decodes it, see
                              make_inpaint_fixtures.py)
   reference/sdxl/cases.json  the parameters of every case
+  reference/sdxl/vae-tiled.safetensors  the tiny SDXL VAE's tiled decode (diffusers'
+                             enable_tiling with 16-pixel tiles) and whole decode of random
+                             latents `z` (unscaled, 20x28)
   reference/sdxl/tokens.json transformers' ids for test prompts from the tokenizer folders of
                              tiny-sdxl-inpaint, which hold only tokenizer.json and
                              tokenizer_config.json (as current transformers saves them)
@@ -297,6 +300,21 @@ def run(pipe, case, kind):
     return entry
 
 
+def vae_tiled():
+    vae = AutoencoderKL.from_pretrained(ROOT / "models" / "tiny-sdxl" / "vae").eval()
+    z = torch.randn((1, 4, 20, 28), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        full = vae.decode(z).sample
+        vae.enable_tiling()
+        # 16-pixel tiles (8 latents) so that the tiny image has 3 x 4 of them.
+        vae.tile_sample_min_size = 16
+        vae.tile_latent_min_size = 8
+        tiled = vae.decode(z).sample
+    save_file({"z": z, "full": full.contiguous(), "tiled": tiled.contiguous()},
+              REF / "vae-tiled.safetensors")
+    print(f"vae tiled: max |tiled - full| {float((tiled - full).abs().max()):.4f}")
+
+
 def main():
     torch.set_num_threads(2)
     if REF.exists():
@@ -335,6 +353,7 @@ def main():
                                                  truncation=True).input_ids}
                        for p in PROMPTS]
     (REF / "tokens.json").write_text(json.dumps(tokens) + "\n")
+    vae_tiled()
     (REF / "cases.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB")

@@ -24,7 +24,7 @@ ids produced by transformers' CLIPTokenizer:
 
     /work/venv/bin/python scripts/make_tokenizer_fixtures.py [--bpe path/to/bpe_simple_vocab_16e6.txt.gz]
 
-Without --bpe the merges are read from the committed fixture (merges.txt.gz) or, failing that,
+Without --bpe the merges are read from the committed asset (crates/models/assets/clip-merges.txt.gz) or, failing that,
 from an installed `open_clip` package.
 """
 
@@ -93,7 +93,7 @@ def _read_bpe_gz(path: Path) -> list[tuple[str, str]]:
 def _find_bpe_source() -> Path:
     if _BPE_PATH is not None:
         return _BPE_PATH
-    committed = FIXTURE_DIR / "merges.txt.gz"
+    committed = ASSETS / "clip-merges.txt.gz"
     if committed.exists():
         return committed
     try:

@@ -63,8 +63,14 @@ pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model
     if request.text_device.is_some() {
         bail!("--text-encoder-device applies to FLUX models only");
     }
-    let (pipeline, info) =
+    if let Some(ts) = request.source.vae_tile_size {
+        if !(64..=4096).contains(&ts) || !ts.is_multiple_of(8) {
+            bail!("invalid --vae-tile-size {ts}: must be a multiple of 8 between 64 and 4096");
+        }
+    }
+    let (mut pipeline, info) =
         sd_models::loader::load_sd_with(&model, &sd_opts, &request.device, request.dtype)?;
+    pipeline.vae.tile_size = request.source.vae_tile_size;
     let (default_width, default_height) = pipeline.default_size();
     let (default_steps, default_guidance) = sd_defaults(info.family, info.variant);
     let spec = ModelSpec {

@@ -69,6 +69,8 @@ pub struct SourceOptions {
     pub vae: Option<PathBuf>,
     /// Single-file SD checkpoints: `epsilon` or `v_prediction`.
     pub prediction_type: Option<String>,
+    /// Stable Diffusion / SDXL: tiled VAE decoding with tiles of this many pixels a side.
+    pub vae_tile_size: Option<usize>,
 }
 
 impl SourceOptions {
@@ -84,6 +86,9 @@ impl SourceOptions {
             }
             if let Some(p) = prediction {
                 bail!("--prediction-type {p} applies to Stable Diffusion checkpoints only");
+            }
+            if let Some(t) = self.vae_tile_size {
+                bail!("--vae-tile-size {t} applies to Stable Diffusion and SDXL models only");
             }
         }
         if kind == ModelKind::SdFolder {

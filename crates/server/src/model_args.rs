@@ -25,6 +25,11 @@ pub struct SourceArgs {
     /// base models need epsilon) and epsilon for the others.
     #[arg(long, env = "SD_PREDICTION_TYPE")]
     pub prediction_type: Option<String>,
+    /// Stable Diffusion / SDXL: decode in tiles of this many pixels a side (a multiple of 8,
+    /// 64 to 4096), 25% overlap blended as diffusers' enable_tiling; bounds the VAE's memory
+    /// at large sizes, changes the pixels slightly (see the README). Default: whole images.
+    #[arg(long, env = "SD_VAE_TILE_SIZE")]
+    pub vae_tile_size: Option<usize>,
 }
 
 impl SourceArgs {
@@ -33,6 +38,7 @@ impl SourceArgs {
             variant: self.variant.clone(),
             vae: self.vae.clone(),
             prediction_type: self.prediction_type.clone(),
+            vae_tile_size: self.vae_tile_size,
         }
     }
 }

@@ -134,6 +134,19 @@ fn generate_takes_size_ids_as_flags() {
         &reference_pixels("xl-euler-negative-micro"),
     );
 
+    // Tiles as large as the image: the same image.
+    let mut tiled = args.clone();
+    tiled.extend(["--vae-tile-size".to_string(), "64".to_string()]);
+    let o = common::sd_worker(&tiled);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_png(&out).2, pixels);
+    let mut bad_tile = args.clone();
+    bad_tile.extend(["--vae-tile-size".to_string(), "60".to_string()]);
+    let o = common::sd_worker(&bad_tile);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--vae-tile-size 60"), "{err}");
+
     let mut bad = args.clone();
     let i = bad.iter().position(|a| a == "128,128").unwrap();
     bad[i] = "128".into();

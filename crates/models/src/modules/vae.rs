@@ -350,6 +350,30 @@ pub struct Vae {
     decoder: Decoder,
     pub config: VaeConfig,
     dtype: DType,
+    /// Tiled decoding (diffusers' `enable_tiling`): tiles of this many pixels a side, 25%
+    /// overlap, blended linearly; `None` decodes whole images.
+    pub tile_size: Option<usize>,
+}
+
+/// Blends the last `extent` rows (`dim` 2) or columns (`dim` 3) of `a` into the first ones of
+/// `b`, linearly, as diffusers' `blend_v` / `blend_h`.
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let w: Vec<f32> = (0..extent).map(|y| y as f32 / extent as f32).collect();
+    let shape = if dim == 2 {
+        (1, 1, extent, 1)
+    } else {
+        (1, 1, 1, extent)
+    };
+    let w = Tensor::from_vec(w, shape, b.device())?;
+    let tail = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let head = b.narrow(dim, 0, extent)?;
+    let mixed = (tail.broadcast_mul(&(1.0 - &w)?)? + head.broadcast_mul(&w)?)?;
+    let rest = b.narrow(dim, extent, b.dim(dim)? - extent)?;
+    Tensor::cat(&[mixed, rest], dim)
 }
 
 impl Vae {
@@ -378,6 +402,7 @@ impl Vae {
             decoder: Decoder::new(vb.pp("decoder"), config)?,
             config: config.clone(),
             dtype,
+            tile_size: None,
         })
     }
 
@@ -429,14 +454,69 @@ impl Vae {
         let images = (0..z.dim(0)?)
             .map(|i| {
                 let zi = z.narrow(0, i, 1)?;
-                let zi = match &self.post_quant_conv {
-                    Some(c) => c.forward(&zi)?,
-                    None => zi,
-                };
-                self.decoder.forward(&zi)?.to_dtype(DType::F32)
+                let (h, w) = (zi.dim(2)?, zi.dim(3)?);
+                match self.tile_size {
+                    Some(ts)
+                        if h > ts / self.config.scale_factor()
+                            || w > ts / self.config.scale_factor() =>
+                    {
+                        self.decode_tiled(&zi, ts)
+                    }
+                    _ => self.decode_one(&zi),
+                }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
+    }
+
+    fn decode_one(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        self.decoder.forward(&z)?.to_dtype(DType::F32)
+    }
+
+    /// diffusers' `AutoencoderKL.tiled_decode` for one image: latent tiles of
+    /// `tile / factor` with a 75% stride, each decoded alone, every tile blended with the
+    /// (already blended) tiles above and to its left over 25% of a tile, then cropped to the
+    /// stride and joined. Peak memory follows the tile, not the image.
+    fn decode_tiled(&self, z: &Tensor, tile: usize) -> candle_core::Result<Tensor> {
+        let tile_latent = (tile / self.config.scale_factor()).max(1);
+        let overlap = ((tile_latent as f64 * 0.75) as usize).max(1);
+        let extent = (tile as f64 * 0.25) as usize;
+        let limit = tile - extent;
+        let (h, w) = (z.dim(2)?, z.dim(3)?);
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for i in (0..h).step_by(overlap) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap) {
+                let t =
+                    z.narrow(2, i, tile_latent.min(h - i))?
+                        .narrow(3, j, tile_latent.min(w - j))?;
+                row.push(self.decode_one(&t)?);
+            }
+            rows.push(row);
+        }
+        let mut out_rows = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let mut out_row = Vec::with_capacity(rows[i].len());
+            for j in 0..rows[i].len() {
+                let mut t = rows[i][j].clone();
+                if i > 0 {
+                    t = blend(&rows[i - 1][j], &t, extent, 2)?;
+                }
+                if j > 0 {
+                    t = blend(&rows[i][j - 1], &t, extent, 3)?;
+                }
+                rows[i][j] = t.clone();
+                let th = limit.min(t.dim(2)?);
+                let tw = limit.min(t.dim(3)?);
+                out_row.push(t.narrow(2, 0, th)?.narrow(3, 0, tw)?);
+            }
+            out_rows.push(Tensor::cat(&out_row, 3)?);
+        }
+        Tensor::cat(&out_rows, 2)
     }
 
     pub fn dtype(&self) -> DType {
