@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Image size of the SDXL stages (sdxl-unet, sdxl-vae); SDXL's default is 1024.
     #[arg(long, env = "SD_BENCH_SDXL_SIZE", default_value_t = 1024)]
     pub sdxl_size: usize,
+    /// The VAE stages decode in tiles of this many pixels (as `--vae-tile-size`).
+    #[arg(long, env = "SD_VAE_TILE_SIZE")]
+    pub vae_tile_size: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -198,6 +201,30 @@ fn time<F: FnMut() -> Result<()>>(
     Ok(times)
 }
 
+/// How far a tiled decode is from the whole one, in 8-bit levels: max, mean and PSNR.
+fn tiling_error(tiled: &Tensor, whole: &Tensor) -> Result<String> {
+    let to8 = |t: &Tensor| -> Result<Vec<u8>> {
+        Ok(sd_models::pipelines::sd::to_rgb8(t)?
+            .into_iter()
+            .flat_map(|i| i.pixels)
+            .collect())
+    };
+    let (a, b) = (to8(tiled)?, to8(whole)?);
+    let (mut max, mut sum, mut sq) = (0u8, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sum += f64::from(d);
+        sq += f64::from(d) * f64::from(d);
+    }
+    let n = a.len().max(1) as f64;
+    let psnr = 10.0 * (255f64 * 255.0 / (sq / n).max(1e-12)).log10();
+    Ok(format!(
+        "max {max} / mean {:.2} levels from the whole decode, PSNR {psnr:.1} dB",
+        sum / n
+    ))
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -307,19 +334,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     scaling_factor: 0.13025,
                     ..VaeConfig::sd15()
                 };
-                let model = random_model(dtype, &device, |vb| {
+                let mut model = random_model(dtype, &device, |vb| {
                     Vae::new(vb, &cfg).map_err(candle_error)
                 })?;
+                model.tile_size = args.vae_tile_size;
                 let l = xl_lat;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, l, l), &device)?;
+                let mut last = None;
                 let times = time(args.warmup, args.runs, &device, || {
-                    model.decode(&z)?;
+                    last = Some(model.decode(&z)?);
                     Ok(())
                 })?;
-                (
-                    format!("1x4x{l}x{l} latents -> {0}x{0}", args.sdxl_size),
-                    times,
-                )
+                let mut shape = format!("1x4x{l}x{l} latents -> {0}x{0}", args.sdxl_size);
+                if let (Some(tile), Some(tiled)) = (args.vae_tile_size, last) {
+                    model.tile_size = None;
+                    let whole = model.decode(&z)?;
+                    shape += &format!(", {tile}px tiles: {}", tiling_error(&tiled, &whole)?);
+                }
+                (shape, times)
             }
             "preview" => {
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
@@ -389,9 +421,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 )
             }
             _ => {
-                let model = random_model(dtype, &device, |vb| {
+                let mut model = random_model(dtype, &device, |vb| {
                     Vae::new(vb, &VaeConfig::sd15()).map_err(candle_error)
                 })?;
+                model.tile_size = args.vae_tile_size;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
                 let times = time(args.warmup, args.runs, &device, || {
                     model.decode(&z)?;
