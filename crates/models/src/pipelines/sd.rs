@@ -326,25 +326,13 @@ impl SdPipeline {
         batch: usize,
         guidance: bool,
     ) -> Result<Tensor> {
-        let mut cond = self.encode_chunks(prompt)?;
+        let cond = self.encode_chunks(prompt)?;
         if !guidance {
             return Ok(cond.repeat((batch, 1, 1))?.to_dtype(self.dtype)?);
         }
-        let mut uncond = self.encode_chunks(negative.unwrap_or(""))?;
-        let (a, b) = (cond.dim(1)?, uncond.dim(1)?);
-        if a != b {
-            let empty = self.encode_chunks("")?;
-            let chunk = empty.dim(1)?;
-            let pad = |t: Tensor, missing: usize| -> Result<Tensor> {
-                let extra = empty.repeat((1, missing / chunk, 1))?;
-                Ok(Tensor::cat(&[t, extra], 1)?)
-            };
-            if a < b {
-                cond = pad(cond, b - a)?;
-            } else {
-                uncond = pad(uncond, a - b)?;
-            }
-        }
+        let uncond = self.encode_chunks(negative.unwrap_or(""))?;
+        let (cond, uncond) =
+            crate::tokenizer::a1111::pad_to_same_length(cond, uncond, || self.encode_chunks(""))?;
         let emb = Tensor::cat(
             &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
             0,

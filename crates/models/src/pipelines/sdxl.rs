@@ -153,7 +153,6 @@ fn encode_chunks(enc: &XlEncoders, text: &str) -> Result<(Tensor, Tensor)> {
 /// As [`condition`] with A1111's prompt syntax: prompts of any length; an empty negative prompt
 /// gives zeros (as A1111 conditions SDXL); the shorter of prompt and negative prompt is
 /// extended with the empty prompt's chunk until both have as many chunks.
-#[allow(clippy::too_many_arguments)]
 pub fn condition_a1111(
     enc: &XlEncoders,
     prompt: &str,
@@ -162,33 +161,26 @@ pub fn condition_a1111(
     guidance: bool,
     ids: ([f32; 6], [f32; 6]),
 ) -> Result<Conditioning> {
-    let (mut ctx, pooled) = encode_chunks(enc, prompt)?;
+    let (ctx, pooled) = encode_chunks(enc, prompt)?;
     if !guidance {
         return assemble(enc, (ctx, pooled), None, batch, ids);
     }
     let negative = negative.unwrap_or("");
-    let (mut neg_ctx, neg_pooled) = if negative.is_empty() {
+    // The empty prompt's encoding: the shape of the zeros, and what pads the shorter side.
+    let mut empty = None;
+    let (neg_ctx, neg_pooled) = if negative.is_empty() {
         let (c, p) = encode_chunks(enc, "")?;
-        (c.zeros_like()?, p.zeros_like()?)
+        let zeros = (c.zeros_like()?, p.zeros_like()?);
+        empty = Some(c);
+        zeros
     } else {
         encode_chunks(enc, negative)?
     };
-    let (a, b) = (ctx.dim(1)?, neg_ctx.dim(1)?);
-    if a != b {
-        let (empty, _) = encode_chunks(enc, "")?;
-        let chunk = empty.dim(1)?;
-        let pad = |t: &Tensor, missing: usize| -> Result<Tensor> {
-            Ok(Tensor::cat(
-                &[t, &empty.repeat((1, missing / chunk, 1))?],
-                1,
-            )?)
-        };
-        if a < b {
-            ctx = pad(&ctx, b - a)?;
-        } else {
-            neg_ctx = pad(&neg_ctx, a - b)?;
-        }
-    }
+    let (ctx, neg_ctx) =
+        crate::tokenizer::a1111::pad_to_same_length(ctx, neg_ctx, || match empty {
+            Some(c) => Ok(c),
+            None => Ok(encode_chunks(enc, "")?.0),
+        })?;
     assemble(enc, (ctx, pooled), Some((neg_ctx, neg_pooled)), batch, ids)
 }
 
@@ -237,7 +229,6 @@ fn assemble(
 /// diffusers' SDXL `encode_prompt` and added conditioning for `batch` images: with guidance,
 /// the unconditional half is the negative prompt's encoding, or zeros when there is no
 /// negative prompt and the model forces zeros.
-#[allow(clippy::too_many_arguments)]
 pub fn condition(
     enc: &XlEncoders,
     prompt: &str,

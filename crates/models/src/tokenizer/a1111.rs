@@ -245,6 +245,33 @@ pub fn emphasis(z: &Tensor, multipliers: &[f32]) -> candle_core::Result<Tensor> 
     weighted.broadcast_mul(&(original / new)?)
 }
 
+/// Extends the shorter of `cond` and `uncond` (1, tokens, width) with copies of the empty
+/// prompt's chunk until both have as many tokens, as A1111 pads them; `empty` (that chunk's
+/// encoding) is only asked for when the lengths differ.
+pub fn pad_to_same_length(
+    cond: Tensor,
+    uncond: Tensor,
+    empty: impl FnOnce() -> crate::Result<Tensor>,
+) -> crate::Result<(Tensor, Tensor)> {
+    let (a, b) = (cond.dim(1)?, uncond.dim(1)?);
+    if a == b {
+        return Ok((cond, uncond));
+    }
+    let empty = empty()?;
+    let chunk = empty.dim(1)?;
+    let pad = |t: Tensor, missing: usize| -> crate::Result<Tensor> {
+        Ok(Tensor::cat(
+            &[t, empty.repeat((1, missing / chunk, 1))?],
+            1,
+        )?)
+    };
+    if a < b {
+        Ok((pad(cond, b - a)?, uncond))
+    } else {
+        Ok((cond, pad(uncond, a - b)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
