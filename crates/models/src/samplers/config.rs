@@ -60,16 +60,17 @@ pub struct SchedulerConfig {
     /// `_class_name`, e.g. `"PNDMScheduler"`.
     pub class_name: Option<String>,
     pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
+    /// `None` takes the sampler's default (see [`BetaDefaults`]).
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
     pub trained_betas: Option<Vec<f64>>,
     pub prediction_type: PredictionType,
     pub timestep_spacing: Option<TimestepSpacing>,
     pub steps_offset: i64,
     pub rescale_betas_zero_snr: bool,
-    /// DDIM (default `true`).
-    pub clip_sample: bool,
+    /// DDIM and DDPM (default `true`), Heun, LCM and TCD (default `false`).
+    pub clip_sample: Option<bool>,
     /// DDIM (default 1.0).
     pub clip_sample_range: f64,
     /// DDIM (default `true`) and PNDM (default `false`).
@@ -102,16 +103,55 @@ pub struct SchedulerConfig {
     pub algorithm_type: String,
     /// DPM-Solver (overridden to 2 by our DPM++ 2M samplers).
     pub solver_order: usize,
-    /// DPM-Solver: `"midpoint"` (default) or `"heun"`.
-    pub solver_type: String,
+    /// DPM-Solver (default `"midpoint"`, or `"heun"`), UniPC (default `"bh2"`), DEIS.
+    pub solver_type: Option<String>,
     /// DPM-Solver (default `true`).
     pub lower_order_final: bool,
     /// DPM-Solver (default `false`).
     pub euler_at_final: bool,
     /// DPM-Solver (default -inf).
     pub lambda_min_clipped: f64,
-    /// DPM-Solver; `learned` / `learned_range` are not supported.
+    /// DPM-Solver, DDPM; `learned` / `learned_range` are not supported.
     pub variance_type: Option<String>,
+    /// UniPC (default `true`).
+    pub predict_x0: bool,
+    /// UniPC: the steps whose corrector is skipped.
+    pub disable_corrector: Vec<usize>,
+    /// LCM and TCD (default 50).
+    pub original_inference_steps: usize,
+    /// LCM and TCD (default 10.0).
+    pub timestep_scaling: f64,
+}
+
+/// The beta keys' defaults, which differ between diffusers' scheduler classes (DDPM-family
+/// classes default to linear 0.0001..0.02, the k-diffusion ports to 0.00085..0.012, LCM and
+/// TCD to scaled_linear).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BetaDefaults {
+    pub start: f64,
+    pub end: f64,
+    pub schedule: &'static str,
+}
+
+impl BetaDefaults {
+    /// DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC, DEIS, LMS.
+    pub const DDPM: BetaDefaults = BetaDefaults {
+        start: 0.0001,
+        end: 0.02,
+        schedule: "linear",
+    };
+    /// Heun, KDPM2, KDPM2 ancestral, DPM-Solver SDE.
+    pub const K_DIFFUSION: BetaDefaults = BetaDefaults {
+        start: 0.00085,
+        end: 0.012,
+        schedule: "linear",
+    };
+    /// LCM, TCD.
+    pub const LCM: BetaDefaults = BetaDefaults {
+        start: 0.00085,
+        end: 0.012,
+        schedule: "scaled_linear",
+    };
 }
 
 impl Default for SchedulerConfig {
@@ -121,15 +161,15 @@ impl Default for SchedulerConfig {
             path: PathBuf::new(),
             class_name: None,
             num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
+            beta_start: None,
+            beta_end: None,
+            beta_schedule: None,
             trained_betas: None,
             prediction_type: PredictionType::Epsilon,
             timestep_spacing: None,
             steps_offset: 0,
             rescale_betas_zero_snr: false,
-            clip_sample: true,
+            clip_sample: None,
             clip_sample_range: 1.0,
             set_alpha_to_one: None,
             skip_prk_steps: false,
@@ -146,11 +186,15 @@ impl Default for SchedulerConfig {
             final_sigmas_type: "zero".into(),
             algorithm_type: "dpmsolver++".into(),
             solver_order: 2,
-            solver_type: "midpoint".into(),
+            solver_type: None,
             lower_order_final: true,
             euler_at_final: false,
             lambda_min_clipped: f64::NEG_INFINITY,
             variance_type: None,
+            predict_x0: true,
+            disable_corrector: Vec::new(),
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
         }
     }
 }
@@ -322,19 +366,32 @@ impl SchedulerConfig {
             }
         };
         let solver_order = k.int("solver_order", 2)?;
+        let disable_corrector = match k.get("disable_corrector") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|i| i as usize)
+                        .ok_or_else(|| k.err("disable_corrector", "a list of step indices", v))
+                })
+                .collect::<Result<Vec<usize>>>()?,
+            Some(v) => return Err(k.err("disable_corrector", "a list of step indices", v)),
+        };
+        let original_inference_steps = k.int("original_inference_steps", 50)?;
         Ok(SchedulerConfig {
             path: path.to_path_buf(),
             class_name,
             num_train_timesteps: num_train_timesteps as usize,
-            beta_start: k.f64("beta_start", d.beta_start)?,
-            beta_end: k.f64("beta_end", d.beta_end)?,
-            beta_schedule: k.string("beta_schedule", &d.beta_schedule)?,
+            beta_start: k.opt_f64("beta_start")?,
+            beta_end: k.opt_f64("beta_end")?,
+            beta_schedule: k.opt_string("beta_schedule")?,
             trained_betas,
             prediction_type,
             timestep_spacing,
             steps_offset: k.int("steps_offset", 0)?,
             rescale_betas_zero_snr: k.bool("rescale_betas_zero_snr", false)?,
-            clip_sample: k.bool("clip_sample", true)?,
+            clip_sample: k.opt_bool("clip_sample")?,
             clip_sample_range: k.f64("clip_sample_range", 1.0)?,
             set_alpha_to_one: k.opt_bool("set_alpha_to_one")?,
             skip_prk_steps: k.bool("skip_prk_steps", false)?,
@@ -351,11 +408,15 @@ impl SchedulerConfig {
             final_sigmas_type: k.string("final_sigmas_type", &d.final_sigmas_type)?,
             algorithm_type: k.string("algorithm_type", &d.algorithm_type)?,
             solver_order: solver_order.max(0) as usize,
-            solver_type: k.string("solver_type", &d.solver_type)?,
+            solver_type: k.opt_string("solver_type")?,
             lower_order_final: k.bool("lower_order_final", true)?,
             euler_at_final: k.bool("euler_at_final", false)?,
             lambda_min_clipped: k.f64("lambda_min_clipped", f64::NEG_INFINITY)?,
             variance_type: k.opt_string("variance_type")?,
+            predict_x0: k.bool("predict_x0", true)?,
+            disable_corrector,
+            original_inference_steps: original_inference_steps.max(1) as usize,
+            timestep_scaling: k.f64("timestep_scaling", 10.0)?,
         })
     }
 
@@ -384,6 +445,15 @@ impl SchedulerConfig {
     }
 }
 
+/// The scheduler classes with a `clip_sample` option.
+const CLASSES_WITH_CLIP_SAMPLE: [&str; 5] = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "HeunDiscreteScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+];
+
 impl SchedulerConfig {
     /// The config as diffusers' Stable Diffusion pipelines patch it at construction, before
     /// any `from_config` swap: `steps_offset` becomes 1; text-to-image and image-to-image
@@ -397,8 +467,8 @@ impl SchedulerConfig {
             if class == "PNDMScheduler" {
                 c.skip_prk_steps = true;
             }
-        } else if matches!(class, "DDIMScheduler" | "DDPMScheduler") {
-            c.clip_sample = false;
+        } else if CLASSES_WITH_CLIP_SAMPLE.contains(&class) {
+            c.clip_sample = Some(false);
         }
         c
     }

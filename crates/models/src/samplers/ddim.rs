@@ -6,6 +6,7 @@
 
 use candle_core::Tensor;
 
+use super::config::BetaDefaults;
 use super::schedule::{self, div, f32_tensor, mul};
 use super::{check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing, TorchRng};
 use crate::Result;
@@ -28,7 +29,7 @@ impl Ddim {
         if cfg.thresholding {
             return Err(cfg.unsupported("thresholding", true, "DDIM"));
         }
-        let ac = schedule::alphas_cumprod(cfg, cfg.rescale_betas_zero_snr, false)?;
+        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, false)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
             1.0
         } else {
@@ -45,7 +46,7 @@ impl Ddim {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             plan,
             prediction_type: cfg.prediction_type,
-            clip: cfg.clip_sample.then_some(cfg.clip_sample_range as f32),
+            clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range as f32),
         })
     }
 }

@@ -9,6 +9,7 @@
 use candle_core::Tensor;
 
 use super::euler::final_sigma;
+use super::config::BetaDefaults;
 use super::schedule::{self, div, f32_tensor, mul};
 use super::{
     bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing,
@@ -69,14 +70,14 @@ impl DpmSolverPp2m {
                 return Err(cfg.unsupported("variance_type", format!("{v:?}"), WHO));
             }
         }
-        let solver_type = match cfg.solver_type.as_str() {
+        let solver_type = match cfg.solver_type.as_deref().unwrap_or("midpoint") {
             // diffusers maps the DEIS / UniPC solver types to midpoint.
             "midpoint" | "logrho" | "bh1" | "bh2" => SolverType::Midpoint,
             "heun" => SolverType::Heun,
             other => return Err(cfg.unsupported("solver_type", format!("{other:?}"), WHO)),
         };
         let num_train = cfg.num_train_timesteps;
-        let ac = schedule::alphas_cumprod(cfg, cfg.rescale_betas_zero_snr, true)?;
+        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
 
         // Timesteps below lambda_min_clipped are cut off the end of the range.
         let clipped_idx = if cfg.lambda_min_clipped == f64::NEG_INFINITY {
@@ -125,7 +126,7 @@ impl DpmSolverPp2m {
             let sigma_max = cfg.sigma_max.unwrap_or(f64::from(full[num_train - 1]));
             let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
             let log_sigmas = schedule::log_sigmas(&full);
-            let round = cfg.beta_schedule != "squaredcos_cap_v2";
+            let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
             timesteps = sigmas
                 .iter()
                 .map(|&s| {

@@ -8,7 +8,8 @@
 
 use candle_core::Tensor;
 
-use super::schedule::{self, div, f32_tensor, mul};
+use super::config::BetaDefaults;
+use super::schedule::{self, div, f32_tensor, mul, SigmaConversion};
 use super::{check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing, TorchRng};
 use crate::Result;
 
@@ -55,12 +56,6 @@ pub struct Euler {
 impl Euler {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         const WHO: &str = "Euler";
-        if cfg.use_exponential_sigmas {
-            return Err(cfg.unsupported("use_exponential_sigmas", true, WHO));
-        }
-        if cfg.use_beta_sigmas {
-            return Err(cfg.unsupported("use_beta_sigmas", true, WHO));
-        }
         match cfg.timestep_type.as_str() {
             "discrete" => {}
             // Without v-prediction diffusers never looks at a continuous timestep_type.
@@ -76,7 +71,7 @@ impl Euler {
                 ))
             }
         }
-        let ac = schedule::alphas_cumprod(cfg, cfg.rescale_betas_zero_snr, true)?;
+        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
         let full = schedule::sigmas_from_alphas_cumprod(&ac);
         let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
         let mut timesteps =
@@ -100,10 +95,8 @@ impl Euler {
             }
             other => return Err(cfg.unsupported("interpolation_type", format!("{other:?}"), WHO)),
         };
-        if cfg.use_karras_sigmas {
-            let sigma_min = cfg.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
-            let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
+        if let Some(conversion) = SigmaConversion::from_config(cfg) {
+            sigmas = conversion.convert(cfg, &sigmas, n);
             let log_sigmas = schedule::log_sigmas(&full);
             timesteps = sigmas
                 .iter()
@@ -188,7 +181,7 @@ impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         // EulerAncestralDiscreteScheduler knows no Karras / interpolation / final-sigma
         // options; from_config ignores those keys.
-        let ac = schedule::alphas_cumprod(cfg, cfg.rescale_betas_zero_snr, true)?;
+        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
         let full = schedule::sigmas_from_alphas_cumprod(&ac);
         let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
         let timesteps =

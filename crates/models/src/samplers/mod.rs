@@ -21,12 +21,18 @@
 
 mod config;
 pub mod ddim;
+pub mod ddpm;
+pub mod deis;
 pub mod dpm_solver;
 pub mod euler;
 pub mod flow_match;
+pub mod k_diffusion;
+pub mod lcm;
 pub mod pndm;
 pub mod rng;
 pub(crate) mod schedule;
+pub mod tcd;
+pub mod unipc;
 
 use candle_core::Tensor;
 

@@ -9,6 +9,7 @@
 
 use candle_core::Tensor;
 
+use super::config::BetaDefaults;
 use super::schedule::{self, div, f32_tensor, mul};
 use super::{
     bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing,
@@ -52,7 +53,7 @@ impl Pndm {
             ));
         }
         // PNDMScheduler has no rescale_betas_zero_snr option: from_config ignores the key.
-        let ac = schedule::alphas_cumprod(cfg, false, false)?;
+        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, false, false)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(false) {
             1.0
         } else {

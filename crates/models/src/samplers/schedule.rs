@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::config::BetaDefaults;
 use super::{SchedulerConfig, TimestepSpacing};
 use crate::{Error, Result};
 
@@ -113,8 +114,11 @@ fn cumprod(alphas: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The betas of a config, as diffusers' scheduler `__init__` builds them (float32).
-fn betas(cfg: &SchedulerConfig) -> Result<Vec<f32>> {
+/// The betas of a config, as diffusers' scheduler `__init__` builds them (float32); absent
+/// keys take the class's defaults `d`.
+fn betas(cfg: &SchedulerConfig, d: BetaDefaults) -> Result<Vec<f32>> {
+    let beta_start = cfg.beta_start.unwrap_or(d.start);
+    let beta_end = cfg.beta_end.unwrap_or(d.end);
     let n = cfg.num_train_timesteps;
     if let Some(tb) = &cfg.trained_betas {
         if tb.len() != n {
@@ -128,15 +132,11 @@ fn betas(cfg: &SchedulerConfig) -> Result<Vec<f32>> {
         }
         return Ok(tb.iter().map(|&b| b as f32).collect());
     }
-    match cfg.beta_schedule.as_str() {
-        "linear" => Ok(torch_linspace_f32(
-            cfg.beta_start as f32,
-            cfg.beta_end as f32,
-            n,
-        )),
+    match cfg.beta_schedule.as_deref().unwrap_or(d.schedule) {
+        "linear" => Ok(torch_linspace_f32(beta_start as f32, beta_end as f32, n)),
         "scaled_linear" => Ok(torch_linspace_f32(
-            cfg.beta_start.powf(0.5) as f32,
-            cfg.beta_end.powf(0.5) as f32,
+            beta_start.powf(0.5) as f32,
+            beta_end.powf(0.5) as f32,
             n,
         )
         .into_iter()
@@ -196,10 +196,11 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 /// schedulers (Euler, Euler ancestral, DPM-Solver) do and DDIM does not.
 pub(crate) fn alphas_cumprod(
     cfg: &SchedulerConfig,
+    defaults: BetaDefaults,
     rescale: bool,
     terminal_floor: bool,
 ) -> Result<Vec<f32>> {
-    let mut b = betas(cfg)?;
+    let mut b = betas(cfg, defaults)?;
     if rescale {
         b = rescale_zero_terminal_snr(&b);
     }
@@ -255,6 +256,128 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
         .into_iter()
         .map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho))
         .collect()
+}
+
+/// The sigma schedules diffusers offers on top of a scheduler's own (`use_karras_sigmas`,
+/// `use_exponential_sigmas`, `use_beta_sigmas`), as the config flags select them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SigmaConversion {
+    Karras,
+    Exponential,
+    Beta,
+}
+
+impl SigmaConversion {
+    /// The conversion a config's flags ask for (diffusers tests them in this order), if any.
+    pub(crate) fn from_config(cfg: &SchedulerConfig) -> Option<Self> {
+        if cfg.use_karras_sigmas {
+            Some(SigmaConversion::Karras)
+        } else if cfg.use_exponential_sigmas {
+            Some(SigmaConversion::Exponential)
+        } else if cfg.use_beta_sigmas {
+            Some(SigmaConversion::Beta)
+        } else {
+            None
+        }
+    }
+
+    /// diffusers' `_convert_to_karras` / `_convert_to_exponential` / `_convert_to_beta`:
+    /// `n` sigmas from the config's `sigma_max` / `sigma_min` when it sets them, else from
+    /// `in_sigmas[0]` and `in_sigmas[last]` (descending input; float64 throughout).
+    pub(crate) fn convert(self, cfg: &SchedulerConfig, in_sigmas: &[f64], n: usize) -> Vec<f64> {
+        let sigma_min = cfg
+            .sigma_min
+            .unwrap_or_else(|| in_sigmas.last().copied().unwrap_or(0.0));
+        let sigma_max = cfg
+            .sigma_max
+            .unwrap_or_else(|| in_sigmas.first().copied().unwrap_or(0.0));
+        match self {
+            SigmaConversion::Karras => karras_sigmas(sigma_min, sigma_max, n),
+            SigmaConversion::Exponential => exponential_sigmas(sigma_min, sigma_max, n),
+            SigmaConversion::Beta => beta_sigmas(sigma_min, sigma_max, n, 0.6, 0.6),
+        }
+    }
+}
+
+/// `np.exp(np.linspace(log(sigma_max), log(sigma_min), n))`.
+pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    np_linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// diffusers' `_convert_to_beta`: `sigma_min + ppf(1 - r) (sigma_max - sigma_min)` for `r`
+/// in `linspace(0, 1, n)`, `ppf` the Beta(alpha, beta) quantile (scipy's `beta.ppf`).
+pub(crate) fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize, a: f64, b: f64) -> Vec<f64> {
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| sigma_min + beta_ppf(1.0 - r, a, b) * (sigma_max - sigma_min))
+        .collect()
+}
+
+/// The Beta(a, b) quantile: the `x` with regularized incomplete beta `I_x(a, b) = p`, by
+/// bisection to the last bit (statrs has the CDF; its own inverse stops at a looser
+/// tolerance than scipy's, which the sigma schedule inherits).
+pub(crate) fn beta_ppf(p: f64, a: f64, b: f64) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if statrs::function::beta::beta_reg(a, b, mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// The timesteps and sigmas of the k-diffusion ports (`HeunDiscreteScheduler`,
+/// `LMSDiscreteScheduler`, `KDPM2DiscreteScheduler`, ...): float timesteps by the config's
+/// spacing, sigmas interpolated linearly in the training table, optionally converted
+/// (Karras / exponential / beta) with the timesteps then recomputed from the sigmas.
+/// Returns float32 timesteps, the float64 sigmas (without the final 0), the float32
+/// training sigmas (ascending) and their logarithms.
+pub(crate) struct DiscreteSigmas {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f64>,
+    pub log_sigmas: Vec<f32>,
+}
+
+pub(crate) fn discrete_sigmas(
+    cfg: &SchedulerConfig,
+    ac: &[f32],
+    spacing: TimestepSpacing,
+    n: usize,
+) -> DiscreteSigmas {
+    let full = sigmas_from_alphas_cumprod(ac);
+    let log_sigmas = log_sigmas(&full);
+    let mut timesteps = float_timesteps(spacing, cfg.num_train_timesteps, n, cfg.steps_offset);
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| np_interp(f64::from(t), &full))
+        .collect();
+    if let Some(conversion) = SigmaConversion::from_config(cfg) {
+        sigmas = conversion.convert(cfg, &sigmas, n);
+        timesteps = sigmas
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+            .collect();
+    }
+    DiscreteSigmas {
+        timesteps,
+        sigmas,
+        log_sigmas,
+    }
 }
 
 /// Integer timesteps of DDIM / PNDM-style spacing, in descending loop order, as numpy
@@ -394,6 +517,22 @@ mod tests {
         assert_eq!(np_arange_f64(10.0, 0.0, -2.5), vec![10.0, 7.5, 5.0, 2.5]);
         assert_eq!(np_arange_f64(1000.0, 0.0, -1000.0), vec![1000.0]);
         assert!(np_arange_f64(0.0, 1.0, -1.0).is_empty());
+    }
+
+    #[test]
+    fn beta_ppf_matches_scipy() {
+        // scipy.stats.beta.ppf(q, 0.6, 0.6) (scipy 1.17.1).
+        for (q, want) in [
+            (0.5, 0.500_000_000_000_000_1),
+            (0.1, 0.039_584_405_588_780_85),
+            (0.9, 0.960_415_594_411_219_2),
+            (0.25, 0.175_680_378_652_694_98),
+        ] {
+            let got = beta_ppf(q, 0.6, 0.6);
+            assert!((got - want).abs() < 1e-12, "ppf({q}) = {got}, want {want}");
+        }
+        assert_eq!(beta_ppf(0.0, 0.6, 0.6), 0.0);
+        assert_eq!(beta_ppf(1.0, 0.6, 0.6), 1.0);
     }
 
     #[test]
