@@ -147,6 +147,12 @@ pub struct RequestDraft {
     pub guidance_scale: Option<f64>,
     /// None: a random seed.
     pub seed: Option<u64>,
+    /// The sampler (update rule); a combined name such as "DPM++ 2M Karras" also sets the
+    /// schedule.
+    pub sampler: Option<String>,
+    /// The sigma / timestep schedule.
+    pub schedule: Option<String>,
+    /// The earlier single field: a sampler name, or a combined sampler-and-schedule name.
     pub scheduler: Option<String>,
     pub batch: Option<u64>,
     pub max_sequence_length: Option<u64>,
@@ -181,6 +187,8 @@ impl RequestDraft {
             steps: None,
             guidance_scale: None,
             seed: None,
+            sampler: None,
+            schedule: None,
             scheduler: None,
             batch: None,
             max_sequence_length: None,

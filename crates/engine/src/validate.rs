@@ -9,7 +9,7 @@ use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{
     GenerateParams, ImageInput, MaskImage, MicroConditioning, RgbImage, SdPipeline,
 };
-use sd_models::samplers::SamplerKind;
+use sd_models::samplers::{SamplerKind, Schedule};
 
 use crate::images::input::{decode_alpha_mask, decode_mask, decode_rgb};
 use crate::request::{
@@ -118,7 +118,7 @@ pub fn validate(
     let mut steps = steps(spec, limits, draft.steps)?;
     let guidance = guidance(spec, draft.guidance_scale)?;
     let seed = draft.seed.unwrap_or(random_seed);
-    let sampler = sampler(spec, draft.scheduler.as_deref())?;
+    let (sampler, schedule) = sampler(spec, &draft)?;
     let batch = draft.batch.unwrap_or(1);
     if batch == 0 || batch > limits.max_batch as u64 {
         let source = if limits.from_flags {
@@ -134,14 +134,14 @@ pub fn validate(
             ),
         ));
     }
-    check_sampler_steps(spec, sampler, steps)?;
+    check_sampler_steps(spec, sampler, schedule, steps)?;
     let input = match input {
         None => None,
         Some(image) => {
             let strength = draft.strength.unwrap_or_else(|| default_strength(spec, op));
             if draft.steps.is_none() {
                 steps = steps_for_strength(steps, strength, spec, limits);
-                check_sampler_steps(spec, sampler, steps)?;
+                check_sampler_steps(spec, sampler, schedule, steps)?;
             }
             check_strength(spec, steps, strength)?;
             Some(Arc::new(ImageInput {
@@ -176,6 +176,7 @@ pub fn validate(
             guidance,
             seed,
             sampler,
+            schedule,
             batch: batch as usize,
             prompt_syntax: draft.prompt_syntax,
             micro,
@@ -543,48 +544,103 @@ fn guidance(spec: &ModelSpec, given: Option<f64>) -> Result<f64> {
     Ok(guidance)
 }
 
-fn sampler(spec: &ModelSpec, given: Option<&str>) -> Result<SamplerKind> {
-    match given {
-        // FLUX runs its flow-matching schedule; the value only fills the job record.
-        None if spec.flux => Ok(SamplerKind::Euler),
-        Some(_) if spec.flux => Err(invalid(
-            "scheduler",
-            "FLUX runs its flow-matching Euler schedule: omit `scheduler`",
-        )),
-        None => spec.default_sampler.clone().map_err(|e| {
-            invalid(
+/// The sampler and schedule of a request: `sampler` (or the earlier `scheduler`, one of
+/// the two) and `schedule`; a combined name ("DPM++ 2M Karras") sets both, and then an
+/// explicit `schedule` must agree with it. Omitted: the model's own.
+fn sampler(spec: &ModelSpec, draft: &RequestDraft) -> Result<(SamplerKind, Schedule)> {
+    let (field, name) = match (&draft.sampler, &draft.scheduler) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
                 "scheduler",
-                format!("is required: the model's own scheduler cannot be used ({e})"),
-            )
-        }),
-        Some(s) => SamplerKind::from_name(s).map_err(|e| match e {
-            sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
-            other => invalid("scheduler", other),
-        }),
+                "give either `sampler` or the older `scheduler`, not both",
+            ))
+        }
+        (Some(s), None) => ("sampler", Some(s.as_str())),
+        (None, Some(s)) => ("scheduler", Some(s.as_str())),
+        (None, None) => ("sampler", None),
+    };
+    if spec.flux {
+        let given = [
+            (field, name.is_some()),
+            ("schedule", draft.schedule.is_some()),
+        ];
+        if let Some((f, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(invalid(
+                f,
+                format!("FLUX runs its flow-matching Euler schedule: omit `{f}`"),
+            ));
+        }
+        // The value only fills the job record.
+        return Ok((SamplerKind::Euler, Schedule::Model));
+    }
+    let (kind, named_schedule) = match name {
+        None => {
+            let kind = spec.default_sampler.clone().map_err(|e| {
+                invalid(
+                    field,
+                    format!("is required: the model's own scheduler cannot be used ({e})"),
+                )
+            })?;
+            (kind, None)
+        }
+        Some(s) => SamplerKind::parse(s).map_err(|e| invalid(field, model_message(e)))?,
+    };
+    let schedule = match (&draft.schedule, named_schedule) {
+        (None, named) => named.unwrap_or_default(),
+        (Some(s), named) => {
+            let given =
+                Schedule::from_name(s).map_err(|e| invalid("schedule", model_message(e)))?;
+            if named.is_some_and(|n| n != given) {
+                return Err(invalid(
+                    "schedule",
+                    format!(
+                        "{s:?} contradicts the schedule in {field} {:?}",
+                        name.unwrap_or_default()
+                    ),
+                ));
+            }
+            given
+        }
+    };
+    sd_models::samplers::check_combination(kind, schedule)
+        .map_err(|e| invalid("schedule", model_message(e)))?;
+    Ok((kind, schedule))
+}
+
+/// The message of a models-crate error, without its field prefix.
+fn model_message(e: sd_models::Error) -> String {
+    match e {
+        sd_models::Error::Invalid { message, .. } => message,
+        other => other.to_string(),
     }
 }
 
 /// What the sampler itself refuses (e.g. PNDM with PRK warm-up needs 4 steps) is refused
 /// here, not after queueing.
-fn check_sampler_steps(spec: &ModelSpec, sampler: SamplerKind, steps: usize) -> Result<()> {
+fn check_sampler_steps(
+    spec: &ModelSpec,
+    sampler: SamplerKind,
+    schedule: Schedule,
+    steps: usize,
+) -> Result<()> {
     if spec.flux {
         // FLUX sizes were checked against twice the VAE factor (its latent_factor here).
         return Ok(());
     }
-    match sd_models::samplers::build_sampler(sampler, &spec.scheduler.for_pipeline(false), steps) {
+    let cfg = spec.scheduler.for_pipeline(false);
+    match sd_models::samplers::build_sampler(sampler, schedule, &cfg, steps) {
         Ok(_) => Ok(()),
         Err(sd_models::Error::Invalid { field, message }) => Err(invalid(
-            if field == "steps" {
-                "steps"
-            } else {
-                "scheduler"
-            },
-            format!("{message} (sampler {})", sampler.name()),
+            if field == "steps" { "steps" } else { "sampler" },
+            format!(
+                "{message} (sampler {}, schedule {schedule})",
+                sampler.name()
+            ),
         )),
         Err(other) => Err(invalid(
-            "scheduler",
+            "sampler",
             format!(
-                "{} cannot run with this model's scheduler config: {other}",
+                "{} on schedule {schedule} cannot run with this model's scheduler config: {other}",
                 sampler.name()
             ),
         )),

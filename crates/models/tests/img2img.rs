@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 use common::{assert_close, assert_images_close, fixtures};
 use sd_models::loader::load_sd;
 use sd_models::pipelines::{GenerateParams, ImageInput, RgbImage, SdPipeline};
-use sd_models::samplers::{build_sampler, SamplerKind, TorchRng};
+use sd_models::samplers::{build_sampler, TorchRng};
 use serde_json::Value;
 
 fn run(name: &str, case: &Value) {
@@ -51,10 +51,7 @@ fn run(name: &str, case: &Value) {
     let (dw, dh) = input.default_size(pipe.latent_factor());
     let width = case["width"].as_u64().map_or(dw, |v| v as usize);
     let height = case["height"].as_u64().map_or(dh, |v| v as usize);
-    let sampler = match case["scheduler"].as_str() {
-        Some(s) => SamplerKind::from_name(s).unwrap(),
-        None => pipe.default_sampler().unwrap(),
-    };
+    let (sampler, schedule) = common::sampler_of(case, &pipe);
     let p = GenerateParams {
         prompt: case["prompt"].as_str().unwrap().to_string(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
@@ -64,6 +61,7 @@ fn run(name: &str, case: &Value) {
         guidance: case["guidance"].as_f64().unwrap(),
         seed: case["seed"].as_u64().unwrap(),
         sampler,
+        schedule,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),
@@ -75,7 +73,7 @@ fn run(name: &str, case: &Value) {
     let latents = pipe.encode_sample(&r["preprocessed"], &mut rng).unwrap();
     assert_close(name, "image latents", &latents, &r["image_latents"], 1e-4);
     let start = SdPipeline::img2img_start(p.steps, strength).unwrap();
-    let sampler = build_sampler(p.sampler, &pipe.scheduler, p.steps).unwrap();
+    let sampler = build_sampler(p.sampler, p.schedule, &pipe.scheduler, p.steps).unwrap();
     let init = r["image_latents"].repeat((p.batch, 1, 1, 1)).unwrap();
     let noise = rng.randn(init.dims(), &Device::Cpu).unwrap();
     let noised = sampler.add_noise(&init, &noise, start).unwrap();

@@ -62,10 +62,7 @@ fn run(name: &str, case: &Value) {
     let (dw, dh) = pipe.default_size();
     let width = case["width"].as_u64().map_or(dw, |v| v as usize);
     let height = case["height"].as_u64().map_or(dh, |v| v as usize);
-    let sampler = match case["scheduler"].as_str() {
-        Some(s) => SamplerKind::from_name(s).unwrap(),
-        None => pipe.default_sampler().unwrap(),
-    };
+    let (sampler, schedule) = common::sampler_of(case, &pipe);
     let p = GenerateParams {
         prompt: case["prompt"].as_str().unwrap().to_string(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
@@ -75,6 +72,7 @@ fn run(name: &str, case: &Value) {
         guidance: case["guidance"].as_f64().unwrap(),
         seed: case["seed"].as_u64().unwrap(),
         sampler,
+        schedule,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),
@@ -105,7 +103,13 @@ fn run(name: &str, case: &Value) {
         None
     };
     let noise = rng.randn(&lat, &Device::Cpu).unwrap();
-    let sampler = build_sampler(p.sampler, &pipe.scheduler.for_pipeline(true), p.steps).unwrap();
+    let sampler = build_sampler(
+        p.sampler,
+        p.schedule,
+        &pipe.scheduler.for_pipeline(true),
+        p.steps,
+    )
+    .unwrap();
     let start = SdPipeline::img2img_start(p.steps, strength).unwrap();
     let latents_start = match (&init, strength < 1.0) {
         (Some(init), true) => sampler.add_noise(init, &noise, start).unwrap(),
@@ -197,6 +201,7 @@ fn an_inpainting_model_only_inpaints() {
         guidance: 7.5,
         seed: 0,
         sampler: SamplerKind::Euler,
+        schedule: Default::default(),
         batch: 1,
         prompt_syntax: Default::default(),
         micro: Default::default(),

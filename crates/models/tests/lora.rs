@@ -64,6 +64,7 @@ fn sd_params(case: &Value, pipe: &sd_models::pipelines::SdPipeline) -> GenerateP
         guidance: case["guidance"].as_f64().unwrap(),
         seed: case["seed"].as_u64().unwrap(),
         sampler: pipe.default_sampler().unwrap(),
+        schedule: Default::default(),
         batch: 1,
         prompt_syntax: Default::default(),
         micro: Default::default(),

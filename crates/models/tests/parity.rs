@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures};
 use sd_models::loader::load_sd;
 use sd_models::pipelines::{GenerateParams, SdPipeline};
-use sd_models::samplers::{build_sampler, SamplerKind, TorchRng};
+use sd_models::samplers::{build_sampler, TorchRng};
 use serde_json::Value;
 
 fn cases() -> &'static HashMap<String, Value> {
@@ -48,10 +48,7 @@ fn pipeline(model: &str) -> SdPipeline {
 }
 
 fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
-    let sampler = match case["scheduler"].as_str() {
-        Some(s) => SamplerKind::from_name(s).unwrap(),
-        None => pipe.default_sampler().unwrap(),
-    };
+    let (sampler, schedule) = common::sampler_of(case, pipe);
     GenerateParams {
         prompt: case["prompt"].as_str().unwrap().to_string(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
@@ -61,6 +58,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         guidance: case["guidance"].as_f64().unwrap(),
         seed: case["seed"].as_u64().unwrap(),
         sampler,
+        schedule,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),
@@ -99,7 +97,7 @@ fn check_case(name: &str) {
     assert_close(name, "initial noise", &noise, noise_ref, 1e-6);
 
     // First UNet input (noise * init sigma, doubled for guidance, scaled by the sampler).
-    let sampler = build_sampler(p.sampler, &pipe.scheduler, p.steps).unwrap();
+    let sampler = build_sampler(p.sampler, p.schedule, &pipe.scheduler, p.steps).unwrap();
     let latents = (noise * sampler.init_noise_sigma()).unwrap();
     let input = if cfg {
         Tensor::cat(&[&latents, &latents], 0).unwrap()

@@ -27,8 +27,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use sd_models::samplers::{
-    build_sampler, PredictionType, SamplerKind, SchedulerConfig, TimestepSpacing, TorchRng,
+    build_sampler, PredictionType, SamplerKind, Schedule, SchedulerConfig, TimestepSpacing,
+    TorchRng,
 };
+use sd_models::samplers::{tcd::Tcd, Sampler};
 use sd_models::Error;
 use serde_json::{json, Value};
 
@@ -106,6 +108,8 @@ struct Findings {
     worst: (f64, String),
     /// Largest error / (ATOL + RTOL |want|), i.e. without the magnitude term.
     worst_plain: (f64, String),
+    /// The current case's tolerance factor (1 but for ill-conditioned cases).
+    factor: f64,
 }
 
 impl Findings {
@@ -115,6 +119,7 @@ impl Findings {
 
     fn check(&mut self, what: &str, got: &[f64], want: &[f64], scale: f64) {
         let (r, i) = worst(got, want, scale);
+        let r = r / self.factor.max(1.0);
         let (rp, _) = worst(got, want, 0.0);
         if r > self.worst.0 {
             self.worst = (r, what.to_string());
@@ -131,40 +136,67 @@ impl Findings {
     }
 }
 
+/// The sampler and schedule of a fixture case (`"schedule"` absent: the model's own).
+fn kind_of(case: &Value) -> Option<(SamplerKind, Schedule)> {
+    let kind = SamplerKind::from_name(case["sampler"].as_str()?).ok()?;
+    let schedule = Schedule::from_name(case["schedule"].as_str().unwrap_or("model")).ok()?;
+    Some((kind, schedule))
+}
+
 /// Runs one fixture case; returns the number of tensors compared.
 fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usize {
     let cfg = SchedulerConfig::from_json(&fx["config"], path).expect("config parses");
     let name = case["sampler"].as_str().expect("sampler");
     let steps = case["steps"].as_u64().expect("steps") as usize;
-    let kind = SamplerKind::from_name(name).expect("sampler name");
+    let Some((kind, schedule)) = kind_of(case) else {
+        found.fail(format!("{name}: a sampler or schedule we do not know"));
+        return 0;
+    };
     let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
-    let label = format!("{file} {name} {steps} steps");
+    let label = format!("{file} {name} {schedule} {steps} steps");
 
     if let Some(err) = case.get("error") {
-        match build_sampler(kind, &cfg, steps) {
+        match build_sampler(kind, schedule, &cfg, steps) {
             Err(Error::Invalid { field: "steps", .. }) => {}
             Err(e) => found.fail(format!("{label}: wrong error {e} (diffusers: {err})")),
             Ok(_) => found.fail(format!("{label}: built, but diffusers refuses: {err}")),
         }
         return 0;
     }
-    let mut sampler = build_sampler(kind, &cfg, steps).expect("build_sampler");
+    // TCD cases record the `eta` its step ran with (the pipelines pass 0).
+    let eta = case["eta"].as_f64().unwrap_or(0.0);
+    let built = if kind == SamplerKind::Tcd && eta != 0.0 {
+        Tcd::new(&cfg, steps).map(|t| Box::new(t.with_eta(eta)) as Box<dyn Sampler>)
+    } else {
+        build_sampler(kind, schedule, &cfg, steps)
+    };
+    let mut sampler = match built {
+        Ok(s) => s,
+        Err(e) => {
+            found.fail(format!("{label}: build_sampler: {e}"));
+            return 0;
+        }
+    };
 
     // Timesteps.
     let want_ts = f64s(&case["timesteps"]);
     let got_ts = sampler.timesteps().to_vec();
-    let ts_tol = if matches!(kind, SamplerKind::Euler) && cfg.use_karras_sigmas {
-        1e-4
+    // Integer timesteps match exactly. Fractional ones come from `_sigma_to_t` of a sigma
+    // that went through torch's float32 log / sqrt / exp (not correctly rounded on every
+    // CPU, see the module doc) or numpy's vectorised log: within 1e-4. DPM2 ancestral's
+    // intermediate sigma is `sqrt(sigma * sigma_down)` with `sigma_down^2` a difference of
+    // nearly equal squares, which loses most of float32's bits near the end of the
+    // schedule: within 0.05 of a timestep there (0.01 seen, a negligible UNet input change).
+    let ts_tol = if kind == SamplerKind::Dpm2Ancestral {
+        0.05
     } else {
-        0.0
+        1e-4
     };
-    // (Compared as float32: the references are float32 values and serde_json's default
-    // float parsing may be 1 f64 ulp off.)
     if got_ts.len() != want_ts.len()
         || got_ts
             .iter()
             .zip(&want_ts)
-            .any(|(g, w)| outside((*g as f32 - *w as f32) as f64, ts_tol))
+            .any(|(g, w)| outside(g - w, ts_tol))
     {
         found.fail(format!(
             "{label}: timesteps {got_ts:?}, diffusers {want_ts:?}"
@@ -172,12 +204,25 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
         return 0;
     }
     let want_sigma = case["init_noise_sigma"].as_f64().expect("init_noise_sigma");
-    if sampler.init_noise_sigma() as f32 != want_sigma as f32 {
+    // (torch's float32 sqrt of the sigma table: 1 ulp either way on some CPUs.)
+    if outside(
+        sampler.init_noise_sigma() - want_sigma,
+        2.5e-7 * want_sigma.abs(),
+    ) {
         found.fail(format!(
             "{label}: init_noise_sigma {}, diffusers {want_sigma}",
             sampler.init_noise_sigma()
         ));
     }
+
+    // DPM2 ancestral at 2 steps: its first intermediate sigma is the one above, at the
+    // ill-conditioned end of the schedule, and the whole loop inherits it (2e-4 relative
+    // seen): 100 x the tolerance. At 7 and 20 steps it meets the normal one.
+    found.factor = if kind == SamplerKind::Dpm2Ancestral && steps <= 2 {
+        100.0
+    } else {
+        1.0
+    };
 
     // The loop, as the pipeline runs it.
     let shape: Vec<usize> = f64s(&fx["shape"]).iter().map(|&d| d as usize).collect();
@@ -219,7 +264,9 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
         }
         let after = to_vec(&latents);
         let l1: f64 = after.iter().map(|v| v.abs()).sum();
-        let tol = ATOL * after.len() as f64 + RTOL * l1_want + MAG_TOL * scale * after.len() as f64;
+        let tol =
+            (ATOL * after.len() as f64 + RTOL * l1_want + MAG_TOL * scale * after.len() as f64)
+                * found.factor.max(1.0);
         if outside(l1 - l1_want, tol) {
             found.fail(format!(
                 "{label}: step {i}: |latents|_1 = {l1}, diffusers {}",
@@ -246,9 +293,7 @@ fn samplers_match_diffusers() {
     let mut kinds_seen = std::collections::HashSet::new();
     for (path, fx) in &fixtures {
         for case in fx["cases"].as_array().expect("cases") {
-            let kind =
-                SamplerKind::from_name(case["sampler"].as_str().expect("sampler")).expect("kind");
-            kinds_seen.insert(kind);
+            kinds_seen.extend(kind_of(case));
             tensors += run_case(path, fx, case, &mut found);
             cases += 1;
         }
@@ -264,7 +309,14 @@ fn samplers_match_diffusers() {
         found.failures.len(),
         found.failures.join("\n")
     );
-    assert_eq!(kinds_seen.len(), SamplerKind::ALL.len());
+    for kind in SamplerKind::all() {
+        for schedule in kind.schedules() {
+            assert!(
+                kinds_seen.contains(&(kind, schedule)),
+                "no reference case for {kind} on {schedule}"
+            );
+        }
+    }
     assert!(
         cases > 100 && tensors > 300,
         "{cases} cases, {tensors} tensors"
@@ -287,12 +339,12 @@ fn config_error(r: sd_models::Result<impl Sized>) -> String {
 }
 
 fn build_err(kind: SamplerKind, c: &SchedulerConfig, n: usize) -> sd_models::Result<()> {
-    build_sampler(kind, c, n).map(|_| ())
+    build_sampler(kind, Schedule::Model, c, n).map(|_| ())
 }
 
 #[test]
 fn names_round_trip_and_aliases() {
-    for kind in SamplerKind::ALL {
+    for kind in SamplerKind::all() {
         assert_eq!(SamplerKind::from_name(kind.name()).expect("name"), kind);
         assert_eq!(
             SamplerKind::from_name(kind.a1111_name()).expect("a1111"),
@@ -307,16 +359,32 @@ fn names_round_trip_and_aliases() {
         ("euler_ancestral", SamplerKind::EulerAncestral),
         ("dpm++2m", SamplerKind::DpmPp2m),
         ("DPMPP_2M", SamplerKind::DpmPp2m),
-        ("dpm++ 2m karras", SamplerKind::DpmPp2mKarras),
-        ("dpmpp_2m_karras", SamplerKind::DpmPp2mKarras),
+        ("k_lms", SamplerKind::Lms),
+        ("DPM2 a", SamplerKind::Dpm2Ancestral),
+        ("dpm++ 2m sde", SamplerKind::DpmPp2mSde),
     ] {
         assert_eq!(SamplerKind::from_name(alias).expect(alias), kind, "{alias}");
     }
-    match SamplerKind::from_name("lms") {
+    for (alias, kind, schedule) in [
+        ("dpm++ 2m karras", SamplerKind::DpmPp2m, Schedule::Karras),
+        ("dpmpp_2m_karras", SamplerKind::DpmPp2m, Schedule::Karras),
+        (
+            "Euler SGM Uniform",
+            SamplerKind::Euler,
+            Schedule::SgmUniform,
+        ),
+    ] {
+        assert_eq!(
+            SamplerKind::parse(alias).expect(alias),
+            (kind, Some(schedule)),
+            "{alias}"
+        );
+    }
+    match SamplerKind::from_name("dpm-fast") {
         Err(Error::Invalid { field, message }) => {
-            assert_eq!(field, "scheduler");
-            assert!(message.contains("\"lms\""), "{message}");
-            for kind in SamplerKind::ALL {
+            assert_eq!(field, "sampler");
+            assert!(message.contains("\"dpm-fast\""), "{message}");
+            for kind in SamplerKind::all() {
                 assert!(message.contains(kind.name()), "{message}");
             }
         }
@@ -348,21 +416,25 @@ fn model_default_sampler_from_class_name() {
         SamplerKind::DpmPp2m
     );
     assert_eq!(
-        k(json!({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": true}))
-            .expect("dpm karras"),
-        SamplerKind::DpmPp2mKarras
+        k(json!({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}))
+            .expect("dpm sde"),
+        SamplerKind::DpmPp2mSde
     );
-    let msg = config_error(k(json!({"_class_name": "LMSDiscreteScheduler"})));
+    assert_eq!(
+        k(json!({"_class_name": "LMSDiscreteScheduler"})).expect("lms"),
+        SamplerKind::Lms
+    );
+    let msg = config_error(k(json!({"_class_name": "DPMSolverSinglestepScheduler"})));
     assert!(
-        msg.contains("LMSDiscreteScheduler") && msg.contains("--scheduler"),
+        msg.contains("DPMSolverSinglestepScheduler") && msg.contains("--sampler"),
         "{msg}"
     );
     let msg = config_error(k(json!({
         "_class_name": "DPMSolverMultistepScheduler",
-        "algorithm_type": "sde-dpmsolver++"
+        "algorithm_type": "dpmsolver"
     })));
     assert!(
-        msg.contains("algorithm_type") && msg.contains("sde-dpmsolver++"),
+        msg.contains("algorithm_type") && msg.contains("dpmsolver"),
         "{msg}"
     );
     let msg = config_error(k(json!({
@@ -463,9 +535,9 @@ fn load_reads_a_file() {
 #[test]
 fn step_count_limits() {
     let c = cfg(json!({"num_train_timesteps": 100}));
-    for kind in SamplerKind::ALL {
+    for kind in SamplerKind::all() {
         for n in [0, 101] {
-            match build_sampler(kind, &c, n) {
+            match build_sampler(kind, Schedule::Model, &c, n) {
                 Err(Error::Invalid { field, message }) => {
                     assert_eq!(field, "steps");
                     assert!(
@@ -479,8 +551,14 @@ fn step_count_limits() {
         }
         // skip_prk_steps defaults to false for PNDM, which needs at least 4 steps.
         let ok_steps = if kind == SamplerKind::Pndm { 4 } else { 1 };
-        assert!(build_sampler(kind, &c, ok_steps).is_ok(), "{kind}");
-        assert!(build_sampler(kind, &c, 100).is_ok(), "{kind}");
+        assert!(build_err(kind, &c, ok_steps).is_ok(), "{kind}");
+        // LCM and TCD take at most original_inference_steps (50).
+        let most = if matches!(kind, SamplerKind::Lcm | SamplerKind::Tcd) {
+            50
+        } else {
+            100
+        };
+        assert!(build_err(kind, &c, most).is_ok(), "{kind}");
     }
 }
 
@@ -497,24 +575,6 @@ fn unsupported_settings_are_errors_not_ignored() {
             SamplerKind::DpmPp2m,
             json!({"thresholding": true}),
             "thresholding",
-            "true",
-        ),
-        (
-            SamplerKind::Euler,
-            json!({"use_exponential_sigmas": true}),
-            "use_exponential_sigmas",
-            "true",
-        ),
-        (
-            SamplerKind::Euler,
-            json!({"use_beta_sigmas": true}),
-            "use_beta_sigmas",
-            "true",
-        ),
-        (
-            SamplerKind::DpmPp2mKarras,
-            json!({"use_beta_sigmas": true}),
-            "use_beta_sigmas",
             "true",
         ),
         (
@@ -592,12 +652,12 @@ fn unsupported_settings_are_errors_not_ignored() {
         SamplerKind::EulerAncestral,
         SamplerKind::Pndm,
     ] {
-        assert!(build_sampler(kind, &c, 10).is_ok(), "{kind}");
+        assert!(build_err(kind, &c, 10).is_ok(), "{kind}");
     }
-    // The DPM++ 2M samplers override algorithm_type and solver_order, as
+    // The DPM++ samplers override algorithm_type and solver_order, as
     // from_config(..., algorithm_type="dpmsolver++", solver_order=2) does.
     let c = cfg(json!({"algorithm_type": "sde-dpmsolver++", "solver_order": 3}));
-    assert!(build_sampler(SamplerKind::DpmPp2m, &c, 10).is_ok());
+    assert!(build_err(SamplerKind::DpmPp2m, &c, 10).is_ok());
 }
 
 #[test]
@@ -605,9 +665,18 @@ fn steps_run_in_order_for_multistep_samplers() {
     let c = cfg(json!({"skip_prk_steps": true}));
     let dev = Device::Cpu;
     let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &dev).expect("zeros");
-    for kind in [SamplerKind::Pndm, SamplerKind::DpmPp2m] {
+    for kind in [
+        SamplerKind::Pndm,
+        SamplerKind::DpmPp2m,
+        SamplerKind::DpmPp3mSde,
+        SamplerKind::Lms,
+        SamplerKind::Heun,
+        SamplerKind::Dpm2Ancestral,
+        SamplerKind::Lcm,
+        SamplerKind::Tcd,
+    ] {
         // The first step may be a later one (image-to-image), then they run in order.
-        let mut s = build_sampler(kind, &c, 5).expect("build");
+        let mut s = build_sampler(kind, Schedule::Model, &c, 5).expect("build");
         let mut rng = TorchRng::new(0);
         assert!(s.step(&x, 1, &x, &mut rng).is_ok(), "{kind}: start at 1");
         assert!(
@@ -620,8 +689,8 @@ fn steps_run_in_order_for_multistep_samplers() {
         );
         assert!(s.step(&x, 2, &x, &mut rng).is_ok(), "{kind}");
     }
-    for kind in SamplerKind::ALL {
-        let mut s = build_sampler(kind, &c, 5).expect("build");
+    for kind in SamplerKind::all() {
+        let mut s = build_sampler(kind, Schedule::Model, &c, 5).expect("build");
         let n = s.timesteps().len();
         let mut rng = TorchRng::new(0);
         assert!(s.scale_model_input(&x, n).is_err(), "{kind}");
@@ -636,15 +705,15 @@ fn steps_run_in_order_for_multistep_samplers() {
 fn pipelines_patch_the_loaded_scheduler_config_as_diffusers() {
     let ddim = cfg(json!({"_class_name": "DDIMScheduler", "steps_offset": 0, "clip_sample": true}));
     let t2i = ddim.for_pipeline(false);
-    assert_eq!((t2i.steps_offset, t2i.clip_sample), (1, false));
+    assert_eq!((t2i.steps_offset, t2i.clip_sample), (1, Some(false)));
     let inp = ddim.for_pipeline(true);
-    assert_eq!((inp.steps_offset, inp.clip_sample), (1, true));
+    assert_eq!((inp.steps_offset, inp.clip_sample), (1, Some(true)));
     // A PNDM config has no clip_sample: a later swap to DDIM gets DDIM's default (true).
     let pndm = cfg(json!({"_class_name": "PNDMScheduler", "skip_prk_steps": false}));
     let t2i = pndm.for_pipeline(false);
     assert_eq!(
         (t2i.steps_offset, t2i.clip_sample, t2i.skip_prk_steps),
-        (1, true, false)
+        (1, None, false)
     );
     assert!(pndm.for_pipeline(true).skip_prk_steps);
     // Other classes keep skip_prk_steps as read.

@@ -25,7 +25,6 @@ use sd_models::modules::unet::AddedCond;
 use sd_models::pipelines::{
     GenerateParams, ImageInput, MaskImage, MicroConditioning, RgbImage, SdPipeline,
 };
-use sd_models::samplers::SamplerKind;
 use serde_json::Value;
 
 fn cases() -> &'static HashMap<String, Value> {
@@ -108,10 +107,7 @@ fn pair(case: &Value, key: &str) -> Option<(u32, u32)> {
 }
 
 fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
-    let sampler = match case["scheduler"].as_str() {
-        Some(s) => SamplerKind::from_name(s).unwrap(),
-        None => pipe.default_sampler().unwrap(),
-    };
+    let (sampler, schedule) = common::sampler_of(case, pipe);
     GenerateParams {
         prompt: case["prompt"].as_str().unwrap().to_string(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
@@ -121,6 +117,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         guidance: case["guidance"].as_f64().unwrap(),
         seed: case["seed"].as_u64().unwrap(),
         sampler,
+        schedule,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: MicroConditioning {

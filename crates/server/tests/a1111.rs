@@ -271,7 +271,15 @@ fn refused_fields_are_fastapi_422s_naming_them_and_the_worker_goes_on() {
         (json!({"script_name": "x/y/z plot"}), "script_name"),
         (json!({"save_images": true}), "save_images"),
         (json!({"styles": ["cinematic"]}), "styles"),
-        (json!({"sampler_name": "LMS"}), "sampler_name"),
+        (json!({"sampler_name": "DPM fast"}), "sampler_name"),
+        (
+            json!({"sampler_name": "Euler a", "scheduler": "karras"}),
+            "scheduler",
+        ),
+        (
+            json!({"sampler_name": "Euler", "scheduler": "align_your_steps"}),
+            "scheduler",
+        ),
         (json!({"scheduler": "exponential"}), "scheduler"),
         (json!({"sampler_name": "DDIM", "eta": 1.0}), "eta"),
         (

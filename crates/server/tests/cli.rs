@@ -288,8 +288,16 @@ fn bad_inputs_are_one_line_errors() {
         ),
         (with(&["--steps", "1001"]), "got 1001"),
         (
-            with(&["--scheduler", "lms"]),
-            "invalid scheduler: unknown sampler \"lms\"",
+            with(&["--scheduler", "dpm-fast"]),
+            "--scheduler: unknown sampler \"dpm-fast\"",
+        ),
+        (
+            with(&["--sampler", "euler-a", "--schedule", "karras"]),
+            "--schedule: sampler euler-a does not take schedule karras",
+        ),
+        (
+            with(&["--schedule", "cosine"]),
+            "--schedule: unknown schedule \"cosine\"",
         ),
         (with(&["--steps", "abc"]), "--steps"),
         (
@@ -385,9 +393,9 @@ fn broken_model_folders_are_one_line_errors() {
     let s = dir.join("scheduler/scheduler_config.json");
     let original = std::fs::read_to_string(&s).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
-    v["_class_name"] = serde_json::json!("LMSDiscreteScheduler");
+    v["_class_name"] = serde_json::json!("DPMSolverSinglestepScheduler");
     std::fs::write(&s, v.to_string()).unwrap();
-    run()("LMSDiscreteScheduler");
+    run()("DPMSolverSinglestepScheduler");
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

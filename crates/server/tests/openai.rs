@@ -295,7 +295,7 @@ fn bad_requests_get_openai_errors_naming_the_param_and_the_worker_goes_on() {
             "invalid_value",
         ),
         (
-            json!({"prompt": "a", "sampler": "lms"}),
+            json!({"prompt": "a", "sampler": "dpm-fast"}),
             400,
             "sampler",
             "invalid_value",

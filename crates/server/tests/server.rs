@@ -313,8 +313,8 @@ fn bad_inputs_get_their_status_and_name_the_field() {
         ),
         (with("batch", json!(9)), vec!["`batch`", "8", "9"]),
         (
-            with("scheduler", json!("lms")),
-            vec!["`scheduler`", "dpmpp-2m", "lms"],
+            with("scheduler", json!("dpm-fast")),
+            vec!["`scheduler`", "dpmpp-2m", "dpm-fast"],
         ),
         (with("prompt", json!("")), vec!["`prompt`", "empty"]),
         (
@@ -434,7 +434,8 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["defaults"]["scheduler"], "pndm");
     assert_eq!(info["limits"]["max_queue"], 32);
     assert_eq!(info["limits"]["max_steps"], 150);
-    assert_eq!(info["schedulers"].as_array().unwrap().len(), 6);
+    assert_eq!(info["schedulers"].as_array().unwrap().len(), 14);
+    assert_eq!(info["schedules"].as_array().unwrap().len(), 5);
     assert_eq!(info["capabilities"]["max_prompt_tokens"], 77);
     assert_eq!(info["capabilities"]["guidance"], "classifier-free");
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));

@@ -92,6 +92,11 @@ pub struct RequestEcho {
     pub steps: usize,
     pub guidance_scale: f64,
     pub seed: u64,
+    /// The sampler (update rule); `flow-match-euler` for FLUX.
+    pub sampler: &'static str,
+    /// The sigma / timestep schedule (`model`: the model's own).
+    pub schedule: &'static str,
+    /// The sampler again, under the field name of earlier versions.
     pub scheduler: &'static str,
     pub max_sequence_length: Option<usize>,
     pub batch: usize,
@@ -271,6 +276,12 @@ impl Store {
                 steps: p.steps,
                 guidance_scale: p.guidance,
                 seed: p.seed,
+                sampler: if r.flux.is_some() {
+                    "flow-match-euler"
+                } else {
+                    p.sampler.name()
+                },
+                schedule: p.schedule.name(),
                 scheduler: if r.flux.is_some() {
                     "flow-match-euler"
                 } else {

@@ -131,6 +131,7 @@ fn job(prompt: &str, steps: usize) -> GenerationRequest {
             guidance: 7.5,
             seed: 3,
             sampler: SamplerKind::Euler,
+            schedule: Default::default(),
             batch: 1,
             prompt_syntax: Default::default(),
             micro: Default::default(),

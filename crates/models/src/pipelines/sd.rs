@@ -7,7 +7,7 @@ use crate::modules::adapter::LayerInfo;
 use crate::modules::clip::ClipTextModel;
 use crate::modules::unet::UNet;
 use crate::modules::vae::Vae;
-use crate::samplers::{build_sampler, SamplerKind, SchedulerConfig, TorchRng};
+use crate::samplers::{build_sampler, SamplerKind, Schedule, SchedulerConfig, TorchRng};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -25,6 +25,8 @@ pub struct GenerateParams {
     pub guidance: f64,
     pub seed: u64,
     pub sampler: SamplerKind,
+    /// The sigma / timestep schedule the sampler walks.
+    pub schedule: Schedule,
     pub batch: usize,
     /// How the prompts are read.
     pub prompt_syntax: PromptSyntax,
@@ -340,9 +342,9 @@ impl SdPipeline {
         Ok(emb.to_dtype(self.dtype)?)
     }
 
-    /// The loop index image-to-image starts at, as diffusers' `get_timesteps`:
-    /// `init = min(int(steps * strength), steps)`, `t_start = steps - init` (every sampler
-    /// here has order 1). Errors when `strength` is outside (0, 1] or runs no step.
+    /// The step image-to-image starts at, as diffusers' `get_timesteps`:
+    /// `init = min(int(steps * strength), steps)`, `t_start = steps - init` (the loop index
+    /// is `t_start * order`). Errors when `strength` is outside (0, 1] or runs no step.
     pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
         if !(strength > 0.0 && strength <= 1.0) {
             return Err(Error::invalid(
@@ -464,7 +466,14 @@ impl SdPipeline {
             }
             None => 0,
         };
-        let mut sampler = build_sampler(p.sampler, &self.scheduler.for_pipeline(inpaint), p.steps)?;
+        let mut sampler = build_sampler(
+            p.sampler,
+            p.schedule,
+            &self.scheduler.for_pipeline(inpaint),
+            p.steps,
+        )?;
+        // diffusers' get_timesteps skips `order` timestep entries per skipped step.
+        let start = start * sampler.order();
         let cfg = p.guidance > 1.0;
         let (cond, truncated_tokens) = self.condition(p, cfg, input.is_some())?;
 

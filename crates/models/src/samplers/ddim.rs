@@ -29,7 +29,8 @@ impl Ddim {
         if cfg.thresholding {
             return Err(cfg.unsupported("thresholding", true, "DDIM"));
         }
-        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, false)?;
+        let ac =
+            schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, false)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
             1.0
         } else {
@@ -46,7 +47,10 @@ impl Ddim {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             plan,
             prediction_type: cfg.prediction_type,
-            clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range as f32),
+            clip: cfg
+                .clip_sample
+                .unwrap_or(true)
+                .then_some(cfg.clip_sample_range as f32),
         })
     }
 }

@@ -1,5 +1,10 @@
-//! DPM++ 2M: port of diffusers `DPMSolverMultistepScheduler` with
-//! `algorithm_type="dpmsolver++"` and `solver_order=2`, with or without Karras sigmas.
+//! DPM++ 2M, DPM++ 2M SDE and DPM++ 3M SDE: port of diffusers
+//! `DPMSolverMultistepScheduler` with `algorithm_type="dpmsolver++"` (order 2) or
+//! `"sde-dpmsolver++"` (order 2 or 3), on its own sigmas or Karras / exponential / beta ones.
+//!
+//! The SDE variants add `sigma_t sqrt(1 - e^{-2h}) z` on every step, `z` drawn from the
+//! request's generator once per step before the update (diffusers' `randn_tensor` of the
+//! model output's shape, float32).
 //!
 //! `scale_model_input` is the identity and `init_noise_sigma` is 1 (the solver works on
 //! `x_t = alpha_t x0 + sigma_t eps`, not on sigma-scaled latents). The UNet timesteps are
@@ -8,9 +13,9 @@
 
 use candle_core::Tensor;
 
-use super::euler::final_sigma;
 use super::config::BetaDefaults;
-use super::schedule::{self, div, f32_tensor, mul};
+use super::euler::final_sigma;
+use super::schedule::{self, div, f32_tensor, mul, SigmaConversion};
 use super::{
     bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing,
     TorchRng,
@@ -23,18 +28,22 @@ enum SolverType {
     Heun,
 }
 
-/// DPM-Solver++ (2M), multistep, deterministic.
+/// DPM-Solver++ multistep (data prediction), deterministic or SDE.
 #[derive(Debug)]
-pub struct DpmSolverPp2m {
+pub struct DpmSolverPp {
     sigmas: Vec<f32>,
     timesteps: Vec<f64>,
     prediction_type: PredictionType,
     solver_type: SolverType,
+    /// 1, 2 or 3.
+    order: usize,
+    /// `sde-dpmsolver++`.
+    sde: bool,
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_zero: bool,
-    // Per-run state.
-    prev_model_output: Option<Tensor>,
+    // Per-run state: the last `order` data predictions, newest last.
+    model_outputs: Vec<Tensor>,
     lower_order_nums: usize,
     next_step: usize,
 }
@@ -49,15 +58,16 @@ fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 
-impl DpmSolverPp2m {
-    /// `DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++",
-    /// solver_order=2, use_karras_sigmas=karras)` + `set_timesteps(n)`.
-    pub fn new(cfg: &SchedulerConfig, n: usize, karras: bool) -> Result<Self> {
-        const WHO: &str = "DPM++ 2M";
+impl DpmSolverPp {
+    /// `DPMSolverMultistepScheduler.from_config(cfg, algorithm_type=("sde-dpmsolver++" if
+    /// sde else "dpmsolver++"), solver_order=order)` + `set_timesteps(n)`.
+    pub fn new(cfg: &SchedulerConfig, n: usize, order: usize, sde: bool) -> Result<Self> {
+        const WHO: &str = "DPM-Solver++";
+        if !(1..=3).contains(&order) {
+            return Err(cfg.unsupported("solver_order", order, WHO));
+        }
         for (key, on) in [
             ("thresholding", cfg.thresholding),
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
             ("use_lu_lambdas", cfg.use_lu_lambdas),
             ("use_flow_sigmas", cfg.use_flow_sigmas),
         ] {
@@ -77,7 +87,8 @@ impl DpmSolverPp2m {
             other => return Err(cfg.unsupported("solver_type", format!("{other:?}"), WHO)),
         };
         let num_train = cfg.num_train_timesteps;
-        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
+        let ac =
+            schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
 
         // Timesteps below lambda_min_clipped are cut off the end of the range.
         let clipped_idx = if cfg.lambda_min_clipped == f64::NEG_INFINITY {
@@ -121,26 +132,28 @@ impl DpmSolverPp2m {
         };
 
         let full = schedule::sigmas_from_alphas_cumprod(&ac);
-        let sigmas: Vec<f64> = if karras {
-            let sigma_min = cfg.sigma_min.unwrap_or(f64::from(full[0]));
-            let sigma_max = cfg.sigma_max.unwrap_or(f64::from(full[num_train - 1]));
-            let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
-            let log_sigmas = schedule::log_sigmas(&full);
-            let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
-            timesteps = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = schedule::sigma_to_t(s, &log_sigmas);
-                    // numpy round (half to even), then torch's float -> int64 truncation.
-                    (if round { t.round_ties_even() } else { t }) as i64
-                })
-                .collect();
-            sigmas
-        } else {
-            timesteps
+        let sigmas: Vec<f64> = match SigmaConversion::from_config(cfg) {
+            Some(conversion) => {
+                let flipped: Vec<f64> = full.iter().rev().map(|&s| f64::from(s)).collect();
+                let sigmas = conversion.convert(cfg, &flipped, n);
+                let log_sigmas = schedule::log_sigmas(&full);
+                // Karras timesteps are rounded (numpy, half to even) except on the cosine
+                // schedule; all are then truncated by torch's float -> int64 cast.
+                let round = conversion == SigmaConversion::Karras
+                    && cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+                timesteps = sigmas
+                    .iter()
+                    .map(|&s| {
+                        let t = schedule::sigma_to_t(s, &log_sigmas);
+                        (if round { t.round_ties_even() } else { t }) as i64
+                    })
+                    .collect();
+                sigmas
+            }
+            None => timesteps
                 .iter()
                 .map(|&t| schedule::np_interp(t as f64, &full))
-                .collect()
+                .collect(),
         };
         let sigma_last = final_sigma(cfg, &ac, WHO)?;
         let sigmas: Vec<f32> = sigmas
@@ -148,15 +161,17 @@ impl DpmSolverPp2m {
             .map(|&s| s as f32)
             .chain(std::iter::once(sigma_last))
             .collect();
-        Ok(DpmSolverPp2m {
+        Ok(DpmSolverPp {
             sigmas,
             timesteps: timesteps.iter().map(|&t| t as f64).collect(),
             prediction_type: cfg.prediction_type,
             solver_type,
+            order,
+            sde,
             lower_order_final: cfg.lower_order_final,
             euler_at_final: cfg.euler_at_final,
             final_sigma_zero: cfg.final_sigmas_type == "zero",
-            prev_model_output: None,
+            model_outputs: Vec::new(),
             lower_order_nums: 0,
             next_step: 0,
         })
@@ -171,16 +186,41 @@ impl DpmSolverPp2m {
         })
     }
 
-    fn first_order(&self, x0: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    /// The SDE noise term `sigma_t sqrt(1 - e^{-2h}) z`.
+    fn noise_term(noise: Option<&Tensor>, sigma_t: f32, h: f32) -> Result<Option<Tensor>> {
+        noise
+            .map(|z| mul(z, sigma_t * (1.0 - (-2.0 * h).exp()).sqrt()))
+            .transpose()
+    }
+
+    fn first_order(
+        &self,
+        x0: &Tensor,
+        sample: &Tensor,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        let a = mul(sample, sigma_t / sigma_s)?;
-        let b = mul(x0, alpha_t * ((-h).exp() - 1.0))?;
-        Ok((a - b)?)
+        match Self::noise_term(noise, sigma_t, h)? {
+            None => {
+                let a = mul(sample, sigma_t / sigma_s)?;
+                let b = mul(x0, alpha_t * ((-h).exp() - 1.0))?;
+                Ok((a - b)?)
+            }
+            Some(z) => {
+                let a = mul(sample, sigma_t / sigma_s * (-h).exp())?;
+                let b = mul(x0, alpha_t * (1.0 - (-2.0 * h).exp()))?;
+                Ok(((a + b)? + z)?)
+            }
+        }
     }
 
-    fn second_order(&self, m0: &Tensor, m1: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn second_order(&self, sample: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        let [.., m1, m0] = self.model_outputs.as_slice() else {
+            return Err(bad_step_index(i, "a step after the first"));
+        };
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
@@ -191,6 +231,18 @@ impl DpmSolverPp2m {
         let h_0 = lambda_s0 - lambda_s1;
         let r0 = h_0 / h;
         let d1 = mul(&(m0 - m1)?, 1.0 / r0)?;
+        if let Some(z) = Self::noise_term(noise, sigma_t, h)? {
+            let c = alpha_t * (1.0 - (-2.0 * h).exp());
+            let x = (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(m0, c)?)?;
+            let x = match self.solver_type {
+                SolverType::Midpoint => (x + mul(&d1, 0.5 * c)?)?,
+                SolverType::Heun => {
+                    let k = alpha_t * ((1.0 - (-2.0 * h).exp()) / (-2.0 * h) + 1.0);
+                    (x + mul(&d1, k)?)?
+                }
+            };
+            return Ok((x + z)?);
+        }
         let c = alpha_t * ((-h).exp() - 1.0);
         let x = (mul(sample, sigma_t / sigma_s0)? - mul(m0, c)?)?;
         Ok(match self.solver_type {
@@ -198,9 +250,47 @@ impl DpmSolverPp2m {
             SolverType::Heun => (x + mul(&d1, alpha_t * (((-h).exp() - 1.0) / h + 1.0))?)?,
         })
     }
+
+    fn third_order(&self, sample: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        let [.., m2, m1, m0] = self.model_outputs.as_slice() else {
+            return Err(bad_step_index(i, "a step after the second"));
+        };
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
+        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+        let (alpha_s2, sigma_s2) = alpha_sigma(self.sigmas[i - 2]);
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let lambda_s1 = lambda(alpha_s1, sigma_s1);
+        let lambda_s2 = lambda(alpha_s2, sigma_s2);
+        let (h, h_0, h_1) = (
+            lambda_t - lambda_s0,
+            lambda_s0 - lambda_s1,
+            lambda_s1 - lambda_s2,
+        );
+        let (r0, r1) = (h_0 / h, h_1 / h);
+        let d1_0 = mul(&(m0 - m1)?, 1.0 / r0)?;
+        let d1_1 = mul(&(m1 - m2)?, 1.0 / r1)?;
+        let diff = (&d1_0 - &d1_1)?;
+        let d1 = (&d1_0 + mul(&diff, r0 / (r0 + r1))?)?;
+        let d2 = mul(&diff, 1.0 / (r0 + r1))?;
+        if let Some(z) = Self::noise_term(noise, sigma_t, h)? {
+            let e = (-2.0 * h).exp();
+            let x =
+                (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(m0, alpha_t * (1.0 - e))?)?;
+            let x = (x + mul(&d1, alpha_t * ((1.0 - e) / (-2.0 * h) + 1.0))?)?;
+            let k2 = alpha_t * ((1.0 - e - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5);
+            let x = (x + mul(&d2, k2)?)?;
+            return Ok((x + z)?);
+        }
+        let e = (-h).exp();
+        let x = (mul(sample, sigma_t / sigma_s0)? - mul(m0, alpha_t * (e - 1.0))?)?;
+        let x = (x + mul(&d1, alpha_t * ((e - 1.0) / h + 1.0))?)?;
+        Ok((x - mul(&d2, alpha_t * ((e - 1.0 + h) / (h * h) - 0.5))?)?)
+    }
 }
 
-impl Sampler for DpmSolverPp2m {
+impl Sampler for DpmSolverPp {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
@@ -217,12 +307,12 @@ impl Sampler for DpmSolverPp2m {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        rng: &mut TorchRng,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
         check_index(step_index, len)?;
         // The first step may be at any index (image-to-image starts late); then in order.
-        if self.prev_model_output.is_some() && step_index != self.next_step {
+        if !self.model_outputs.is_empty() && step_index != self.next_step {
             return Err(bad_step_index(
                 step_index,
                 &format!("step {} (DPM-Solver steps run in order)", self.next_step),
@@ -233,17 +323,28 @@ impl Sampler for DpmSolverPp2m {
             && (self.euler_at_final
                 || (self.lower_order_final && len < 15)
                 || self.final_sigma_zero);
+        let lower_order_second = i + 2 == len && self.lower_order_final && len < 15;
         let model_output = f32_tensor(model_output)?;
         let sample = f32_tensor(sample)?;
         let x0 = self.convert_model_output(&model_output, &sample, i)?;
-        let prev = match (&self.prev_model_output, self.lower_order_nums) {
-            (Some(m1), nums) if nums >= 1 && !lower_order_final => {
-                self.second_order(&x0, m1, &sample, i)?
-            }
-            _ => self.first_order(&x0, &sample, i)?,
+        if self.model_outputs.len() == self.order {
+            self.model_outputs.remove(0);
+        }
+        self.model_outputs.push(x0);
+        let noise = if self.sde {
+            Some(rng.randn(model_output.dims(), model_output.device())?)
+        } else {
+            None
         };
-        self.prev_model_output = Some(x0);
-        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
+        let prev = if self.order == 1 || self.lower_order_nums < 1 || lower_order_final {
+            let x0 = &self.model_outputs[self.model_outputs.len() - 1];
+            self.first_order(x0, &sample, i, noise.as_ref())?
+        } else if self.order == 2 || self.lower_order_nums < 2 || lower_order_second {
+            self.second_order(&sample, i, noise.as_ref())?
+        } else {
+            self.third_order(&sample, i, noise.as_ref())?
+        };
+        self.lower_order_nums = (self.lower_order_nums + 1).min(self.order);
         self.next_step = step_index + 1;
         Ok(prev)
     }

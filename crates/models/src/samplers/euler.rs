@@ -71,7 +71,8 @@ impl Euler {
                 ))
             }
         }
-        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
+        let ac =
+            schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
         let full = schedule::sigmas_from_alphas_cumprod(&ac);
         let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
         let mut timesteps =
@@ -181,7 +182,8 @@ impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         // EulerAncestralDiscreteScheduler knows no Karras / interpolation / final-sigma
         // options; from_config ignores those keys.
-        let ac = schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
+        let ac =
+            schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
         let full = schedule::sigmas_from_alphas_cumprod(&ac);
         let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
         let timesteps =

@@ -27,6 +27,7 @@ pub mod dpm_solver;
 pub mod euler;
 pub mod flow_match;
 pub mod k_diffusion;
+mod kind;
 pub mod lcm;
 pub mod pndm;
 pub mod rng;
@@ -37,166 +38,10 @@ pub mod unipc;
 use candle_core::Tensor;
 
 pub use config::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use kind::{check_combination, SamplerKind, Schedule};
 pub use rng::TorchRng;
 
 use crate::{Error, Result};
-/// The samplers we implement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SamplerKind {
-    /// diffusers `DDIMScheduler` (eta = 0).
-    Ddim,
-    /// diffusers `PNDMScheduler` (PLMS, with PRK warm-up steps unless `skip_prk_steps`).
-    Pndm,
-    /// diffusers `EulerDiscreteScheduler`.
-    Euler,
-    /// diffusers `EulerAncestralDiscreteScheduler`.
-    EulerAncestral,
-    /// diffusers `DPMSolverMultistepScheduler`, `algorithm_type="dpmsolver++"`,
-    /// `solver_order=2`, `use_karras_sigmas=False`.
-    DpmPp2m,
-    /// The same with `use_karras_sigmas=True`.
-    DpmPp2mKarras,
-}
-
-const VALID_NAMES: &str = "ddim, pndm, euler, euler-a, dpmpp-2m, dpmpp-2m-karras \
-     (A1111 names DDIM, PLMS, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras are accepted too)";
-
-impl SamplerKind {
-    pub const ALL: [SamplerKind; 6] = [
-        SamplerKind::Ddim,
-        SamplerKind::Pndm,
-        SamplerKind::Euler,
-        SamplerKind::EulerAncestral,
-        SamplerKind::DpmPp2m,
-        SamplerKind::DpmPp2mKarras,
-    ];
-
-    /// Our name, as the CLI and the native API spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "ddim",
-            SamplerKind::Pndm => "pndm",
-            SamplerKind::Euler => "euler",
-            SamplerKind::EulerAncestral => "euler-a",
-            SamplerKind::DpmPp2m => "dpmpp-2m",
-            SamplerKind::DpmPp2mKarras => "dpmpp-2m-karras",
-        }
-    }
-
-    /// The AUTOMATIC1111 web UI's name.
-    pub fn a1111_name(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "DDIM",
-            SamplerKind::Pndm => "PLMS",
-            SamplerKind::Euler => "Euler",
-            SamplerKind::EulerAncestral => "Euler a",
-            SamplerKind::DpmPp2m => "DPM++ 2M",
-            SamplerKind::DpmPp2mKarras => "DPM++ 2M Karras",
-        }
-    }
-
-    /// The diffusers scheduler class this sampler ports.
-    pub fn diffusers_class(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "DDIMScheduler",
-            SamplerKind::Pndm => "PNDMScheduler",
-            SamplerKind::Euler => "EulerDiscreteScheduler",
-            SamplerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
-            SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
-        }
-    }
-
-    /// Parses a sampler name: ours, A1111's, or a common alias (`plms`, `euler_a`,
-    /// `euler_ancestral`, `dpm++2m`, `dpmpp_2m_karras`, ...), case-insensitive.
-    pub fn from_name(name: &str) -> Result<Self> {
-        let norm: String = name
-            .trim()
-            .to_ascii_lowercase()
-            .replace("++", "pp")
-            .chars()
-            .filter(|c| !matches!(c, ' ' | '-' | '_' | '.'))
-            .collect();
-        let kind = match norm.as_str() {
-            "ddim" => SamplerKind::Ddim,
-            "pndm" | "plms" => SamplerKind::Pndm,
-            "euler" => SamplerKind::Euler,
-            "eulera" | "eulerancestral" | "eulerancestraldiscrete" => SamplerKind::EulerAncestral,
-            "dpmpp2m" | "dpmsolverpp2m" => SamplerKind::DpmPp2m,
-            "dpmpp2mkarras" | "dpmpp2mk" | "dpmsolverpp2mkarras" => SamplerKind::DpmPp2mKarras,
-            _ => {
-                return Err(Error::invalid(
-                    "scheduler",
-                    format!("unknown sampler {name:?}; valid names: {VALID_NAMES}"),
-                ))
-            }
-        };
-        Ok(kind)
-    }
-
-    /// The sampler that the model's own scheduler config names (`_class_name`).
-    pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
-        let hint = format!("choose a sampler explicitly (--scheduler): {VALID_NAMES}");
-        let Some(class) = cfg.class_name.as_deref() else {
-            return Err(Error::config(
-                &cfg.path,
-                format!("the scheduler config has no _class_name; {hint}"),
-            ));
-        };
-        match class {
-            "DDIMScheduler" => Ok(SamplerKind::Ddim),
-            "PNDMScheduler" => Ok(SamplerKind::Pndm),
-            "EulerDiscreteScheduler" => Ok(SamplerKind::Euler),
-            "EulerAncestralDiscreteScheduler" => Ok(SamplerKind::EulerAncestral),
-            "DPMSolverMultistepScheduler" => {
-                if cfg.algorithm_type != "dpmsolver++" && cfg.algorithm_type != "deis" {
-                    return Err(Error::config(
-                        &cfg.path,
-                        format!(
-                            "the model's scheduler is DPMSolverMultistepScheduler with \
-                             algorithm_type {:?}, which is not implemented (only \
-                             \"dpmsolver++\"); {hint}",
-                            cfg.algorithm_type
-                        ),
-                    ));
-                }
-                if cfg.solver_order != 2 {
-                    return Err(Error::config(
-                        &cfg.path,
-                        format!(
-                            "the model's scheduler is DPMSolverMultistepScheduler with \
-                             solver_order {}, which is not implemented (only 2); {hint}",
-                            cfg.solver_order
-                        ),
-                    ));
-                }
-                Ok(if cfg.use_karras_sigmas {
-                    SamplerKind::DpmPp2mKarras
-                } else {
-                    SamplerKind::DpmPp2m
-                })
-            }
-            other => Err(Error::config(
-                &cfg.path,
-                format!("the model's scheduler {other} is not implemented; {hint}"),
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for SamplerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for SamplerKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        SamplerKind::from_name(s)
-    }
-}
-
 /// One sampler run: the timestep schedule plus the per-run state (multistep history).
 /// Values are per request; `step` must be called for `step_index` 0, 1, 2, ... in order.
 pub trait Sampler: Send {
@@ -204,6 +49,12 @@ pub trait Sampler: Send {
     /// the values diffusers passes: integers for DDIM / PNDM / DPM-Solver, float32 values
     /// such as 999.0 or 946.4245 for the Euler samplers.
     fn timesteps(&self) -> &[f64];
+    /// diffusers' `scheduler.order`: 2 for the samplers whose steps take two model
+    /// evaluations, whose timestep list is then about twice as long. Image-to-image skips
+    /// `order * t_start` entries of it.
+    fn order(&self) -> usize {
+        1
+    }
     /// The factor for the initial noise (`latents = randn * init_noise_sigma`); a float32
     /// value widened to f64. 1 unless the sampler works in sigma space.
     fn init_noise_sigma(&self) -> f64 {
@@ -232,9 +83,32 @@ pub trait Sampler: Send {
     ) -> Result<Tensor>;
 }
 
-/// `XScheduler.from_config(config)` + `set_timesteps(num_inference_steps)`.
+/// The config a sampler is built from: the model's, with the schedule's overrides.
+fn with_schedule(config: &SchedulerConfig, schedule: Schedule) -> SchedulerConfig {
+    let mut c = config.clone();
+    let sigmas = |c: &mut SchedulerConfig, karras, exponential, beta| {
+        c.use_karras_sigmas = karras;
+        c.use_exponential_sigmas = exponential;
+        c.use_beta_sigmas = beta;
+    };
+    match schedule {
+        Schedule::Model => {}
+        Schedule::Karras => sigmas(&mut c, true, false, false),
+        Schedule::Exponential => sigmas(&mut c, false, true, false),
+        Schedule::Beta => sigmas(&mut c, false, false, true),
+        Schedule::SgmUniform => {
+            sigmas(&mut c, false, false, false);
+            c.timestep_spacing = Some(TimestepSpacing::Trailing);
+        }
+    }
+    c
+}
+
+/// `XScheduler.from_config(config, **schedule_overrides)` +
+/// `set_timesteps(num_inference_steps)`.
 pub fn build_sampler(
     kind: SamplerKind,
+    schedule: Schedule,
     config: &SchedulerConfig,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Sampler>> {
@@ -248,24 +122,67 @@ pub fn build_sampler(
             ),
         ));
     }
+    check_combination(kind, schedule)?;
+    let cfg = &with_schedule(config, schedule);
+    let n = num_inference_steps;
     Ok(match kind {
-        SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
-        SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps)?),
-        SamplerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SamplerKind::EulerAncestral => {
-            Box::new(euler::EulerAncestral::new(config, num_inference_steps)?)
-        }
-        SamplerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverPp2m::new(
-            config,
-            num_inference_steps,
-            false,
-        )?),
-        SamplerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolverPp2m::new(
-            config,
-            num_inference_steps,
-            true,
-        )?),
+        SamplerKind::Ddim => Box::new(ddim::Ddim::new(cfg, n)?),
+        SamplerKind::Pndm => Box::new(pndm::Pndm::new(cfg, n)?),
+        SamplerKind::Euler => Box::new(euler::Euler::new(cfg, n)?),
+        SamplerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(cfg, n)?),
+        SamplerKind::Heun => Box::new(k_diffusion::Heun::new(cfg, n)?),
+        SamplerKind::Lms => Box::new(k_diffusion::Lms::new(cfg, n)?),
+        SamplerKind::Dpm2 => Box::new(k_diffusion::Dpm2::new(cfg, n)?),
+        SamplerKind::Dpm2Ancestral => Box::new(k_diffusion::Dpm2Ancestral::new(cfg, n)?),
+        SamplerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, false)?),
+        SamplerKind::DpmPp2mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, true)?),
+        SamplerKind::DpmPp3mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 3, true)?),
+        SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(cfg, n)?),
+        SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
+        // The pipelines pass their `eta` (default 0) to TCD's step.
+        SamplerKind::Tcd => Box::new(tcd::Tcd::new(cfg, n)?.with_eta(0.0)),
     })
+}
+
+impl SamplerKind {
+    /// The sampler that the model's own scheduler config names (`_class_name`, and for
+    /// DPM-Solver its `algorithm_type` and `solver_order`); with [`Schedule::Model`] the run is
+    /// what diffusers' `from_pretrained` gives.
+    pub fn from_config(cfg: &SchedulerConfig) -> Result<SamplerKind> {
+        let hint = format!(
+            "choose a sampler explicitly (--sampler): {}",
+            SamplerKind::valid_names()
+        );
+        let Some(class) = cfg.class_name.as_deref() else {
+            return Err(Error::config(
+                &cfg.path,
+                format!("the scheduler config has no _class_name; {hint}"),
+            ));
+        };
+        if class == "DPMSolverMultistepScheduler" {
+            return match (cfg.algorithm_type.as_str(), cfg.solver_order) {
+                ("dpmsolver++" | "deis", 2) => Ok(SamplerKind::DpmPp2m),
+                ("sde-dpmsolver++", 2) => Ok(SamplerKind::DpmPp2mSde),
+                ("sde-dpmsolver++", 3) => Ok(SamplerKind::DpmPp3mSde),
+                (algorithm, order) => Err(Error::config(
+                    &cfg.path,
+                    format!(
+                        "the model's scheduler is DPMSolverMultistepScheduler with \
+                     algorithm_type {algorithm:?} and solver_order {order}, which is not \
+                     implemented (dpmsolver++ order 2, sde-dpmsolver++ order 2 or 3); {hint}"
+                    ),
+                )),
+            };
+        }
+        SamplerKind::all()
+            .find(|k| k.diffusers_class() == class)
+            .ok_or_else(|| {
+                Error::config(
+                    &cfg.path,
+                    format!("the model's scheduler {class} is not implemented; {hint}"),
+                )
+            })
+    }
 }
 
 /// The error for a `step_index` that is out of range or out of order.

@@ -134,14 +134,14 @@ fn betas(cfg: &SchedulerConfig, d: BetaDefaults) -> Result<Vec<f32>> {
     }
     match cfg.beta_schedule.as_deref().unwrap_or(d.schedule) {
         "linear" => Ok(torch_linspace_f32(beta_start as f32, beta_end as f32, n)),
-        "scaled_linear" => Ok(torch_linspace_f32(
-            beta_start.powf(0.5) as f32,
-            beta_end.powf(0.5) as f32,
-            n,
-        )
-        .into_iter()
-        .map(|b| b * b)
-        .collect()),
+        "scaled_linear" => {
+            Ok(
+                torch_linspace_f32(beta_start.powf(0.5) as f32, beta_end.powf(0.5) as f32, n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect(),
+            )
+        }
         "squaredcos_cap_v2" => Ok(betas_for_alpha_bar(n)),
         other => Err(Error::config(
             &cfg.path,

@@ -118,3 +118,25 @@ pub fn dequantized_flux(
     );
     sd_models::modules::flux::FluxTransformer::new(vb, cfg).unwrap()
 }
+
+/// The sampler and schedule of a reference case: its `scheduler` name (which may be a
+/// combined name such as `dpmpp-2m-karras`) or the model's own, and its `schedule` if any.
+#[allow(dead_code)]
+pub fn sampler_of(
+    case: &serde_json::Value,
+    pipe: &sd_models::pipelines::SdPipeline,
+) -> (
+    sd_models::samplers::SamplerKind,
+    sd_models::samplers::Schedule,
+) {
+    use sd_models::samplers::{SamplerKind, Schedule};
+    let (kind, named) = match case["scheduler"].as_str().or(case["sampler"].as_str()) {
+        Some(s) => SamplerKind::parse(s).expect("sampler name"),
+        None => (pipe.default_sampler().expect("default sampler"), None),
+    };
+    let schedule = match case["schedule"].as_str() {
+        Some(s) => Schedule::from_name(s).expect("schedule name"),
+        None => named.unwrap_or_default(),
+    };
+    (kind, schedule)
+}

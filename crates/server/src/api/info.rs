@@ -1,6 +1,7 @@
 //! Routes about the worker itself: liveness, readiness, what it serves and its limits, and the
 //! Prometheus metrics.
 
+use sd_models::samplers::{SamplerKind, Schedule};
 use std::collections::BTreeMap;
 
 use axum::extract::State;
@@ -76,8 +77,10 @@ pub(super) struct Info {
     dtype: String,
     defaults: Defaults,
     limits: LimitsInfo,
-    /// The `scheduler` values jobs may name.
+    /// The `sampler` values jobs may name (GET /v1/samplers has their aliases).
     schedulers: Vec<&'static str>,
+    /// The `schedule` values jobs may name (GET /v1/schedules).
+    schedules: Vec<&'static str>,
     capabilities: Capabilities,
 }
 
@@ -221,10 +224,12 @@ fn describe(st: &AppState, spec: &ModelSpec) -> Info {
         schedulers: if spec.flux {
             vec!["flow-match-euler"]
         } else {
-            sd_models::samplers::SamplerKind::ALL
-                .iter()
-                .map(|s| s.name())
-                .collect()
+            SamplerKind::all().map(|s| s.name()).collect()
+        },
+        schedules: if spec.flux {
+            Vec::new()
+        } else {
+            Schedule::ALL.iter().map(|s| s.name()).collect()
         },
         capabilities: Capabilities {
             operations,
@@ -262,4 +267,75 @@ pub(super) async fn metrics(State(st): State<Shared>) -> Response {
     let text = st.metrics.render();
     let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+/// One sampler of `GET /v1/samplers`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct SamplerInfo {
+    /// Our name (the `sampler` field's value).
+    name: &'static str,
+    /// AUTOMATIC1111's name (accepted too).
+    a1111_name: &'static str,
+    /// Other accepted spellings (case, spaces, dashes and underscores do not matter).
+    aliases: &'static [&'static str],
+    /// The diffusers scheduler class it reproduces.
+    diffusers_class: &'static str,
+    /// The schedules it takes.
+    schedules: Vec<&'static str>,
+    /// Model evaluations per step (2: Heun and DPM2, whose last step takes one).
+    evals_per_step: u8,
+}
+
+/// The samplers jobs may name, with their aliases and the schedules each takes (the same
+/// for every Stable Diffusion model; FLUX takes none).
+#[utoipa::path(get, path = "/v1/samplers", tag = "worker",
+    responses(
+        (status = 200, description = "The samplers.", body = Vec<SamplerInfo>),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+    ))]
+pub(super) async fn samplers() -> Json<Vec<SamplerInfo>> {
+    Json(
+        SamplerKind::all()
+            .map(|k| SamplerInfo {
+                name: k.name(),
+                a1111_name: k.a1111_name(),
+                aliases: k.aliases(),
+                diffusers_class: k.diffusers_class(),
+                schedules: k.schedules().iter().map(|s| s.name()).collect(),
+                evals_per_step: k.evals_per_step(),
+            })
+            .collect(),
+    )
+}
+
+/// One schedule of `GET /v1/schedules`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ScheduleInfo {
+    /// Our name (the `schedule` field's value).
+    name: &'static str,
+    /// AUTOMATIC1111's name and label (both accepted).
+    a1111_name: &'static str,
+    a1111_label: &'static str,
+    /// The diffusers config override that selects it ("" for the model's own).
+    diffusers_option: &'static str,
+}
+
+/// The schedules jobs may name.
+#[utoipa::path(get, path = "/v1/schedules", tag = "worker",
+    responses(
+        (status = 200, description = "The schedules.", body = Vec<ScheduleInfo>),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+    ))]
+pub(super) async fn schedules() -> Json<Vec<ScheduleInfo>> {
+    Json(
+        Schedule::ALL
+            .iter()
+            .map(|s| ScheduleInfo {
+                name: s.name(),
+                a1111_name: s.a1111_name(),
+                a1111_label: s.a1111_label(),
+                diffusers_option: s.diffusers_option(),
+            })
+            .collect(),
+    )
 }

@@ -279,6 +279,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/jobs/{id}/stream", get(jobs::job_stream))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::job_image))
         .route("/v1/info", get(info::info))
+        .route("/v1/samplers", get(info::samplers))
+        .route("/v1/schedules", get(info::schedules))
         .route("/metrics", get(info::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .merge(openai::routes())

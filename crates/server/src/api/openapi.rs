@@ -26,6 +26,8 @@ use super::{info, jobs, openai, ErrorBody};
         jobs::job_stream,
         jobs::job_image,
         info::info,
+        info::samplers,
+        info::schedules,
         info::metrics,
         info::health,
         info::ready,

@@ -21,7 +21,19 @@ use sd_engine::request::{
 };
 use sd_engine::validate::MAX_SIDE;
 use sd_engine::{Engine, InvalidField, Limits, ModelSpec};
-use sd_models::samplers::SamplerKind;
+use sd_models::samplers::{SamplerKind, Schedule};
+
+/// `--sampler`'s help: kept equal to the models crate's list by a test.
+pub const SAMPLER_HELP: &str = "Sampler (update rule): ddim, pndm, euler, euler-a, heun, lms, \
+dpm2, dpm2-a, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, ddpm, lcm, tcd; A1111 names (\"DPM++ 2M\", \"Euler a\") \
+and combined names (\"DPM++ 2M Karras\") are accepted. Default: the model's own scheduler \
+(scheduler/scheduler_config.json). GET /v1/samplers of `sd-worker serve` lists their aliases";
+
+/// `--schedule`'s help: kept equal to the models crate's list by a test.
+pub const SCHEDULE_HELP: &str = "Sigma / timestep schedule: model (default: the model's own), \
+karras, exponential, beta, sgm-uniform (A1111's names are accepted). Karras, exponential and \
+beta go with euler, heun, lms, dpm2, dpm2-a and the dpmpp samplers; sgm-uniform with all but \
+lcm and tcd";
 
 use crate::model_args::{ConsoleProgress, ModelFlags};
 
@@ -77,8 +89,12 @@ pub struct GenerateArgs {
     /// torch.Generator("cpu").manual_seed(SEED)). Default: a random seed, reported.
     #[arg(long, env = "SD_SEED")]
     pub seed: Option<u64>,
-    /// Sampler: ddim, pndm, euler, euler-a, dpmpp-2m, dpmpp-2m-karras.
-    /// Default: the model's own scheduler (scheduler/scheduler_config.json).
+    #[arg(long, env = "SD_SAMPLER", help = SAMPLER_HELP, conflicts_with = "scheduler")]
+    pub sampler: Option<String>,
+    #[arg(long, env = "SD_SCHEDULE", help = SCHEDULE_HELP)]
+    pub schedule: Option<String>,
+    /// The flag of earlier versions, the same as --sampler (combined names such as
+    /// "dpmpp-2m-karras" or "DPM++ 2M Karras" included).
     #[arg(long, env = "SD_SCHEDULER")]
     pub scheduler: Option<String>,
     /// Image-to-image: the init image (PNG, JPEG or WebP; grayscale is expanded, alpha
@@ -248,6 +264,8 @@ fn flag(field: &str) -> &str {
         "steps" => "--steps",
         "guidance_scale" => "--guidance",
         "seed" => "--seed",
+        "sampler" => "--sampler",
+        "schedule" => "--schedule",
         "scheduler" => "--scheduler",
         "batch" => "--batch",
         "max_sequence_length" => "--max-sequence-length",
@@ -322,6 +340,8 @@ fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     d.steps = args.steps.map(|v| v as u64);
     d.guidance_scale = args.guidance;
     d.seed = args.seed;
+    d.sampler = args.sampler.clone();
+    d.schedule = args.schedule.clone();
     d.scheduler = args.scheduler.clone();
     d.batch = Some(args.batch as u64);
     d.max_sequence_length = args.max_sequence_length.map(|v| v as u64);
@@ -447,10 +467,26 @@ fn print_truncation(spec: &ModelSpec, request: &sd_engine::GenerationRequest, dr
     }
 }
 
+/// A models-crate error about a flag's value, naming the flag.
+fn flag_error(flag: &str, e: sd_models::Error) -> anyhow::Error {
+    match e {
+        sd_models::Error::Invalid { message, .. } => anyhow::anyhow!("{flag}: {message}"),
+        other => anyhow::anyhow!("{flag}: {other}"),
+    }
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.output)?;
-    if let Some(name) = &args.scheduler {
-        SamplerKind::from_name(name)?;
+    let sampler_flag = if args.sampler.is_some() {
+        "--sampler"
+    } else {
+        "--scheduler"
+    };
+    if let Some(name) = args.sampler.as_ref().or(args.scheduler.as_ref()) {
+        SamplerKind::parse(name).map_err(|e| flag_error(sampler_flag, e))?;
+    }
+    if let Some(name) = &args.schedule {
+        Schedule::from_name(name).map_err(|e| flag_error("--schedule", e))?;
     }
     let load = ModelFlags {
         model: &args.model,

@@ -120,8 +120,15 @@ pub struct JobFields {
     /// the status and the complete event).
     #[schema(value_type = Option<i64>, minimum = -1)]
     pub seed: Option<u64>,
-    /// Default: the model's own scheduler. One of GET /v1/info `schedulers`; refused for FLUX
-    /// (flow-matching Euler).
+    /// The sampler (update rule), by our name, A1111's or an alias (GET /v1/samplers); a
+    /// combined name such as "DPM++ 2M Karras" also sets the schedule. Default: the model's
+    /// own scheduler class. Refused for FLUX (flow-matching Euler).
+    pub sampler: Option<String>,
+    /// The sigma / timestep schedule (GET /v1/schedules): `model` (default: the model's own),
+    /// `karras`, `exponential`, `beta`, `sgm-uniform`. A sampler that the reference does not
+    /// define on the schedule is refused.
+    pub schedule: Option<String>,
+    /// The field of earlier versions: the same as `sampler` (give one of the two).
     pub scheduler: Option<String>,
     /// At most --max-batch.
     #[schema(minimum = 1, default = 1)]
@@ -231,6 +238,8 @@ impl From<JobBody> for RequestDraft {
         d.steps = fields.steps;
         d.guidance_scale = fields.guidance_scale;
         d.seed = fields.seed;
+        d.sampler = fields.sampler;
+        d.schedule = fields.schedule;
         d.scheduler = fields.scheduler;
         d.batch = fields.batch;
         d.preview_every = fields.preview_every;

@@ -19,7 +19,7 @@ use body::{
 };
 
 /// The fields every operation takes.
-pub const FIELDS: [&str; 26] = [
+pub const FIELDS: [&str; 28] = [
     "loras",
     "prompt_syntax",
     "max_sequence_length",
@@ -31,6 +31,8 @@ pub const FIELDS: [&str; 26] = [
     "steps",
     "guidance_scale",
     "seed",
+    "sampler",
+    "schedule",
     "scheduler",
     "batch",
     "preview_every",
@@ -287,6 +289,8 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
     let steps = uint(obj, "steps")?;
     let guidance_scale = number(obj, "guidance_scale")?;
     let seed = seed(obj)?;
+    let sampler = string(obj, "sampler")?;
+    let schedule = string(obj, "schedule")?;
     let scheduler = string(obj, "scheduler")?;
     let batch = uint(obj, "batch")?;
     let preview_every = uint(obj, "preview_every")?;
@@ -308,6 +312,8 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
         steps,
         guidance_scale,
         seed,
+        sampler,
+        schedule,
         scheduler,
         batch,
         preview_every,

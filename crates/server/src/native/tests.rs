@@ -98,7 +98,26 @@ fn errors_name_the_field_the_limit_and_the_value() {
             ["`guidance_scale`", "100", "101"],
         ),
         (json!({"batch": 9}), ["`batch`", "8", "9"]),
-        (json!({"scheduler": "lms"}), ["`scheduler`", "euler", "lms"]),
+        (
+            json!({"scheduler": "dpm-fast"}),
+            ["`scheduler`", "euler", "dpm-fast"],
+        ),
+        (
+            json!({"sampler": "euler", "schedule": "cosine"}),
+            ["`schedule`", "karras", "cosine"],
+        ),
+        (
+            json!({"sampler": "euler-a", "schedule": "karras"}),
+            ["`schedule`", "euler-a", "karras"],
+        ),
+        (
+            json!({"sampler": "euler", "scheduler": "euler"}),
+            ["`scheduler`", "either"],
+        ),
+        (
+            json!({"sampler": "DPM++ 2M Karras", "schedule": "beta"}),
+            ["`schedule`", "contradicts"],
+        ),
         (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
         (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
         (json!({"width": "512"}), ["`width`", "integer", "\"512\""]),

@@ -500,28 +500,45 @@ async fn sd_models(State(st): State<Shared>) -> Result<Json<Value>> {
     }])))
 }
 
+/// A1111's sampler list: name, aliases and the options its UI reads (`scheduler`: the
+/// schedule "Automatic" stands for).
 async fn samplers() -> Json<Value> {
-    use sd_models::samplers::SamplerKind;
-    let list: Vec<Value> = SamplerKind::ALL
-        .iter()
-        .filter(|k| **k != SamplerKind::DpmPp2mKarras)
+    use sd_models::samplers::{SamplerKind, Schedule};
+    let list: Vec<Value> = SamplerKind::all()
         .map(|k| {
-            let options = if *k == SamplerKind::DpmPp2m {
-                json!({"scheduler": "karras"})
-            } else {
-                json!({})
-            };
-            json!({"name": k.a1111_name(), "aliases": [k.name()], "options": options})
+            let mut options = serde_json::Map::new();
+            let auto = request::a1111_automatic(k);
+            if auto != Schedule::Model {
+                options.insert("scheduler".into(), json!(auto.a1111_name()));
+            }
+            if k.evals_per_step() == 2 {
+                options.insert("second_order".into(), json!(true));
+            }
+            let mut aliases = vec![k.name()];
+            aliases.extend(k.aliases());
+            json!({"name": k.a1111_name(), "aliases": aliases, "options": options})
         })
         .collect();
     Json(Value::Array(list))
 }
 
+/// A1111's schedule list (`/sdapi/v1/schedulers`).
 async fn schedulers() -> Json<Value> {
-    Json(json!([
-        {"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1.0, "need_inner_model": false},
-        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0, "need_inner_model": false},
-    ]))
+    use sd_models::samplers::Schedule;
+    let list: Vec<Value> = Schedule::ALL
+        .iter()
+        .map(|s| {
+            let rho = if *s == Schedule::Karras { 7.0 } else { -1.0 };
+            json!({
+                "name": s.a1111_name(),
+                "label": s.a1111_label(),
+                "aliases": null,
+                "default_rho": rho,
+                "need_inner_model": false,
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
 }
 
 /// The LoRA files of `--lora-dir` (none without one).

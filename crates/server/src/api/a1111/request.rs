@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use sd_engine::request::{ImageBytes, LoraDraft, MaskRule, Operation, PromptSyntax, RequestDraft};
 use sd_engine::validate::MAX_SIDE;
-use sd_models::samplers::SamplerKind;
+use sd_models::samplers::{SamplerKind, Schedule};
 
 use super::error::A1111Error;
 
@@ -227,8 +227,8 @@ fn is_empty(v: &Value) -> bool {
 
 /// The sampler and the schedule, as A1111 resolves `sampler_name` (or the deprecated
 /// `sampler_index`) and `scheduler`: a name may end in a schedule label ("DPM++ 2M Karras");
-/// "Automatic" is the sampler's own schedule, which is Karras for DPM++ 2M in A1111 1.10.
-fn sampler(body: &Body) -> Result<(SamplerKind, &'static str)> {
+/// "Automatic" is the sampler's own schedule in A1111 1.10 ([`a1111_automatic`]).
+fn sampler(body: &Body) -> Result<(SamplerKind, Schedule)> {
     let (field, name) = match body.text("sampler_name")?.filter(|s| !s.is_empty()) {
         Some(n) => ("sampler_name", n),
         None => match body.text("sampler_index")?.filter(|s| !s.is_empty()) {
@@ -236,8 +236,8 @@ fn sampler(body: &Body) -> Result<(SamplerKind, &'static str)> {
             None => ("sampler_name", DEFAULT_SAMPLER.to_string()),
         },
     };
-    let kind = SamplerKind::from_name(&name).map_err(|_| {
-        let names: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.a1111_name()).collect();
+    let (kind, named) = SamplerKind::parse(&name).map_err(|_| {
+        let names: Vec<&str> = SamplerKind::all().map(|s| s.a1111_name()).collect();
         invalid(
             field,
             format!(
@@ -246,28 +246,37 @@ fn sampler(body: &Body) -> Result<(SamplerKind, &'static str)> {
             ),
         )
     })?;
-    let schedule = body
-        .text("scheduler")?
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let kind = match (kind, schedule.as_str()) {
-        (SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras, "" | "automatic" | "karras") => {
-            SamplerKind::DpmPp2mKarras
-        }
-        (k, "" | "automatic") => k,
-        (_, other) => {
-            return Err(invalid(
-                "scheduler",
-                format!("{other:?} is not available here: \"automatic\" (each sampler's own), or \"karras\" with DPM++ 2M"),
-            ))
-        }
+    let given = body.text("scheduler")?.unwrap_or_default();
+    let schedule = Schedule::from_name(&given).map_err(|_| {
+        let names: Vec<&str> = Schedule::ALL.iter().map(|s| s.a1111_name()).collect();
+        invalid(
+            "scheduler",
+            format!(
+                "{given:?} is not a schedule here; these are: {}",
+                names.join(", ")
+            ),
+        )
+    })?;
+    let schedule = match (named, schedule) {
+        (Some(n), Schedule::Model) => n,
+        (None, Schedule::Model) => a1111_automatic(kind),
+        (_, s) => s,
     };
-    let label = if kind == SamplerKind::DpmPp2mKarras {
-        "Karras"
-    } else {
-        "Automatic"
-    };
-    Ok((kind, label))
+    sd_models::samplers::check_combination(kind, schedule).map_err(|e| match e {
+        sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
+        other => invalid("scheduler", other),
+    })?;
+    Ok((kind, schedule))
+}
+
+/// The schedule A1111 1.10 runs a sampler on under "Automatic": Karras for DPM++ 2M,
+/// exponential for the DPM++ SDE multistep samplers, the model's own otherwise.
+pub fn a1111_automatic(kind: SamplerKind) -> Schedule {
+    match kind {
+        SamplerKind::DpmPp2m => Schedule::Karras,
+        SamplerKind::DpmPp2mSde | SamplerKind::DpmPp3mSde => Schedule::Exponential,
+        _ => Schedule::Model,
+    }
 }
 
 /// The base64 text of an image field, as bytes.
@@ -680,7 +689,8 @@ pub fn read(
     draft.height = Some(body.uint("height")?.unwrap_or(DEFAULT_SIZE));
     draft.steps = Some(body.uint("steps")?.unwrap_or(DEFAULT_STEPS));
     draft.guidance_scale = Some(body.number("cfg_scale")?.unwrap_or(DEFAULT_CFG));
-    draft.scheduler = Some(kind.name().to_string());
+    draft.sampler = Some(kind.name().to_string());
+    draft.schedule = Some(schedule.name().to_string());
     draft.batch = Some(1);
     // Live previews for `/progress`, every 10 steps as A1111's default
     // `show_progress_every_n_steps` (the cheap latent-to-RGB map).
@@ -701,7 +711,7 @@ pub fn read(
         batch_size: batch_size as usize,
         send_images,
         sampler_name: kind.a1111_name(),
-        schedule,
+        schedule: schedule.a1111_label(),
         echo,
     })
 }
@@ -710,7 +720,8 @@ pub fn read(
 pub fn field_of(engine_field: &str) -> &str {
     match engine_field {
         "guidance_scale" => "cfg_scale",
-        "scheduler" => "sampler_name",
+        "sampler" | "scheduler" => "sampler_name",
+        "schedule" => "scheduler",
         "strength" => "denoising_strength",
         "batch" => "batch_size",
         "init_image" | "input_image" => "init_images",

@@ -475,29 +475,6 @@ fn output(params: &Params, endpoint: Endpoint) -> Result<Output> {
     })
 }
 
-/// `sampler` and `schedule`: the sampler by our name or A1111's, and the schedule `default` or
-/// `karras` (with DPM++ 2M, the one sampler here with a Karras form).
-fn scheduler(params: &Params) -> Result<Option<String>> {
-    let sampler = params.text("sampler")?;
-    let schedule = params.text("schedule")?;
-    match schedule.as_deref() {
-        None | Some("default") => Ok(sampler),
-        Some("karras") => match sampler.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            Some("dpmpp-2m" | "dpmpp-2m-karras" | "dpm++ 2m" | "dpm++ 2m karras") => {
-                Ok(Some("dpmpp-2m-karras".into()))
-            }
-            _ => Err(invalid(
-                "schedule",
-                format!("\"karras\" goes with sampler \"dpmpp-2m\" here, got sampler {sampler:?}"),
-            )),
-        },
-        Some(other) => Err(invalid(
-            "schedule",
-            format!("{other:?} is not available: \"default\" (the sampler's own) or \"karras\""),
-        )),
-    }
-}
-
 /// The one image of an edit or a variation.
 fn one_image(params: &mut Params) -> Result<Vec<u8>> {
     let mut images = params.files.remove("image").unwrap_or_default();
@@ -590,7 +567,8 @@ pub fn read(
     d.steps = params.uint("steps")?;
     d.guidance_scale = params.number("guidance_scale")?;
     d.seed = params.seed()?;
-    d.scheduler = scheduler(&params)?;
+    d.sampler = params.text("sampler")?;
+    d.schedule = params.text("schedule")?;
     d.strength = params.number("strength")?;
     d.loras = params.loras()?;
     d.preview_every = Some(0);
@@ -603,7 +581,6 @@ pub fn param_of(field: &str) -> String {
     match field {
         "batch" => "n".into(),
         "width" | "height" => "size".into(),
-        "scheduler" => "sampler".into(),
         "init_image" | "input_image" => "image".into(),
         "mask_image" => "mask".into(),
         "operation" => "image".into(),
