@@ -434,7 +434,7 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["defaults"]["scheduler"], "pndm");
     assert_eq!(info["limits"]["max_queue"], 32);
     assert_eq!(info["limits"]["max_steps"], 150);
-    assert_eq!(info["schedulers"].as_array().unwrap().len(), 14);
+    assert_eq!(info["schedulers"].as_array().unwrap().len(), 16);
     assert_eq!(info["schedules"].as_array().unwrap().len(), 5);
     assert_eq!(info["capabilities"]["max_prompt_tokens"], 77);
     assert_eq!(info["capabilities"]["guidance"], "classifier-free");

@@ -34,6 +34,10 @@ pub enum SamplerKind {
     DpmPp2mSde,
     /// `algorithm_type="sde-dpmsolver++"`, `solver_order=3`.
     DpmPp3mSde,
+    /// diffusers `UniPCMultistepScheduler` (bh2 predictor-corrector, order 2).
+    UniPc,
+    /// diffusers `DEISMultistepScheduler` (order 2).
+    Deis,
     /// diffusers `DDPMScheduler` (ancestral sampling of the original DDPM).
     Ddpm,
     /// diffusers `LCMScheduler` (for latent-consistency models and LoRAs).
@@ -59,7 +63,7 @@ struct Entry {
     aliases: &'static [&'static str],
 }
 
-const TABLE: [Entry; 14] = [
+const TABLE: [Entry; 16] = [
     Entry {
         kind: SamplerKind::Ddim,
         name: "ddim",
@@ -179,6 +183,26 @@ const TABLE: [Entry; 14] = [
         sigma_schedules: true,
         spacing: true,
         aliases: &["kdpmpp3msde", "dpmsolverpp3msde"],
+    },
+    Entry {
+        kind: SamplerKind::UniPc,
+        name: "unipc",
+        a1111: "UniPC",
+        class: "UniPCMultistepScheduler",
+        evals: 1,
+        sigma_schedules: true,
+        spacing: true,
+        aliases: &["unipcmultistep"],
+    },
+    Entry {
+        kind: SamplerKind::Deis,
+        name: "deis",
+        a1111: "DEIS",
+        class: "DEISMultistepScheduler",
+        evals: 1,
+        sigma_schedules: true,
+        spacing: true,
+        aliases: &["deismultistep"],
     },
     Entry {
         kind: SamplerKind::Ddpm,

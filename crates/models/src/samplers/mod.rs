@@ -137,6 +137,8 @@ pub fn build_sampler(
         SamplerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, false)?),
         SamplerKind::DpmPp2mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, true)?),
         SamplerKind::DpmPp3mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 3, true)?),
+        SamplerKind::UniPc => Box::new(unipc::UniPc::new(cfg, n)?),
+        SamplerKind::Deis => Box::new(deis::Deis::new(cfg, n)?),
         SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(cfg, n)?),
         SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
         // The pipelines pass their `eta` (default 0) to TCD's step.

@@ -25,14 +25,14 @@ use sd_models::samplers::{SamplerKind, Schedule};
 
 /// `--sampler`'s help: kept equal to the models crate's list by a test.
 pub const SAMPLER_HELP: &str = "Sampler (update rule): ddim, pndm, euler, euler-a, heun, lms, \
-dpm2, dpm2-a, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, ddpm, lcm, tcd; A1111 names (\"DPM++ 2M\", \"Euler a\") \
+dpm2, dpm2-a, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, unipc, deis, ddpm, lcm, tcd; A1111 names (\"DPM++ 2M\", \"Euler a\") \
 and combined names (\"DPM++ 2M Karras\") are accepted. Default: the model's own scheduler \
 (scheduler/scheduler_config.json). GET /v1/samplers of `sd-worker serve` lists their aliases";
 
 /// `--schedule`'s help: kept equal to the models crate's list by a test.
 pub const SCHEDULE_HELP: &str = "Sigma / timestep schedule: model (default: the model's own), \
 karras, exponential, beta, sgm-uniform (A1111's names are accepted). Karras, exponential and \
-beta go with euler, heun, lms, dpm2, dpm2-a and the dpmpp samplers; sgm-uniform with all but \
+beta go with euler, heun, lms, dpm2, dpm2-a, unipc, deis and the dpmpp samplers; sgm-uniform with all but \
 lcm and tcd";
 
 use crate::model_args::{ConsoleProgress, ModelFlags};
