@@ -280,7 +280,7 @@ fn refused_fields_are_fastapi_422s_naming_them_and_the_worker_goes_on() {
             json!({"sampler_name": "Euler", "scheduler": "align_your_steps"}),
             "scheduler",
         ),
-        (json!({"scheduler": "exponential"}), "scheduler"),
+        (json!({"scheduler": "kl_optimal"}), "scheduler"),
         (json!({"sampler_name": "DDIM", "eta": 1.0}), "eta"),
         (
             json!({"override_settings": {"sd_model_checkpoint": "other"}}),

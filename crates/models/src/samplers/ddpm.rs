@@ -19,10 +19,10 @@ const WHO: &str = "DDPM";
 /// The `variance_type`s whose variance does not come from the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum VarianceType {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
-    FixedLargeLog,
+    Small,
+    SmallLog,
+    Large,
+    LargeLog,
 }
 
 /// DDPM ancestral sampling with a fixed (not learned) variance.
@@ -56,10 +56,10 @@ impl Ddpm {
             return Err(cfg.unsupported("thresholding", true, WHO));
         }
         let variance_type = match cfg.variance_type.as_deref().unwrap_or("fixed_small") {
-            "fixed_small" => VarianceType::FixedSmall,
-            "fixed_small_log" => VarianceType::FixedSmallLog,
-            "fixed_large" => VarianceType::FixedLarge,
-            "fixed_large_log" => VarianceType::FixedLargeLog,
+            "fixed_small" => VarianceType::Small,
+            "fixed_small_log" => VarianceType::SmallLog,
+            "fixed_large" => VarianceType::Large,
+            "fixed_large_log" => VarianceType::LargeLog,
             other => return Err(cfg.unsupported("variance_type", format!("{other:?}"), WHO)),
         };
         let num_train = cfg.num_train_timesteps;
@@ -98,11 +98,11 @@ impl Ddpm {
         // torch.clamp(min=1e-20), which keeps NaN.
         let variance = if variance < 1e-20 { 1e-20 } else { variance };
         match self.variance_type {
-            VarianceType::FixedSmall => variance.sqrt(),
-            VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
-            VarianceType::FixedLarge => current_beta_t.sqrt(),
+            VarianceType::Small => variance.sqrt(),
+            VarianceType::SmallLog => (0.5 * variance.ln()).exp(),
+            VarianceType::Large => current_beta_t.sqrt(),
             // The square root of a logarithm (NaN for betas below 1), as diffusers computes it.
-            VarianceType::FixedLargeLog => current_beta_t.ln().sqrt(),
+            VarianceType::LargeLog => current_beta_t.ln().sqrt(),
         }
     }
 }

@@ -112,11 +112,11 @@ fn errors_name_the_field_the_limit_and_the_value() {
         ),
         (
             json!({"sampler": "euler", "scheduler": "euler"}),
-            ["`scheduler`", "either"],
+            ["`scheduler`", "either", "`sampler`"],
         ),
         (
             json!({"sampler": "DPM++ 2M Karras", "schedule": "beta"}),
-            ["`schedule`", "contradicts"],
+            ["`schedule`", "contradicts", "beta"],
         ),
         (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
         (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
