@@ -120,6 +120,55 @@ fn txt2img_images_are_the_native_jobs_of_seed_plus_i() {
                "preview_every": 0}),
     );
     assert_eq!(images, vec![want]);
+    // A combined name, and "Automatic" standing for the sampler's own A1111 schedule.
+    for (sampler, scheduler, native_sampler, native_schedule, label) in [
+        (
+            "DPM++ 2M SDE Karras",
+            None,
+            "dpmpp-2m-sde",
+            "karras",
+            "Karras",
+        ),
+        (
+            "DPM++ 2M SDE",
+            Some("Automatic"),
+            "dpmpp-2m-sde",
+            "exponential",
+            "Exponential",
+        ),
+        (
+            "Heun",
+            Some("sgm_uniform"),
+            "heun",
+            "sgm-uniform",
+            "SGM Uniform",
+        ),
+    ] {
+        let mut body = json!({"prompt": "a cat", "width": 32, "height": 32, "steps": 3,
+                              "seed": 11, "sampler_name": sampler});
+        if let Some(s) = scheduler {
+            body["scheduler"] = json!(s);
+        }
+        let r = post(&server, "/sdapi/v1/txt2img", &body);
+        assert_eq!(r.status, 200, "{sampler}: {}", r.text());
+        let (images, info) = answer(&r);
+        let text = info["infotexts"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            text.contains(&format!("Schedule type: {label}")),
+            "{sampler}: {text}"
+        );
+        let want = native(
+            &server,
+            json!({"operation": "image_generation", "prompt": "a cat", "width": 32,
+                   "height": 32, "steps": 3, "seed": 11, "guidance_scale": 7.0,
+                   "sampler": native_sampler, "schedule": native_schedule,
+                   "preview_every": 0}),
+        );
+        assert_eq!(images, vec![want], "{sampler}");
+    }
     let echo = replay(&server, "txt2img").json()["parameters"].clone();
     assert_eq!(echo["denoising_strength"], 0.7, "the request as sent");
 }
@@ -173,7 +222,17 @@ fn the_describing_routes_answer_as_a1111() {
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect();
     assert!(names.contains(&"Euler a".to_string()) && names.contains(&"DPM++ 2M".to_string()));
+    assert_eq!(names.len(), 16, "{names:?}");
+    let sde = json_of("samplers")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "DPM++ 2M SDE")
+        .cloned()
+        .unwrap();
+    assert_eq!(sde["options"]["scheduler"], "exponential");
     assert_eq!(json_of("schedulers")[1]["name"], "karras");
+    assert_eq!(json_of("schedulers")[4]["name"], "sgm_uniform");
     assert_eq!(json_of("sd_models")[0]["title"], "tiny-sd1");
     let options = json_of("options");
     assert_eq!(options["sd_model_checkpoint"], "tiny-sd1");

@@ -436,6 +436,34 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["limits"]["max_steps"], 150);
     assert_eq!(info["schedulers"].as_array().unwrap().len(), 16);
     assert_eq!(info["schedules"].as_array().unwrap().len(), 5);
+    let samplers = server.get("/v1/samplers").json();
+    let heun = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "heun")
+        .cloned()
+        .unwrap();
+    assert_eq!(heun["a1111_name"], "Heun");
+    assert_eq!(heun["diffusers_class"], "HeunDiscreteScheduler");
+    assert_eq!(heun["evals_per_step"], 2);
+    assert_eq!(
+        heun["schedules"],
+        json!(["model", "karras", "exponential", "beta", "sgm-uniform"])
+    );
+    let schedules = server.get("/v1/schedules").json();
+    assert_eq!(schedules[1]["diffusers_option"], "use_karras_sigmas=True");
+    // A job with a sampler and a schedule echoes both.
+    let id = server.submit(
+        &json!({"operation": "image_generation", "prompt": "a", "steps": 2,
+                                   "sampler": "DPM2 a", "schedule": "Karras"}),
+    );
+    let done = server.wait_final(&id);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(
+        (&done["request"]["sampler"], &done["request"]["schedule"]),
+        (&json!("dpm2-a"), &json!("karras"))
+    );
     assert_eq!(info["capabilities"]["max_prompt_tokens"], 77);
     assert_eq!(info["capabilities"]["guidance"], "classifier-free");
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));

@@ -5,6 +5,7 @@ use std::io::BufWriter;
 use anyhow::Result;
 use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, RgbImage};
+use sd_models::samplers::Schedule;
 
 /// The generation settings, written in AUTOMATIC1111's `parameters` format.
 pub struct Parameters<'a> {
@@ -12,6 +13,8 @@ pub struct Parameters<'a> {
     pub negative_prompt: Option<&'a str>,
     pub steps: usize,
     pub sampler: &'a str,
+    /// A1111's label of the schedule ("Karras"), when it is not the model's own.
+    pub schedule: Option<&'a str>,
     pub guidance: f64,
     pub seed: u64,
     pub width: usize,
@@ -36,6 +39,7 @@ impl<'a> Parameters<'a> {
             negative_prompt: params.negative_prompt.as_deref(),
             steps: params.steps,
             sampler: params.sampler.a1111_name(),
+            schedule: (params.schedule != Schedule::Model).then(|| params.schedule.a1111_label()),
             guidance: params.guidance,
             seed: params.seed,
             width: params.width,
@@ -57,9 +61,13 @@ impl<'a> Parameters<'a> {
         }
         // A1111 prints the scale as a Python float: 7.0, 7.5.
         let cfg = py_float(self.guidance);
+        s.push_str(&format!("Steps: {}, Sampler: {}", self.steps, self.sampler));
+        if let Some(schedule) = self.schedule {
+            s.push_str(&format!(", Schedule type: {schedule}"));
+        }
         s.push_str(&format!(
-            "Steps: {}, Sampler: {}, CFG scale: {cfg}, Seed: {}, Size: {}x{}, Model: {}",
-            self.steps, self.sampler, self.seed, self.width, self.height, self.model
+            ", CFG scale: {cfg}, Seed: {}, Size: {}x{}, Model: {}",
+            self.seed, self.width, self.height, self.model
         ));
         if let Some(strength) = self.strength {
             s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
