@@ -114,6 +114,9 @@ CASES = (
         # TCD with the eta its authors recommend (the pipeline's default is 0.0).
         txt2img("sd1-tcd-eta03", "tiny-sd1", "tcd", seed=313, steps=4, guidance=1.0,
                 negative=None, eta=0.3),
+        # DDIM with the pipelines' eta: fresh noise from the generator after every step.
+        txt2img("sd1-ddim-eta05", "tiny-sd1", "ddim", seed=314, eta=0.5),
+        txt2img("sd2-ddim-eta1", "tiny-sd2", "ddim", seed=315, eta=1.0),
         # Image to image: a multistep sampler, and Heun (order 2: the pipeline skips
         # t_start * order timesteps and sets the begin index there).
         dict(name="i2i-sd1-unipc-s06", model="tiny-sd1", pipeline="img2img", sampler="unipc",

@@ -154,6 +154,8 @@ pub struct RequestDraft {
     pub schedule: Option<String>,
     /// The earlier single field: a sampler name, or a combined sampler-and-schedule name.
     pub scheduler: Option<String>,
+    /// DDIM's and TCD's `eta`.
+    pub eta: Option<f64>,
     pub batch: Option<u64>,
     pub max_sequence_length: Option<u64>,
     /// image_transform: the init image; image_inpaint: the image to repaint.
@@ -190,6 +192,7 @@ impl RequestDraft {
             sampler: None,
             schedule: None,
             scheduler: None,
+            eta: None,
             batch: None,
             max_sequence_length: None,
             init_image: None,

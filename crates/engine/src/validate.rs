@@ -119,6 +119,7 @@ pub fn validate(
     let guidance = guidance(spec, draft.guidance_scale)?;
     let seed = draft.seed.unwrap_or(random_seed);
     let (sampler, schedule) = sampler(spec, &draft)?;
+    let eta = eta(sampler, draft.eta)?;
     let batch = draft.batch.unwrap_or(1);
     if batch == 0 || batch > limits.max_batch as u64 {
         let source = if limits.from_flags {
@@ -177,6 +178,7 @@ pub fn validate(
             seed,
             sampler,
             schedule,
+            eta,
             batch: batch as usize,
             prompt_syntax: draft.prompt_syntax,
             micro,
@@ -605,6 +607,30 @@ fn sampler(spec: &ModelSpec, draft: &RequestDraft) -> Result<(SamplerKind, Sched
     sd_models::samplers::check_combination(kind, schedule)
         .map_err(|e| invalid("schedule", model_message(e)))?;
     Ok((kind, schedule))
+}
+
+/// `eta`: 0 to 1, for the samplers whose step takes it (DDIM, TCD); refused for the others,
+/// whose diffusers classes have none. Default 0, as the diffusers pipelines.
+fn eta(sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
+    let Some(eta) = given else {
+        return Ok(0.0);
+    };
+    if !sampler.takes_eta() {
+        return Err(invalid(
+            "eta",
+            format!(
+                "sampler {} takes no eta (only ddim and tcd do), got {eta}",
+                sampler.name()
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&eta) {
+        return Err(invalid(
+            "eta",
+            format!("must be between 0 and 1, got {eta}"),
+        ));
+    }
+    Ok(eta)
 }
 
 /// The message of a models-crate error, without its field prefix.

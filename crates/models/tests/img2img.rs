@@ -62,6 +62,7 @@ fn run(name: &str, case: &Value) {
         seed: case["seed"].as_u64().unwrap(),
         sampler,
         schedule,
+        eta: 0.0,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),

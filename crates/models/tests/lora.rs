@@ -65,6 +65,7 @@ fn sd_params(case: &Value, pipe: &sd_models::pipelines::SdPipeline) -> GenerateP
         seed: case["seed"].as_u64().unwrap(),
         sampler: pipe.default_sampler().unwrap(),
         schedule: Default::default(),
+        eta: 0.0,
         batch: 1,
         prompt_syntax: Default::default(),
         micro: Default::default(),

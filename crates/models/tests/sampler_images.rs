@@ -6,7 +6,7 @@
 //! `StableDiffusionPipeline` (or `StableDiffusionImg2ImgPipeline`) on `fixtures/models/
 //! tiny-sd1` (epsilon) or `tiny-sd2` (v-prediction) with
 //! `pipe.scheduler = Class.from_config(pipe.scheduler.config, **sampler_and_schedule)`, a
-//! non-square size, 4-8 steps, and the final uint8 images. Here the same request runs
+//! non-square size, 4-8 steps, `eta` for DDIM and TCD, and the final uint8 images. Here the same request runs
 //! through `SdPipeline` with our sampler and schedule; the images must agree within max 3
 //! and mean 0.5 levels of 255 (the project's image tolerance), and the timesteps the
 //! pipeline ran within 1e-3 (0.05 for DPM2 ancestral's ill-conditioned intermediate
@@ -55,6 +55,7 @@ fn run(case: &Value, pipe: &SdPipeline) -> (String, u8, f64) {
         seed: case["seed"].as_u64().expect("seed"),
         sampler,
         schedule,
+        eta: case["eta"].as_f64().unwrap_or(0.0),
         batch: case["batch"].as_u64().expect("batch") as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),
@@ -154,10 +155,6 @@ fn every_sampler_and_schedule_matches_diffusers_images() {
     let mut ran = 0;
     let mut failures = Vec::new();
     for case in &cases {
-        // The pipelines' `eta` reaches DDIM and TCD's step; requests run it at 0.
-        if case["eta"].as_f64().is_some_and(|e| e != 0.0) {
-            continue;
-        }
         let pipe = match case["model"].as_str() {
             Some("tiny-sd1") => &sd1,
             Some("tiny-sd2") => &sd2,

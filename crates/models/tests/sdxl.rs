@@ -118,6 +118,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         seed: case["seed"].as_u64().unwrap(),
         sampler,
         schedule,
+        eta: 0.0,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: MicroConditioning {

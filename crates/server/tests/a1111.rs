@@ -340,7 +340,7 @@ fn refused_fields_are_fastapi_422s_naming_them_and_the_worker_goes_on() {
             "scheduler",
         ),
         (json!({"scheduler": "kl_optimal"}), "scheduler"),
-        (json!({"sampler_name": "DDIM", "eta": 1.0}), "eta"),
+        (json!({"sampler_name": "DDIM", "eta": 1.5}), "eta"),
         (
             json!({"override_settings": {"sd_model_checkpoint": "other"}}),
             "override_settings.sd_model_checkpoint",

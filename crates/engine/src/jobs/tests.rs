@@ -132,6 +132,7 @@ fn job(prompt: &str, steps: usize) -> GenerationRequest {
             seed: 3,
             sampler: SamplerKind::Euler,
             schedule: Default::default(),
+            eta: 0.0,
             batch: 1,
             prompt_syntax: Default::default(),
             micro: Default::default(),

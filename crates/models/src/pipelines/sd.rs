@@ -27,6 +27,9 @@ pub struct GenerateParams {
     pub sampler: SamplerKind,
     /// The sigma / timestep schedule the sampler walks.
     pub schedule: Schedule,
+    /// The pipelines' `eta` (DDIM and TCD: the share of fresh noise per step, 0 to 1);
+    /// must be 0 for the other samplers.
+    pub eta: f64,
     pub batch: usize,
     /// How the prompts are read.
     pub prompt_syntax: PromptSyntax,
@@ -472,6 +475,9 @@ impl SdPipeline {
             &self.scheduler.for_pipeline(inpaint),
             p.steps,
         )?;
+        if p.eta != 0.0 || p.sampler.takes_eta() {
+            sampler.set_eta(p.eta)?;
+        }
         // diffusers' get_timesteps skips `order` timestep entries per skipped step.
         let start = start * sampler.order();
         let cfg = p.guidance > 1.0;

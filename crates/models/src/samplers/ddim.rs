@@ -1,4 +1,5 @@
-//! DDIM: port of diffusers `DDIMScheduler` (eta = 0, the pipelines' default).
+//! DDIM: port of diffusers `DDIMScheduler`, with the pipelines' `eta` (default 0: no noise;
+//! above 0, `eta * sqrt(variance) * z` with `z` drawn from the generator after each step).
 //!
 //! Quirk kept from diffusers: the "previous" timestep of a step is always
 //! `t - num_train_timesteps // num_inference_steps`, whatever the timestep spacing, so with
@@ -9,9 +10,21 @@ use candle_core::Tensor;
 use super::config::BetaDefaults;
 use super::schedule::{self, div, f32_tensor, mul};
 use super::{check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing, TorchRng};
-use crate::Result;
+use crate::{Error, Result};
 
-/// DDIM with eta = 0. `scale_model_input` is the identity; `init_noise_sigma` is 1.
+/// The pipelines' `eta` range (diffusers asserts it for TCD; DDIM's formula needs it).
+pub(crate) fn check_eta(eta: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&eta) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "eta",
+            format!("must be between 0 and 1, got {eta}"),
+        ))
+    }
+}
+
+/// DDIM. `scale_model_input` is the identity; `init_noise_sigma` is 1.
 #[derive(Debug)]
 pub struct Ddim {
     alphas_cumprod: Vec<f32>,
@@ -22,6 +35,8 @@ pub struct Ddim {
     prediction_type: PredictionType,
     /// `Some(range)` when `clip_sample` is on.
     clip: Option<f32>,
+    /// A Python float in diffusers (float64), multiplied into float32 scalars.
+    eta: f64,
 }
 
 impl Ddim {
@@ -51,6 +66,7 @@ impl Ddim {
                 .clip_sample
                 .unwrap_or(true)
                 .then_some(cfg.clip_sample_range as f32),
+            eta: 0.0,
         })
     }
 }
@@ -66,12 +82,18 @@ impl Sampler for Ddim {
         schedule::add_noise_alpha(&self.alphas_cumprod, t, original, noise)
     }
 
+    fn set_eta(&mut self, eta: f64) -> Result<()> {
+        check_eta(eta)?;
+        self.eta = eta;
+        Ok(())
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        rng: &mut TorchRng,
     ) -> Result<Tensor> {
         check_index(step_index, self.plan.len())?;
         let (t, prev_t) = self.plan[step_index];
@@ -87,7 +109,7 @@ impl Sampler for Ddim {
         let (mut pred_x0, pred_eps) = match self.prediction_type {
             PredictionType::Epsilon => {
                 let x0 = div(&(&sample - mul(&model_output, b_t.sqrt())?)?, a_t.sqrt())?;
-                (x0, model_output)
+                (x0, model_output.clone())
             }
             PredictionType::VPrediction => {
                 let x0 = (mul(&sample, a_t.sqrt())? - mul(&model_output, b_t.sqrt())?)?;
@@ -98,11 +120,16 @@ impl Sampler for Ddim {
         if let Some(r) = self.clip {
             pred_x0 = pred_x0.clamp(-r, r)?;
         }
-        // eta = 0: std_dev_t = 0 * variance ** 0.5 (NaN only where diffusers' is NaN too).
+        // (With eta = 0, std_dev_t = 0 * sqrt(variance): NaN only where diffusers' is NaN too.)
         let b_prev = 1.0 - a_prev;
         let variance = (b_prev / b_t) * (1.0 - a_t / a_prev);
-        let std_dev_t = 0.0f32 * variance.sqrt();
+        let std_dev_t = self.eta as f32 * variance.sqrt();
         let direction = mul(&pred_eps, (1.0 - a_prev - std_dev_t * std_dev_t).sqrt())?;
-        Ok((mul(&pred_x0, a_prev.sqrt())? + direction)?)
+        let prev = (mul(&pred_x0, a_prev.sqrt())? + direction)?;
+        if self.eta > 0.0 {
+            let noise = rng.randn(model_output.dims(), model_output.device())?;
+            return Ok((prev + mul(&noise, std_dev_t)?)?);
+        }
+        Ok(prev)
     }
 }

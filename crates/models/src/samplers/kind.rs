@@ -291,6 +291,11 @@ impl SamplerKind {
             .collect()
     }
 
+    /// Whether the pipelines' `eta` reaches this sampler's step (DDIM and TCD).
+    pub fn takes_eta(self) -> bool {
+        matches!(self, SamplerKind::Ddim | SamplerKind::Tcd)
+    }
+
     /// Whether the reference defines this sampler on `schedule`.
     pub fn accepts(self, schedule: Schedule) -> bool {
         match schedule {

@@ -71,6 +71,14 @@ pub trait Sampler: Send {
     /// timestep for DDIM / PNDM, `x + sigma n` for the Euler samplers and
     /// `alpha_t x + sigma_t n` for DPM-Solver, at the sigma of loop index `step_index`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Sets the `eta` that the pipelines pass to `step` (DDIM and TCD; 0 to 1); the other
+    /// samplers have none and refuse it.
+    fn set_eta(&mut self, eta: f64) -> Result<()> {
+        Err(Error::invalid(
+            "eta",
+            format!("{eta} given, but this sampler takes no eta"),
+        ))
+    }
     /// diffusers' `step(...).prev_sample` for loop index `step_index`. Ancestral samplers
     /// draw their noise from `rng` exactly as diffusers draws it from the pipeline's
     /// generator (`randn_tensor(model_output.shape, generator=generator)`).

@@ -70,6 +70,12 @@ impl Tcd {
 }
 
 impl Sampler for Tcd {
+    fn set_eta(&mut self, eta: f64) -> Result<()> {
+        super::ddim::check_eta(eta)?;
+        self.eta = eta;
+        Ok(())
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -97,6 +97,9 @@ pub struct GenerateArgs {
     /// "dpmpp-2m-karras" or "DPM++ 2M Karras" included).
     #[arg(long, env = "SD_SCHEDULER")]
     pub scheduler: Option<String>,
+    /// ddim and tcd only: fresh noise per step, 0 to 1 (diffusers' pipeline `eta`; default 0).
+    #[arg(long, env = "SD_ETA")]
+    pub eta: Option<f64>,
     /// Image-to-image: the init image (PNG, JPEG or WebP; grayscale is expanded, alpha
     /// dropped). Stable Diffusion: --width / --height then default to its size rounded down to
     /// the latent factor; FLUX keeps the model's default size.
@@ -267,6 +270,7 @@ fn flag(field: &str) -> &str {
         "sampler" => "--sampler",
         "schedule" => "--schedule",
         "scheduler" => "--scheduler",
+        "eta" => "--eta",
         "batch" => "--batch",
         "max_sequence_length" => "--max-sequence-length",
         "init_image" | "input_image" => "--init-image",
@@ -343,6 +347,7 @@ fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     d.sampler = args.sampler.clone();
     d.schedule = args.schedule.clone();
     d.scheduler = args.scheduler.clone();
+    d.eta = args.eta;
     d.batch = Some(args.batch as u64);
     d.max_sequence_length = args.max_sequence_length.map(|v| v as u64);
     d.init_image = init;

@@ -130,6 +130,10 @@ pub struct JobFields {
     pub schedule: Option<String>,
     /// The field of earlier versions: the same as `sampler` (give one of the two).
     pub scheduler: Option<String>,
+    /// DDIM and TCD only: the share of fresh noise per step, as diffusers' pipelines' `eta`
+    /// (DDIM: 0 deterministic, 1 DDPM-like; TCD: its gamma). Refused for other samplers.
+    #[schema(minimum = 0, maximum = 1, default = 0)]
+    pub eta: Option<f64>,
     /// At most --max-batch.
     #[schema(minimum = 1, default = 1)]
     pub batch: Option<u64>,
@@ -241,6 +245,7 @@ impl From<JobBody> for RequestDraft {
         d.sampler = fields.sampler;
         d.schedule = fields.schedule;
         d.scheduler = fields.scheduler;
+        d.eta = fields.eta;
         d.batch = fields.batch;
         d.preview_every = fields.preview_every;
         d.preview = fields.preview;

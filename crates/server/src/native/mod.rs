@@ -19,7 +19,7 @@ use body::{
 };
 
 /// The fields every operation takes.
-pub const FIELDS: [&str; 28] = [
+pub const FIELDS: [&str; 29] = [
     "loras",
     "prompt_syntax",
     "max_sequence_length",
@@ -34,6 +34,7 @@ pub const FIELDS: [&str; 28] = [
     "sampler",
     "schedule",
     "scheduler",
+    "eta",
     "batch",
     "preview_every",
     "preview",
@@ -292,6 +293,7 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
     let sampler = string(obj, "sampler")?;
     let schedule = string(obj, "schedule")?;
     let scheduler = string(obj, "scheduler")?;
+    let eta = number(obj, "eta")?;
     let batch = uint(obj, "batch")?;
     let preview_every = uint(obj, "preview_every")?;
     let preview = match field(obj, "preview") {
@@ -315,6 +317,7 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
         sampler,
         schedule,
         scheduler,
+        eta,
         batch,
         preview_every,
         preview,

@@ -118,6 +118,14 @@ fn errors_name_the_field_the_limit_and_the_value() {
             json!({"sampler": "DPM++ 2M Karras", "schedule": "beta"}),
             ["`schedule`", "contradicts", "beta"],
         ),
+        (
+            json!({"sampler": "euler", "eta": 0.5}),
+            ["`eta`", "euler", "ddim"],
+        ),
+        (
+            json!({"sampler": "ddim", "eta": 2}),
+            ["`eta`", "between 0 and 1", "2"],
+        ),
         (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
         (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
         (json!({"width": "512"}), ["`width`", "integer", "\"512\""]),

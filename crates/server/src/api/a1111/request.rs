@@ -269,6 +269,27 @@ fn sampler(body: &Body) -> Result<(SamplerKind, Schedule)> {
     Ok((kind, schedule))
 }
 
+/// A1111's `eta` as the engine takes it: DDIM's and TCD's own; the ancestral and SDE
+/// samplers run diffusers' full noise (A1111's eta 1) and refuse another value; the others
+/// have no eta, and A1111 does not read it for them either.
+fn a1111_eta(kind: SamplerKind, eta: Option<f64>) -> Result<Option<f64>> {
+    match (kind, eta) {
+        (_, None) => Ok(None),
+        (SamplerKind::Ddim | SamplerKind::Tcd, Some(e)) => Ok(Some(e)),
+        (
+            SamplerKind::EulerAncestral
+            | SamplerKind::Dpm2Ancestral
+            | SamplerKind::DpmPp2mSde
+            | SamplerKind::DpmPp3mSde,
+            Some(e),
+        ) if e != 1.0 => Err(invalid(
+            "eta",
+            format!("{} runs with eta 1 here, got {e}", kind.a1111_name()),
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// The schedule A1111 1.10 runs a sampler on under "Automatic": Karras for DPM++ 2M,
 /// exponential for the DPM++ SDE multistep samplers, the model's own otherwise.
 pub fn a1111_automatic(kind: SamplerKind) -> Schedule {
@@ -626,23 +647,7 @@ pub fn read(
     refuse_features(&body, mode)?;
     override_settings(&body, spec)?;
     let (kind, schedule) = sampler(&body)?;
-    // The ancestral sampler runs with eta 1, DDIM with eta 0; the others take no eta.
-    let eta = body.number("eta")?;
-    match (kind, eta) {
-        (SamplerKind::Ddim, Some(e)) if e != 0.0 => {
-            return Err(invalid(
-                "eta",
-                format!("DDIM runs with eta 0 here, got {e}"),
-            ))
-        }
-        (SamplerKind::EulerAncestral, Some(e)) if e != 1.0 => {
-            return Err(invalid(
-                "eta",
-                format!("Euler a runs with eta 1 here, got {e}"),
-            ))
-        }
-        _ => {}
-    }
+    let eta = a1111_eta(kind, body.number("eta")?)?;
     let batch_size = body.uint("batch_size")?.unwrap_or(1);
     let n_iter = body.uint("n_iter")?.unwrap_or(1);
     if batch_size == 0 || n_iter == 0 {
@@ -691,6 +696,7 @@ pub fn read(
     draft.guidance_scale = Some(body.number("cfg_scale")?.unwrap_or(DEFAULT_CFG));
     draft.sampler = Some(kind.name().to_string());
     draft.schedule = Some(schedule.name().to_string());
+    draft.eta = eta;
     draft.batch = Some(1);
     // Live previews for `/progress`, every 10 steps as A1111's default
     // `show_progress_every_n_steps` (the cheap latent-to-RGB map).
