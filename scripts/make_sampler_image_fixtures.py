@@ -13,8 +13,11 @@ loaded config is the one the pipeline constructor patched, so e.g. DDIM / DDPM s
 on tiny-sd1, whose PNDM config has no clip_sample, get clip_sample=True.) Then
 StableDiffusionPipeline (txt2img) or StableDiffusionImg2ImgPipeline runs in float32 on the
 CPU with generator=torch.Generator("cpu").manual_seed(seed), so the initial latents and the
-per-step noise of the stochastic samplers come from that one generator. The pipelines'
-`eta` (passed to DDIM and TCD steps) is 0.0 unless a case sets it.
+per-step noise of the stochastic samplers come from that one generator (for dpmpp-sde: the
+root seed of its Brownian tree, drawn at its first step). The pipelines' `eta` (passed to
+DDIM and TCD steps) is 0.0 unless a case sets it. dpmpp-2s-a's scheduler is
+make_sampler_fixtures.DPMPP2SAncestralScheduler (k-diffusion's sample_dpmpp_2s_ancestral),
+dpmpp-sde's is DPMSolverSDEScheduler with that script's Brownian tree noise.
 
 Writes, under fixtures/reference/samplers/:
   <case>.safetensors  `images`: the final uint8 images (B, H, W, 3), round(clamp(x, 0, 1) * 255)
@@ -26,7 +29,9 @@ Writes, under fixtures/reference/samplers/:
                       (the scheduler's), timesteps (every timestep the pipeline ran the UNet
                       at, as floats: img2img skips the first t_start * order),
                       scheduler_class and scheduler_config (what from_config gave; a
-                      non-finite float, e.g. lambda_min_clipped, as the string "-inf")
+                      non-finite float, e.g. lambda_min_clipped, as the string "-inf");
+                      dpmpp-sde cases also "noise": "brownian-tree-v2", dpmpp-2s-a cases
+                      "reference" (as in the sampler fixtures)
 
 Run with the venv described in the README:  python scripts/make_sampler_image_fixtures.py
 Deterministic: reruns write the same bytes.
@@ -45,7 +50,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixtures import ROOT, load_sd2  # noqa: E402
-from make_sampler_fixtures import SAMPLERS, SCHEDULES  # noqa: E402
+from make_sampler_fixtures import (  # noqa: E402
+    CASE_NOTES, CUSTOM_SIGMA_SCHEDULES, NEWER, SAMPLERS, SCHEDULES, a1111_sigmas,
+    set_brownian_generator)
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
@@ -75,12 +82,13 @@ def txt2img(name, model, sampler, schedule="model", *, seed, steps=6, guidance=7
 FEW_STEP = ("lcm", "tcd")
 
 
-def per_sampler(model, first_seed):
-    """Every sampler with the model's own schedule; LCM and TCD at 4 steps without CFG (sd1)
-    or with a low guidance (sd2), as they are used."""
+def per_sampler(model, first_seed, samplers):
+    """Each of `samplers` with the model's own schedule (seed: first_seed + its index in
+    SAMPLERS); LCM and TCD at 4 steps without CFG (sd1) or with a low guidance (sd2), as they
+    are used."""
     out = []
-    for i, s in enumerate(SAMPLERS):
-        kw = dict(seed=first_seed + i)
+    for s in samplers:
+        kw = dict(seed=first_seed + list(SAMPLERS).index(s))
         if s in FEW_STEP:
             kw.update(steps=4, guidance=1.0 if model == "tiny-sd1" else 2.0)
             if model == "tiny-sd1":
@@ -90,9 +98,11 @@ def per_sampler(model, first_seed):
     return out
 
 
+OLDER = [s for s in SAMPLERS if s not in NEWER]
+
 CASES = (
-    per_sampler("tiny-sd1", 100)
-    + per_sampler("tiny-sd2", 200)
+    per_sampler("tiny-sd1", 100, OLDER)
+    + per_sampler("tiny-sd2", 200, OLDER)
     + [
         # Karras / exponential / beta sigmas and trailing ("sgm_uniform") spacing. (tiny-sd2's
         # own config is trailing already, so sgm_uniform runs on tiny-sd1.)
@@ -130,6 +140,21 @@ CASES = (
              negative_prompt=NEGATIVE, steps=6, guidance=7.5, seed=402, batch=1, strength=0.6,
              image=INPUT, eta=None),
     ]
+    # The samplers without an exact diffusers equivalent: DPM++ SDE (diffusers'
+    # DPMSolverSDEScheduler with our Brownian tree noise, its root seed drawn from the
+    # pipeline's generator after the initial latents) and DPM++ 2S a (k-diffusion's
+    # sample_dpmpp_2s_ancestral, make_sampler_fixtures.DPMPP2SAncestralScheduler).
+    + per_sampler("tiny-sd1", 100, NEWER)
+    + per_sampler("tiny-sd2", 200, NEWER)
+    + [
+        txt2img("sd1-dpmpp-sde-karras", "tiny-sd1", "dpmpp-sde", "karras", seed=316),
+        # A1111's simple and normal schedules, as Euler's custom sigmas.
+        txt2img("sd1-euler-simple", "tiny-sd1", "euler", "simple", seed=319),
+        txt2img("sd2-euler-normal", "tiny-sd2", "euler", "normal", seed=320),
+        txt2img("sd2-dpmpp-2s-a-karras", "tiny-sd2", "dpmpp-2s-a", "karras", seed=317),
+        # Batch 2: one Brownian tree over the whole (2, 4, h, w) latent.
+        txt2img("sd1-dpmpp-sde-batch2", "tiny-sd1", "dpmpp-sde", seed=318, batch=2),
+    ]
 )
 
 
@@ -155,18 +180,22 @@ def run_case(pipes, case):
         ran.append(float(t))
         return {}
 
+    generator = torch.Generator("cpu").manual_seed(case["seed"])
+    set_brownian_generator(generator)  # (dpmpp-sde draws its noise's root seed from it)
     kwargs = dict(
         prompt=case["prompt"],
         negative_prompt=case["negative_prompt"],
         num_inference_steps=case["steps"],
         guidance_scale=case["guidance"],
         num_images_per_prompt=case["batch"],
-        generator=torch.Generator("cpu").manual_seed(case["seed"]),
+        generator=generator,
         output_type="np",
         callback_on_step_end=on_step_end,
     )
     if case["eta"] is not None:
         kwargs["eta"] = case["eta"]
+    if case["schedule"] in CUSTOM_SIGMA_SCHEDULES:
+        kwargs["sigmas"] = a1111_sigmas(pipe.scheduler, case["schedule"], case["steps"])
     if case["pipeline"] == "img2img":
         image = Image.open(ROOT / case["image"]).convert("RGB")
         case["width"], case["height"] = image.size
@@ -193,6 +222,7 @@ def run_case(pipes, case):
     entry = {k: case[k] for k in ("name", "model", "pipeline", "sampler", "schedule", "prompt",
                                   "negative_prompt", "width", "height", "steps", "guidance",
                                   "seed", "batch")}
+    entry.update(CASE_NOTES.get(case["sampler"], {}))
     if "eta" in inspect.signature(sched.step).parameters:
         # (The pipelines pass their `eta`, default 0.0, to the steps that take one.)
         entry["eta"] = case["eta"] if case["eta"] is not None else 0.0

@@ -222,7 +222,7 @@ fn the_describing_routes_answer_as_a1111() {
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect();
     assert!(names.contains(&"Euler a".to_string()) && names.contains(&"DPM++ 2M".to_string()));
-    assert_eq!(names.len(), 16, "{names:?}");
+    assert_eq!(names.len(), 18, "{names:?}");
     let sde = json_of("samplers")
         .as_array()
         .unwrap()

@@ -434,8 +434,8 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["defaults"]["scheduler"], "pndm");
     assert_eq!(info["limits"]["max_queue"], 32);
     assert_eq!(info["limits"]["max_steps"], 150);
-    assert_eq!(info["schedulers"].as_array().unwrap().len(), 16);
-    assert_eq!(info["schedules"].as_array().unwrap().len(), 5);
+    assert_eq!(info["schedulers"].as_array().unwrap().len(), 18);
+    assert_eq!(info["schedules"].as_array().unwrap().len(), 7);
     let samplers = server.get("/v1/samplers").json();
     let heun = samplers
         .as_array()

@@ -117,6 +117,25 @@ impl Euler {
             prediction_type: cfg.prediction_type,
         })
     }
+
+    /// `set_timesteps(sigmas=sigmas)`: a given schedule (with its final sigma), the
+    /// timesteps from `_sigma_to_t` of each but the last.
+    pub fn with_sigmas(cfg: &SchedulerConfig, sigmas: Vec<f32>) -> Result<Self> {
+        let ac =
+            schedule::alphas_cumprod(cfg, BetaDefaults::DDPM, cfg.rescale_betas_zero_snr, true)?;
+        let log_sigmas = schedule::log_sigmas(&schedule::sigmas_from_alphas_cumprod(&ac));
+        let timesteps: Vec<f64> = sigmas[..sigmas.len().saturating_sub(1)]
+            .iter()
+            .map(|&s| f64::from(schedule::sigma_to_t(f64::from(s), &log_sigmas) as f32))
+            .collect();
+        let spacing = cfg.spacing_or(TimestepSpacing::Linspace);
+        Ok(Euler {
+            init_noise_sigma: init_noise_sigma(&sigmas, spacing),
+            sigmas,
+            timesteps,
+            prediction_type: cfg.prediction_type,
+        })
+    }
 }
 
 /// The sigma appended after the schedule (`final_sigmas_type`).

@@ -128,7 +128,7 @@ impl Heun {
 }
 
 /// Refuses a step other than the next one once a run has started.
-fn check_order(next: Option<usize>, step_index: usize) -> Result<()> {
+pub(crate) fn check_order(next: Option<usize>, step_index: usize) -> Result<()> {
     match next {
         Some(n) if n != step_index => Err(bad_step_index(
             step_index,

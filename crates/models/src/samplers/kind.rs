@@ -34,6 +34,10 @@ pub enum SamplerKind {
     DpmPp2mSde,
     /// `algorithm_type="sde-dpmsolver++"`, `solver_order=3`.
     DpmPp3mSde,
+    /// diffusers `DPMSolverSDEScheduler` (k-diffusion's DPM++ SDE) with our Brownian tree.
+    DpmPpSde,
+    /// k-diffusion's `sample_dpmpp_2s_ancestral` (no diffusers class).
+    DpmPp2sAncestral,
     /// diffusers `UniPCMultistepScheduler` (bh2 predictor-corrector, order 2).
     UniPc,
     /// diffusers `DEISMultistepScheduler` (order 2).
@@ -63,7 +67,7 @@ struct Entry {
     aliases: &'static [&'static str],
 }
 
-const TABLE: [Entry; 16] = [
+const TABLE: [Entry; 18] = [
     Entry {
         kind: SamplerKind::Ddim,
         name: "ddim",
@@ -185,6 +189,26 @@ const TABLE: [Entry; 16] = [
         aliases: &["kdpmpp3msde", "dpmsolverpp3msde"],
     },
     Entry {
+        kind: SamplerKind::DpmPpSde,
+        name: "dpmpp-sde",
+        a1111: "DPM++ SDE",
+        class: "DPMSolverSDEScheduler",
+        evals: 2,
+        sigma_schedules: true,
+        spacing: true,
+        aliases: &["kdpmppsde", "dpmsolversde"],
+    },
+    Entry {
+        kind: SamplerKind::DpmPp2sAncestral,
+        name: "dpmpp-2s-a",
+        a1111: "DPM++ 2S a",
+        class: "k-diffusion sample_dpmpp_2s_ancestral",
+        evals: 2,
+        sigma_schedules: true,
+        spacing: true,
+        aliases: &["kdpmpp2sa", "kdpmpp2sancestral", "dpmpp2sancestral"],
+    },
+    Entry {
         kind: SamplerKind::UniPc,
         name: "unipc",
         a1111: "UniPC",
@@ -301,6 +325,8 @@ impl SamplerKind {
         match schedule {
             Schedule::Model => true,
             Schedule::SgmUniform => self.entry().spacing,
+            // Only EulerDiscreteScheduler takes custom sigmas.
+            Schedule::Simple | Schedule::Normal => self == SamplerKind::Euler,
             Schedule::Karras | Schedule::Exponential | Schedule::Beta => {
                 self.entry().sigma_schedules
             }
@@ -395,15 +421,23 @@ pub enum Schedule {
     /// Evenly spaced timesteps ending at the last training step:
     /// `timestep_spacing="trailing"` (what A1111 and ComfyUI call SGM Uniform).
     SgmUniform,
+    /// A1111's "Simple": every `1000 / n`-th training sigma from the top, given to the
+    /// sampler as custom sigmas (`set_timesteps(sigmas=...)`, Euler only).
+    Simple,
+    /// A1111's "Normal": evenly spaced fractional timesteps mapped to sigmas log-linearly,
+    /// as custom sigmas (Euler only).
+    Normal,
 }
 
 impl Schedule {
-    pub const ALL: [Schedule; 5] = [
+    pub const ALL: [Schedule; 7] = [
         Schedule::Model,
         Schedule::Karras,
         Schedule::Exponential,
         Schedule::Beta,
         Schedule::SgmUniform,
+        Schedule::Simple,
+        Schedule::Normal,
     ];
 
     /// Our name.
@@ -414,6 +448,8 @@ impl Schedule {
             Schedule::Exponential => "exponential",
             Schedule::Beta => "beta",
             Schedule::SgmUniform => "sgm-uniform",
+            Schedule::Simple => "simple",
+            Schedule::Normal => "normal",
         }
     }
 
@@ -425,6 +461,8 @@ impl Schedule {
             Schedule::Exponential => "Exponential",
             Schedule::Beta => "Beta",
             Schedule::SgmUniform => "SGM Uniform",
+            Schedule::Simple => "Simple",
+            Schedule::Normal => "Normal",
         }
     }
 
@@ -436,6 +474,8 @@ impl Schedule {
             Schedule::Exponential => "exponential",
             Schedule::Beta => "beta",
             Schedule::SgmUniform => "sgm_uniform",
+            Schedule::Simple => "simple",
+            Schedule::Normal => "normal",
         }
     }
 
@@ -447,6 +487,7 @@ impl Schedule {
             Schedule::Exponential => "use_exponential_sigmas=True",
             Schedule::Beta => "use_beta_sigmas=True",
             Schedule::SgmUniform => "timestep_spacing=\"trailing\"",
+            Schedule::Simple | Schedule::Normal => "set_timesteps(sigmas=...)",
         }
     }
 
@@ -458,6 +499,8 @@ impl Schedule {
             Schedule::Exponential => &["exponential"],
             Schedule::Beta => &["beta"],
             Schedule::SgmUniform => &["sgmuniform"],
+            Schedule::Simple => &["simple"],
+            Schedule::Normal => &["normal"],
         }
     }
 

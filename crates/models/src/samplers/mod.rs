@@ -19,10 +19,12 @@
 //! (DPM++ 2M, with or without Karras sigmas), `schedule` (betas, spacings, sigma
 //! schedules), `config` (the scheduler config as diffusers reads it) and [`rng`].
 
+mod brownian;
 mod config;
 pub mod ddim;
 pub mod ddpm;
 pub mod deis;
+pub mod dpm_sde;
 pub mod dpm_solver;
 pub mod euler;
 pub mod flow_match;
@@ -108,6 +110,8 @@ fn with_schedule(config: &SchedulerConfig, schedule: Schedule) -> SchedulerConfi
             sigmas(&mut c, false, false, false);
             c.timestep_spacing = Some(TimestepSpacing::Trailing);
         }
+        // Custom sigmas replace the whole schedule (see build_sampler).
+        Schedule::Simple | Schedule::Normal => {}
     }
     c
 }
@@ -133,6 +137,10 @@ pub fn build_sampler(
     check_combination(kind, schedule)?;
     let cfg = &with_schedule(config, schedule);
     let n = num_inference_steps;
+    if let Some(sigmas) = a1111_sigmas(cfg, schedule, n)? {
+        // (check_combination allows these for Euler only.)
+        return Ok(Box::new(euler::Euler::with_sigmas(cfg, sigmas)?));
+    }
     Ok(match kind {
         SamplerKind::Ddim => Box::new(ddim::Ddim::new(cfg, n)?),
         SamplerKind::Pndm => Box::new(pndm::Pndm::new(cfg, n)?),
@@ -145,6 +153,8 @@ pub fn build_sampler(
         SamplerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, false)?),
         SamplerKind::DpmPp2mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 2, true)?),
         SamplerKind::DpmPp3mSde => Box::new(dpm_solver::DpmSolverPp::new(cfg, n, 3, true)?),
+        SamplerKind::DpmPpSde => Box::new(dpm_sde::DpmPpSde::new(cfg, n)?),
+        SamplerKind::DpmPp2sAncestral => Box::new(dpm_sde::DpmPp2sAncestral::new(cfg, n)?),
         SamplerKind::UniPc => Box::new(unipc::UniPc::new(cfg, n)?),
         SamplerKind::Deis => Box::new(deis::Deis::new(cfg, n)?),
         SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(cfg, n)?),
@@ -152,6 +162,25 @@ pub fn build_sampler(
         // The pipelines pass their `eta` (default 0) to TCD's step.
         SamplerKind::Tcd => Box::new(tcd::Tcd::new(cfg, n)?.with_eta(0.0)),
     })
+}
+
+/// A1111's `simple` / `normal` sigmas over the config's training table (diffusers'
+/// float32 `alphas_cumprod`, without the zero-SNR floor), or `None` for the other schedules.
+fn a1111_sigmas(cfg: &SchedulerConfig, schedule: Schedule, n: usize) -> Result<Option<Vec<f32>>> {
+    if !matches!(schedule, Schedule::Simple | Schedule::Normal) {
+        return Ok(None);
+    }
+    let ac = schedule::alphas_cumprod(
+        cfg,
+        config::BetaDefaults::DDPM,
+        cfg.rescale_betas_zero_snr,
+        true,
+    )?;
+    let table = schedule::sigmas_from_alphas_cumprod(&ac);
+    Ok(Some(match schedule {
+        Schedule::Simple => schedule::simple_sigmas(&table, n),
+        _ => schedule::normal_sigmas(&table, n),
+    }))
 }
 
 impl SamplerKind {

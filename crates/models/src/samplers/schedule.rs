@@ -299,6 +299,61 @@ impl SigmaConversion {
     }
 }
 
+/// A1111's `simple` schedule (`modules/sd_schedulers.py`): every `len / n`-th training sigma
+/// from the top, then 0; `sigmas` is the float32 training table, ascending.
+pub(crate) fn simple_sigmas(sigmas: &[f32], n: usize) -> Vec<f32> {
+    let len = sigmas.len();
+    let ss = len as f64 / n as f64;
+    (0..n)
+        .map(|x| sigmas[len - 1 - ((x as f64 * ss) as usize).min(len - 1)])
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
+/// A1111's `normal` schedule: timesteps evenly spaced (float32 `torch.linspace`) from the
+/// timestep of the largest training sigma to that of the smallest, mapped back to sigmas by
+/// k-diffusion's `t_to_sigma`, then 0.
+pub(crate) fn normal_sigmas(sigmas: &[f32], n: usize) -> Vec<f32> {
+    let log_sigmas: Vec<f32> = sigmas.iter().map(|s| s.ln()).collect();
+    let (Some(&min), Some(&max)) = (sigmas.first(), sigmas.last()) else {
+        return vec![0.0];
+    };
+    let start = kd_sigma_to_t(max, &log_sigmas);
+    let end = kd_sigma_to_t(min, &log_sigmas);
+    torch_linspace_f32(start, end, n)
+        .into_iter()
+        .map(|t| kd_t_to_sigma(t, &log_sigmas))
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
+/// k-diffusion's `DiscreteSchedule.sigma_to_t` (float32, not quantised).
+fn kd_sigma_to_t(sigma: f32, log_sigmas: &[f32]) -> f32 {
+    let n = log_sigmas.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let log_sigma = sigma.ln();
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&ls| log_sigma - ls >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f32 + w * (low_idx + 1) as f32
+}
+
+/// k-diffusion's `DiscreteSchedule.t_to_sigma`: log-linear between the neighbouring
+/// training sigmas (float32).
+fn kd_t_to_sigma(t: f32, log_sigmas: &[f32]) -> f32 {
+    let last = log_sigmas.len().saturating_sub(1);
+    let low = (t.floor().max(0.0) as usize).min(last);
+    let high = (t.ceil().max(0.0) as usize).min(last);
+    let w = t - t.trunc();
+    ((1.0 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+}
+
 /// `np.exp(np.linspace(log(sigma_max), log(sigma_min), n))`.
 pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     np_linspace(sigma_max.ln(), sigma_min.ln(), n)

@@ -25,15 +25,15 @@ use sd_models::samplers::{SamplerKind, Schedule};
 
 /// `--sampler`'s help: kept equal to the models crate's list by a test.
 pub const SAMPLER_HELP: &str = "Sampler (update rule): ddim, pndm, euler, euler-a, heun, lms, \
-dpm2, dpm2-a, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, unipc, deis, ddpm, lcm, tcd; A1111 names (\"DPM++ 2M\", \"Euler a\") \
+dpm2, dpm2-a, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, dpmpp-sde, dpmpp-2s-a, unipc, deis, ddpm, lcm, tcd; A1111 names (\"DPM++ 2M\", \"Euler a\") \
 and combined names (\"DPM++ 2M Karras\") are accepted. Default: the model's own scheduler \
 (scheduler/scheduler_config.json). GET /v1/samplers of `sd-worker serve` lists their aliases";
 
 /// `--schedule`'s help: kept equal to the models crate's list by a test.
 pub const SCHEDULE_HELP: &str = "Sigma / timestep schedule: model (default: the model's own), \
-karras, exponential, beta, sgm-uniform (A1111's names are accepted). Karras, exponential and \
+karras, exponential, beta, sgm-uniform, simple, normal (A1111's names are accepted). Karras, exponential and \
 beta go with euler, heun, lms, dpm2, dpm2-a, unipc, deis and the dpmpp samplers; sgm-uniform with all but \
-lcm and tcd";
+lcm and tcd; simple and normal (A1111's) with euler";
 
 use crate::model_args::{ConsoleProgress, ModelFlags};
 
@@ -547,4 +547,27 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         run_started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    /// `--help` lists every sampler and schedule the models crate has.
+    #[test]
+    fn help_lists_every_sampler_and_schedule() {
+        let words = |s: &str| -> Vec<String> {
+            s.split(|c: char| c == ',' || c == ';' || c == ':' || c.is_whitespace())
+                .map(str::to_string)
+                .collect()
+        };
+        let samplers = words(SAMPLER_HELP);
+        for kind in SamplerKind::all() {
+            assert!(samplers.contains(&kind.name().to_string()), "{kind}");
+        }
+        let schedules = words(SCHEDULE_HELP);
+        for s in Schedule::ALL {
+            assert!(schedules.contains(&s.name().to_string()), "{s}");
+        }
+    }
 }

@@ -280,7 +280,9 @@ fn a1111_eta(kind: SamplerKind, eta: Option<f64>) -> Result<Option<f64>> {
             SamplerKind::EulerAncestral
             | SamplerKind::Dpm2Ancestral
             | SamplerKind::DpmPp2mSde
-            | SamplerKind::DpmPp3mSde,
+            | SamplerKind::DpmPp3mSde
+            | SamplerKind::DpmPpSde
+            | SamplerKind::DpmPp2sAncestral,
             Some(e),
         ) if e != 1.0 => Err(invalid(
             "eta",
@@ -290,11 +292,11 @@ fn a1111_eta(kind: SamplerKind, eta: Option<f64>) -> Result<Option<f64>> {
     }
 }
 
-/// The schedule A1111 1.10 runs a sampler on under "Automatic": Karras for DPM++ 2M,
+/// The schedule A1111 1.10 runs a sampler on under "Automatic": Karras for DPM++ 2M and SDE,
 /// exponential for the DPM++ SDE multistep samplers, the model's own otherwise.
 pub fn a1111_automatic(kind: SamplerKind) -> Schedule {
     match kind {
-        SamplerKind::DpmPp2m => Schedule::Karras,
+        SamplerKind::DpmPp2m | SamplerKind::DpmPpSde => Schedule::Karras,
         SamplerKind::DpmPp2mSde | SamplerKind::DpmPp3mSde => Schedule::Exponential,
         _ => Schedule::Model,
     }
