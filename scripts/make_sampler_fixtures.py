@@ -222,7 +222,7 @@ scheduling_dpmsolver_sde.BrownianTreeNoiseSampler = BrownianTreeNoiseSamplerV2
 
 
 class DPMPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
-    """k-diffusion's sample_dpmpp_2s_ancestral (eta = 1, s_noise = 1) as a diffusers-style
+    """k-diffusion's sample_dpmpp_2s_ancestral (eta = 1; s_noise a step argument, default 1) as a diffusers-style
     scheduler, one model evaluation per step() call. diffusers has no such class.
 
     Config: EulerAncestralDiscreteScheduler's keys and defaults (its betas, zero-SNR rescale
@@ -423,13 +423,14 @@ class DPMPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
         raise ValueError(f"prediction_type {self.config.prediction_type} is not supported")
 
     @staticmethod
-    def _noise(x, p, generator):
+    def _noise(x, p, generator, s_noise):
         if p["sigma_next"] > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            x = x + noise * p["sigma_up"]
+            x = x + noise * s_noise * p["sigma_up"]
         return x
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True,
+             s_noise=1.0):
         if self.step_index is None:
             self._init_step_index(timestep)
         i, stage = self._call()
@@ -441,12 +442,12 @@ class DPMPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
                 prev = p["ratio_s"] * sample - p["c_s"] * denoised
             else:
                 prev = sample + (sample - denoised) / p["sigma"] * (p["sigma_down"] - p["sigma"])
-                prev = self._noise(prev, p, generator)
+                prev = self._noise(prev, p, generator, s_noise)
         else:
             denoised = self._denoised(model_output, sample, p["sigma_s"])
             prev = p["ratio_next"] * self._pending - p["c_next"] * denoised
             self._pending = None
-            prev = self._noise(prev, p, generator)
+            prev = self._noise(prev, p, generator, s_noise)
         self._step_index += 1
         if not return_dict:
             return (prev,)
@@ -719,6 +720,8 @@ def cases(samplers, steps):
 
 # TCD's step with its own default eta (0.3) instead of the pipelines' 0.0.
 TCD_DEFAULT_ETA = {"default_eta": True}
+# The SDE samplers' step argument s_noise (scale of the fresh noise; 1 by default).
+S_NOISE = {"s_noise": 0.7}
 
 FIXTURES = {
     "sd15": (SD15, cases(OLD, (1, 2, 7, 20))
@@ -727,7 +730,8 @@ FIXTURES = {
              + cases([p for p in SCHEDULE_PAIRS if p != ("dpmpp-2m", "karras")], (7,))
              + [("tcd", "model", n, TCD_DEFAULT_ETA) for n in (2, 7)]
              + cases(NEWER, (1, 2, 7, 20)) + cases(NEWER_SCHEDULE_PAIRS, (7,))
-             + cases(CUSTOM_SIGMA_PAIRS, (1, 7, 20))),
+             + cases(CUSTOM_SIGMA_PAIRS, (1, 7, 20))
+             + [(s, "model", 7, S_NOISE) for s in NEWER]),
     "sd21_v": (SD21_V, cases(OLD, (2, 7, 20))
                + cases(NEW, (2, 7))
                + cases([p for p in SCHEDULE_PAIRS if p != ("dpmpp-2m", "karras")], (7,))
@@ -819,6 +823,8 @@ def run_case(config, sampler, schedule, steps, extra):
     set_brownian_generator(g)  # (dpmpp-sde: the root seed of its noise is drawn from g)
     if "generator" in step_params:
         kwargs["generator"] = g
+    if "s_noise" in extra:
+        kwargs["s_noise"] = head["s_noise"] = extra["s_noise"]
     if sampler == "tcd":
         # StableDiffusionPipeline passes its eta (default 0.0); some cases leave it out.
         if extra.get("default_eta"):

@@ -156,6 +156,8 @@ pub struct RequestDraft {
     pub scheduler: Option<String>,
     /// DDIM's and TCD's `eta`.
     pub eta: Option<f64>,
+    /// DPM++ SDE's and DPM++ 2S a's `s_noise`.
+    pub s_noise: Option<f64>,
     pub batch: Option<u64>,
     pub max_sequence_length: Option<u64>,
     /// image_transform: the init image; image_inpaint: the image to repaint.
@@ -193,6 +195,7 @@ impl RequestDraft {
             schedule: None,
             scheduler: None,
             eta: None,
+            s_noise: None,
             batch: None,
             max_sequence_length: None,
             init_image: None,

@@ -120,6 +120,7 @@ pub fn validate(
     let seed = draft.seed.unwrap_or(random_seed);
     let (sampler, schedule) = sampler(spec, &draft)?;
     let eta = eta(sampler, draft.eta)?;
+    let s_noise = s_noise(sampler, draft.s_noise)?;
     let batch = draft.batch.unwrap_or(1);
     if batch == 0 || batch > limits.max_batch as u64 {
         let source = if limits.from_flags {
@@ -179,6 +180,7 @@ pub fn validate(
             sampler,
             schedule,
             eta,
+            s_noise,
             batch: batch as usize,
             prompt_syntax: draft.prompt_syntax,
             micro,
@@ -631,6 +633,29 @@ fn eta(sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
         ));
     }
     Ok(eta)
+}
+
+/// `s_noise`: 0 to 2, for the samplers whose step takes it (DPM++ SDE, DPM++ 2S a). Default 1.
+fn s_noise(sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
+    let Some(s) = given else {
+        return Ok(1.0);
+    };
+    if !sampler.takes_s_noise() {
+        return Err(invalid(
+            "s_noise",
+            format!(
+                "sampler {} takes no s_noise (only dpmpp-sde and dpmpp-2s-a do), got {s}",
+                sampler.name()
+            ),
+        ));
+    }
+    if !(0.0..=2.0).contains(&s) {
+        return Err(invalid(
+            "s_noise",
+            format!("must be between 0 and 2, got {s}"),
+        ));
+    }
+    Ok(s)
 }
 
 /// The message of a models-crate error, without its field prefix.

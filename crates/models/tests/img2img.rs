@@ -63,6 +63,7 @@ fn run(name: &str, case: &Value) {
         sampler,
         schedule,
         eta: 0.0,
+        s_noise: 1.0,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),

@@ -66,6 +66,7 @@ fn sd_params(case: &Value, pipe: &sd_models::pipelines::SdPipeline) -> GenerateP
         sampler: pipe.default_sampler().unwrap(),
         schedule: Default::default(),
         eta: 0.0,
+        s_noise: 1.0,
         batch: 1,
         prompt_syntax: Default::default(),
         micro: Default::default(),

@@ -56,6 +56,7 @@ fn run(case: &Value, pipe: &SdPipeline) -> (String, u8, f64) {
         sampler,
         schedule,
         eta: case["eta"].as_f64().unwrap_or(0.0),
+        s_noise: 1.0,
         batch: case["batch"].as_u64().expect("batch") as usize,
         prompt_syntax: Default::default(),
         micro: Default::default(),

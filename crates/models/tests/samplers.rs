@@ -178,6 +178,13 @@ fn run_case(path: &Path, fx: &Value, case: &Value, found: &mut Findings) -> usiz
     } else {
         build_sampler(kind, schedule, &cfg, steps)
     };
+    // DPM++ SDE / 2S a cases may set their step's `s_noise`.
+    let built = built.and_then(|mut s| {
+        if let Some(v) = case["s_noise"].as_f64() {
+            s.set_s_noise(v)?;
+        }
+        Ok(s)
+    });
     let mut sampler = match built {
         Ok(s) => s,
         Err(e) => {

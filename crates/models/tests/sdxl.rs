@@ -119,6 +119,7 @@ fn params(case: &Value, pipe: &SdPipeline) -> GenerateParams {
         sampler,
         schedule,
         eta: 0.0,
+        s_noise: 1.0,
         batch: case["batch"].as_u64().unwrap() as usize,
         prompt_syntax: Default::default(),
         micro: MicroConditioning {

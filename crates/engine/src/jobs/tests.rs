@@ -133,6 +133,7 @@ fn job(prompt: &str, steps: usize) -> GenerationRequest {
             sampler: SamplerKind::Euler,
             schedule: Default::default(),
             eta: 0.0,
+            s_noise: 1.0,
             batch: 1,
             prompt_syntax: Default::default(),
             micro: Default::default(),

@@ -30,6 +30,9 @@ pub struct GenerateParams {
     /// The pipelines' `eta` (DDIM and TCD: the share of fresh noise per step, 0 to 1);
     /// must be 0 for the other samplers.
     pub eta: f64,
+    /// The scale of the fresh noise of DPM++ SDE and DPM++ 2S a (their step's `s_noise`,
+    /// default 1); must be 1 for the other samplers.
+    pub s_noise: f64,
     pub batch: usize,
     /// How the prompts are read.
     pub prompt_syntax: PromptSyntax,
@@ -477,6 +480,9 @@ impl SdPipeline {
         )?;
         if p.eta != 0.0 || p.sampler.takes_eta() {
             sampler.set_eta(p.eta)?;
+        }
+        if p.s_noise != 1.0 || p.sampler.takes_s_noise() {
+            sampler.set_s_noise(p.s_noise)?;
         }
         // diffusers' get_timesteps skips `order` timestep entries per skipped step.
         let start = start * sampler.order();

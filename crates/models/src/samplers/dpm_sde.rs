@@ -42,6 +42,18 @@ fn pred_original(
     })
 }
 
+/// The `s_noise` range we take: 0 (no fresh noise) to 2.
+fn check_s_noise(s_noise: f64) -> Result<f64> {
+    if (0.0..=2.0).contains(&s_noise) {
+        Ok(s_noise)
+    } else {
+        Err(crate::Error::invalid(
+            "s_noise",
+            format!("must be between 0 and 2, got {s_noise}"),
+        ))
+    }
+}
+
 /// `t = -log(sigma)` and back, float32 as diffusers' 0-d tensors.
 fn t_fn(sigma: f32) -> f32 {
     -sigma.ln()
@@ -63,6 +75,8 @@ pub struct DpmPpSde {
     /// The pending first half: the step's input sample and the midpoint sigma.
     pending: Option<(Tensor, f32)>,
     next_step: Option<usize>,
+    /// The step's `s_noise` (a Python float in diffusers).
+    s_noise: f64,
 }
 
 impl DpmPpSde {
@@ -114,6 +128,7 @@ impl DpmPpSde {
             tree: None,
             pending: None,
             next_step: None,
+            s_noise: 1.0,
         })
     }
 
@@ -143,6 +158,11 @@ impl DpmPpSde {
 impl Sampler for DpmPpSde {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn set_s_noise(&mut self, s_noise: f64) -> Result<()> {
+        self.s_noise = check_s_noise(s_noise)?;
+        Ok(())
     }
 
     fn order(&self) -> usize {
@@ -215,8 +235,7 @@ impl Sampler for DpmPpSde {
             Some(tree) => tree.noise(f64::from(sigma_from), f64::from(sigma_to))?,
             None => return Err(bad_step_index(i, "a step after the noise tree is built")),
         };
-        // (s_noise = 1: diffusers' `* s_noise` changes no bit.)
-        let prev = (prev + mul(&noise, sigma_up)?)?;
+        let prev = (prev + mul(&mul(&noise, self.s_noise as f32)?, sigma_up)?)?;
         if first {
             self.pending = Some((start, sigma_to));
         }
@@ -265,6 +284,7 @@ pub struct DpmPp2sAncestral {
     /// The step's input while its midpoint evaluation is pending.
     pending: Option<Tensor>,
     next_step: Option<usize>,
+    s_noise: f64,
 }
 
 impl DpmPp2sAncestral {
@@ -347,6 +367,7 @@ impl DpmPp2sAncestral {
             prediction_type: cfg.prediction_type,
             pending: None,
             next_step: None,
+            s_noise: 1.0,
         })
     }
 
@@ -360,10 +381,11 @@ impl DpmPp2sAncestral {
         }
     }
 
-    /// `x + randn * sigma_up` where `sigma_next > 0` (one draw of the whole latent).
-    fn noise(x: Tensor, p: &Step2s, rng: &mut TorchRng) -> Result<Tensor> {
+    /// `x + randn * s_noise * sigma_up` where `sigma_next > 0` (one draw of the whole
+    /// latent).
+    fn noise(&self, x: Tensor, p: &Step2s, rng: &mut TorchRng) -> Result<Tensor> {
         if p.sigma_next > 0.0 {
-            let z = rng.randn(x.dims(), x.device())?;
+            let z = mul(&rng.randn(x.dims(), x.device())?, self.s_noise as f32)?;
             return Ok((x + mul(&z, p.sigma_up)?)?);
         }
         Ok(x)
@@ -373,6 +395,11 @@ impl DpmPp2sAncestral {
 impl Sampler for DpmPp2sAncestral {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn set_s_noise(&mut self, s_noise: f64) -> Result<()> {
+        self.s_noise = check_s_noise(s_noise)?;
+        Ok(())
     }
 
     fn order(&self) -> usize {
@@ -421,12 +448,12 @@ impl Sampler for DpmPp2sAncestral {
                 let denoised = pred_original(pt, &model_output, &sample, p.sigma)?;
                 let d = div(&(&sample - denoised)?, p.sigma)?;
                 let x = (&sample + mul(&d, p.sigma_down - p.sigma)?)?;
-                Self::noise(x, &p, rng)
+                self.noise(x, &p, rng)
             }
             (_, Some(m), Some(start)) => {
                 let denoised = pred_original(pt, &model_output, &sample, m.sigma_s)?;
                 let x = (mul(&start, m.ratio_next)? - mul(&denoised, m.c_next)?)?;
-                Self::noise(x, &p, rng)
+                self.noise(x, &p, rng)
             }
             _ => Err(bad_step_index(step_index, "a first evaluation of its step")),
         }

@@ -320,6 +320,11 @@ impl SamplerKind {
         matches!(self, SamplerKind::Ddim | SamplerKind::Tcd)
     }
 
+    /// Whether its step takes `s_noise` (DPM++ SDE and DPM++ 2S a).
+    pub fn takes_s_noise(self) -> bool {
+        matches!(self, SamplerKind::DpmPpSde | SamplerKind::DpmPp2sAncestral)
+    }
+
     /// Whether the reference defines this sampler on `schedule`.
     pub fn accepts(self, schedule: Schedule) -> bool {
         match schedule {

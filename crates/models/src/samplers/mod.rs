@@ -81,6 +81,14 @@ pub trait Sampler: Send {
             format!("{eta} given, but this sampler takes no eta"),
         ))
     }
+    /// Sets the scale of the fresh noise (`s_noise`, the step argument of DPM++ SDE and
+    /// DPM++ 2S a; 1 by default); the other samplers have none and refuse it.
+    fn set_s_noise(&mut self, s_noise: f64) -> Result<()> {
+        Err(Error::invalid(
+            "s_noise",
+            format!("{s_noise} given, but this sampler takes no s_noise"),
+        ))
+    }
     /// diffusers' `step(...).prev_sample` for loop index `step_index`. Ancestral samplers
     /// draw their noise from `rng` exactly as diffusers draws it from the pipeline's
     /// generator (`randn_tensor(model_output.shape, generator=generator)`).

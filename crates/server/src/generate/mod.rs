@@ -100,6 +100,9 @@ pub struct GenerateArgs {
     /// ddim and tcd only: fresh noise per step, 0 to 1 (diffusers' pipeline `eta`; default 0).
     #[arg(long, env = "SD_ETA")]
     pub eta: Option<f64>,
+    /// dpmpp-sde and dpmpp-2s-a only: scale of their fresh noise, 0 to 2 (default 1).
+    #[arg(long, env = "SD_S_NOISE")]
+    pub s_noise: Option<f64>,
     /// Image-to-image: the init image (PNG, JPEG or WebP; grayscale is expanded, alpha
     /// dropped). Stable Diffusion: --width / --height then default to its size rounded down to
     /// the latent factor; FLUX keeps the model's default size.
@@ -271,6 +274,7 @@ fn flag(field: &str) -> &str {
         "schedule" => "--schedule",
         "scheduler" => "--scheduler",
         "eta" => "--eta",
+        "s_noise" => "--s-noise",
         "batch" => "--batch",
         "max_sequence_length" => "--max-sequence-length",
         "init_image" | "input_image" => "--init-image",
@@ -348,6 +352,7 @@ fn draft(args: &GenerateArgs) -> Result<RequestDraft> {
     d.schedule = args.schedule.clone();
     d.scheduler = args.scheduler.clone();
     d.eta = args.eta;
+    d.s_noise = args.s_noise;
     d.batch = Some(args.batch as u64);
     d.max_sequence_length = args.max_sequence_length.map(|v| v as u64);
     d.init_image = init;

@@ -134,6 +134,10 @@ pub struct JobFields {
     /// (DDIM: 0 deterministic, 1 DDPM-like; TCD: its gamma). Refused for other samplers.
     #[schema(minimum = 0, maximum = 1, default = 0)]
     pub eta: Option<f64>,
+    /// `dpmpp-sde` and `dpmpp-2s-a` only: the scale of their fresh noise (k-diffusion's and
+    /// diffusers' step `s_noise`). Refused for other samplers.
+    #[schema(minimum = 0, maximum = 2, default = 1)]
+    pub s_noise: Option<f64>,
     /// At most --max-batch.
     #[schema(minimum = 1, default = 1)]
     pub batch: Option<u64>,
@@ -246,6 +250,7 @@ impl From<JobBody> for RequestDraft {
         d.schedule = fields.schedule;
         d.scheduler = fields.scheduler;
         d.eta = fields.eta;
+        d.s_noise = fields.s_noise;
         d.batch = fields.batch;
         d.preview_every = fields.preview_every;
         d.preview = fields.preview;

@@ -19,7 +19,7 @@ use body::{
 };
 
 /// The fields every operation takes.
-pub const FIELDS: [&str; 29] = [
+pub const FIELDS: [&str; 30] = [
     "loras",
     "prompt_syntax",
     "max_sequence_length",
@@ -35,6 +35,7 @@ pub const FIELDS: [&str; 29] = [
     "schedule",
     "scheduler",
     "eta",
+    "s_noise",
     "batch",
     "preview_every",
     "preview",
@@ -294,6 +295,7 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
     let schedule = string(obj, "schedule")?;
     let scheduler = string(obj, "scheduler")?;
     let eta = number(obj, "eta")?;
+    let s_noise = number(obj, "s_noise")?;
     let batch = uint(obj, "batch")?;
     let preview_every = uint(obj, "preview_every")?;
     let preview = match field(obj, "preview") {
@@ -318,6 +320,7 @@ fn read_fields(obj: &Map<String, Value>) -> Result<JobFields> {
         schedule,
         scheduler,
         eta,
+        s_noise,
         batch,
         preview_every,
         preview,

@@ -126,6 +126,14 @@ fn errors_name_the_field_the_limit_and_the_value() {
             json!({"sampler": "ddim", "eta": 2}),
             ["`eta`", "between 0 and 1", "2"],
         ),
+        (
+            json!({"sampler": "euler", "s_noise": 0.5}),
+            ["`s_noise`", "euler", "dpmpp-sde"],
+        ),
+        (
+            json!({"sampler": "dpmpp-sde", "s_noise": -1}),
+            ["`s_noise`", "between 0 and 2", "-1"],
+        ),
         (json!({"prompt": "  "}), ["`prompt`", "empty", ""]),
         (json!({"foo": 1}), ["`foo`", "unknown field", "prompt"]),
         (json!({"width": "512"}), ["`width`", "integer", "\"512\""]),
