@@ -373,7 +373,9 @@ class DPMPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
         timesteps = torch.from_numpy(timesteps)
 
         steps, calls, all_t = [], [], []
-        for i in range(n):
+        # (Trailing spacing gives n + 1 sigmas for some n, numpy's arange rule: k-diffusion
+        # walks them all.)
+        for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             sigma_up = min(
                 sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5

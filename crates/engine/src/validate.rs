@@ -119,8 +119,8 @@ pub fn validate(
     let guidance = guidance(spec, draft.guidance_scale)?;
     let seed = draft.seed.unwrap_or(random_seed);
     let (sampler, schedule) = sampler(spec, &draft)?;
-    let eta = eta(sampler, draft.eta)?;
-    let s_noise = s_noise(sampler, draft.s_noise)?;
+    let eta = eta(spec, sampler, draft.eta)?;
+    let s_noise = s_noise(spec, sampler, draft.s_noise)?;
     let batch = draft.batch.unwrap_or(1);
     if batch == 0 || batch > limits.max_batch as u64 {
         let source = if limits.from_flags {
@@ -594,6 +594,10 @@ fn sampler(spec: &ModelSpec, draft: &RequestDraft) -> Result<(SamplerKind, Sched
         (Some(s), named) => {
             let given =
                 Schedule::from_name(s).map_err(|e| invalid("schedule", model_message(e)))?;
+            // `model` / `default` with a combined name leaves the name's schedule.
+            if let (Schedule::Model, Some(n)) = (given, named) {
+                return finish_sampler(kind, n);
+            }
             if named.is_some_and(|n| n != given) {
                 return Err(invalid(
                     "schedule",
@@ -606,56 +610,77 @@ fn sampler(spec: &ModelSpec, draft: &RequestDraft) -> Result<(SamplerKind, Sched
             given
         }
     };
+    finish_sampler(kind, schedule)
+}
+
+/// The pair, if the reference defines it.
+fn finish_sampler(kind: SamplerKind, schedule: Schedule) -> Result<(SamplerKind, Schedule)> {
     sd_models::samplers::check_combination(kind, schedule)
         .map_err(|e| invalid("schedule", model_message(e)))?;
     Ok((kind, schedule))
 }
 
-/// `eta`: 0 to 1, for the samplers whose step takes it (DDIM, TCD); refused for the others,
-/// whose diffusers classes have none. Default 0, as the diffusers pipelines.
-fn eta(sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
+/// `eta`: for the samplers whose step takes it (DDIM, TCD), in the models crate's range;
+/// refused for the others, whose diffusers classes have none. Default 0, as the pipelines.
+fn eta(spec: &ModelSpec, sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
     let Some(eta) = given else {
         return Ok(0.0);
     };
-    if !sampler.takes_eta() {
-        return Err(invalid(
-            "eta",
-            format!(
-                "sampler {} takes no eta (only ddim and tcd do), got {eta}",
-                sampler.name()
-            ),
-        ));
-    }
-    if !(0.0..=1.0).contains(&eta) {
-        return Err(invalid(
-            "eta",
-            format!("must be between 0 and 1, got {eta}"),
-        ));
-    }
+    step_option(
+        spec,
+        ("eta", eta),
+        sampler.takes_eta(),
+        sampler,
+        "ddim and tcd",
+    )?;
+    sd_models::samplers::check_eta(eta).map_err(|e| invalid("eta", model_message(e)))?;
     Ok(eta)
 }
 
-/// `s_noise`: 0 to 2, for the samplers whose step takes it (DPM++ SDE, DPM++ 2S a). Default 1.
-fn s_noise(sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
+/// `s_noise`: for the samplers whose step takes it (DPM++ SDE, DPM++ 2S a), in the models
+/// crate's range. Default 1.
+fn s_noise(spec: &ModelSpec, sampler: SamplerKind, given: Option<f64>) -> Result<f64> {
     let Some(s) = given else {
         return Ok(1.0);
     };
-    if !sampler.takes_s_noise() {
+    let takes = sampler.takes_s_noise();
+    step_option(
+        spec,
+        ("s_noise", s),
+        takes,
+        sampler,
+        "dpmpp-sde and dpmpp-2s-a",
+    )?;
+    sd_models::samplers::check_s_noise(s).map_err(|e| invalid("s_noise", model_message(e)))
+}
+
+/// Refuses a sampler option (`eta`, `s_noise`) given to a model or sampler without it.
+fn step_option(
+    spec: &ModelSpec,
+    (field, value): (&str, f64),
+    takes: bool,
+    sampler: SamplerKind,
+    which: &str,
+) -> Result<()> {
+    if spec.flux {
         return Err(invalid(
-            "s_noise",
+            field,
             format!(
-                "sampler {} takes no s_noise (only dpmpp-sde and dpmpp-2s-a do), got {s}",
+                "FLUX runs its flow-matching Euler schedule, which has no {field}: omit it \
+                 (got {value})"
+            ),
+        ));
+    }
+    if !takes {
+        return Err(invalid(
+            field,
+            format!(
+                "sampler {} takes no {field} (only {which} do), got {value}",
                 sampler.name()
             ),
         ));
     }
-    if !(0.0..=2.0).contains(&s) {
-        return Err(invalid(
-            "s_noise",
-            format!("must be between 0 and 2, got {s}"),
-        ));
-    }
-    Ok(s)
+    Ok(())
 }
 
 /// The message of a models-crate error, without its field prefix.

@@ -143,6 +143,7 @@ fn txt2img_images_are_the_native_jobs_of_seed_plus_i() {
             "sgm-uniform",
             "SGM Uniform",
         ),
+        ("DPM2 a", None, "dpm2-a", "karras", "Karras"),
     ] {
         let mut body = json!({"prompt": "a cat", "width": 32, "height": 32, "steps": 3,
                               "seed": 11, "sampler_name": sampler});
@@ -340,6 +341,15 @@ fn refused_fields_are_fastapi_422s_naming_them_and_the_worker_goes_on() {
             "scheduler",
         ),
         (json!({"scheduler": "kl_optimal"}), "scheduler"),
+        (
+            json!({"sampler_name": "DPM++ 2M Karras", "scheduler": "exponential"}),
+            "scheduler",
+        ),
+        (json!({"sampler_name": "Euler", "s_churn": 0.5}), "s_churn"),
+        (
+            json!({"sampler_name": "Euler a", "s_noise": 0.9}),
+            "s_noise",
+        ),
         (json!({"sampler_name": "DDIM", "eta": 1.5}), "eta"),
         (
             json!({"override_settings": {"sd_model_checkpoint": "other"}}),

@@ -5,7 +5,7 @@ use std::io::BufWriter;
 use anyhow::Result;
 use sd_models::lora::LoraSpec;
 use sd_models::pipelines::{GenerateParams, RgbImage};
-use sd_models::samplers::Schedule;
+use sd_models::samplers::{SamplerKind, Schedule};
 
 /// The generation settings, written in AUTOMATIC1111's `parameters` format.
 pub struct Parameters<'a> {
@@ -15,6 +15,9 @@ pub struct Parameters<'a> {
     pub sampler: &'a str,
     /// A1111's label of the schedule ("Karras"), when it is not the model's own.
     pub schedule: Option<&'a str>,
+    /// `eta` and `s_noise` where they are not their defaults, with A1111's keys ("Eta DDIM"
+    /// for DDIM, "Eta" for TCD, "Sigma noise").
+    pub sampler_options: Vec<(&'static str, f64)>,
     pub guidance: f64,
     pub seed: u64,
     pub width: usize,
@@ -40,6 +43,7 @@ impl<'a> Parameters<'a> {
             steps: params.steps,
             sampler: params.sampler.a1111_name(),
             schedule: (params.schedule != Schedule::Model).then(|| params.schedule.a1111_label()),
+            sampler_options: sampler_options(params),
             guidance: params.guidance,
             seed: params.seed,
             width: params.width,
@@ -69,6 +73,9 @@ impl<'a> Parameters<'a> {
             ", CFG scale: {cfg}, Seed: {}, Size: {}x{}, Model: {}",
             self.seed, self.width, self.height, self.model
         ));
+        for (key, value) in &self.sampler_options {
+            s.push_str(&format!(", {key}: {}", py_float(*value)));
+        }
         if let Some(strength) = self.strength {
             s.push_str(&format!(", Denoising strength: {}", py_float(strength)));
         }
@@ -77,6 +84,23 @@ impl<'a> Parameters<'a> {
         }
         s
     }
+}
+
+/// The sampler options that change the image from the defaults, as A1111 writes them.
+fn sampler_options(p: &GenerateParams) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    if p.eta != 0.0 {
+        let key = if p.sampler == SamplerKind::Ddim {
+            "Eta DDIM"
+        } else {
+            "Eta"
+        };
+        out.push((key, p.eta));
+    }
+    if p.s_noise != 1.0 {
+        out.push(("Sigma noise", p.s_noise));
+    }
+    out
 }
 
 /// `text` with the LoRAs of the run appended to its settings line:

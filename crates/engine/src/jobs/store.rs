@@ -98,6 +98,10 @@ pub struct RequestEcho {
     pub schedule: &'static str,
     /// The sampler again, under the field name of earlier versions.
     pub scheduler: &'static str,
+    /// DDIM's and TCD's `eta` (null for the other samplers).
+    pub eta: Option<f64>,
+    /// DPM++ SDE's and DPM++ 2S a's `s_noise` (null for the other samplers).
+    pub s_noise: Option<f64>,
     pub max_sequence_length: Option<usize>,
     pub batch: usize,
     pub preview_every: usize,
@@ -282,6 +286,8 @@ impl Store {
                     p.sampler.name()
                 },
                 schedule: p.schedule.name(),
+                eta: p.sampler.takes_eta().then_some(p.eta),
+                s_noise: p.sampler.takes_s_noise().then_some(p.s_noise),
                 scheduler: if r.flux.is_some() {
                     "flow-match-euler"
                 } else {

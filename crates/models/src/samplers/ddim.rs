@@ -13,7 +13,7 @@ use super::{check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpaci
 use crate::{Error, Result};
 
 /// The pipelines' `eta` range (diffusers asserts it for TCD; DDIM's formula needs it).
-pub(crate) fn check_eta(eta: f64) -> Result<()> {
+pub fn check_eta(eta: f64) -> Result<()> {
     if (0.0..=1.0).contains(&eta) {
         Ok(())
     } else {

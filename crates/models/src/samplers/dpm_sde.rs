@@ -42,8 +42,9 @@ fn pred_original(
     })
 }
 
-/// The `s_noise` range we take: 0 (no fresh noise) to 2.
-fn check_s_noise(s_noise: f64) -> Result<f64> {
+/// The `s_noise` range we take: 0 (no fresh noise) to 2 (k-diffusion sets none; A1111's
+/// setting goes to 1.1).
+pub fn check_s_noise(s_noise: f64) -> Result<f64> {
     if (0.0..=2.0).contains(&s_noise) {
         Ok(s_noise)
     } else {
@@ -316,10 +317,13 @@ impl DpmPp2sAncestral {
             .map(|&s| s as f32)
             .chain(std::iter::once(0.0))
             .collect();
-        let mut steps = Vec::with_capacity(n);
-        let mut calls = Vec::with_capacity(2 * n);
-        let mut timesteps = Vec::with_capacity(2 * n);
-        for i in 0..n {
+        // (Trailing spacing gives n + 1 sigmas for some n, as numpy's arange does: every one
+        // is a step, as k-diffusion walks the whole sigma list.)
+        let count = sigmas.len() - 1;
+        let mut steps = Vec::with_capacity(count);
+        let mut calls = Vec::with_capacity(2 * count);
+        let mut timesteps = Vec::with_capacity(2 * count);
+        for i in 0..count {
             let (sigma, sigma_next) = (sigmas[i], sigmas[i + 1]);
             let up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next)
                 / (sigma * sigma))

@@ -38,9 +38,10 @@ pub enum SamplerKind {
     DpmPpSde,
     /// k-diffusion's `sample_dpmpp_2s_ancestral` (no diffusers class).
     DpmPp2sAncestral,
-    /// diffusers `UniPCMultistepScheduler` (bh2 predictor-corrector, order 2).
+    /// diffusers `UniPCMultistepScheduler` (predictor-corrector; solver type and order from
+    /// the config, default bh2 and 2).
     UniPc,
-    /// diffusers `DEISMultistepScheduler` (order 2).
+    /// diffusers `DEISMultistepScheduler` (order from the config, default 2).
     Deis,
     /// diffusers `DDPMScheduler` (ancestral sampling of the original DDPM).
     Ddpm,
@@ -62,8 +63,8 @@ struct Entry {
     sigma_schedules: bool,
     /// Honours `timestep_spacing` (so takes SGM Uniform).
     spacing: bool,
-    /// More spellings accepted by [`SamplerKind::from_name`] (normalised: lower case,
-    /// `++` as `pp`, no spaces, dashes, underscores or dots).
+    /// More spellings accepted by [`SamplerKind::from_name`] (compared normalised: case,
+    /// `++` / `pp`, spaces, dashes, underscores and dots do not matter).
     aliases: &'static [&'static str],
 }
 
@@ -76,7 +77,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: false,
         spacing: true,
-        aliases: &[],
+        aliases: &["DDIMScheduler"],
     },
     Entry {
         kind: SamplerKind::Pndm,
@@ -96,7 +97,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["keuler", "eulerdiscrete"],
+        aliases: &["k_euler", "euler_discrete", "EulerDiscreteScheduler"],
     },
     Entry {
         kind: SamplerKind::EulerAncestral,
@@ -107,10 +108,11 @@ const TABLE: [Entry; 18] = [
         sigma_schedules: false,
         spacing: true,
         aliases: &[
-            "keulera",
-            "keulerancestral",
-            "eulerancestral",
-            "eulerancestraldiscrete",
+            "k_euler_a",
+            "k_euler_ancestral",
+            "euler_ancestral",
+            "euler_ancestral_discrete",
+            "EulerAncestralDiscreteScheduler",
         ],
     },
     Entry {
@@ -121,7 +123,7 @@ const TABLE: [Entry; 18] = [
         evals: 2,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kheun", "heundiscrete"],
+        aliases: &["k_heun", "heun_discrete", "HeunDiscreteScheduler"],
     },
     Entry {
         kind: SamplerKind::Lms,
@@ -131,7 +133,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["klms", "lmsdiscrete"],
+        aliases: &["k_lms", "lms_discrete", "LMSDiscreteScheduler"],
     },
     Entry {
         kind: SamplerKind::Dpm2,
@@ -141,7 +143,7 @@ const TABLE: [Entry; 18] = [
         evals: 2,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpm2", "kdpm2discrete"],
+        aliases: &["k_dpm_2", "kdpm2_discrete", "KDPM2DiscreteScheduler"],
     },
     Entry {
         kind: SamplerKind::Dpm2Ancestral,
@@ -152,10 +154,10 @@ const TABLE: [Entry; 18] = [
         sigma_schedules: true,
         spacing: true,
         aliases: &[
-            "dpm2ancestral",
-            "kdpm2a",
-            "kdpm2ancestral",
-            "kdpm2ancestraldiscrete",
+            "k_dpm_2_a",
+            "dpm2_ancestral",
+            "kdpm2_ancestral_discrete",
+            "KDPM2AncestralDiscreteScheduler",
         ],
     },
     Entry {
@@ -166,7 +168,11 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpmpp2m", "dpmsolverpp2m", "dpmsolvermultistep"],
+        aliases: &[
+            "k_dpmpp_2m",
+            "dpmsolver++_2m",
+            "DPMSolverMultistepScheduler",
+        ],
     },
     Entry {
         kind: SamplerKind::DpmPp2mSde,
@@ -176,7 +182,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpmpp2msde", "kdpmpp2msdeka", "dpmsolverpp2msde"],
+        aliases: &["k_dpmpp_2m_sde", "k_dpmpp_2m_sde_ka", "dpmsolver++_2m_sde"],
     },
     Entry {
         kind: SamplerKind::DpmPp3mSde,
@@ -186,7 +192,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpmpp3msde", "dpmsolverpp3msde"],
+        aliases: &["k_dpmpp_3m_sde", "dpmsolver++_3m_sde"],
     },
     Entry {
         kind: SamplerKind::DpmPpSde,
@@ -196,7 +202,7 @@ const TABLE: [Entry; 18] = [
         evals: 2,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpmppsde", "dpmsolversde"],
+        aliases: &["k_dpmpp_sde", "DPMSolverSDEScheduler"],
     },
     Entry {
         kind: SamplerKind::DpmPp2sAncestral,
@@ -206,7 +212,7 @@ const TABLE: [Entry; 18] = [
         evals: 2,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["kdpmpp2sa", "kdpmpp2sancestral", "dpmpp2sancestral"],
+        aliases: &["k_dpmpp_2s_a", "dpmpp_2s_ancestral"],
     },
     Entry {
         kind: SamplerKind::UniPc,
@@ -216,7 +222,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["unipcmultistep"],
+        aliases: &["UniPCMultistepScheduler"],
     },
     Entry {
         kind: SamplerKind::Deis,
@@ -226,7 +232,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: true,
         spacing: true,
-        aliases: &["deismultistep"],
+        aliases: &["DEISMultistepScheduler"],
     },
     Entry {
         kind: SamplerKind::Ddpm,
@@ -236,7 +242,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: false,
         spacing: true,
-        aliases: &[],
+        aliases: &["DDPMScheduler"],
     },
     Entry {
         kind: SamplerKind::Lcm,
@@ -246,7 +252,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: false,
         spacing: false,
-        aliases: &[],
+        aliases: &["LCMScheduler"],
     },
     Entry {
         kind: SamplerKind::Tcd,
@@ -256,7 +262,7 @@ const TABLE: [Entry; 18] = [
         evals: 1,
         sigma_schedules: false,
         spacing: false,
-        aliases: &[],
+        aliases: &["TCDScheduler"],
     },
 ];
 
@@ -296,7 +302,8 @@ impl SamplerKind {
         self.entry().class
     }
 
-    /// Model evaluations per step (2 for Heun and DPM2: their last step takes one).
+    /// Model evaluations per step (2 for Heun, DPM2, DPM2 a, DPM++ SDE and DPM++ 2S a,
+    /// whose last step takes one).
     pub fn evals_per_step(self) -> u8 {
         self.entry().evals
     }
@@ -380,7 +387,9 @@ impl SamplerKind {
         TABLE
             .iter()
             .find(|e| {
-                normalise(e.name) == norm || normalise(e.a1111) == norm || e.aliases.contains(&norm)
+                normalise(e.name) == norm
+                    || normalise(e.a1111) == norm
+                    || e.aliases.iter().any(|a| normalise(a) == norm)
             })
             .map(|e| e.kind)
     }
@@ -500,7 +509,8 @@ impl Schedule {
     fn suffixes(self) -> &'static [&'static str] {
         match self {
             Schedule::Model => &[],
-            Schedule::Karras => &["karras"],
+            // ("dpmpp-2m-k": the short form of earlier versions.)
+            Schedule::Karras => &["karras", "k"],
             Schedule::Exponential => &["exponential"],
             Schedule::Beta => &["beta"],
             Schedule::SgmUniform => &["sgmuniform"],

@@ -15,9 +15,12 @@
 //! equals the diffusers pipeline loop. The reference numbers the tests compare against are
 //! produced by `scripts/make_sampler_fixtures.py`.
 //!
-//! Files: [`ddim`], [`pndm`] (PLMS), [`euler`] (Euler and Euler ancestral), [`dpm_solver`]
-//! (DPM++ 2M, with or without Karras sigmas), `schedule` (betas, spacings, sigma
-//! schedules), `config` (the scheduler config as diffusers reads it) and [`rng`].
+//! Files: `kind` (the names of samplers and schedules and which pairs exist), [`ddim`],
+//! [`pndm`] (PLMS), [`euler`] (Euler and Euler ancestral), [`k_diffusion`] (Heun, LMS, DPM2,
+//! DPM2 ancestral), [`dpm_solver`] (DPM++ 2M, 2M SDE, 3M SDE), [`dpm_sde`] (DPM++ SDE,
+//! DPM++ 2S ancestral) with `brownian` (its noise), [`unipc`], [`deis`], [`ddpm`], [`lcm`],
+//! [`tcd`], [`flow_match`] (FLUX), `schedule` (betas, spacings, sigma schedules), `config`
+//! (the scheduler config as diffusers reads it) and [`rng`].
 
 mod brownian;
 mod config;
@@ -40,6 +43,8 @@ pub mod unipc;
 use candle_core::Tensor;
 
 pub use config::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use ddim::check_eta;
+pub use dpm_sde::check_s_noise;
 pub use kind::{check_combination, SamplerKind, Schedule};
 pub use rng::TorchRng;
 
@@ -167,13 +172,15 @@ pub fn build_sampler(
         SamplerKind::Deis => Box::new(deis::Deis::new(cfg, n)?),
         SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(cfg, n)?),
         SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
-        // The pipelines pass their `eta` (default 0) to TCD's step.
+        // The pipelines pass their `eta` (default 0; another one through `set_eta`) to
+        // TCD's step, whose own default is 0.3.
         SamplerKind::Tcd => Box::new(tcd::Tcd::new(cfg, n)?.with_eta(0.0)),
     })
 }
 
 /// A1111's `simple` / `normal` sigmas over the config's training table (diffusers'
-/// float32 `alphas_cumprod`, without the zero-SNR floor), or `None` for the other schedules.
+/// float32 `alphas_cumprod`, as EulerDiscreteScheduler builds it), or `None` for the other
+/// schedules.
 fn a1111_sigmas(cfg: &SchedulerConfig, schedule: Schedule, n: usize) -> Result<Option<Vec<f32>>> {
     if !matches!(schedule, Schedule::Simple | Schedule::Normal) {
         return Ok(None);

@@ -376,7 +376,7 @@ impl UniPc {
         let m0 = self
             .model_outputs
             .back()
-            .expect("the model output was just stored");
+            .ok_or_else(|| bad_step_index(i, "a step after its model output is stored"))?;
         let d1s = self.differences(m0, &c.rks, order - 1)?;
         let x_t_ = (mul(sample, c.x_coef)? - mul(m0, c.m0_coef)?)?;
         if d1s.is_empty() {
@@ -406,7 +406,7 @@ impl UniPc {
         let m0 = self
             .model_outputs
             .back()
-            .expect("the corrector follows a step");
+            .ok_or_else(|| bad_step_index(i, "a step after the first"))?;
         let d1s = self.differences(m0, &c.rks, order - 1)?;
         let rhos_c = if order == 1 {
             vec![0.5]

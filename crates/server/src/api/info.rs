@@ -282,7 +282,8 @@ pub(super) struct SamplerInfo {
     diffusers_class: &'static str,
     /// The schedules it takes.
     schedules: Vec<&'static str>,
-    /// Model evaluations per step (2: Heun and DPM2, whose last step takes one).
+    /// Model evaluations per step (2: Heun, DPM2, DPM2 a, DPM++ SDE and DPM++ 2S a, whose
+    /// last step takes one).
     evals_per_step: u8,
 }
 

@@ -125,8 +125,8 @@ pub struct JobFields {
     /// own scheduler class. Refused for FLUX (flow-matching Euler).
     pub sampler: Option<String>,
     /// The sigma / timestep schedule (GET /v1/schedules): `model` (default: the model's own),
-    /// `karras`, `exponential`, `beta`, `sgm-uniform`. A sampler that the reference does not
-    /// define on the schedule is refused.
+    /// `karras`, `exponential`, `beta`, `sgm-uniform`, `simple`, `normal`. A sampler that the
+    /// reference does not define on the schedule is refused.
     pub schedule: Option<String>,
     /// The field of earlier versions: the same as `sampler` (give one of the two).
     pub scheduler: Option<String>,

@@ -1,8 +1,8 @@
 //! Reading `POST /sdapi/v1/txt2img` and `/img2img` bodies (A1111 1.10's request models) into
 //! the engine's [`RequestDraft`]. A1111 clients send most fields at their defaults every time,
 //! so each field has a rule: used (mapped to the draft), taken at any value because A1111
-//! itself does not use it in that case (e.g. `hr_*` without `enable_hr`, `s_churn`, which A1111
-//! reads from its settings), or taken only at the value that asks for what this worker does; any
+//! itself does not use it in that case (e.g. `hr_*` without `enable_hr`, `s_tmin`, which acts
+//! only with churn), or taken only at the value that asks for what this worker does; any
 //! other value, and any field A1111 does not have, gets a 422 naming the field. The table is in
 //! the README.
 
@@ -257,16 +257,50 @@ fn sampler(body: &Body) -> Result<(SamplerKind, Schedule)> {
             ),
         )
     })?;
+    // (Whether the sampler takes the schedule is the engine's check, as for every API.)
     let schedule = match (named, schedule) {
         (Some(n), Schedule::Model) => n,
         (None, Schedule::Model) => a1111_automatic(kind),
+        (Some(n), s) if n != s => {
+            return Err(invalid(
+                "scheduler",
+                format!(
+                    "{given:?} contradicts the schedule in {field} {name:?}; give one of the two"
+                ),
+            ))
+        }
         (_, s) => s,
     };
-    sd_models::samplers::check_combination(kind, schedule).map_err(|e| match e {
-        sd_models::Error::Invalid { message, .. } => invalid("scheduler", message),
-        other => invalid("scheduler", other),
-    })?;
     Ok((kind, schedule))
+}
+
+/// A1111's `s_noise` and `s_churn` as the engine takes them: DPM++ SDE's and DPM++ 2S a's
+/// `s_noise`; the other ancestral samplers, where A1111 would scale its noise, run with 1
+/// and refuse another value; churn (A1111's Euler, Heun and DPM2 with `s_churn` > 0) is not
+/// done here, and without it their `s_noise`, `s_tmin` and `s_tmax` change nothing.
+fn a1111_s_noise(kind: SamplerKind, body: &Body) -> Result<Option<f64>> {
+    if let Some(c) = body.number("s_churn")?.filter(|c| *c != 0.0) {
+        return Err(invalid(
+            "s_churn",
+            format!("must be 0 here (no churn: the samplers follow diffusers' pipelines), got {c}"),
+        ));
+    }
+    let s_noise = body.number("s_noise")?;
+    match (kind, s_noise) {
+        (_, None) => Ok(None),
+        (SamplerKind::DpmPpSde | SamplerKind::DpmPp2sAncestral, Some(s)) => Ok(Some(s)),
+        (
+            SamplerKind::EulerAncestral
+            | SamplerKind::Dpm2Ancestral
+            | SamplerKind::DpmPp2mSde
+            | SamplerKind::DpmPp3mSde,
+            Some(s),
+        ) if s != 1.0 => Err(invalid(
+            "s_noise",
+            format!("{} runs with s_noise 1 here, got {s}", kind.a1111_name()),
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// A1111's `eta` as the engine takes it: DDIM's and TCD's own; the ancestral and SDE
@@ -292,11 +326,16 @@ fn a1111_eta(kind: SamplerKind, eta: Option<f64>) -> Result<Option<f64>> {
     }
 }
 
-/// The schedule A1111 1.10 runs a sampler on under "Automatic": Karras for DPM++ 2M and SDE,
-/// exponential for the DPM++ SDE multistep samplers, the model's own otherwise.
+/// The schedule A1111 1.10 runs a sampler on under "Automatic" (its sampler table's
+/// `scheduler` option): Karras for DPM++ 2M, DPM++ SDE, DPM++ 2S a, DPM2 and DPM2 a,
+/// exponential for DPM++ 2M SDE and 3M SDE, the model's own otherwise.
 pub fn a1111_automatic(kind: SamplerKind) -> Schedule {
     match kind {
-        SamplerKind::DpmPp2m | SamplerKind::DpmPpSde => Schedule::Karras,
+        SamplerKind::DpmPp2m
+        | SamplerKind::DpmPpSde
+        | SamplerKind::DpmPp2sAncestral
+        | SamplerKind::Dpm2
+        | SamplerKind::Dpm2Ancestral => Schedule::Karras,
         SamplerKind::DpmPp2mSde | SamplerKind::DpmPp3mSde => Schedule::Exponential,
         _ => Schedule::Model,
     }
@@ -650,6 +689,7 @@ pub fn read(
     override_settings(&body, spec)?;
     let (kind, schedule) = sampler(&body)?;
     let eta = a1111_eta(kind, body.number("eta")?)?;
+    let s_noise = a1111_s_noise(kind, &body)?;
     let batch_size = body.uint("batch_size")?.unwrap_or(1);
     let n_iter = body.uint("n_iter")?.unwrap_or(1);
     if batch_size == 0 || n_iter == 0 {
@@ -696,9 +736,14 @@ pub fn read(
     draft.height = Some(body.uint("height")?.unwrap_or(DEFAULT_SIZE));
     draft.steps = Some(body.uint("steps")?.unwrap_or(DEFAULT_STEPS));
     draft.guidance_scale = Some(body.number("cfg_scale")?.unwrap_or(DEFAULT_CFG));
-    draft.sampler = Some(kind.name().to_string());
-    draft.schedule = Some(schedule.name().to_string());
+    // FLUX runs its own flow-matching Euler, which A1111's "Euler" stands for; another
+    // choice reaches the engine, which refuses it naming the field.
+    if !(spec.flux && kind == SamplerKind::Euler && schedule == Schedule::Model) {
+        draft.sampler = Some(kind.name().to_string());
+        draft.schedule = Some(schedule.name().to_string());
+    }
     draft.eta = eta;
+    draft.s_noise = s_noise;
     draft.batch = Some(1);
     // Live previews for `/progress`, every 10 steps as A1111's default
     // `show_progress_every_n_steps` (the cheap latent-to-RGB map).
