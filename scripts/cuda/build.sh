@@ -95,12 +95,16 @@ TARGET="$CACHE/target"
 cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" -p sd-worker \
   --features cuda --target-dir "$TARGET"
 
-# The binary and its run-time libraries in one folder (the driver's libcuda.so.1 excepted).
+# The binary (stripped: most of it is the kernels' PTX) and its run-time libraries in one
+# folder, the driver's libcuda.so.1 excepted. The libraries are the same wheels' files as
+# PyTorch's CUDA 13 builds install (site-packages/nvidia/cu13/lib), so on a machine that
+# has those the binary alone is enough, with that folder on LD_LIBRARY_PATH.
 OUT="$TARGET/release/sd-worker-cuda-sm$CUDA_COMPUTE_CAP"
 mkdir -p "$OUT"
 cp "$TARGET/release/sd-worker" "$OUT/"
-for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 \
-  libnvrtc-builtins.so.13.0; do
+strip "$OUT/sd-worker"
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 \
+  libnvrtc.so.13 libnvrtc-builtins.so.13.0; do
   cp -L "$CUDA/lib/$lib" "$OUT/"
 done
 echo "$OUT/sd-worker"
