@@ -9,14 +9,14 @@
 # at run time). The binary is linked with rpath $ORIGIN and its run-time libraries are
 # copied beside it, so the folder can be copied to a machine that has only the driver.
 #
-# Usage: scripts/cuda/build.sh
+# Usage: scripts/cuda/build.sh          (build; the last line printed is the binary's path)
+#        scripts/cuda/build.sh clippy   (cargo clippy --features cuda -D warnings instead)
 # Environment:
 #   CUDA_COMPUTE_CAP  GPU architecture for the kernels (default 90: H100 / H200; 80 A100,
 #                     86 RTX 30xx / A40, 89 RTX 40xx / L4 / L40)
 #   SD_CUDA_CACHE     cache folder (default ~/.cache/sd-worker-cuda): wheels, the CUDA tree,
 #                     a Python venv for pip, and the cargo target folder
 #   PYTHON            a Python 3 to create that venv with (default python3)
-# The last line printed is the path of the binary.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -90,6 +90,11 @@ export PATH="$CUDA/bin:$PATH"
 export LIBRARY_PATH="$CUDA/lib64:$CUDA/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CUDA/lib64 -L native=$CUDA/lib64/stubs -C link-arg=-Wl,-rpath,\$ORIGIN"
+
+if [ "${1:-}" = clippy ]; then
+  exec cargo clippy --locked --manifest-path "$ROOT/Cargo.toml" -p sd-worker --features cuda \
+    --all-targets --target-dir "$CACHE/target-clippy" -- -D warnings
+fi
 
 TARGET="$CACHE/target"
 cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" -p sd-worker \
