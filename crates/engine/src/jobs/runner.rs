@@ -238,16 +238,13 @@ fn run_job<B: Backend>(
         Ok(Err(sd_models::Error::Cancelled)) => {
             Outcome::Cancelled(stop.unwrap_or(CancelReason::Client))
         }
-        Ok(Err(e)) => {
-            let message = format!("{e}");
-            Outcome::Failed {
-                kind: match e {
-                    sd_models::Error::Invalid { .. } => FailureKind::InvalidRequest,
-                    _ => FailureKind::GenerationFailed,
-                },
-                message: message.split_whitespace().collect::<Vec<_>>().join(" "),
-            }
-        }
+        Ok(Err(e)) => Outcome::Failed {
+            kind: match e {
+                sd_models::Error::Invalid { .. } => FailureKind::InvalidRequest,
+                _ => FailureKind::GenerationFailed,
+            },
+            message: failure_message(&e),
+        },
         Err(panic) => Outcome::Failed {
             kind: FailureKind::Internal,
             message: format!("internal error: {}", panic_message(panic.as_ref())),
@@ -328,6 +325,22 @@ fn publish(inner: &Inner, message: Publish) {
             } => finish_job(inner, &id, outcome, generation),
         }
     }
+}
+
+/// A pipeline error as one line; a device out of memory says so first, with what to lower
+/// (the device's own text, e.g. CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, follows).
+fn failure_message(e: &sd_models::Error) -> String {
+    let text = format!("{e}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.contains("OUT_OF_MEMORY") || text.to_ascii_lowercase().contains("out of memory") {
+        return format!(
+            "the device ran out of memory for this job (lower width x height or batch, or run \
+             in f16 / bf16): {text}"
+        );
+    }
+    text
 }
 
 fn finish_job(inner: &Inner, id: &str, outcome: Outcome, generation: f64) {
@@ -460,4 +473,23 @@ pub(super) fn with_images(mut completion: Completion, encoded: Vec<String>) -> E
 
 pub(super) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_message;
+
+    #[test]
+    fn device_out_of_memory_is_named() {
+        let oom = sd_models::Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        let m = failure_message(&oom);
+        assert!(
+            m.starts_with("the device ran out of memory") && m.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "{m}"
+        );
+        let other = sd_models::Error::Candle(candle_core::Error::Msg("shape\n mismatch".into()));
+        assert_eq!(failure_message(&other), "shape mismatch");
+    }
 }
