@@ -10,37 +10,13 @@ use candle_core::Tensor;
 
 use super::brownian::BrownianTree;
 use super::config::BetaDefaults;
+use super::euler::{add_noise_sigma, init_noise_sigma, pred_original, scale_input};
 use super::schedule::{self, div, f32_tensor, mul, SigmaConversion};
 use super::{
     bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpacing,
     TorchRng,
 };
 use crate::Result;
-
-/// `init_noise_sigma`: the largest sigma, or `sqrt(max^2 + 1)` with leading spacing.
-fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match spacing {
-        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-    }
-}
-
-/// The denoised estimate at `sigma` (epsilon or v-prediction).
-fn pred_original(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f32,
-) -> Result<Tensor> {
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - mul(model_output, sigma)?)?,
-        PredictionType::VPrediction => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            (mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?
-        }
-    })
-}
 
 /// The `s_noise` range we take: 0 (no fresh noise) to 2 (k-diffusion sets none; A1111's
 /// setting goes to 1.1).
@@ -180,13 +156,12 @@ impl Sampler for DpmPpSde {
             None => self.sigmas[step_index],
             Some((_, mid)) => *mid,
         };
-        div(sample, (sigma * sigma + 1.0).sqrt())
+        scale_input(sample, sigma)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.sigmas[step_index])?)?)
+        add_noise_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn step(
@@ -417,13 +392,12 @@ impl Sampler for DpmPp2sAncestral {
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
         let sigma = self.sigma_in(step_index);
-        div(sample, (sigma * sigma + 1.0).sqrt())
+        scale_input(sample, sigma)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.sigma_in(step_index))?)?)
+        add_noise_sigma(original, noise, self.sigma_in(step_index))
     }
 
     fn step(

@@ -14,7 +14,7 @@ use super::{check_index, PredictionType, Sampler, SchedulerConfig, TimestepSpaci
 use crate::Result;
 
 /// `init_noise_sigma` of the Euler schedulers (float32 arithmetic, like the torch scalar).
-fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
+pub(crate) fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
     let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     match spacing {
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
@@ -23,12 +23,12 @@ fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
 }
 
 /// `sample / sqrt(sigma^2 + 1)`.
-fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+pub(crate) fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     div(sample, (sigma * sigma + 1.0).sqrt())
 }
 
 /// The denoised estimate `pred_original_sample` of the Euler schedulers.
-fn pred_original(
+pub(crate) fn pred_original(
     prediction_type: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
@@ -41,6 +41,13 @@ fn pred_original(
             (mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?
         }
     })
+}
+
+/// `original + sigma * noise` in float32: `add_noise` of the samplers on sigma-scaled
+/// latents.
+pub(crate) fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
+    Ok((x + mul(&n, sigma)?)?)
 }
 
 /// diffusers `EulerDiscreteScheduler` (no churn: `s_churn = 0`, the pipelines' default).
@@ -154,9 +161,7 @@ impl Sampler for Euler {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, sigma)?)?)
+        add_noise_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -228,9 +233,7 @@ impl Sampler for EulerAncestral {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, sigma)?)?)
+        add_noise_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn init_noise_sigma(&self) -> f64 {

@@ -14,40 +14,11 @@
 use candle_core::Tensor;
 
 use super::config::BetaDefaults;
+use super::euler::{add_noise_sigma, init_noise_sigma, pred_original, scale_input};
 use super::schedule::{self, div, f32_tensor, mul, DiscreteSigmas, SigmaConversion};
 use super::{bad_step_index, check_index, PredictionType, Sampler, SchedulerConfig};
 use super::{TimestepSpacing, TorchRng};
 use crate::Result;
-
-/// `init_noise_sigma`: the largest sigma, or `sqrt(max^2 + 1)` with leading spacing.
-fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match spacing {
-        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-    }
-}
-
-/// `sample / sqrt(sigma^2 + 1)`.
-fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    div(sample, (sigma * sigma + 1.0).sqrt())
-}
-
-/// The denoised estimate at `sigma` (epsilon or v-prediction), as these classes write it.
-fn pred_original(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f32,
-) -> Result<Tensor> {
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - mul(model_output, sigma)?)?,
-        PredictionType::VPrediction => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            (mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?
-        }
-    })
-}
 
 /// The schedule every class here starts from: spacing default linspace, alphas without a
 /// zero-SNR rescale (these classes have no such option), plus the beta defaults given.
@@ -158,8 +129,7 @@ impl Sampler for Heun {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.sigmas[step_index])?)?)
+        add_noise_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn step(
@@ -282,8 +252,7 @@ impl Sampler for Lms {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.sigmas[step_index])?)?)
+        add_noise_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn step(
@@ -475,8 +444,7 @@ impl Sampler for Dpm2 {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.t.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.t.sigmas[step_index])?)?)
+        add_noise_sigma(original, noise, self.t.sigmas[step_index])
     }
 
     fn step(
@@ -565,8 +533,7 @@ impl Sampler for Dpm2Ancestral {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(step_index, self.t.timesteps.len())?;
-        let (x, n) = (f32_tensor(original)?, f32_tensor(noise)?);
-        Ok((x + mul(&n, self.t.sigmas[step_index])?)?)
+        add_noise_sigma(original, noise, self.t.sigmas[step_index])
     }
 
     fn step(
