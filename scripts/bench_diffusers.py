@@ -9,6 +9,10 @@ Stage `unet-lora` (needs peft) adds a rank-16 LoRA to every linear and convoluti
 Stages `sdxl-unet` and `sdxl-vae` time the SDXL base UNet (with its text_time conditioning) and
 VAE at `--sdxl-size` (default 1024: 128x128 latents).
 
+Stage `flux` times one FLUX.1-dev transformer call (`FluxTransformer2DModel`, batch 1, 512
+T5 tokens, guidance embedded) at `--flux-size` (default 1024) with `--flux-layers D,S` blocks
+(default 19,38, the full model; fewer blocks fit a machine with less memory).
+
 Prints one JSON object, like `sd-worker bench --json`.
 """
 
@@ -67,6 +71,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stages", default="clip,unet,vae")
     ap.add_argument("--sdxl-size", type=int, default=1024)
+    ap.add_argument("--flux-size", type=int, default=1024)
+    ap.add_argument("--flux-layers", default="19,38")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -117,6 +123,27 @@ def main():
                 z = torch.randn(1, 4, lat, lat)
                 times = timed(lambda: model.decode(z), a.warmup, a.runs)
                 shape = f"1x4x{lat}x{lat} latents -> {a.sdxl_size}x{a.sdxl_size}"
+            elif stage == "flux":
+                from diffusers import FluxTransformer2DModel
+                from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+                double, single = (int(x) for x in a.flux_layers.split(","))
+                model = FluxTransformer2DModel(
+                    num_layers=double, num_single_layers=single, guidance_embeds=True,
+                ).eval()
+                side = a.flux_size // 16
+                img = torch.randn(1, side * side, 64)
+                txt = torch.randn(1, 512, 4096)
+                pooled = torch.randn(1, 768)
+                img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)
+                txt_ids = torch.zeros(512, 3)
+                call = lambda: model(
+                    hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled,
+                    timestep=torch.tensor([1.0]), guidance=torch.tensor([3.5]),
+                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                )
+                times = timed(call, a.warmup, a.runs)
+                shape = (f"{a.flux_size}x{a.flux_size}: {side * side} image + 512 text tokens, "
+                         f"{double}+{single} blocks")
             else:
                 raise SystemExit(f"unknown stage {stage!r}")
             stages[stage] = {"shape": shape, "median_s": statistics.median(times), "times_s": times}

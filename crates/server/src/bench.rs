@@ -1,5 +1,5 @@
 //! `sd-worker bench`: times the three model stages on the full-size SD 1.5 architecture (and
-//! the SDXL UNet and VAE) with random weights made in-process (speed does not depend on the
+//! the SDXL UNet and VAE, and the FLUX.1-dev transformer) with random weights made in-process (speed does not depend on the
 //! weight values).
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
@@ -16,6 +16,7 @@ use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
 use sd_models::modules::adapter::{registering, with_adapters, AdapterSet, LayerInfo, LayerShape};
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
+use sd_models::modules::flux::{FluxConfig, FluxTransformer};
 use sd_models::modules::unet::{AddedCond, UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
 
@@ -33,7 +34,8 @@ pub struct BenchArgs {
     /// rank-16 LoRA on every linear and convolution layer); sdxl-unet, sdxl-vae (the SDXL base
     /// UNet with its text_time conditioning, and its VAE, at --sdxl-size); preview (the server's cheap
     /// latent-to-RGB preview of one image, PNG-encoded); candle-clip, candle-unet, candle-vae
-    /// (candle-transformers' own modules, for comparison).
+    /// (candle-transformers' own modules, for comparison); flux (one FLUX.1-dev transformer
+    /// call at --flux-size, 512 T5 tokens, --flux-layers blocks).
     #[arg(long, env = "SD_BENCH_STAGES", default_value = "clip,unet,vae")]
     pub stages: String,
     /// Device: cpu, cuda[:N] or metal[:N].
@@ -48,6 +50,14 @@ pub struct BenchArgs {
     /// Image size of the SDXL stages (sdxl-unet, sdxl-vae); SDXL's default is 1024.
     #[arg(long, env = "SD_BENCH_SDXL_SIZE", default_value_t = 1024)]
     pub sdxl_size: usize,
+    /// Image size of the flux stage; FLUX's default is 1024.
+    #[arg(long, env = "SD_BENCH_FLUX_SIZE", default_value_t = 1024)]
+    pub flux_size: usize,
+    /// The flux stage's double- and single-stream block counts, "D,S". FLUX.1-dev has 19,38
+    /// (12 billion weights: 48 GB in f32, 24 GB in f16 / bf16); fewer blocks time the same
+    /// shapes on a machine with less memory (the time grows linearly with the blocks).
+    #[arg(long, env = "SD_BENCH_FLUX_LAYERS", default_value = "19,38")]
+    pub flux_layers: String,
     /// The VAE stages decode in tiles of this many pixels (as `--vae-tile-size`).
     #[arg(long, env = "SD_VAE_TILE_SIZE")]
     pub vae_tile_size: Option<usize>,
@@ -59,13 +69,14 @@ pub struct BenchArgs {
 /// The rank of the `unet-lora` stage's adapters.
 const BENCH_LORA_RANK: usize = 16;
 
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "clip",
     "unet",
     "unet-lora",
     "vae",
     "sdxl-unet",
     "sdxl-vae",
+    "flux",
     "preview",
     "candle-clip",
     "candle-unet",
@@ -225,6 +236,76 @@ fn tiling_error(tiled: &Tensor, whole: &Tensor) -> Result<String> {
     ))
 }
 
+/// FLUX.1-dev's transformer with `blocks` (double, single) blocks.
+fn flux_config(blocks: (usize, usize)) -> FluxConfig {
+    FluxConfig {
+        patch_size: 1,
+        in_channels: 64,
+        out_channels: 64,
+        num_layers: blocks.0,
+        num_single_layers: blocks.1,
+        attention_head_dim: 128,
+        num_attention_heads: 24,
+        joint_attention_dim: 4096,
+        pooled_projection_dim: 768,
+        guidance_embeds: true,
+        axes_dims_rope: vec![16, 56, 56],
+    }
+}
+
+fn parse_flux_layers(spec: &str) -> Result<(usize, usize)> {
+    let parsed = spec
+        .split_once(',')
+        .and_then(|(d, s)| Some((d.trim().parse().ok()?, s.trim().parse().ok()?)));
+    match parsed {
+        Some((d, s)) if d + s > 0 && d <= 19 && s <= 38 => Ok((d, s)),
+        _ => bail!(
+            "invalid --flux-layers {spec:?}: expected D,S with D <= 19, S <= 38 and D + S > 0"
+        ),
+    }
+}
+
+/// One transformer call on a 1024x1024 image's packed latents (batch 1, as FluxPipeline runs
+/// dev models: the guidance is embedded, there is no second pass).
+fn flux_stage(args: &BenchArgs, dtype: DType, device: &Device) -> Result<(String, Vec<f64>)> {
+    if args.flux_size == 0 || !args.flux_size.is_multiple_of(16) || args.flux_size > 2048 {
+        bail!(
+            "invalid --flux-size {}: must be a multiple of 16 between 16 and 2048",
+            args.flux_size
+        );
+    }
+    let blocks = parse_flux_layers(&args.flux_layers)?;
+    let cfg = flux_config(blocks);
+    let model = random_model(dtype, device, |vb| {
+        FluxTransformer::new(vb, &cfg).map_err(candle_error)
+    })?;
+    let side = args.flux_size / 16;
+    let randn = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1f32, shape, device)?.to_dtype(dtype)?)
+    };
+    let img = randn(&[1, side * side, 64])?;
+    let txt = randn(&[1, 512, 4096])?;
+    let pooled = randn(&[1, 768])?;
+    let t = Tensor::new(&[1f32], device)?;
+    let guidance = Tensor::new(&[3.5f32], device)?;
+    let img_ids = sd_models::pipelines::flux::image_ids(side, side, device)?;
+    let txt_ids = Tensor::zeros((512, 3), DType::F32, device)?;
+    let times = time(args.warmup, args.runs, device, || {
+        model.forward(&img, &txt, &pooled, &t, Some(&guidance), &img_ids, &txt_ids)?;
+        Ok(())
+    })?;
+    Ok((
+        format!(
+            "{0}x{0}: {1} image + 512 text tokens, {2}+{3} blocks",
+            args.flux_size,
+            side * side,
+            blocks.0,
+            blocks.1
+        ),
+        times,
+    ))
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -353,6 +434,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 (shape, times)
             }
+            "flux" => flux_stage(&args, dtype, &device)?,
             "preview" => {
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
                 let times = time(args.warmup, args.runs, &device, || {

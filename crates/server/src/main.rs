@@ -11,6 +11,7 @@ mod generate;
 mod inspect;
 mod model_args;
 mod native;
+mod parity;
 mod prometheus;
 mod register;
 mod serve;
@@ -32,8 +33,12 @@ enum Command {
     /// Print what was detected in a model folder or file, without loading the weights.
     Inspect(inspect::InspectArgs),
     /// Time CLIP encode, one UNet step and VAE decode on the full-size SD 1.5
-    /// architecture with random weights.
+    /// architecture with random weights (and the SDXL UNet and VAE, the FLUX transformer).
     Bench(bench::BenchArgs),
+    /// Run the diffusers parity fixtures (tiny random models in the repository's `fixtures`
+    /// folder and the images diffusers made from them) on a device and dtype, and report each
+    /// case's error.
+    Parity(parity::ParityArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Parity(args) => parity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
