@@ -4,6 +4,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: glibc hands every block over 32 MB straight back to the
+/// kernel on free, so each large activation of the next layer page-faults and is zeroed again;
+/// mimalloc keeps freed blocks for reuse. On the SD 1.5 VAE decode at 512x512 (2-core EPYC,
+/// f32) that is 36.9 s -> 19.9 s at a peak RSS of 2.1 GB (was 1.7 GB); see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
 mod bench;
 mod device;
