@@ -6,10 +6,26 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc: glibc hands every block over 32 MB straight back to the
 /// kernel on free, so each large activation of the next layer page-faults and is zeroed again;
-/// mimalloc keeps freed blocks for reuse. On the SD 1.5 VAE decode at 512x512 (2-core EPYC,
-/// f32) that is 36.9 s -> 19.9 s at a peak RSS of 2.1 GB (was 1.7 GB); see BENCHMARKS.md.
+/// mimalloc keeps freed blocks for reuse ([`keep_freed_memory`]). On the SD 1.5 VAE decode at
+/// 512x512 (2-core EPYC, f32): 36.9 s with glibc, 19.9 s with mimalloc's defaults, 17.6 s
+/// when it never purges, at a peak RSS of 2.3 GB (was 1.7 GB); see BENCHMARKS.md.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, the same in mimalloc 2
+/// and 3; the Rust bindings do not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory stays with the process for the next layer and the next job instead of being
+/// returned to the kernel after 10 ms (mimalloc's default), as a GPU caching allocator does:
+/// the resident size stays at the largest job's peak. `MIMALLOC_PURGE_DELAY` (milliseconds)
+/// still chooses otherwise.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets an option value; mimalloc reads options atomically.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
 
 mod api;
 mod bench;
@@ -49,6 +65,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     // A bug must still end in one line on stderr, not a multi-line panic report.
     std::panic::set_hook(Box::new(|info| {
         let message: Vec<String> = info
