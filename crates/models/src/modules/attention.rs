@@ -35,9 +35,9 @@ pub fn sliced_attention(
         };
         let scores = q.matmul(&k.t()?)?;
         let probs = if scores.dtype() == DType::F32 && in_dtype == DType::F32 {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            super::softmax::softmax_last_dim(&scores)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
+            super::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
         };
         probs.matmul(v)
     };

@@ -145,7 +145,7 @@ impl Attention {
             .to_dtype(DType::F32)?
             .matmul(&k.to_dtype(DType::F32)?.t()?)?
             .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
+        let probs = super::softmax::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out.forward(&o)
     }

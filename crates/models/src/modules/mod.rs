@@ -8,6 +8,7 @@ pub mod conv;
 pub mod conv_kernel;
 pub mod flux;
 pub mod resnet;
+pub mod softmax;
 pub mod t5;
 pub mod unet;
 pub mod vae;

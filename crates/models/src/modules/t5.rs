@@ -220,7 +220,7 @@ impl T5Encoder {
             let k = split(blk.k.forward(&xn)?)?;
             let v = split(blk.v.forward(&xn)?)?;
             let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            let probs = super::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                 .to_dtype(x.dtype())?;
             let o = probs
                 .matmul(&v)?
