@@ -22,7 +22,7 @@ impl ClipActivation {
     fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
-            ClipActivation::Gelu => xs.gelu_erf(),
+            ClipActivation::Gelu => super::activation::gelu_erf(xs),
             ClipActivation::GeluTanh => xs.gelu(),
         }
     }

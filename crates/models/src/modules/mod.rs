@@ -1,5 +1,6 @@
 //! Network modules built from config files: CLIP text encoder, UNet, VAE, FLUX transformer.
 
+pub mod activation;
 pub mod adapter;
 pub mod attention;
 pub mod clip;

@@ -65,12 +65,16 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self
+            .conv1
+            .forward(&crate::modules::activation::silu(&self.norm1.forward(xs)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv2
+            .forward(&crate::modules::activation::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(xs)?,
             None => xs.clone(),

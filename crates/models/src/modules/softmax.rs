@@ -21,13 +21,13 @@ pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Simd {
+pub(crate) enum Simd {
     None,
     Avx2,
     Avx512,
 }
 
-fn simd_level() -> Simd {
+pub(crate) fn simd_level() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -105,7 +105,7 @@ fn softmax_row_scalar(src: &[f32], dst: &mut [f32]) {
 /// from a degree-7 polynomial. Arguments below -87.3 give 0 (their true value is under f32's
 /// smallest normal, negligible in a sum whose largest term is 1).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -124,7 +124,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn exp256(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp256(x: __m256) -> __m256 {
         let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(LOW));
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LOW)), _mm256_set1_ps(HIGH));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
@@ -147,7 +147,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn exp512(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(LOW));
         let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LOW)), _mm512_set1_ps(HIGH));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(

@@ -246,7 +246,9 @@ impl Decoder {
                 xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out.forward(&crate::modules::activation::silu(
+            &self.norm_out.forward(&xs)?,
+        )?)
     }
 }
 
@@ -337,7 +339,9 @@ impl Encoder {
         xs = self.mid_resnets[0].forward(&xs, None)?;
         xs = self.mid_attention.forward(&xs)?;
         xs = self.mid_resnets[1].forward(&xs, None)?;
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out.forward(&crate::modules::activation::silu(
+            &self.norm_out.forward(&xs)?,
+        )?)
     }
 }
 

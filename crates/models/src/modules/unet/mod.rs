@@ -130,7 +130,8 @@ impl TransformerBlock {
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
         let p = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         let half = p.dim(D::Minus1)? / 2;
-        let ff = (p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let ff = (p.narrow(D::Minus1, 0, half)?
+            * crate::modules::activation::gelu_erf(&p.narrow(D::Minus1, half, half)?)?)?;
         self.ff_out.forward(&ff)? + xs
     }
 }
@@ -601,9 +602,9 @@ impl UNet {
                 xs = us.forward(&xs.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let xs = self
-            .conv_out
-            .forward(&self.norm_out.forward(&xs)?.silu()?)?;
+        let xs = self.conv_out.forward(&crate::modules::activation::silu(
+            &self.norm_out.forward(&xs)?,
+        )?)?;
         Ok(xs)
     }
 
