@@ -232,22 +232,6 @@ mod tests {
         }
     }
 
-    fn levels() -> Vec<Simd> {
-        let mut v = vec![Simd::None];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                v.push(Simd::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Simd::Avx512);
-            }
-        }
-        v
-    }
-
     #[test]
     fn within_the_stated_error_of_the_exact_functions_at_every_level() {
         // -12..12 in uneven steps, and a length that leaves a tail at every width.
@@ -255,7 +239,7 @@ mod tests {
             .map(|i| -12.0 + i as f32 * 0.001_000_3)
             .collect();
         for kind in [Kind::Silu, Kind::GeluErf] {
-            for level in levels() {
+            for level in super::super::softmax::available_levels() {
                 let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); xs.len()];
                 apply(kind, level, &xs, &mut out);
                 for (x, y) in xs.iter().zip(&out) {
@@ -288,16 +272,7 @@ mod tests {
             (gelu_erf(&x).unwrap(), x.gelu_erf().unwrap()),
         ] {
             assert_eq!(got.dims(), want.dims());
-            let d: f32 = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::modules::max_abs_diff(&got, &want);
             assert!(d < 2e-6, "differs from candle by {d}");
         }
     }

@@ -41,6 +41,23 @@ pub(crate) fn simd_level() -> Simd {
     Simd::None
 }
 
+/// Every level this CPU runs, for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn available_levels() -> Vec<Simd> {
+    let mut v = vec![Simd::None];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            v.push(Simd::Avx2);
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            v.push(Simd::Avx512);
+        }
+    }
+    v
+}
+
 struct Softmax;
 
 /// Rows per rayon task: enough work to be worth a task, few enough to balance.
@@ -281,22 +298,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn levels() -> Vec<Simd> {
-        let mut v = vec![Simd::None];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                v.push(Simd::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Simd::Avx512);
-            }
-        }
-        v
-    }
-
     /// The vectorised exponential against f64's, over softmax's range and beyond.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -337,7 +338,7 @@ mod tests {
         for n in [1, 3, 7, 8, 15, 16, 17, 31, 77, 100, 4096] {
             let x = (rng.randn(&[5, n], &dev).unwrap() * 6.0).unwrap();
             let src = x.to_vec2::<f32>().unwrap();
-            for level in levels() {
+            for level in available_levels() {
                 for row in &src {
                     // The exact softmax, in f64.
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -366,16 +367,7 @@ mod tests {
         let t = x.transpose(2, 3).unwrap();
         let got = softmax_last_dim(&t).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&t.contiguous().unwrap()).unwrap();
-        let d: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::modules::max_abs_diff(&got, &want);
         assert!(d < 1e-6, "differs by {d}");
         // A row with -inf entries (a causal mask): those get exactly 0.
         let row =
