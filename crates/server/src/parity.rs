@@ -114,41 +114,35 @@ const SUITES: [Suite; 6] = [
 struct Case {
     name: String,
     model: String,
-    #[serde(default)]
     prompt: Option<String>,
-    #[serde(default)]
     negative_prompt: Option<String>,
-    #[serde(default)]
     width: Option<u64>,
-    #[serde(default)]
     height: Option<u64>,
     steps: u64,
     guidance: f64,
     seed: u64,
-    #[serde(default)]
     scheduler: Option<String>,
-    #[serde(default)]
     batch: Option<u64>,
-    #[serde(default)]
     image: Option<String>,
-    #[serde(default)]
     mask: Option<String>,
-    #[serde(default)]
     strength: Option<f64>,
-    #[serde(default)]
     max_sequence_length: Option<u64>,
-    #[serde(default)]
     original_size: Option<[u64; 2]>,
-    #[serde(default)]
     crops_coords_top_left: Option<[u64; 2]>,
-    #[serde(default)]
     target_size: Option<[u64; 2]>,
-    #[serde(default)]
     negative_original_size: Option<[u64; 2]>,
-    #[serde(default)]
     negative_crops_coords_top_left: Option<[u64; 2]>,
-    #[serde(default)]
     negative_target_size: Option<[u64; 2]>,
+}
+
+impl Suite {
+    fn model_folder(&self, fixtures: &Path, case: &Case) -> PathBuf {
+        fixtures.join(self.model.replace("{}", &case.model))
+    }
+
+    fn reference_file(&self, fixtures: &Path, case: &Case) -> PathBuf {
+        fixtures.join(self.reference.replace("{}", &case.name))
+    }
 }
 
 #[derive(Deserialize)]
@@ -336,13 +330,13 @@ impl Runner<'_> {
     }
 
     fn run_case(&mut self, suite: &Suite, case: &Case) -> Result<(ImageError, f64)> {
-        let fixtures = self.args.fixtures.clone();
-        let folder = fixtures.join(suite.model.replace("{}", &case.model));
-        let want = reference_images(&fixtures.join(suite.reference.replace("{}", &case.name)))?;
-        let draft = draft(&fixtures, suite, case)?;
+        let fixtures = &self.args.fixtures;
+        let folder = suite.model_folder(fixtures, case);
+        let want = reference_images(&suite.reference_file(fixtures, case))?;
+        let draft = draft(fixtures, suite, case)?;
         let loaded = self.model(&folder)?;
         let request = sd_engine::validate(draft, &loaded.spec, &Limits::pipeline(), 0)
-            .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.field, e.reason))?;
+            .map_err(|e| anyhow::anyhow!(e.message()))?;
         let started = Instant::now();
         let generated = loaded.model.generate(&request, &mut |_| Ok(()))?;
         let seconds = started.elapsed().as_secs_f64();
@@ -374,7 +368,7 @@ impl Runner<'_> {
 
 /// Why a case of a suite is not run, if it is not.
 fn skip_reason(fixtures: &Path, suite: &Suite, case: &Case) -> Option<String> {
-    let folder = fixtures.join(suite.model.replace("{}", &case.model));
+    let folder = suite.model_folder(fixtures, case);
     (!folder.is_dir()).then(|| {
         format!(
             "no model folder {} (the tests build it from another fixture)",
@@ -411,10 +405,7 @@ fn print_case(suite: &str, c: &CaseReport) {
         (None, Some(m)) => m.clone(),
         (None, None) => String::new(),
     };
-    let status = serde_json::to_value(c.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let status = format!("{:?}", c.status).to_lowercase();
     let id = format!("{suite}/{}", c.case);
     println!("{status:<8} {id:<44} {detail}");
 }
@@ -543,7 +534,7 @@ mod tests {
             let cases = read_cases(&fixtures, suite).unwrap();
             assert!(!cases.is_empty(), "{}", suite.name);
             for case in &cases {
-                let r = fixtures.join(suite.reference.replace("{}", &case.name));
+                let r = suite.reference_file(&fixtures, case);
                 assert!(r.is_file(), "{}", r.display());
                 draft(&fixtures, suite, case).unwrap();
             }

@@ -64,13 +64,7 @@ impl CustomOp1 for Elementwise {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{}: f32 only", self.name());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: the input must be contiguous", self.name());
-        };
-        let src = &data[start..end];
+        let src = super::contiguous_f32(self.name(), storage, layout)?;
         let mut dst = Vec::with_capacity(src.len());
         let level = simd_level();
         dst.spare_capacity_mut()[..src.len()]

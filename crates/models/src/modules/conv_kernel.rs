@@ -1,5 +1,4 @@
-//! The kernel of the project's 2D convolution: on the CPU it keeps its weights in matmul
-//! layout.
+//! The kernel of the project's 2D convolution on the CPU, reading its weights where they are.
 //!
 //! candle's CPU conv2d re-lays out the kernel on every call and builds its im2col matrix
 //! element by element in tiles of 512 output pixels. This one reads the kernel where it is, in
@@ -157,15 +156,8 @@ impl CustomOp2 for TapConv {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), CpuStorage::F32(weight)) = (storage, weight) else {
-            candle_core::bail!("sd-tap-conv2d: f32 only");
-        };
-        let (Some((start, end)), Some((w_start, w_end))) = (
-            layout.contiguous_offsets(),
-            weight_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("sd-tap-conv2d: the input and the kernel must be contiguous");
-        };
+        let src = super::contiguous_f32(self.name(), storage, layout)?;
+        let weight = super::contiguous_f32(self.name(), weight, weight_layout)?;
         let (b, c_in, h, w) = layout.shape().dims4()?;
         let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
         if c_in != w_in || k != k2 {
@@ -173,7 +165,6 @@ impl CustomOp2 for TapConv {
                 "sd-tap-conv2d: input of {c_in} channels, kernel {w_in} x {k} x {k2}"
             );
         }
-        let weight = &weight[w_start..w_end];
         let p = self.padding;
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         let (oh, ow) = (hp + 1 - k, wp + 1 - k);
@@ -189,7 +180,7 @@ impl CustomOp2 for TapConv {
         } else {
             gemm::Parallelism::None
         };
-        for image in data[start..end].chunks(c_in * h * w) {
+        for image in src.chunks(c_in * h * w) {
             padded[..c_in * hp * wp]
                 .par_chunks_mut(hp * wp)
                 .zip(image.par_chunks(h * w))

@@ -14,6 +14,21 @@ pub mod t5;
 pub mod unet;
 pub mod vae;
 
+/// The f32 elements of a contiguous CPU tensor, as a custom op `op` receives them.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        (candle_core::CpuStorage::F32(_), None) => {
+            candle_core::bail!("{op}: the input must be contiguous")
+        }
+        _ => candle_core::bail!("{op}: f32 only"),
+    }
+}
+
 /// max |a - b| over all elements, for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {

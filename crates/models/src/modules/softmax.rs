@@ -73,13 +73,7 @@ impl CustomOp1 for Softmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("sd-softmax-last-dim: f32 only");
-        };
-        let src = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("sd-softmax-last-dim: the input must be contiguous"),
-        };
+        let src = super::contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         let n = dims.last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
