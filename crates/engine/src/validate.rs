@@ -354,14 +354,25 @@ fn input_images(
                     mask
                 }
                 MaskRule::Transparent => {
-                    decode_alpha_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
+                    let mask = decode_alpha_mask(&m.bytes, limits.max_input_pixels, MAX_SIDE)
                         .map_err(|e| invalid(&m.field, e))?
                         .ok_or_else(|| {
                             invalid(
                         &m.field,
                         "has no transparency: its fully transparent pixels mark the area to edit",
                     )
-                        })?
+                        })?;
+                    // OpenAI's rule: the mask has the image's dimensions.
+                    if (mask.width, mask.height) != (rgb.width, rgb.height) {
+                        return Err(invalid(
+                            &m.field,
+                            format!(
+                                "must have the image's size {}x{}, got {}x{}",
+                                rgb.width, rgb.height, mask.width, mask.height
+                            ),
+                        ));
+                    }
+                    mask
                 }
             };
             Ok((Some(rgb), Some(mask)))
@@ -380,13 +391,12 @@ fn check_model(spec: &ModelSpec, model: Option<&str>) -> Result<()> {
     Err(invalid(
         "model",
         format!(
-            "this worker serves {:?}{} (loaded from {}), got {model:?}",
+            "this worker serves {:?}{}, got {model:?}",
             spec.name,
             spec.repo_id
                 .as_ref()
                 .map(|r| format!(" = {r}"))
                 .unwrap_or_default(),
-            spec.path.display()
         ),
     ))
 }
@@ -770,11 +780,11 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, entry) in list.into_iter().enumerate() {
-        let name = |f: &str| format!("loras[{i}].{f}");
+        let field = |f: &str| format!("loras[{i}].{f}");
         let n = entry.path.chars().count();
         if n > MAX_LORA_PATH_CHARS {
             return Err(invalid(
-                &name("path"),
+                &field("path"),
                 format!("must be at most {MAX_LORA_PATH_CHARS} characters, got {n}"),
             ));
         }
@@ -782,15 +792,15 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
         let strength = entry.strength.unwrap_or(1.0);
         if !strength.is_finite() || strength.abs() > max {
             return Err(invalid(
-                &name("strength"),
+                &field("strength"),
                 format!("must be a number between -{max} and {max}, got {strength}"),
             ));
         }
         let (name, path) = match &limits.loras {
             LoraFiles::InFolder(dir) => {
                 let resolved = sd_models::lora::resolve(dir, &entry.path).map_err(|e| match e {
-                    sd_models::Error::Invalid { message, .. } => invalid(&name("path"), message),
-                    other => invalid(&name("path"), other),
+                    sd_models::Error::Invalid { message, .. } => invalid(&field("path"), message),
+                    other => invalid(&field("path"), other),
                 })?;
                 (entry.path, resolved)
             }
@@ -798,7 +808,7 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
                 let path = PathBuf::from(&entry.path);
                 if !path.is_file() {
                     return Err(invalid(
-                        &name("path"),
+                        &field("path"),
                         format!("{} is not a file", entry.path),
                     ));
                 }
@@ -808,6 +818,10 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
                 (file, path)
             }
         };
+        sd_models::lora::check_file(&format!("{name:?}"), &path).map_err(|e| match e {
+            sd_models::Error::Invalid { message, .. } => invalid(&field("path"), message),
+            other => invalid(&field("path"), other),
+        })?;
         out.push(LoraSpec {
             name,
             path,

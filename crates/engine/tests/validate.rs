@@ -126,6 +126,13 @@ fn lora_files_follow_the_interface_policy() {
     let file =
         std::env::temp_dir().join(format!("sd-engine-lora-{}.safetensors", std::process::id()));
     std::fs::write(&file, b"x").unwrap();
+    // Named as a file, but not safetensors: refused from its header.
+    let (field, reason) = error(with(file.to_str().unwrap()), &Limits::pipeline());
+    assert_eq!(field, "loras[0].path");
+    assert!(reason.contains("not a safetensors file"), "{reason}");
+    let lora = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/lora/sd1-peft.safetensors");
+    std::fs::copy(lora, &file).unwrap();
     let r = validate(
         with(file.to_str().unwrap()),
         &spec(),

@@ -371,10 +371,9 @@ pub fn run_with<T>(
 /// A safetensors file's `__metadata__`.
 type Metadata = Option<HashMap<String, String>>;
 
-fn read_file(spec: &LoraSpec) -> Result<(Vec<u8>, Metadata)> {
-    let name = &spec.name;
-    let ext = spec
-        .path
+/// Refuses pickle files by their extension: they can run code when loaded.
+fn refuse_pickle(name: &str, path: &Path) -> Result<()> {
+    let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
@@ -385,6 +384,34 @@ fn read_file(spec: &LoraSpec) -> Result<(Vec<u8>, Metadata)> {
             format!("{name}: pickle files are not loaded (they can run code); use .safetensors"),
         ));
     }
+    Ok(())
+}
+
+/// Checks that the file `name` is a safetensors file, from its header alone (the file is
+/// mapped, not read), so that a request naming anything else is refused when it arrives rather
+/// than failing on the engine. Loading checks again: the file may change in between.
+pub fn check_file(name: &str, path: &Path) -> Result<()> {
+    refuse_pickle(name, path)?;
+    // SAFETY: the file is memory-mapped read-only; only its header is parsed.
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map(drop)
+        .map_err(|e| {
+            // The reason alone: candle's error adds the file's absolute path.
+            let mut e = &e;
+            while let candle_core::Error::WithPath { inner, .. } = e {
+                e = inner;
+            }
+            let why = match e {
+                candle_core::Error::Io(e) => e.kind().to_string(),
+                other => other.to_string(),
+            };
+            Error::invalid("loras", format!("{name}: not a safetensors file ({why})"))
+        })
+}
+
+fn read_file(spec: &LoraSpec) -> Result<(Vec<u8>, Metadata)> {
+    let name = &spec.name;
+    refuse_pickle(name, &spec.path)?;
     let bytes = std::fs::read(&spec.path).map_err(|e| {
         let why = if e.kind() == std::io::ErrorKind::NotFound {
             "no such file".to_string()

@@ -34,6 +34,8 @@ mod bench;
 mod device;
 mod generate;
 mod inspect;
+mod json;
+mod listen;
 mod model_args;
 mod native;
 mod parity;

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "SD_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a client has to send each request's head, and again its body; a connection
+    /// that sends nothing for this long between requests is closed.
+    #[arg(long, env = "SD_READ_TIMEOUT", default_value_t = 30)]
+    pub read_timeout: u64,
     /// Bearer token required on every route but /health and /ready. Default: no auth.
     #[arg(long, env = "SD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -145,6 +149,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
         ("--max-batch", args.max_batch as u64),
         ("--max-body-bytes", args.max_body_bytes as u64),
         ("--sse-keepalive", args.sse_keepalive),
+        ("--read-timeout", args.read_timeout),
     ];
     for (flag, v) in positive {
         if v == 0 {
@@ -330,6 +335,7 @@ fn app_state(
         },
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
+        read_timeout: Duration::from_secs(args.read_timeout),
         keep_alive: Duration::from_secs(args.sse_keepalive),
         metrics,
         a1111: Default::default(),
@@ -417,22 +423,22 @@ async fn serve(
         let exit = shutdown_signal(engine, grace, load_failed, registrar).await;
         let _ = exit_tx.send(exit);
     };
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let read_timeout = Duration::from_secs(args.read_timeout);
+    // Its output is the wait for the open connections to finish.
+    let mut server = tokio::spawn(crate::listen::serve(listener, app, read_timeout, shutdown));
     let exit = tokio::select! {
         // The server ends only after the shutdown future has sent the reason.
         biased;
         exit = exit_rx => exit.context("the server stopped unexpectedly")?,
         result = &mut server => {
-            result.context("the server task failed")?.context("the server failed")?;
+            drop(result.context("the server task failed")?);
             bail!("the server stopped unexpectedly");
         }
     };
     // The drain is over: give open connections a moment to close.
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Ok(Ok(drained)) = tokio::time::timeout(Duration::from_secs(5), server).await {
+        let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
+    }
     match exit {
         Exit::Signal(_) => {
             eprintln!("stopped");

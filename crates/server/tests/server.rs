@@ -434,6 +434,10 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["defaults"]["scheduler"], "pndm");
     assert_eq!(info["limits"]["max_queue"], 32);
     assert_eq!(info["limits"]["max_steps"], 150);
+    assert_eq!(info["limits"]["max_body_bytes"], 32 << 20);
+    assert_eq!(info["limits"]["max_prompt_chars"], 20_000);
+    assert_eq!(info["limits"]["max_loras"], 0, "no --lora-dir");
+    assert_eq!(info["limits"]["read_timeout_s"], 30.0);
     assert_eq!(info["schedulers"].as_array().unwrap().len(), 18);
     assert_eq!(info["schedules"].as_array().unwrap().len(), 7);
     let samplers = server.get("/v1/samplers").json();

@@ -9,7 +9,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sd_engine::jobs::Phase;
-use sd_engine::validate::{self, default_strength, LoraFiles, MAX_GUIDANCE, MAX_LORAS, MAX_SIDE};
+use sd_engine::validate::{
+    self, default_strength, LoraFiles, MAX_GUIDANCE, MAX_LORAS, MAX_SIDE, MAX_TEXT_CHARS,
+};
 use sd_engine::{ModelSpec, Operation, PreviewKind};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -128,6 +130,12 @@ pub(super) struct LimitsInfo {
     max_guidance_scale: f64,
     max_queue: usize,
     max_body_bytes: usize,
+    /// Characters of a prompt or negative prompt at most.
+    max_prompt_chars: usize,
+    /// LoRAs one job may apply at most (0 without `--lora-dir`).
+    max_loras: usize,
+    /// Seconds a client has to send a request's head, and again its body.
+    read_timeout_s: f64,
     job_timeout_s: f64,
     result_ttl_s: f64,
     max_results: usize,
@@ -217,6 +225,12 @@ fn describe(st: &AppState, spec: &ModelSpec) -> Info {
             max_guidance_scale: MAX_GUIDANCE,
             max_queue: config.max_queue,
             max_body_bytes: st.max_body_bytes,
+            max_prompt_chars: MAX_TEXT_CHARS,
+            max_loras: match st.limits.loras {
+                LoraFiles::Refused => 0,
+                _ => MAX_LORAS,
+            },
+            read_timeout_s: st.read_timeout.as_secs_f64(),
             job_timeout_s: config.job_timeout.as_secs_f64(),
             result_ttl_s: config.result_ttl.as_secs_f64(),
             max_results: config.max_results,

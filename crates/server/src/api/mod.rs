@@ -13,12 +13,14 @@ mod wait;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use sd_engine::jobs::SubmitError;
 use sd_engine::{Engine, Limits};
 use serde::Serialize;
@@ -31,6 +33,8 @@ pub struct AppState {
     /// Bearer token required on every route but `/health` and `/ready`.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
+    /// Time a client has to send a request body (hyper bounds the head).
+    pub read_timeout: Duration,
     pub keep_alive: Duration,
     /// Renders `GET /metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -55,6 +59,8 @@ pub enum ErrorKind {
     /// The job is in a state where that cannot be done.
     Conflict,
     PayloadTooLarge,
+    /// The body did not arrive within `--read-timeout`.
+    RequestTimeout,
     QueueFull,
     /// The model is loading, or failed to load.
     NotReady,
@@ -65,7 +71,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     #[cfg(test)]
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::MalformedJson,
         ErrorKind::BadRequest,
         ErrorKind::InvalidRequest,
@@ -74,6 +80,7 @@ impl ErrorKind {
         ErrorKind::MethodNotAllowed,
         ErrorKind::Conflict,
         ErrorKind::PayloadTooLarge,
+        ErrorKind::RequestTimeout,
         ErrorKind::QueueFull,
         ErrorKind::NotReady,
         ErrorKind::Draining,
@@ -99,6 +106,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
             ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ErrorKind::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ErrorKind::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             ErrorKind::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ErrorKind::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -124,8 +132,8 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// malformed_json, bad_request, invalid_request, unauthorized, not_found,
-    /// method_not_allowed, conflict, payload_too_large, queue_full, not_ready, draining or
-    /// internal.
+    /// method_not_allowed, conflict, payload_too_large, request_timeout, queue_full, not_ready,
+    /// draining or internal.
     #[serde(rename = "type")]
     kind: &'static str,
     /// For invalid_request: names the field, the limit and the value.
@@ -294,7 +302,56 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), body_in_time))
         .with_state(state)
+}
+
+/// Reads the request body (up to one byte past `--max-body-bytes`) within `--read-timeout`,
+/// so that a client trickling its body cannot hold a connection and a handler for ever; the
+/// handlers then read it from memory. A body over the limit is passed on as it comes, for
+/// each API's own 413.
+async fn body_in_time(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let deadline = tokio::time::Instant::now() + st.read_timeout;
+    let mut stream = body.into_data_stream();
+    let mut read = Vec::new();
+    let rest = loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return body_timeout(parts.uri.path(), st.read_timeout),
+            Ok(None) => break None,
+            Ok(Some(Ok(chunk))) => {
+                read.extend_from_slice(&chunk);
+                if read.len() > st.max_body_bytes {
+                    break Some(Ok(stream));
+                }
+            }
+            Ok(Some(Err(e))) => break Some(Err(e)),
+        }
+    };
+    let head = futures_util::stream::once(async move { Ok(Bytes::from(read)) });
+    let body = match rest {
+        None => Body::from_stream(head),
+        Some(Ok(rest)) => Body::from_stream(head.chain(rest)),
+        Some(Err(e)) => Body::from_stream(head.chain(futures_util::stream::once(async { Err(e) }))),
+    };
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// 408 in the shape of the API that owns `path`.
+fn body_timeout(path: &str, limit: Duration) -> Response {
+    let message = format!(
+        "the request body did not arrive within this worker's {}s (--read-timeout)",
+        limit.as_secs()
+    );
+    if a1111::owns(path) {
+        let kind = a1111::error::Kind::RequestTimeout;
+        return a1111::error::A1111Error::new(kind, message).into_response();
+    }
+    if openai::owns(path) {
+        let kind = openai::error::Kind::RequestTimeout;
+        return openai::error::OpenAiError::new(kind, message).into_response();
+    }
+    ApiError::new(ErrorKind::RequestTimeout, message).into_response()
 }
 
 async fn not_found_route(uri: Uri) -> Response {

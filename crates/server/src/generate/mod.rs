@@ -57,19 +57,19 @@ pub struct GenerateArgs {
     pub prompt_syntax: String,
     /// Image width in pixels, a multiple of the model's latent factor (FLUX: of twice it).
     /// Default: the UNet's sample_size times the latent factor (FLUX: 128 times it).
-    #[arg(long, env = "SD_WIDTH")]
+    #[arg(long, env = "SD_WIDTH", allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Image height in pixels, a multiple of the model's latent factor (FLUX: of twice it).
     /// Default: the UNet's sample_size times the latent factor (FLUX: 128 times it).
-    #[arg(long, env = "SD_HEIGHT")]
+    #[arg(long, env = "SD_HEIGHT", allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Number of denoising steps (1 to the scheduler's num_train_timesteps).
     /// Default: 50 for Stable Diffusion; 28 for FLUX dev, 4 for FLUX schnell.
-    #[arg(long, env = "SD_STEPS")]
+    #[arg(long, env = "SD_STEPS", allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Guidance scale. Stable Diffusion: classifier-free guidance, applied above 1 (default
     /// 7.5). FLUX dev: the embedded guidance (default 3.5); FLUX schnell takes none.
-    #[arg(long, env = "SD_GUIDANCE")]
+    #[arg(long, env = "SD_GUIDANCE", allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// With a single-file model: FLUX: --model is the transformer (.safetensors with the
     /// original key names, or .gguf) and this diffusers FLUX folder gives the text encoders,
@@ -87,7 +87,7 @@ pub struct GenerateArgs {
     pub max_sequence_length: Option<usize>,
     /// Seed of the torch-compatible CPU generator (same noise as
     /// torch.Generator("cpu").manual_seed(SEED)). Default: a random seed, reported.
-    #[arg(long, env = "SD_SEED")]
+    #[arg(long, env = "SD_SEED", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     #[arg(long, env = "SD_SAMPLER", help = SAMPLER_HELP, conflicts_with = "scheduler")]
     pub sampler: Option<String>,
@@ -110,7 +110,7 @@ pub struct GenerateArgs {
     pub init_image: Option<PathBuf>,
     /// Strength in (0, 1]: the share of the steps that run, from the noisiest. Default 0.8
     /// for image-to-image (FLUX: 0.6), 1.0 for inpainting; needs --init-image.
-    #[arg(long, env = "SD_STRENGTH")]
+    #[arg(long, env = "SD_STRENGTH", allow_negative_numbers = true)]
     pub strength: Option<f64>,
     /// Inpainting: the mask (PNG, JPEG or WebP; white = repaint, binarised at 50% luma after
     /// resizing to the output size). Needs --init-image. --width / --height then default to
@@ -118,7 +118,12 @@ pub struct GenerateArgs {
     #[arg(long, env = "SD_MASK")]
     pub mask: Option<PathBuf>,
     /// Number of images generated from the prompt in one batch.
-    #[arg(long, env = "SD_BATCH", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "SD_BATCH",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub batch: usize,
     /// SDXL: the original_size id, HEIGHT,WIDTH in pixels (default: the image size).
     #[arg(long, value_name = "H,W", value_parser = parse_pair)]

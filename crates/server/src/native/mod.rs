@@ -163,7 +163,7 @@ fn base64_image(obj: &Map<String, Value>, name: &str) -> Result<Option<Vec<u8>>>
 
 /// Parses the JSON text of a job submission.
 pub fn parse_json(body: &[u8]) -> Result<Value> {
-    serde_json::from_slice(body).map_err(|e| RequestError {
+    crate::json::parse(body).map_err(|e| RequestError {
         malformed: true,
         message: format!("the body is not valid JSON: {e}"),
     })

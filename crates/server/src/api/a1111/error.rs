@@ -19,6 +19,7 @@ pub enum Kind {
     Unauthorized,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     QueueFull,
     Unavailable,
     /// The job failed while it ran, or a bug.
@@ -35,6 +36,7 @@ impl Kind {
             Kind::Unauthorized => (StatusCode::UNAUTHORIZED, "HTTPException"),
             Kind::NotFound => (StatusCode::NOT_FOUND, "HTTPException"),
             Kind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "HTTPException"),
+            Kind::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "HTTPException"),
             Kind::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "HTTPException"),
             Kind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "HTTPException"),
             Kind::Server => (StatusCode::INTERNAL_SERVER_ERROR, "RuntimeError"),

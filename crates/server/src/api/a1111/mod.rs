@@ -3,7 +3,7 @@
 //! numbers them, run one request at a time as A1111 does; the other routes describe the worker
 //! in A1111's shapes. Fields, policies and what differs from A1111 are in the README.
 
-mod error;
+pub(super) mod error;
 mod infotext;
 mod request;
 
@@ -146,7 +146,7 @@ fn json_body(body: std::result::Result<Bytes, BytesRejection>, max: usize) -> Re
             A1111Error::new(Kind::Json, format!("cannot read the body: {r}"))
         }
     })?;
-    serde_json::from_slice(&body)
+    crate::json::parse(&body)
         .map_err(|e| A1111Error::new(Kind::Json, format!("the body is not valid JSON: {e}")))
 }
 

@@ -19,6 +19,8 @@ pub enum Kind {
     /// The body is not JSON or not a readable form.
     BadBody,
     PayloadTooLarge,
+    /// The body did not arrive within `--read-timeout`.
+    RequestTimeout,
     InvalidApiKey,
     ModelNotFound,
     NotFound,
@@ -38,6 +40,7 @@ impl Kind {
             Kind::UnknownParameter => (StatusCode::BAD_REQUEST, REQ, Some("unknown_parameter")),
             Kind::BadBody => (StatusCode::BAD_REQUEST, REQ, None),
             Kind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, REQ, None),
+            Kind::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, REQ, None),
             Kind::InvalidApiKey => (StatusCode::UNAUTHORIZED, REQ, Some("invalid_api_key")),
             Kind::ModelNotFound => (StatusCode::NOT_FOUND, REQ, Some("model_not_found")),
             Kind::NotFound => (StatusCode::NOT_FOUND, REQ, None),

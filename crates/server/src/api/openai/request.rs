@@ -137,7 +137,7 @@ fn describe(p: &Param) -> String {
 impl Params {
     /// The members of a JSON object body (`null` counts as omitted).
     pub fn from_json(body: &[u8]) -> Result<Params> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
+        let value: Value = crate::json::parse(body).map_err(|e| {
             OpenAiError::new(Kind::BadBody, format!("the body is not valid JSON: {e}"))
         })?;
         let Value::Object(map) = value else {
@@ -183,7 +183,13 @@ impl Params {
                 params.files.entry(name).or_default().push(bytes.to_vec());
             } else {
                 let text = field.text().await.map_err(bad)?;
-                params.values.insert(name, Param::Text(text));
+                if params
+                    .values
+                    .insert(name.clone(), Param::Text(text))
+                    .is_some()
+                {
+                    return Err(invalid(&name, "is given twice: one value per parameter"));
+                }
             }
         }
         Ok(params)
@@ -258,7 +264,7 @@ impl Params {
         let list = match self.get("loras") {
             None => return Ok(Vec::new()),
             Some(Param::Json(v)) => v.clone(),
-            Some(Param::Text(t)) => serde_json::from_str(t)
+            Some(Param::Text(t)) => crate::json::parse(t.as_bytes())
                 .map_err(|e| invalid("loras", format!("is not a JSON list: {e}")))?,
         };
         let Value::Array(items) = list else {
