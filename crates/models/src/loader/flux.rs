@@ -301,10 +301,7 @@ pub fn load_flux_transformer_gguf(
     dtype: DType,
 ) -> Result<crate::modules::flux::FluxTransformer> {
     use crate::modules::flux::{infer_config_from_shapes, FluxTransformer, GgufWeights};
-    use candle_core::quantized::gguf_file;
-    let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| Error::config(file, format!("cannot read GGUF: {}", Error::from(e))))?;
+    let (mut reader, content) = read_gguf(file)?;
     let mut tensors = std::collections::HashMap::new();
     for name in content.tensor_infos.keys() {
         let q = content
@@ -341,6 +338,49 @@ pub struct FluxFileInfo {
     pub width: usize,
 }
 
+/// Opens a GGUF file and reads its header with candle, refusing what candle would trip over
+/// later: a header that makes its reader panic (a `general.alignment` of 0 divides by zero), a
+/// tensor whose size overflows or exceeds the file, and a tensor of no elements (candle would
+/// build a slice of its block type on an unaligned empty buffer, which debug builds abort on).
+pub fn read_gguf(
+    file: &Path,
+) -> Result<(std::fs::File, candle_core::quantized::gguf_file::Content)> {
+    use candle_core::quantized::gguf_file::Content;
+    let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let read =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+    let content = match read {
+        Ok(Ok(content)) => content,
+        Ok(Err(e)) => {
+            return Err(Error::config(
+                file,
+                format!("cannot read GGUF: {}", Error::from(e)),
+            ))
+        }
+        Err(_) => return Err(Error::config(file, "cannot read GGUF: malformed header")),
+    };
+    let file_len = reader.metadata().map_err(|e| Error::io(file, e))?.len();
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let dtype = info.ggml_dtype;
+        let bytes = dims
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
+        let why = match bytes {
+            None => "overflows",
+            Some(0) => "has no elements",
+            Some(b) if b as u64 > file_len => "is larger than the file",
+            Some(_) => continue,
+        };
+        return Err(Error::config(
+            file,
+            format!("GGUF tensor {name}: shape {dims:?} of {dtype:?} {why}"),
+        ));
+    }
+    Ok((reader, content))
+}
+
 /// Reads a FLUX transformer file's header.
 pub fn inspect_flux_file(file: &Path) -> Result<FluxFileInfo> {
     use crate::modules::flux::original_plan;
@@ -353,11 +393,7 @@ pub fn inspect_flux_file(file: &Path) -> Result<FluxFileInfo> {
     let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
     let layout = match ext.as_str() {
         "gguf" => {
-            let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-            let content =
-                candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(|e| {
-                    Error::config(file, format!("cannot read GGUF: {}", Error::from(e)))
-                })?;
+            let (_, content) = read_gguf(file)?;
             for (name, info) in &content.tensor_infos {
                 shapes.insert(name.clone(), info.shape.dims().to_vec());
                 *dtypes.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;

@@ -253,3 +253,36 @@ fn sdxl_size_and_crop_ids_are_read_as_pairs() {
         "{e}"
     );
 }
+
+/// Fuzz harness (`sd-fuzz`): any body ends in a request or an error, never a panic.
+#[test]
+fn fuzz_native_request() {
+    let words: &[&[u8]] = &[
+        b"\"operation\":",
+        b"\"image_inpaint\"",
+        b"\"width\":",
+        b"\"steps\":",
+        b"\"seed\":",
+        b"\"loras\":",
+        b"\"original_size\":",
+        b"null",
+        b"-1",
+        b"1e999",
+        b"18446744073709551616",
+        b"[]",
+        b"{}",
+        b"\"\"",
+        b",",
+        b"\"data:image/png;base64,",
+    ];
+    sd_fuzz::fuzz(
+        "native-request",
+        &sd_fuzz::seeds("native-request"),
+        words,
+        |bytes| {
+            if let Ok(v) = crate::json::parse(bytes) {
+                let _ = parse_job(&v, &spec(), &limits(), 7);
+            }
+        },
+    );
+}

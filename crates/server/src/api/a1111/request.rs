@@ -789,6 +789,51 @@ pub fn field_of(engine_field: &str) -> &str {
 mod tests {
     use super::*;
 
+    /// Fuzz harness (`sd-fuzz`): any body ends in a request or an error, never a panic.
+    #[test]
+    fn fuzz_a1111_request() {
+        let words: &[&[u8]] = &[
+            b"\"init_images\":",
+            b"\"mask\":",
+            b"\"sampler_name\":",
+            b"\"scheduler\":",
+            b"\"batch_size\":",
+            b"\"n_iter\":",
+            b"\"override_settings\":",
+            b"<lora:",
+            b":0.5>",
+            b"null",
+            b"-1",
+            b"1e999",
+            b"[]",
+            b"{}",
+            b"\"\"",
+            b",",
+        ];
+        let spec = sd_engine::ModelSpec::sd_example();
+        let limits = sd_engine::Limits {
+            loras: sd_engine::validate::LoraFiles::Refused,
+            from_flags: true,
+            empty_prompt: false,
+            ..sd_engine::Limits::pipeline()
+        };
+        sd_fuzz::fuzz(
+            "a1111-request",
+            &sd_fuzz::seeds("a1111-request"),
+            words,
+            |bytes| {
+                let Ok(v) = crate::json::parse(bytes) else {
+                    return;
+                };
+                for mode in [Mode::Txt2Img, Mode::Img2Img] {
+                    if let Ok(req) = read(v.clone(), mode, &spec, 8) {
+                        let _ = sd_engine::validate(req.draft, &spec, &limits, 1);
+                    }
+                }
+            },
+        );
+    }
+
     #[test]
     fn extra_network_tags_become_loras() {
         let (text, loras) =

@@ -593,3 +593,50 @@ pub fn param_of(field: &str) -> String {
         other => other.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzz harness (`sd-fuzz`): any JSON body ends in a request or an error, never a panic.
+    #[test]
+    fn fuzz_openai_request() {
+        let words: &[&[u8]] = &[
+            b"\"size\":",
+            b"\"n\":",
+            b"\"response_format\":",
+            b"\"output_compression\":",
+            b"\"loras\":",
+            b"\"steps\":",
+            b"\"1024x1024\"",
+            b"\"auto\"",
+            b"null",
+            b"-1",
+            b"1e999",
+            b"[]",
+            b"{}",
+            b"\"\"",
+            b",",
+        ];
+        let spec = sd_engine::ModelSpec::sd_example();
+        let limits = sd_engine::Limits {
+            loras: sd_engine::validate::LoraFiles::Refused,
+            from_flags: true,
+            empty_prompt: false,
+            ..sd_engine::Limits::pipeline()
+        };
+        sd_fuzz::fuzz(
+            "openai-request",
+            &sd_fuzz::seeds("openai-request"),
+            words,
+            |bytes| {
+                let Ok(params) = Params::from_json(bytes) else {
+                    return;
+                };
+                if let Ok((draft, _, _)) = read(params, Endpoint::Generations) {
+                    let _ = sd_engine::validate(draft, &spec, &limits, 1);
+                }
+            },
+        );
+    }
+}
