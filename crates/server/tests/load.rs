@@ -1,6 +1,7 @@
 //! Bounded load check: many jobs from concurrent clients on loopback against the tiny model.
-//! Every job must be accepted once, reach `completed` with its own seed, and the worker's
-//! memory must stay flat from one round to the next.
+//! Every job must be accepted once, reach `completed` with its own seed, every refusal must be
+//! a 429 with `Retry-After`, the queue must stay within `--max-queue`, and the worker's memory
+//! must stay flat from one round to the next.
 //!
 //! `SD_LOAD_JOBS` (default 300) and `SD_LOAD_CLIENTS` (default 30) size each of the two rounds;
 //! run with `--nocapture` to see the figures (jobs/s, submit latency, RSS).
@@ -11,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http, parse_sse, Server};
+use common::{http, parse_sse, rss_kb, Server};
 use serde_json::json;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -44,6 +45,12 @@ fn client(addr: &str, index: usize, jobs: usize) -> Vec<Done> {
             match r.status {
                 202 => break (r.json()["job_id"].as_str().unwrap().to_string(), elapsed),
                 429 => {
+                    let after = r.header("retry-after").unwrap_or_default();
+                    assert!(
+                        after.parse::<u64>().is_ok_and(|s| s >= 1),
+                        "a 429 without a Retry-After in seconds: {after:?}"
+                    );
+                    assert_eq!(r.json()["error"]["type"], "queue_full");
                     retries += 1;
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -89,10 +96,30 @@ fn load_check_loses_and_duplicates_nothing_and_memory_stays_flat() {
     let clients = env_usize("SD_LOAD_CLIENTS", 30).clamp(1, jobs);
     // Keep exactly one round of results: the second round replaces the first.
     let keep = jobs.to_string();
-    let server = Server::start(&["--max-queue", "32", "--max-results", &keep]);
+    let server = Server::start(&["--max-queue", "8", "--max-results", &keep]);
     let addr = Arc::new(server.addr.clone());
     let mut all_ids = HashSet::new();
     let mut rss_after = Vec::new();
+    let mut total_retries = 0;
+    // Watches the queue depth through /metrics while the clients run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let monitor = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut deepest = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let metrics = http(&addr, "GET", "/metrics", &[], None).text();
+                let depth = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("sd_worker_queue_depth "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                deepest = deepest.max(depth as u64);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            deepest
+        })
+    };
     for round in 0..2 {
         let started = Instant::now();
         let handles: Vec<_> = (0..clients)
@@ -117,6 +144,7 @@ fn load_check_loses_and_duplicates_nothing_and_memory_stays_flat() {
         let mut latencies: Vec<f64> = done.iter().map(|d| d.submit_s).collect();
         latencies.sort_by(|a, b| a.total_cmp(b));
         let retries: usize = done.iter().map(|d| d.retries).sum();
+        total_retries += retries;
         let rss = server.rss_kb();
         rss_after.push(rss);
         println!(
@@ -128,6 +156,14 @@ fn load_check_loses_and_duplicates_nothing_and_memory_stays_flat() {
             vm_hwm_kb(server.pid()) as f64 / 1024.0,
         );
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deepest = monitor.join().expect("monitor");
+    println!("deepest queue seen: {deepest} (limit 8)");
+    assert!(deepest <= 8, "the queue grew to {deepest}");
+    assert!(
+        total_retries > 0,
+        "30 clients on a queue of 8 meet a full queue at least once"
+    );
     let metrics = server.get("/metrics").text();
     let completed = format!("sd_worker_jobs_total{{outcome=\"completed\"}} {}", 2 * jobs);
     assert!(metrics.contains(&completed), "{metrics}");
@@ -139,4 +175,99 @@ fn load_check_loses_and_duplicates_nothing_and_memory_stays_flat() {
         second <= first + first / 10 + 16 * 1024,
         "RSS grew from {first} kB to {second} kB"
     );
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The soak run (`scripts/soak.sh`, not CI): `SD_SOAK_JOBS` (default 10,000) tiny jobs from
+/// `SD_SOAK_CLIENTS` (default 4) clients. Resident memory after the first 500 jobs and after
+/// the last differ by less than 5%, no file descriptor leaks, and results expire by TTL.
+#[test]
+#[ignore = "soak: run by scripts/soak.sh"]
+fn soak() {
+    let jobs = env_usize("SD_SOAK_JOBS", 10_000);
+    let clients = env_usize("SD_SOAK_CLIENTS", 4).clamp(1, jobs);
+    let ttl = 5u64;
+    let server = Server::start(&["--result-ttl", &ttl.to_string(), "--max-results", "256"]);
+    let addr = Arc::new(server.addr.clone());
+    let pid = server.pid();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The first and the latest job ids.
+    let ids = Arc::new(std::sync::Mutex::new((None::<String>, None::<String>)));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (addr, done, ids) = (addr.clone(), done.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let n = jobs / clients + usize::from(c < jobs % clients);
+                for j in 0..n {
+                    let body = json!({"operation": "image_generation", "prompt": "soak",
+                        "steps": 1, "width": 32, "height": 32, "seed": j,
+                        "preview_every": 0})
+                    .to_string();
+                    let r = loop {
+                        let r = http(&addr, "POST", "/v1/jobs", &[], Some(body.as_bytes()));
+                        if r.status != 429 {
+                            break r;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    };
+                    assert_eq!(r.status, 202, "{}", r.text());
+                    let id = r.json()["job_id"].as_str().unwrap().to_string();
+                    {
+                        let mut ids = ids.lock().unwrap();
+                        ids.0.get_or_insert_with(|| id.clone());
+                        ids.1 = Some(id.clone());
+                    }
+                    let stream = http(&addr, "GET", &format!("/v1/jobs/{id}/events"), &[], None);
+                    let events = parse_sse(&stream.text());
+                    assert_eq!(events.last().map(|e| e.0.as_str()), Some("complete"));
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut at_500 = None;
+    while handles.iter().any(|h| !h.is_finished()) {
+        if at_500.is_none() && done.load(std::sync::atomic::Ordering::Relaxed) >= 500 {
+            at_500 = Some((rss_kb(pid), open_fds(pid), started.elapsed().as_secs_f64()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for h in handles {
+        h.join().expect("soak client");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let total = done.load(std::sync::atomic::Ordering::Relaxed);
+    let (rss_500, fds_500, t_500) = at_500.expect("500 jobs done");
+    let (rss_end, fds_end) = (rss_kb(pid), open_fds(pid));
+    println!(
+        "soak: {total} jobs from {clients} clients in {wall:.0}s ({:.1} jobs/s); RSS after 500 \
+         jobs {:.1} MB (at {t_500:.0}s), after {total} {:.1} MB ({:+.2}%), peak {:.1} MB; open \
+         fds {fds_500} -> {fds_end}",
+        total as f64 / wall,
+        rss_500 as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        (rss_end as f64 / rss_500 as f64 - 1.0) * 100.0,
+        vm_hwm_kb(pid) as f64 / 1024.0,
+    );
+    assert!(
+        (rss_end as f64 - rss_500 as f64).abs() < 0.05 * rss_500 as f64,
+        "RSS went from {rss_500} kB to {rss_end} kB"
+    );
+    assert!(
+        fds_end <= fds_500 + 2,
+        "fds went from {fds_500} to {fds_end}"
+    );
+    // Results expire: after the TTL, the last job is gone as the first is.
+    let (first, last) = ids.lock().unwrap().clone();
+    let (first, last) = (first.unwrap(), last.unwrap());
+    assert_eq!(server.get(&format!("/v1/jobs/{last}")).status, 200);
+    std::thread::sleep(Duration::from_secs(ttl + 2));
+    for id in [first, last] {
+        assert_eq!(server.get(&format!("/v1/jobs/{id}")).status, 404, "{id}");
+    }
+    println!("results expired {ttl}s after their job");
 }

@@ -129,7 +129,10 @@ impl Server {
 
     /// As `spawn`, with these environment variables (and no others).
     pub fn spawn_env(model_dir: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
-        let mut args = vec!["serve", "--model", model_dir, "--port", "0"];
+        let mut args = vec!["serve", "--model", model_dir];
+        if !extra.contains(&"--port") {
+            args.extend_from_slice(&["--port", "0"]);
+        }
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-worker"))
             .args(&args)
