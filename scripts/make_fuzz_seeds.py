@@ -64,6 +64,13 @@ open(os.path.join(s,"one.safetensors"),"wb").write(st_save({"w": torch.zeros(2,3
 open(os.path.join(s,"dtypes.safetensors"),"wb").write(st_save({"a": torch.ones(4,dtype=torch.float16),"b": torch.ones(2,2,dtype=torch.bfloat16),"c": torch.arange(3,dtype=torch.int64),"d":torch.zeros(0)}, metadata={"format":"pt","ss_network_alpha":"4"}))
 open(os.path.join(s,"lora-like.safetensors"),"wb").write(st_save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2,4),"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4,2),"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}))
 open(os.path.join(s,"empty.safetensors"),"wb").write(st_save({}))
+# Regressions: safetensors headers that claim what the file does not hold.
+def st_raw(name, header, data, n=None):
+    h=json.dumps(header).encode()
+    open(os.path.join(s,name),"wb").write(struct.pack("<Q", len(h) if n is None else n)+h+data)
+st_raw("regression-huge-tensor.safetensors", {"t":{"dtype":"F32","shape":[1<<40],"data_offsets":[0,4<<40]}}, b"\0"*8)
+st_raw("regression-offset-past-end.safetensors", {"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}, b"\0"*4)
+st_raw("regression-header-length.safetensors", {"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}, b"\0"*4, n=1<<40)
 # GGUF headers (small files, as the FLUX loader reads them)
 g=d("gguf")
 import shutil

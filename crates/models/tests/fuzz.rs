@@ -179,3 +179,34 @@ fn crafted_gguf_headers_are_errors() {
         assert!(e.to_string().contains(why), "{file}: {e}");
     }
 }
+
+/// Safetensors headers that claim a 2^40-element tensor, an offset past the end, or a 2^40-byte
+/// header are errors for every reader, before any allocation of the claimed size.
+#[test]
+fn crafted_safetensors_headers_are_errors() {
+    for file in [
+        "regression-huge-tensor.safetensors",
+        "regression-offset-past-end.safetensors",
+        "regression-header-length.safetensors",
+    ] {
+        let path = seeds("safetensors").join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            sd_models::single_file::read_shapes(&path).is_err(),
+            "{file}"
+        );
+        let e = lora::check_file("crafted", &path).unwrap_err();
+        assert!(
+            e.to_string().contains("not a safetensors file"),
+            "{file}: {e}"
+        );
+        assert!(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).is_err());
+        let spec = LoraSpec {
+            name: "crafted".into(),
+            path,
+            strength: 1.0,
+            strict: true,
+        };
+        assert!(lora::attach(&[spec], sd1_layers(), &Device::Cpu, DType::F32).is_err());
+    }
+}
