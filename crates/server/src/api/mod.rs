@@ -377,3 +377,17 @@ async fn method_not_allowed(uri: Uri) -> Response {
     }
     ApiError::new(ErrorKind::MethodNotAllowed, message).into_response()
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Limits as a served worker applies them (from flags, no LoRAs, no empty prompt), with
+    /// the pipeline's own bounds for the sizes.
+    pub fn served_limits() -> sd_engine::Limits {
+        sd_engine::Limits {
+            loras: sd_engine::validate::LoraFiles::Refused,
+            from_flags: true,
+            empty_prompt: false,
+            ..sd_engine::Limits::pipeline()
+        }
+    }
+}

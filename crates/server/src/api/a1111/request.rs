@@ -811,12 +811,7 @@ mod tests {
             b",",
         ];
         let spec = sd_engine::ModelSpec::sd_example();
-        let limits = sd_engine::Limits {
-            loras: sd_engine::validate::LoraFiles::Refused,
-            from_flags: true,
-            empty_prompt: false,
-            ..sd_engine::Limits::pipeline()
-        };
+        let limits = crate::api::tests::served_limits();
         sd_fuzz::fuzz(
             "a1111-request",
             &sd_fuzz::seeds("a1111-request"),

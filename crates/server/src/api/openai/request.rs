@@ -619,12 +619,7 @@ mod tests {
             b",",
         ];
         let spec = sd_engine::ModelSpec::sd_example();
-        let limits = sd_engine::Limits {
-            loras: sd_engine::validate::LoraFiles::Refused,
-            from_flags: true,
-            empty_prompt: false,
-            ..sd_engine::Limits::pipeline()
-        };
+        let limits = crate::api::tests::served_limits();
         sd_fuzz::fuzz(
             "openai-request",
             &sd_fuzz::seeds("openai-request"),
