@@ -541,10 +541,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "impl": "sd-worker (candle)",
             "device": args.device,
             "dtype": dtype_name(dtype),
+            "cpu_kernels": sd_models::modules::cpu::cpu_kernels(),
             "stages": stages,
         });
         println!("{out}");
     } else {
+        let k = sd_models::modules::cpu::cpu_kernels();
+        println!(
+            "CPU kernels: elementwise {}, gemm {}, convolution {}, {} threads (features: {})",
+            k.elementwise,
+            k.gemm,
+            k.convolution,
+            k.threads,
+            k.features.join(" ")
+        );
         println!("{:<6} {:<34} {:>10}", "stage", "shape", "median s");
         for (name, shape, times) in &results {
             println!("{name:<6} {shape:<34} {:>10.3}", median(times));

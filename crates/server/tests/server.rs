@@ -438,6 +438,12 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["limits"]["max_prompt_chars"], 20_000);
     assert_eq!(info["limits"]["max_loras"], 0, "no --lora-dir");
     assert_eq!(info["limits"]["read_timeout_s"], 30.0);
+    let kernels = &info["cpu_kernels"];
+    assert!(kernels["threads"].as_u64().unwrap() >= 1, "{kernels}");
+    assert!(
+        ["avx512f", "avx2+fma", "scalar"].contains(&kernels["elementwise"].as_str().unwrap()),
+        "{kernels}"
+    );
     assert_eq!(info["schedulers"].as_array().unwrap().len(), 18);
     assert_eq!(info["schedules"].as_array().unwrap().len(), 7);
     let samplers = server.get("/v1/samplers").json();

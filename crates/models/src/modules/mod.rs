@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod conv_kernel;
+pub mod cpu;
 pub mod flux;
 pub mod resnet;
 pub mod softmax;

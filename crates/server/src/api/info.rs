@@ -77,6 +77,8 @@ pub(super) struct Info {
     model: ModelInfo,
     device: String,
     dtype: String,
+    /// The CPU kernels this machine runs (used when `device` is `cpu`).
+    cpu_kernels: CpuKernelsInfo,
     defaults: Defaults,
     limits: LimitsInfo,
     /// The `sampler` values jobs may name (GET /v1/samplers has their aliases).
@@ -118,6 +120,33 @@ pub(super) struct Defaults {
     preview: PreviewKind,
     /// Default strength of each image-to-image operation the model runs.
     strength: BTreeMap<&'static str, f64>,
+}
+
+/// `sd_models::modules::cpu::CpuKernels` in the OpenAPI document.
+#[derive(Serialize, ToSchema)]
+pub(super) struct CpuKernelsInfo {
+    /// The x86 features the kernels look for that this CPU has.
+    features: Vec<&'static str>,
+    /// `avx512f`, `avx2+fma` or `scalar`: softmax, SiLU and GELU.
+    elementwise: &'static str,
+    /// How 3x3 convolutions run.
+    convolution: &'static str,
+    /// The GEMM under matmul and convolution.
+    gemm: &'static str,
+    /// Threads the kernels share.
+    threads: usize,
+}
+
+impl From<sd_models::modules::cpu::CpuKernels> for CpuKernelsInfo {
+    fn from(k: sd_models::modules::cpu::CpuKernels) -> Self {
+        CpuKernelsInfo {
+            features: k.features,
+            elementwise: k.elementwise,
+            convolution: k.convolution,
+            gemm: k.gemm,
+            threads: k.threads,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -200,6 +229,7 @@ fn describe(st: &AppState, spec: &ModelSpec) -> Info {
         },
         device: spec.device.clone(),
         dtype: spec.dtype.clone(),
+        cpu_kernels: sd_models::modules::cpu::cpu_kernels().into(),
         defaults: Defaults {
             width: spec.default_width,
             height: spec.default_height,

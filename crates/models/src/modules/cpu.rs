@@ -1,0 +1,82 @@
+//! Which CPU kernels this build runs on this machine, chosen at run time from the CPU's
+//! features: reported by `/v1/info` and `sd-worker bench`, so that a timing can be read
+//! against the code that made it.
+
+use serde::Serialize;
+
+use super::softmax::{simd_level, Simd};
+
+/// The kernels f32 work on the CPU goes through.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CpuKernels {
+    /// The x86 features the kernels look for that this CPU has (`avx2`, `fma`, `avx512f`,
+    /// `avx512bf16`).
+    pub features: Vec<&'static str>,
+    /// The instruction set of the project's own kernels (softmax, SiLU, GELU): `avx512f`,
+    /// `avx2+fma`, or `scalar` (candle's implementations).
+    pub elementwise: &'static str,
+    /// 3x3 convolutions: `taps` (k x k accumulating GEMMs over the padded input, images at
+    /// least 96 wide) and `im2col` (banded, narrower images).
+    pub convolution: &'static str,
+    /// The GEMM under matmul and convolution: the `gemm` crate, whose x86 kernels in a stable
+    /// build are AVX2+FMA at most.
+    pub gemm: &'static str,
+    /// Threads of the rayon pool the kernels share.
+    pub threads: usize,
+}
+
+/// The CPU kernels of this machine.
+pub fn cpu_kernels() -> CpuKernels {
+    let mut features = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            features.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            features.push("fma");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            features.push("avx512f");
+        }
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            features.push("avx512bf16");
+        }
+    }
+    let avx2 = features.contains(&"avx2") && features.contains(&"fma");
+    CpuKernels {
+        features,
+        elementwise: match simd_level() {
+            Simd::Avx512 => "avx512f",
+            Simd::Avx2 => "avx2+fma",
+            Simd::None => "scalar",
+        },
+        convolution: "taps (f32, width >= 96) / banded im2col",
+        gemm: if avx2 {
+            "gemm crate, avx2+fma"
+        } else {
+            "gemm crate, portable"
+        },
+        threads: rayon::current_num_threads(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The level the kernels run at is one the listed features allow.
+    #[test]
+    fn the_kernels_need_the_features_listed() {
+        let k = cpu_kernels();
+        assert!(k.threads >= 1);
+        let needs: &[&str] = match k.elementwise {
+            "avx512f" => &["avx512f"],
+            "avx2+fma" => &["avx2", "fma"],
+            _ => &[],
+        };
+        for f in needs {
+            assert!(k.features.contains(f), "{k:?}");
+        }
+    }
+}
