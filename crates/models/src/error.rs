@@ -65,3 +65,23 @@ impl Error {
         }
     }
 }
+
+thread_local! {
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `None`: for code we do not own that panics on malformed
+/// input (candle's GGUF reader divides by a zero alignment) where an error is the answer. While
+/// `f` runs, [`panic_is_caught`] is true on this thread, so the process's panic hook can stay
+/// quiet about a panic that is not a bug and ends as an error.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let outer = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    result.ok()
+}
+
+/// Whether a panic on this thread now would be caught by [`catch_panic`].
+pub fn panic_is_caught() -> bool {
+    CATCHING.with(|c| c.get())
+}

@@ -34,6 +34,8 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // A connection that went away before it was accepted: nothing to do.
+                Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment rather than spin.
                     eprintln!("warning: accept failed: {e}");
@@ -53,4 +55,12 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown()
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+    )
 }

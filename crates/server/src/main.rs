@@ -9,8 +9,14 @@ use clap::{Parser, Subcommand};
 /// mimalloc keeps freed blocks for reuse ([`keep_freed_memory`]). On the SD 1.5 VAE decode at
 /// 512x512 (2-core EPYC, f32): 36.9 s with glibc, 19.9 s with mimalloc's defaults, 17.6 s
 /// when it never purges, at a peak RSS of 2.3 GB (was 1.7 GB); see BENCHMARKS.md.
+#[cfg(not(test))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The unit tests' allocator: the fuzz harnesses' bound on a single allocation.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOC: sd_fuzz::BoundedAlloc = sd_fuzz::BoundedAlloc;
 
 /// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, the same in mimalloc 2
 /// and 3; the Rust bindings do not name it).
@@ -72,6 +78,10 @@ fn main() -> ExitCode {
     keep_freed_memory();
     // A bug must still end in one line on stderr, not a multi-line panic report.
     std::panic::set_hook(Box::new(|info| {
+        // A dependency's panic that the caller turns into an error is not a bug to report.
+        if sd_models::error::panic_is_caught() {
+            return;
+        }
         let message: Vec<String> = info
             .to_string()
             .split_whitespace()

@@ -170,6 +170,7 @@ fn check_args(args: &ServeArgs) -> Result<()> {
         ("--job-timeout", args.job_timeout),
         ("--shutdown-grace", args.shutdown_grace),
         ("--sse-keepalive", args.sse_keepalive),
+        ("--read-timeout", args.read_timeout),
     ] {
         if v > YEAR_S {
             bail!("invalid {flag} {v}: must be at most {YEAR_S} seconds (one year)");

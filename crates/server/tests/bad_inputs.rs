@@ -459,15 +459,25 @@ fn misbehave(name: &str, server: &Server, case: &Case, behaviour: Behaviour) {
     let limit = Duration::from_secs(READ_TIMEOUT_S * 3);
     match behaviour {
         Behaviour::SlowHead | Behaviour::SilentConnection => {
+            let opened = Instant::now();
             let mut s = connect(server);
             if behaviour == Behaviour::SlowHead {
-                s.write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Ty")
-                    .unwrap();
+                // A byte every 100 ms for a second, then nothing.
+                for b in b"POST /v1/j" {
+                    s.write_all(&[*b]).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
             // Meanwhile the worker serves others.
             assert_eq!(server.get("/health").status, 200, "{name}");
-            let (_, took) = read_until_closed(s);
-            assert!(took < limit, "{name}: the connection stayed open {took:?}");
+            let _ = read_until_closed(s);
+            let took = opened.elapsed();
+            // Closed by the read timeout: not before it, not long after.
+            let timeout = Duration::from_secs(READ_TIMEOUT_S);
+            assert!(
+                took >= timeout - Duration::from_millis(200) && took < limit,
+                "{name}: closed after {took:?}, the read timeout is {timeout:?}"
+            );
         }
         Behaviour::SlowBody => {
             let mut s = connect(server);
@@ -497,12 +507,14 @@ fn misbehave(name: &str, server: &Server, case: &Case, behaviour: Behaviour) {
             }
         }
         Behaviour::UnreadEvents => {
+            // Full previews at every step: about 0.9 MB of events, more than the socket buffers
+            // take once the client's receive window is kept small (measured: 0.7 MB stay
+            // queued on the worker's side, its writer blocked).
             let id = server.submit(&json!({"operation": "image_generation", "prompt": "unread",
-                "steps": 12, "width": 64, "height": 64, "preview_every": 1,
+                "steps": 40, "width": 64, "height": 64, "preview_every": 1,
                 "preview": "full"}));
-            let mut s = connect(server);
-            // A small receive buffer, so that the worker's writes block early.
-            write!(s, "GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let s = small_window(server);
+            write!(&s, "GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
             let state = server.wait_final(&id);
             assert_eq!(state["state"], "completed", "{name}: {state}");
             // The other jobs go on while that stream is still open and unread.
@@ -510,6 +522,17 @@ fn misbehave(name: &str, server: &Server, case: &Case, behaviour: Behaviour) {
             drop(s);
         }
     }
+}
+
+/// A connection to the worker whose receive buffer is 4 KB, so that the worker's writes to it
+/// block as soon as the kernel's send buffer is full.
+fn small_window(server: &Server) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
 }
 
 fn valid_job_completes(name: &str, server: &Server) {

@@ -264,6 +264,23 @@ fn inspect_reports_folders_and_transformer_files() {
         .to_string();
     let (ok, out) = run(&["inspect", &vae]);
     assert!(!ok && out.contains("not a FLUX transformer"), "{out}");
+    // GGUF headers that make candle's reader panic or claim impossible shapes (the fuzzer's
+    // finds): one error line, no internal error, as through `generate` and `serve`.
+    let crafted = root().join("../fuzz/gguf");
+    for (file, why) in [
+        ("regression-alignment-zero.gguf", "malformed header"),
+        ("regression-no-elements.gguf", "has no elements"),
+        ("regression-huge-shape.gguf", "overflows"),
+    ] {
+        let path = crafted.join(file).display().to_string();
+        let (ok, out) = run(&["inspect", &path]);
+        assert!(!ok, "{file}: {out}");
+        assert_eq!(out.lines().count(), 1, "{file}: {out}");
+        assert!(
+            out.starts_with("error: ") && out.contains(why) && !out.contains("internal"),
+            "{file}: {out}"
+        );
+    }
 }
 
 /// `--dtype f16` runs FLUX on the CPU and stays close to f32 (parity is proven for f32; f16 is

@@ -160,10 +160,12 @@ fn load_check_loses_and_duplicates_nothing_and_memory_stays_flat() {
     let deepest = monitor.join().expect("monitor");
     println!("deepest queue seen: {deepest} (limit 8)");
     assert!(deepest <= 8, "the queue grew to {deepest}");
-    assert!(
-        total_retries > 0,
-        "30 clients on a queue of 8 meet a full queue at least once"
-    );
+    if clients > 9 {
+        assert!(
+            total_retries > 0,
+            "{clients} clients on a queue of 8 meet a full queue at least once"
+        );
+    }
     let metrics = server.get("/metrics").text();
     let completed = format!("sd_worker_jobs_total{{outcome=\"completed\"}} {}", 2 * jobs);
     assert!(metrics.contains(&completed), "{metrics}");

@@ -347,17 +347,15 @@ pub fn read_gguf(
 ) -> Result<(std::fs::File, candle_core::quantized::gguf_file::Content)> {
     use candle_core::quantized::gguf_file::Content;
     let mut reader = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let read =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
-    let content = match read {
-        Ok(Ok(content)) => content,
-        Ok(Err(e)) => {
+    let content = match crate::error::catch_panic(|| Content::read(&mut reader)) {
+        Some(Ok(content)) => content,
+        Some(Err(e)) => {
             return Err(Error::config(
                 file,
                 format!("cannot read GGUF: {}", Error::from(e)),
             ))
         }
-        Err(_) => return Err(Error::config(file, "cannot read GGUF: malformed header")),
+        None => return Err(Error::config(file, "cannot read GGUF: malformed header")),
     };
     let file_len = reader.metadata().map_err(|e| Error::io(file, e))?.len();
     for (name, info) in &content.tensor_infos {

@@ -63,8 +63,9 @@ impl From<JobView> for JobStatus {
     request_body(content = JobBody, description = "One of ImageGeneration, ImageTransform, ImageInpaint, by `operation`."),
     responses(
         (status = 202, description = "Queued.", body = Submitted, headers(("Location" = String, description = "The job's status URL."))),
-        (status = 400, description = "The body is not JSON.", body = ErrorBody),
+        (status = 400, description = "The body is not JSON, or a key is given twice in one object.", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token (when --api-key is set).", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --read-timeout.", body = ErrorBody),
         (status = 413, description = "The body is over --max-body-bytes.", body = ErrorBody),
         (status = 422, description = "A field is invalid, unknown or missing; the message names it, the limit and the value.", body = ErrorBody),
         (status = 429, description = "The queue is full (--max-queue).", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds: the mean job time so far."))),

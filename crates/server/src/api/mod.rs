@@ -293,6 +293,8 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi.json", get(openapi::openapi))
         .merge(openai::routes())
         .merge(a1111::routes())
+        // Route layers run last-added first: auth, then the body is read.
+        .route_layer(middleware::from_fn_with_state(state.clone(), body_in_time))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(info::health))
@@ -302,19 +304,26 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn_with_state(state.clone(), body_in_time))
         .with_state(state)
 }
 
 /// Reads the request body (up to one byte past `--max-body-bytes`) within `--read-timeout`,
 /// so that a client trickling its body cannot hold a connection and a handler for ever; the
-/// handlers then read it from memory. A body over the limit is passed on as it comes, for
-/// each API's own 413.
+/// handlers then read it from memory. It runs after auth, on the protected routes only. A body
+/// declared or found over the limit is passed on as it comes, for each API's own 413.
 async fn body_in_time(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > st.max_body_bytes) {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let deadline = tokio::time::Instant::now() + st.read_timeout;
     let mut stream = body.into_data_stream();
-    let mut read = Vec::new();
+    let mut read = Vec::with_capacity(declared.unwrap_or(0));
     let rest = loop {
         match tokio::time::timeout_at(deadline, stream.next()).await {
             Err(_) => return body_timeout(parts.uri.path(), st.read_timeout),

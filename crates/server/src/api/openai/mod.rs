@@ -72,6 +72,8 @@ fn too_large(max: usize) -> OpenAiError {
         (status = 400, description = "A parameter is invalid, unknown or not available; `param` names it.", body = error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer token.", body = error::OpenAiErrorBody),
         (status = 404, description = "`model` is not the loaded model.", body = error::OpenAiErrorBody),
+        (status = 408, description = "The body did not arrive within --read-timeout.", body = error::OpenAiErrorBody),
+        (status = 413, description = "The body is over --max-body-bytes.", body = error::OpenAiErrorBody),
         (status = 429, description = "The queue is full.", body = error::OpenAiErrorBody),
         (status = 503, description = "The model is loading, or the worker is draining.", body = error::OpenAiErrorBody),
     ))]
