@@ -21,6 +21,20 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 
+/// Dictionary words any JSON body harness adds to its own: values at the edges of what JSON
+/// and the fields take.
+pub const JSON_WORDS: &[&[u8]] = &[
+    b"null",
+    b"-1",
+    b"1e999",
+    b"18446744073709551616",
+    b"[]",
+    b"{}",
+    b"\"\"",
+    b",",
+    b"true",
+];
+
 /// The largest single allocation a harness may make: far above what any valid input of the
 /// fuzzed sizes needs, far below what a header's claimed sizes would ask for.
 pub const ALLOC_LIMIT: usize = 1 << 30;
