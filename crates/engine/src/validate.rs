@@ -753,15 +753,13 @@ fn check_strength(spec: &ModelSpec, steps: usize, strength: f64) -> Result<()> {
     } else {
         SdPipeline::img2img_start(steps, strength)
     };
-    match start {
-        Ok(_) => Ok(()),
-        Err(sd_models::Error::Invalid { message, .. }) => Err(invalid("strength", message)),
-        Err(other) => Err(invalid("strength", other)),
-    }
+    start
+        .map(drop)
+        .map_err(|e| invalid("strength", model_message(e)))
 }
 
-/// The job's LoRAs, resolved (and required to exist) inside the worker's LoRA folder; the
-/// files are read when the job runs.
+/// The job's LoRAs, resolved (and required to exist, and to be safetensors by their header)
+/// inside the worker's LoRA folder; the files are read when the job runs.
 fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
     if list.is_empty() {
         return Ok(Vec::new());
@@ -798,10 +796,8 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
         }
         let (name, path) = match &limits.loras {
             LoraFiles::InFolder(dir) => {
-                let resolved = sd_models::lora::resolve(dir, &entry.path).map_err(|e| match e {
-                    sd_models::Error::Invalid { message, .. } => invalid(&field("path"), message),
-                    other => invalid(&field("path"), other),
-                })?;
+                let resolved = sd_models::lora::resolve(dir, &entry.path)
+                    .map_err(|e| invalid(&field("path"), model_message(e)))?;
                 (entry.path, resolved)
             }
             _ => {
@@ -818,10 +814,8 @@ fn loras(list: Vec<LoraDraft>, limits: &Limits) -> Result<Vec<LoraSpec>> {
                 (file, path)
             }
         };
-        sd_models::lora::check_file(&format!("{name:?}"), &path).map_err(|e| match e {
-            sd_models::Error::Invalid { message, .. } => invalid(&field("path"), message),
-            other => invalid(&field("path"), other),
-        })?;
+        sd_models::lora::check_file(&format!("{name:?}"), &path)
+            .map_err(|e| invalid(&field("path"), model_message(e)))?;
         out.push(LoraSpec {
             name,
             path,

@@ -14,8 +14,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// Serves `app` on `listener` until `shutdown` completes, then lets the open connections finish
-/// their requests (the caller bounds that wait: `drained` completes when they have).
+/// Serves `app` on `listener` until `shutdown` completes; the future it then returns completes
+/// when the open connections have finished their requests (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
