@@ -199,6 +199,10 @@ SD1_CASES = [
          seed=3),
     dict(name="sd1-dpmpp-2m-karras-tall", scheduler="dpmpp-2m-karras", prompt="a cat on a chair",
          steps=10, guidance=7.5, seed=99, width=32, height=48),
+    # Latents of 36 x 32, 18 x 16 in the UNet's second block: Winograd convolutions (images of
+    # 16 and more a side in the worker) with partial edge tiles.
+    dict(name="sd1-euler-large", scheduler="euler", prompt="a photo of a cat", steps=5,
+         guidance=7.5, seed=17, width=72, height=64),
 ]
 
 SD2_CASES = [

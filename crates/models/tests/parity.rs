@@ -193,6 +193,7 @@ parity_tests! {
     sd1_euler_a_batch => "sd1-euler-a-batch",
     sd1_dpmpp_2m_long_prompt => "sd1-dpmpp-2m-long",
     sd1_dpmpp_2m_karras_tall => "sd1-dpmpp-2m-karras-tall",
+    sd1_euler_large_winograd => "sd1-euler-large",
     sd2_ddim_cfg => "sd2-ddim-cfg",
     sd2_euler_odd_latents => "sd2-euler-odd",
     sd2_euler_a_batch_negative => "sd2-euler-a-batch-neg",

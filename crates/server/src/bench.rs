@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// The VAE stages decode in tiles of this many pixels (as `--vae-tile-size`).
     #[arg(long, env = "SD_VAE_TILE_SIZE")]
     pub vae_tile_size: Option<usize>,
+    /// After timing the unet, sdxl-unet, vae and sdxl-vae stages, run each once more with
+    /// direct convolutions (`--conv direct`) and report how far the timed output is from
+    /// that run's: the VAE's in 8-bit levels of the image, the UNet's relative to the RMS of
+    /// its output.
+    #[arg(long)]
+    pub compare_direct: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -212,15 +218,15 @@ fn time<F: FnMut() -> Result<()>>(
     Ok(times)
 }
 
-/// How far a tiled decode is from the whole one, in 8-bit levels: max, mean and PSNR.
-fn tiling_error(tiled: &Tensor, whole: &Tensor) -> Result<String> {
+/// How far decoded `images` are from `reference` ones, in 8-bit levels: max, mean and PSNR.
+fn levels_error(images: &Tensor, reference: &Tensor, what: &str) -> Result<String> {
     let to8 = |t: &Tensor| -> Result<Vec<u8>> {
         Ok(sd_models::pipelines::sd::to_rgb8(t)?
             .into_iter()
             .flat_map(|i| i.pixels)
             .collect())
     };
-    let (a, b) = (to8(tiled)?, to8(whole)?);
+    let (a, b) = (to8(images)?, to8(reference)?);
     let (mut max, mut sum, mut sq) = (0u8, 0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {
         let d = x.abs_diff(*y);
@@ -231,10 +237,37 @@ fn tiling_error(tiled: &Tensor, whole: &Tensor) -> Result<String> {
     let n = a.len().max(1) as f64;
     let psnr = 10.0 * (255f64 * 255.0 / (sq / n).max(1e-12)).log10();
     Ok(format!(
-        "max {max} / mean {:.2} levels from the whole decode, PSNR {psnr:.1} dB",
+        "max {max} / mean {:.3} levels from {what}, PSNR {psnr:.1} dB",
         sum / n
     ))
 }
+
+/// How far `out` is from `reference`: max and mean absolute difference, relative to the RMS of
+/// `reference`.
+fn relative_error(out: &Tensor, reference: &Tensor, what: &str) -> Result<String> {
+    let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let diff = (out.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?.abs()?;
+    let max = scalar(diff.flatten_all()?.max(0)?)?;
+    let mean = scalar(diff.mean_all()?)?;
+    let rms = scalar(reference.to_dtype(DType::F32)?.sqr()?.mean_all()?)?.sqrt();
+    Ok(format!(
+        "max {:.2e} / mean {:.2e} of the output's RMS {rms:.3} from {what}",
+        max / rms,
+        mean / rms
+    ))
+}
+
+/// Runs `f` once with direct convolutions (the process's setting is restored after).
+fn with_direct_convolutions<F: FnMut() -> Result<Tensor>>(mut f: F) -> Result<Tensor> {
+    use sd_models::modules::conv_kernel::{conv_algorithm, set_conv_algorithm, ConvAlgorithm};
+    let before = conv_algorithm();
+    set_conv_algorithm(ConvAlgorithm::Direct);
+    let out = f();
+    set_conv_algorithm(before);
+    out
+}
+
+const DIRECT: &str = "direct convolutions";
 
 /// FLUX.1-dev's transformer with `blocks` (double, single) blocks.
 fn flux_config(blocks: (usize, usize)) -> FluxConfig {
@@ -376,9 +409,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 };
                 let x = Tensor::randn(0f32, 1f32, (2, 4, lat, lat), &device)?.to_dtype(dtype)?;
                 let ctx = Tensor::randn(0f32, 1f32, (2, 77, 768), &device)?.to_dtype(dtype)?;
-                let times = with_adapters(set, || {
+                let mut last = None;
+                let times = with_adapters(set.clone(), || {
                     time(args.warmup, args.runs, &device, || {
-                        model.forward(&x, 999.0, &ctx)?;
+                        last = Some(model.forward(&x, 999.0, &ctx)?);
                         Ok(())
                     })
                 })?;
@@ -390,7 +424,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 } else {
                     String::new()
                 };
-                (format!("batch 2 (CFG), 4x{lat}x{lat} latents{what}"), times)
+                let mut shape = format!("batch 2 (CFG), 4x{lat}x{lat} latents{what}");
+                if let (true, Some(out)) = (args.compare_direct, &last) {
+                    let direct = with_adapters(set, || {
+                        with_direct_convolutions(|| Ok(model.forward(&x, 999.0, &ctx)?))
+                    })?;
+                    shape += &format!(", {}", relative_error(out, &direct, DIRECT)?);
+                }
+                (shape, times)
             }
             "sdxl-unet" => {
                 let (model, _) = random_adaptable(dtype, &device, |vb| {
@@ -404,11 +445,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     text_embeds: Tensor::randn(0f32, 1f32, (2, 1280), &device)?.to_dtype(dtype)?,
                     time_ids: Tensor::new(&[[s, s, 0.0, 0.0, s, s]; 2], &device)?,
                 };
+                let mut last = None;
                 let times = time(args.warmup, args.runs, &device, || {
-                    model.forward_with(&x, 999.0, &ctx, Some(&added))?;
+                    last = Some(model.forward_with(&x, 999.0, &ctx, Some(&added))?);
                     Ok(())
                 })?;
-                (format!("batch 2 (CFG), 4x{l}x{l} latents"), times)
+                let mut shape = format!("batch 2 (CFG), 4x{l}x{l} latents");
+                if let (true, Some(out)) = (args.compare_direct, &last) {
+                    let direct = with_direct_convolutions(|| {
+                        Ok(model.forward_with(&x, 999.0, &ctx, Some(&added))?)
+                    })?;
+                    shape += &format!(", {}", relative_error(out, &direct, DIRECT)?);
+                }
+                (shape, times)
             }
             "sdxl-vae" => {
                 let cfg = VaeConfig {
@@ -427,10 +476,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Ok(())
                 })?;
                 let mut shape = format!("1x4x{l}x{l} latents -> {0}x{0}", args.sdxl_size);
-                if let (Some(tile), Some(tiled)) = (args.vae_tile_size, last) {
+                if let (Some(tile), Some(tiled)) = (args.vae_tile_size, &last) {
                     model.tile_size = None;
                     let whole = model.decode(&z)?;
-                    shape += &format!(", {tile}px tiles: {}", tiling_error(&tiled, &whole)?);
+                    model.tile_size = Some(tile);
+                    shape += &format!(
+                        ", {tile}px tiles: {}",
+                        levels_error(tiled, &whole, "the whole decode")?
+                    );
+                }
+                if let (true, Some(out)) = (args.compare_direct, &last) {
+                    let direct = with_direct_convolutions(|| Ok(model.decode(&z)?))?;
+                    shape += &format!(", {}", levels_error(out, &direct, DIRECT)?);
                 }
                 (shape, times)
             }
@@ -508,14 +565,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })?;
                 model.tile_size = args.vae_tile_size;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
+                let mut last = None;
                 let times = time(args.warmup, args.runs, &device, || {
-                    model.decode(&z)?;
+                    last = Some(model.decode(&z)?);
                     Ok(())
                 })?;
-                (
-                    format!("1x4x{lat}x{lat} latents -> {0}x{0}", args.size),
-                    times,
-                )
+                let mut shape = format!("1x4x{lat}x{lat} latents -> {0}x{0}", args.size);
+                if let (true, Some(out)) = (args.compare_direct, &last) {
+                    let direct = with_direct_convolutions(|| Ok(model.decode(&z)?))?;
+                    shape += &format!(", {}", levels_error(out, &direct, DIRECT)?);
+                }
+                (shape, times)
             }
         };
         if !args.json {

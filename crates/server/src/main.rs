@@ -53,8 +53,20 @@ mod serve;
 #[derive(Parser, Debug)]
 #[command(name = "sd-worker", version, about, long_about = None)]
 struct Cli {
+    /// How 3x3 convolutions run on the CPU in f32: winograd (F(4x4, 3x3) on images at least
+    /// 16 a side, a quarter of the multiplications; differs from PyTorch's sums by about 1e-5
+    /// of the output's scale, see BENCHMARKS.md) or direct (the same products as PyTorch).
+    #[arg(long, global = true, env = "SD_CONV", value_enum, default_value_t = Conv::Winograd)]
+    conv: Conv,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The `--conv` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Conv {
+    Winograd,
+    Direct,
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +128,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    use sd_models::modules::conv_kernel::{set_conv_algorithm, ConvAlgorithm};
+    set_conv_algorithm(match cli.conv {
+        Conv::Winograd => ConvAlgorithm::Winograd,
+        Conv::Direct => ConvAlgorithm::Direct,
+    });
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Serve(args) => serve::run(*args),

@@ -187,6 +187,8 @@ struct ImageError {
 struct Report {
     device: String,
     dtype: String,
+    /// The CPU kernels the run used (the convolution algorithm of `--conv` among them).
+    cpu_kernels: sd_models::modules::cpu::CpuKernels,
     tolerance: Option<Tolerance>,
     passed: usize,
     failed: usize,
@@ -431,6 +433,7 @@ pub fn run(args: ParityArgs) -> Result<()> {
     let mut report = Report {
         device: load.device_name.clone(),
         dtype: sd_engine::load::dtype_name(load.dtype).into(),
+        cpu_kernels: sd_models::modules::cpu::cpu_kernels(),
         tolerance: (!args.report_only).then_some(Tolerance {
             max_levels: args.max_levels,
             mean_levels: args.mean_levels,

@@ -154,3 +154,26 @@ fn no_matching_case_and_a_wrong_folder_are_errors() {
         "{stderr}"
     );
 }
+
+/// The case whose UNet and VAE run 3x3 convolutions on images of 16 and more a side passes
+/// with Winograd convolutions (the default) and with `--conv direct`, and each run reports the
+/// convolution path it took.
+#[test]
+fn both_convolution_algorithms_pass() {
+    for conv in ["winograd", "direct"] {
+        let json = tmp(&format!("conv-{conv}.json"));
+        let (out, report) = parity(&["--conv", conv, "--cases", "sd1-euler-large"], &json);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "--conv {conv}: {stderr}");
+        let report = report.expect("a report");
+        assert_eq!(report["passed"], 1, "--conv {conv}: {report}");
+        let kernels = report["cpu_kernels"]["convolution"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(
+            kernels.starts_with("winograd"),
+            conv == "winograd",
+            "{report}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use super::conv_kernel::{conv_algorithm, ConvAlgorithm};
 use super::softmax::{simd_level, Simd};
 
 /// The kernels f32 work on the CPU goes through.
@@ -15,7 +16,8 @@ pub struct CpuKernels {
     /// The instruction set of the project's own kernels (softmax, SiLU, GELU): `avx512f`,
     /// `avx2+fma`, or `scalar` (candle's implementations).
     pub elementwise: &'static str,
-    /// 3x3 convolutions: `taps` (k x k accumulating GEMMs over the padded input, images at
+    /// 3x3 convolutions: `winograd` (F(4x4, 3x3), f32 images at least 16 a side, unless
+    /// `--conv direct`), `taps` (k x k accumulating GEMMs over the padded input, images at
     /// least 96 wide) and `im2col` (banded, narrower images).
     pub convolution: &'static str,
     /// The GEMM under matmul and convolution: the `gemm` crate, whose x86 kernels in a stable
@@ -51,7 +53,12 @@ pub fn cpu_kernels() -> CpuKernels {
             Simd::Avx2 => "avx2+fma",
             Simd::None => "scalar",
         },
-        convolution: "taps (f32, width >= 96) / banded im2col",
+        convolution: match conv_algorithm() {
+            ConvAlgorithm::Winograd => {
+                "winograd F(4x4,3x3) (f32, sides >= 16) / taps (f32, width >= 96) / banded im2col"
+            }
+            ConvAlgorithm::Direct => "taps (f32, width >= 96) / banded im2col",
+        },
         gemm: if avx2 {
             "gemm crate, avx2+fma"
         } else {

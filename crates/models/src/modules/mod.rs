@@ -14,6 +14,7 @@ pub mod softmax;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+pub(crate) mod winograd;
 
 /// The f32 elements of a contiguous CPU tensor, as a custom op `op` receives them.
 pub(crate) fn contiguous_f32<'a>(
