@@ -18,7 +18,9 @@
 //!   with [`set_conv_algorithm`]: Winograd's F(4x4, 3x3) (see [`super::winograd`]), a quarter
 //!   of the multiplications.
 //!
-//! Other devices, strided and 1x1 convolutions use candle's implementation.
+//! - f32 1x1 kernels: one GEMM per image ([`Pointwise`]).
+//!
+//! Other devices and dtypes, strided and padded 1x1 convolutions use candle's implementation.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -78,6 +80,8 @@ pub struct CpuConv2d {
     inner: candle_nn::Conv2d,
     /// Whether the fast paths apply (a square stride-1 kernel larger than 1x1 on the CPU).
     fast: bool,
+    /// A 1x1 f32 kernel on the CPU (no padding, stride 1): one GEMM per image.
+    pointwise: bool,
     /// f32: the tap convolution, which reads the weights where they are.
     taps: Option<TapConv>,
     k: usize,
@@ -88,14 +92,15 @@ impl CpuConv2d {
     pub fn new(inner: candle_nn::Conv2d) -> candle_core::Result<Self> {
         let cfg = *inner.config();
         let (_, _, kh, kw) = inner.weight().dims4()?;
-        let fast = inner.weight().device().is_cpu()
+        let plain = inner.weight().device().is_cpu()
             && kh == kw
-            && kh > 1
             && cfg.stride == 1
             && cfg.dilation == 1
             && cfg.groups == 1;
+        let fast = plain && kh > 1;
         let f32 = inner.weight().dtype() == DType::F32;
-        let taps = if fast && f32 {
+        let pointwise = plain && kh == 1 && cfg.padding == 0 && f32;
+        let taps = if (fast || pointwise) && f32 {
             let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
             Some(TapConv {
                 bias: bias.map(std::sync::Arc::new),
@@ -107,6 +112,7 @@ impl CpuConv2d {
         Ok(Self {
             inner,
             fast,
+            pointwise,
             taps,
             k: kh,
             padding: cfg.padding,
@@ -128,6 +134,13 @@ impl CpuConv2d {
 impl Module for CpuConv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let weight = self.inner.weight();
+        if let (true, Some(taps), true) = (self.pointwise, &self.taps, xs.dtype() == DType::F32) {
+            if xs.device().is_cpu() {
+                return xs
+                    .contiguous()?
+                    .apply_op2_no_bwd(&weight.contiguous()?, &Pointwise(taps.clone()));
+            }
+        }
         if !self.fast || !xs.device().is_cpu() || xs.dtype() != weight.dtype() || !self.fits(xs)? {
             return self.inner.forward(xs);
         }
@@ -290,6 +303,80 @@ impl CustomOp2 for TapConv {
     }
 }
 
+/// A 1x1 stride-1 f32 convolution: `W (c_out x c_in) x X (c_in x h * w)` per image, one GEMM
+/// into the output with the bias already in place (candle's conv2d copies the input into an
+/// im2col matrix and re-lays out the kernel on every call).
+#[derive(Debug, Clone)]
+struct Pointwise(TapConv);
+
+impl CustomOp2 for Pointwise {
+    fn name(&self) -> &'static str {
+        "sd-pointwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = super::contiguous_f32(self.name(), storage, layout)?;
+        let weight = super::contiguous_f32(self.name(), weight, weight_layout)?;
+        let (b, c_in, h, w) = layout.shape().dims4()?;
+        let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
+        if c_in != w_in || (k, k2) != (1, 1) {
+            candle_core::bail!(
+                "sd-pointwise-conv2d: input of {c_in} channels, kernel {w_in} x {k} x {k2}"
+            );
+        }
+        let n = h * w;
+        let mut out = vec![0f32; b * c_out * n];
+        if let Some(bias) = &self.0.bias {
+            out.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(i, plane)| plane.fill(bias[i % c_out]));
+        }
+        if out.is_empty() || c_in == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))));
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        for (dst, image) in out.chunks_mut(c_out * n).zip(src.chunks(c_in * n)) {
+            // SAFETY: dst is c_out x n (row stride n), lhs the (c_out, c_in) weights (row
+            // stride c_in), rhs the (c_in, n) image (row stride n): all inside their slices.
+            unsafe {
+                gemm::gemm(
+                    c_out,
+                    n,
+                    c_in,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    weight.as_ptr(),
+                    1,
+                    c_in as isize,
+                    image.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            };
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
+    }
+}
+
 /// A 3x3 stride-1 f32 convolution by Winograd's F(4x4, 3x3) (see [`super::winograd`]).
 #[derive(Debug, Clone)]
 struct Winograd(TapConv);
@@ -416,6 +503,45 @@ mod tests {
             assert!(d < 1e-4, "winograd {c_in}->{c_out} {h}x{w}: differs by {d}");
         }
         assert!(!takes_winograd(3, 15, 64) && !takes_winograd(5, 64, 64));
+    }
+
+    /// 1x1 kernels, with and without bias, through the layer's GEMM path.
+    #[test]
+    fn pointwise_matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(6);
+        for (c_in, c_out, h, w, bias) in [(3, 5, 7, 9, true), (17, 4, 1, 13, false)] {
+            let x = rng.randn(&[2, c_in, h, w], &dev).unwrap();
+            let wt = rng.randn(&[c_out, c_in, 1, 1], &dev).unwrap();
+            let b = bias.then(|| rng.randn(&[c_out], &dev).unwrap());
+            let reference = candle_nn::Conv2d::new(wt, b, Default::default());
+            let ours = CpuConv2d::new(reference.clone()).unwrap();
+            assert!(ours.pointwise && !ours.fast);
+            let d = max_diff(&ours.forward(&x).unwrap(), &reference.forward(&x).unwrap());
+            assert!(d < 1e-5, "1x1 {c_in}->{c_out} {h}x{w}: differs by {d}");
+        }
+    }
+
+    /// `cargo test --release -p sd-models --lib conv_kernel::tests::pointwise_timing --
+    /// --ignored --nocapture`: the SD 1.5 UNet's 64x64 1x1 projection, ours and candle's.
+    #[test]
+    #[ignore]
+    fn pointwise_timing() {
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(6);
+        let x = rng.randn(&[2, 320, 64, 64], &dev).unwrap();
+        let wt = rng.randn(&[320, 320, 1, 1], &dev).unwrap();
+        let bias = rng.randn(&[320], &dev).unwrap();
+        let reference = candle_nn::Conv2d::new(wt, Some(bias), Default::default());
+        let ours = CpuConv2d::new(reference.clone()).unwrap();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            ours.forward(&x).unwrap();
+            let mine = t.elapsed();
+            let t = std::time::Instant::now();
+            reference.forward(&x).unwrap();
+            println!("ours {mine:?}, candle {:?}", t.elapsed());
+        }
     }
 
     #[test]

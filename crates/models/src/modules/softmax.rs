@@ -89,7 +89,7 @@ impl CustomOp1 for Softmax {
     }
 }
 
-fn softmax_row(src: &[f32], dst: &mut [f32], level: Simd) {
+pub(crate) fn softmax_row(src: &[f32], dst: &mut [f32], level: Simd) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level was detected on this CPU.
