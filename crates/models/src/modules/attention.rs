@@ -92,6 +92,11 @@ fn sliced_ops(
 /// 0.36 s, 1 MB 0.32 s, 2 MB 0.31 s, 8 MB 0.36 s; candle ops on 16 MB slices 0.50 s.
 const TASK_SCORE_BYTES: usize = 1 << 20;
 
+/// Fewest query rows per task, whatever the keys: each task packs all of `k` (m x d) for its
+/// GEMM, so fewer rows make that packing cost more than the products (the SDXL VAE's 128x128
+/// attention, m = 16384 and d = 512, would get 16-row tasks that each pack 32 MB).
+const MIN_TASK_ROWS: usize = 64;
+
 /// softmax(q k^T) v on the CPU in f32, fused per block of query rows (see the module doc).
 struct CpuAttention;
 
@@ -124,7 +129,7 @@ impl CustomOp3 for CpuAttention {
         let k = super::contiguous_f32(self.name(), k, k_layout)?;
         let v = super::contiguous_f32(self.name(), v, v_layout)?;
         let rows = (TASK_SCORE_BYTES / (4 * m.max(1)))
-            .clamp(8, 256)
+            .clamp(MIN_TASK_ROWS, 256)
             .min(n.max(1));
         let level = simd_level();
         let mut out = vec![0f32; bh * n * dv];
@@ -222,13 +227,13 @@ mod tests {
     }
 
     /// The fused CPU kernel against the candle ops, on blocks of query rows that do not
-    /// divide the rows (m = 37: 256-row blocks of 600; m = 5000: 8-row blocks of 21), odd
+    /// divide the rows (m = 37: 256-row blocks of 600; m = 5000: 64-row blocks of 150), odd
     /// head sizes and a v wider than q.
     #[test]
     fn fused_cpu_attention_equals_the_candle_ops() {
         let dev = Device::Cpu;
         let mut rng = crate::samplers::TorchRng::new(8);
-        for (bh, n, m, d, dv) in [(3, 600, 37, 8, 8), (2, 21, 5000, 5, 7), (1, 1, 1, 3, 3)] {
+        for (bh, n, m, d, dv) in [(3, 600, 37, 8, 8), (2, 150, 5000, 5, 7), (1, 1, 1, 3, 3)] {
             let q = (rng.randn(&[bh, n, d], &dev).unwrap() * 0.5).unwrap();
             let k = rng.randn(&[bh, m, d], &dev).unwrap();
             let v = rng.randn(&[bh, m, dv], &dev).unwrap();
@@ -244,22 +249,25 @@ mod tests {
     }
 
     /// `cargo test --release -p sd-models --lib attention::tests::timing -- --ignored
-    /// --nocapture`: the SD 1.5 UNet's 64x64 self-attention, fused and as candle ops.
+    /// --nocapture`: fused and as candle ops.
     #[test]
     #[ignore]
     fn timing() {
         let dev = Device::Cpu;
         let mut rng = crate::samplers::TorchRng::new(9);
-        let q = rng.randn(&[16, 4096, 40], &dev).unwrap();
-        let k = rng.randn(&[16, 4096, 40], &dev).unwrap();
-        let v = rng.randn(&[16, 4096, 40], &dev).unwrap();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            sliced_attention(&q, &k, &v, false, 1 << 22).unwrap();
-            let fused = t.elapsed();
-            let t = std::time::Instant::now();
-            sliced_ops(&q, &k, &v, false, 1 << 22).unwrap();
-            println!("fused {fused:?}, candle ops {:?}", t.elapsed());
+        // The UNet's 64x64 self-attention, and the SDXL VAE's at 128x128 latents.
+        for shape in [[16, 4096, 40], [1, 16384, 512]] {
+            let q = (rng.randn(&shape, &dev).unwrap() * 0.05).unwrap();
+            let k = rng.randn(&shape, &dev).unwrap();
+            let v = rng.randn(&shape, &dev).unwrap();
+            for _ in 0..2 {
+                let t = std::time::Instant::now();
+                sliced_attention(&q, &k, &v, false, 1 << 22).unwrap();
+                let fused = t.elapsed();
+                let t = std::time::Instant::now();
+                sliced_ops(&q, &k, &v, false, 1 << 22).unwrap();
+                println!("{shape:?}: fused {fused:?}, candle ops {:?}", t.elapsed());
+            }
         }
     }
 }

@@ -196,6 +196,50 @@ impl CpuConv2d {
     }
 }
 
+/// The operands of a convolution op.
+struct ConvOperands<'a> {
+    src: &'a [f32],
+    weight: &'a [f32],
+    /// The input's (b, c_in, h, w).
+    dims: [usize; 4],
+    c_out: usize,
+    k: usize,
+}
+
+/// The f32 input and weights of a convolution op, checked to agree on c_in and to be a square
+/// kernel of a size `k_ok` accepts.
+fn conv_operands<'a>(
+    op: &str,
+    (storage, layout): (&'a CpuStorage, &Layout),
+    (weight, weight_layout): (&'a CpuStorage, &Layout),
+    k_ok: impl Fn(usize) -> bool,
+) -> candle_core::Result<ConvOperands<'a>> {
+    let src = super::contiguous_f32(op, storage, layout)?;
+    let weight = super::contiguous_f32(op, weight, weight_layout)?;
+    let (b, c_in, h, w) = layout.shape().dims4()?;
+    let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
+    if c_in != w_in || k != k2 || !k_ok(k) {
+        candle_core::bail!("{op}: input of {c_in} channels, kernel {w_in} x {k} x {k2}");
+    }
+    Ok(ConvOperands {
+        src,
+        weight,
+        dims: [b, c_in, h, w],
+        c_out,
+        k,
+    })
+}
+
+/// The `gemm` crate's parallelism over rayon's threads.
+fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// A stride-1 square f32 convolution as k x k accumulating GEMMs over the padded input (see
 /// the module doc), reading the (c_out, c_in, k, k) weights in place.
 #[derive(Debug, Clone)]
@@ -216,15 +260,18 @@ impl CustomOp2 for TapConv {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = super::contiguous_f32(self.name(), storage, layout)?;
-        let weight = super::contiguous_f32(self.name(), weight, weight_layout)?;
-        let (b, c_in, h, w) = layout.shape().dims4()?;
-        let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
-        if c_in != w_in || k != k2 {
-            candle_core::bail!(
-                "sd-tap-conv2d: input of {c_in} channels, kernel {w_in} x {k} x {k2}"
-            );
-        }
+        let ConvOperands {
+            src,
+            weight,
+            dims: [b, c_in, h, w],
+            c_out,
+            k,
+        } = conv_operands(
+            self.name(),
+            (storage, layout),
+            (weight, weight_layout),
+            |_| true,
+        )?;
         let p = self.padding;
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         let (oh, ow) = (hp + 1 - k, wp + 1 - k);
@@ -234,12 +281,7 @@ impl CustomOp2 for TapConv {
         // plane, into columns that are dropped.
         let mut padded = vec![0f32; c_in * hp * wp + k - 1];
         let mut acc = Vec::<f32>::with_capacity(c_out * n);
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         for image in src.chunks(c_in * h * w) {
             padded[..c_in * hp * wp]
                 .par_chunks_mut(hp * wp)
@@ -321,15 +363,18 @@ impl CustomOp2 for Pointwise {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = super::contiguous_f32(self.name(), storage, layout)?;
-        let weight = super::contiguous_f32(self.name(), weight, weight_layout)?;
-        let (b, c_in, h, w) = layout.shape().dims4()?;
-        let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
-        if c_in != w_in || (k, k2) != (1, 1) {
-            candle_core::bail!(
-                "sd-pointwise-conv2d: input of {c_in} channels, kernel {w_in} x {k} x {k2}"
-            );
-        }
+        let ConvOperands {
+            src,
+            weight,
+            dims: [b, c_in, h, w],
+            c_out,
+            ..
+        } = conv_operands(
+            self.name(),
+            (storage, layout),
+            (weight, weight_layout),
+            |k| k == 1,
+        )?;
         let n = h * w;
         let mut out = vec![0f32; b * c_out * n];
         if let Some(bias) = &self.0.bias {
@@ -340,12 +385,7 @@ impl CustomOp2 for Pointwise {
         if out.is_empty() || c_in == 0 {
             return Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))));
         }
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         for (dst, image) in out.chunks_mut(c_out * n).zip(src.chunks(c_in * n)) {
             // SAFETY: dst is c_out x n (row stride n), lhs the (c_out, c_in) weights (row
             // stride c_in), rhs the (c_in, n) image (row stride n): all inside their slices.
@@ -393,14 +433,23 @@ impl CustomOp2 for Winograd {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = super::contiguous_f32(self.name(), storage, layout)?;
-        let weight = super::contiguous_f32(self.name(), weight, weight_layout)?;
-        let (b, c_in, h, w) = layout.shape().dims4()?;
-        let (c_out, w_in, k, k2) = weight_layout.shape().dims4()?;
+        let ConvOperands {
+            src,
+            weight,
+            dims: [b, c_in, h, w],
+            c_out,
+            ..
+        } = conv_operands(
+            self.name(),
+            (storage, layout),
+            (weight, weight_layout),
+            |k| k == 3,
+        )?;
         let p = self.0.padding;
-        if c_in != w_in || (k, k2) != (3, 3) || h + 2 * p < 3 || w + 2 * p < 3 {
+        if h + 2 * p < 3 || w + 2 * p < 3 {
             candle_core::bail!(
-                "sd-winograd-conv2d: input {c_in} x {h} x {w} padded by {p}, kernel {w_in} x {k} x {k2}"
+                "{}: a {h} x {w} input padded by {p} is smaller than 3 x 3",
+                self.name()
             );
         }
         let dims = winograd::Dims { b, c_in, h, w };
