@@ -34,7 +34,8 @@ pub fn sliced_attention(
     budget: usize,
 ) -> candle_core::Result<Tensor> {
     let in_dtype = q.dtype();
-    if q.device().is_cpu() && in_dtype == DType::F32 {
+    // Zero keys (a softmax over nothing) stay with the candle ops.
+    if q.device().is_cpu() && in_dtype == DType::F32 && k.dim(1)? > 0 {
         return q
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &CpuAttention);
@@ -246,6 +247,11 @@ mod tests {
                 "({bh}, {n}, {m}, {d}, {dv}): differs by {diff}"
             );
         }
+        // No queries: an empty output.
+        let q = Tensor::zeros((2, 0, 4), DType::F32, &dev).unwrap();
+        let kv = rng.randn(&[2, 3, 4], &dev).unwrap();
+        let out = sliced_attention(&q, &kv, &kv, false, 1 << 22).unwrap();
+        assert_eq!(out.dims(), &[2, 0, 4]);
     }
 
     /// `cargo test --release -p sd-models --lib attention::tests::timing -- --ignored

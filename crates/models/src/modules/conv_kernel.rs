@@ -134,12 +134,11 @@ impl CpuConv2d {
 impl Module for CpuConv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let weight = self.inner.weight();
-        if let (true, Some(taps), true) = (self.pointwise, &self.taps, xs.dtype() == DType::F32) {
-            if xs.device().is_cpu() {
-                return xs
-                    .contiguous()?
-                    .apply_op2_no_bwd(&weight.contiguous()?, &Pointwise(taps.clone()));
-            }
+        let on_cpu_f32 = xs.device().is_cpu() && xs.dtype() == DType::F32;
+        if let (true, true, Some(taps)) = (self.pointwise, on_cpu_f32, &self.taps) {
+            return xs
+                .contiguous()?
+                .apply_op2_no_bwd(&weight.contiguous()?, &Pointwise(taps.clone()));
         }
         if !self.fast || !xs.device().is_cpu() || xs.dtype() != weight.dtype() || !self.fits(xs)? {
             return self.inner.forward(xs);
@@ -377,12 +376,15 @@ impl CustomOp2 for Pointwise {
         )?;
         let n = h * w;
         let mut out = vec![0f32; b * c_out * n];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))));
+        }
         if let Some(bias) = &self.0.bias {
             out.par_chunks_mut(n)
                 .enumerate()
                 .for_each(|(i, plane)| plane.fill(bias[i % c_out]));
         }
-        if out.is_empty() || c_in == 0 {
+        if c_in == 0 {
             return Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))));
         }
         let parallelism = gemm_parallelism();
@@ -452,7 +454,13 @@ impl CustomOp2 for Winograd {
                 self.name()
             );
         }
-        let dims = winograd::Dims { b, c_in, h, w };
+        let dims = winograd::Dims {
+            b,
+            c_in,
+            h,
+            w,
+            c_out,
+        };
         let bias = self.0.bias.as_deref().map(Vec::as_slice);
         let (out, oh, ow) = winograd::conv3x3(src, dims, weight, bias, p);
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
@@ -552,6 +560,18 @@ mod tests {
             assert!(d < 1e-4, "winograd {c_in}->{c_out} {h}x{w}: differs by {d}");
         }
         assert!(!takes_winograd(3, 15, 64) && !takes_winograd(5, 64, 64));
+        // An empty batch gives an empty output.
+        let reference = candle_nn::Conv2d::new(
+            rng.randn(&[5, 3, 3, 3], &dev).unwrap(),
+            None,
+            candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        let x = Tensor::zeros((0, 3, 16, 16), DType::F32, &dev).unwrap();
+        let out = CpuConv2d::new(reference).unwrap().forward(&x).unwrap();
+        assert_eq!(out.dims(), &[0, 5, 16, 16]);
     }
 
     /// 1x1 kernels, with and without bias, through the layer's GEMM path.
@@ -569,6 +589,15 @@ mod tests {
             let d = max_diff(&ours.forward(&x).unwrap(), &reference.forward(&x).unwrap());
             assert!(d < 1e-5, "1x1 {c_in}->{c_out} {h}x{w}: differs by {d}");
         }
+        // An empty image is an empty output, not a panic.
+        let reference = candle_nn::Conv2d::new(
+            rng.randn(&[5, 3, 1, 1], &dev).unwrap(),
+            Some(rng.randn(&[5], &dev).unwrap()),
+            Default::default(),
+        );
+        let x = Tensor::zeros((1, 3, 0, 4), DType::F32, &dev).unwrap();
+        let out = CpuConv2d::new(reference).unwrap().forward(&x).unwrap();
+        assert_eq!(out.dims(), &[1, 5, 0, 4]);
     }
 
     /// `cargo test --release -p sd-models --lib conv_kernel::tests::pointwise_timing --

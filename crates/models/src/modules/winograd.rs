@@ -34,13 +34,14 @@ const BAND_ELEMENTS: usize = 1 << 24;
 /// Largest chunk of transformed weights, in elements (16 MB in f32).
 const WEIGHT_ELEMENTS: usize = 1 << 22;
 
-/// Shape of an NCHW input.
+/// Shape of a convolution: its NCHW input and its output channels.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
     pub b: usize,
     pub c_in: usize,
     pub h: usize,
     pub w: usize,
+    pub c_out: usize,
 }
 
 /// A raw pointer that rayon tasks share to write disjoint elements.
@@ -81,17 +82,29 @@ fn conv3x3_within(
     padding: usize,
     (band_elements, weight_elements): (usize, usize),
 ) -> (Vec<f32>, usize, usize) {
-    let Dims { b, c_in, h, w } = dims;
-    let c_out = weight.len() / (c_in * 9);
+    let Dims {
+        b,
+        c_in,
+        h,
+        w,
+        c_out,
+    } = dims;
     let (oh, ow) = (h + 2 * padding - 2, w + 2 * padding - 2);
     let (tiles_h, tiles_w) = (oh.div_ceil(M), ow.div_ceil(M));
+    if b * c_in * c_out == 0 {
+        // No products: the bias alone (or nothing).
+        let plane = oh * ow;
+        let out = (0..b * c_out * plane)
+            .map(|i| bias.map_or(0.0, |bias| bias[i / plane % c_out]))
+            .collect();
+        return (out, oh, ow);
+    }
     let chunk = (weight_elements / (XI * c_in))
         .clamp(16, c_out.max(16))
         .min(c_out);
     let rows = (band_elements / (XI * (c_in + chunk) * tiles_w)).clamp(1, b * tiles_h);
     let plan = Plan {
         dims,
-        c_out,
         padding,
         oh,
         ow,
@@ -130,7 +143,6 @@ fn conv3x3_within(
 /// The shapes of one convolution.
 struct Plan {
     dims: Dims,
-    c_out: usize,
     padding: usize,
     oh: usize,
     ow: usize,
@@ -237,7 +249,7 @@ impl Plan {
                     }
                     for r in 0..n_rows {
                         let (img, ty) = ((r0 + r) / self.tiles_h, (r0 + r) % self.tiles_h);
-                        let base = (img * self.c_out + co) * oh * ow;
+                        let base = (img * self.dims.c_out + co) * oh * ow;
                         for rr in 0..M.min(oh - ty * M) {
                             let row = base + (ty * M + rr) * ow;
                             for s in 0..M {
@@ -549,7 +561,7 @@ mod tests {
 
     /// The convolution in f64, the exact sum the others are measured against.
     fn reference(src: &[f32], d: Dims, weight: &[f32], bias: &[f32], p: usize) -> Vec<f64> {
-        let c_out = weight.len() / (d.c_in * 9);
+        let c_out = d.c_out;
         let (oh, ow) = (d.h + 2 * p - 2, d.w + 2 * p - 2);
         let mut out = vec![0f64; d.b * c_out * oh * ow];
         for img in 0..d.b {
@@ -603,9 +615,17 @@ mod tests {
             (2, 2, 3, 6, 6, 2),
             (1, 17, 19, 13, 11, 1),
             (2, 5, 40, 9, 10, 1),
+            (0, 3, 4, 5, 5, 1),
+            (2, 0, 3, 5, 6, 1),
             (3, 8, 4, 1, 1, 1),
         ] {
-            let d = Dims { b, c_in, h, w };
+            let d = Dims {
+                b,
+                c_in,
+                h,
+                w,
+                c_out,
+            };
             let scale = 1.0 / (9.0 * c_in as f32).sqrt();
             let src = random(b * c_in * h * w, 1.0, 1);
             let weight = random(c_out * c_in * 9, scale, 2);
@@ -649,13 +669,13 @@ mod timing {
                 c_in,
                 h: s,
                 w: s,
+                c_out,
             };
             let src = vec![0.5f32; b * c_in * s * s];
             let weight = vec![0.01f32; c_out * c_in * 9];
             let (tiles_h, tiles_w) = (s.div_ceil(M), s.div_ceil(M));
             let plan = Plan {
                 dims: d,
-                c_out,
                 padding: 1,
                 oh: s,
                 ow: s,
