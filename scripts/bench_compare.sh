@@ -11,6 +11,7 @@
 #   PYTHON     a Python with torch, diffusers and transformers (default python3)
 #   THREADS    PyTorch's threads (default: every core, as sd-worker uses)
 #   EXTRA      more flags for both sides (e.g. "--flux-layers 1,1")
+#   OURS_EXTRA more flags for sd-worker only (e.g. "--dtype bf16": PyTorch stays f32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,7 @@ BIN=${SD_WORKER:-target/release/sd-worker}
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-$(nproc)}
 EXTRA=${EXTRA:-}
+OURS_EXTRA=${OURS_EXTRA:-}
 [ -x "$BIN" ] || cargo build --release -p sd-worker
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -31,13 +33,13 @@ median() { sed -n "s/.*\"$2\": *{[^}]*\"median_s\": *\([0-9.eE+-]*\).*/\1/p" "$1
 rss() { awk '/^RSS/ { printf "%.2f", $2 / 1048576 }' "$1"; }
 
 echo "$(date -u +%Y-%m-%d) $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $(nproc) cores," \
-  "sd-worker $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $THREADS PyTorch threads"
+  "sd-worker $(git rev-parse --short HEAD 2>/dev/null || echo '?') $OURS_EXTRA, $THREADS PyTorch threads"
 printf '%-10s %10s %10s %8s %14s\n' stage ours_s torch_s ratio rss_ours/torch
 IFS=, read -ra LIST <<<"$STAGES"
 for s in "${LIST[@]}"; do
   # shellcheck disable=SC2086
   /usr/bin/time -f "RSS %M" -o "$TMP/ours.time" "$BIN" bench --stages "$s" --runs "$RUNS" \
-    --warmup "$WARMUP" --json $EXTRA >"$TMP/ours.json"
+    --warmup "$WARMUP" --json $EXTRA $OURS_EXTRA >"$TMP/ours.json"
   # shellcheck disable=SC2086
   /usr/bin/time -f "RSS %M" -o "$TMP/torch.time" "$PYTHON" scripts/bench_diffusers.py --stages "$s" \
     --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" $EXTRA >"$TMP/torch.json" 2>"$TMP/torch.err"

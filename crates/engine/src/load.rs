@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use sd_models::modules::bf16_gemm::{set_cpu_bf16, weights_dtype};
 use sd_models::pipelines::flux::FluxPipeline;
 
 use crate::backend::Model;
@@ -37,7 +38,15 @@ pub struct LoadRequest {
     pub device_name: String,
     /// FLUX: where the text encoders live (None: `device`).
     pub text_device: Option<Device>,
+    /// On the CPU, bf16 loads f32 weights and rounds the operands of the matrix products to
+    /// bf16 (`sd_models::modules::bf16_gemm`).
     pub dtype: DType,
+}
+
+/// Sets the process's CPU matrix products to bf16 or f32 as the request's dtype says (bf16 on
+/// the CPU: f32 weights, bf16 products); [`load`] does it before loading.
+pub fn apply_cpu_precision(request: &LoadRequest) {
+    set_cpu_bf16(request.dtype == DType::BF16 && request.device.is_cpu());
 }
 
 pub fn dtype_name(dtype: DType) -> &'static str {
@@ -51,6 +60,7 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// Fetches a repo id into the cache when it is one (reporting to `progress`), then loads the
 /// model it names.
 pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model, ModelSpec)> {
+    apply_cpu_precision(request);
     let model =
         crate::hub::resolve_model(&request.model, request.source.variant.as_deref(), progress)?;
     let kind = model_kind(&model)?;
@@ -68,8 +78,9 @@ pub fn load(request: &LoadRequest, progress: &mut dyn Progress) -> Result<(Model
             bail!("invalid --vae-tile-size {ts}: must be a multiple of 8 between 64 and 4096");
         }
     }
+    let weights = weights_dtype(request.dtype, &request.device);
     let (mut pipeline, info) =
-        sd_models::loader::load_sd_with(&model, &sd_opts, &request.device, request.dtype)?;
+        sd_models::loader::load_sd_with(&model, &sd_opts, &request.device, weights)?;
     pipeline.vae.tile_size = request.source.vae_tile_size;
     let (default_width, default_height) = pipeline.default_size();
     let (default_steps, default_guidance) = sd_defaults(info.family, info.variant);
@@ -119,7 +130,7 @@ fn load_flux_model(request: &LoadRequest, model: PathBuf) -> Result<(Model, Mode
         request.components.as_deref(),
         &request.device,
         request.text_device.as_ref(),
-        request.dtype,
+        weights_dtype(request.dtype, &request.device),
     )?;
     let dev = pipeline.is_guidance_distilled();
     let side = FLUX_DEFAULT_SAMPLE_SIZE * pipeline.core.latent_factor();

@@ -15,12 +15,13 @@ use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
 use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
 use sd_models::modules::adapter::{registering, with_adapters, AdapterSet, LayerInfo, LayerShape};
+use sd_models::modules::bf16_gemm::{cpu_bf16, set_cpu_bf16, weights_dtype};
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
 use sd_models::modules::unet::{AddedCond, UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
 
-use crate::device::{check_dtype_on_device, dtype_name, parse_device, parse_dtype};
+use crate::device::{dtype_name, parse_device, parse_dtype};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -41,7 +42,9 @@ pub struct BenchArgs {
     /// Device: cpu, cuda[:N] or metal[:N].
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight precision: f32, f16 or bf16.
+    /// Precision: f32, f16 or bf16. On the CPU, bf16 keeps f32 weights and activations and
+    /// rounds the operands of linear layers, attention and 1x1 convolutions to bf16 (README,
+    /// "bf16 on the CPU").
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Image size in pixels (latents are size / 8); the SD 1.5 default is 512.
@@ -62,8 +65,8 @@ pub struct BenchArgs {
     #[arg(long, env = "SD_VAE_TILE_SIZE")]
     pub vae_tile_size: Option<usize>,
     /// After timing the unet, sdxl-unet, vae and sdxl-vae stages, run each once more with
-    /// direct convolutions (`--conv direct`) and report how far the timed output is from
-    /// that run's: the VAE's in 8-bit levels of the image, the UNet's relative to the RMS of
+    /// direct convolutions (`--conv direct`) and f32 products (the `--dtype f32` arithmetic)
+    /// and report how far the timed output is from that run's: the VAE's in 8-bit levels of the image, the UNet's relative to the RMS of
     /// its output.
     #[arg(long)]
     pub compare_direct: bool,
@@ -257,17 +260,20 @@ fn relative_error(out: &Tensor, reference: &Tensor, what: &str) -> Result<String
     ))
 }
 
-/// Runs `f` once with direct convolutions (the process's setting is restored after).
+/// Runs `f` once with direct convolutions and f32 products (the process's settings are
+/// restored after).
 fn with_direct_convolutions<F: FnMut() -> Result<Tensor>>(mut f: F) -> Result<Tensor> {
     use sd_models::modules::conv_kernel::{conv_algorithm, set_conv_algorithm, ConvAlgorithm};
-    let before = conv_algorithm();
+    let (conv, bf16) = (conv_algorithm(), cpu_bf16());
     set_conv_algorithm(ConvAlgorithm::Direct);
+    set_cpu_bf16(false);
     let out = f();
-    set_conv_algorithm(before);
+    set_conv_algorithm(conv);
+    set_cpu_bf16(bf16);
     out
 }
 
-const DIRECT: &str = "direct convolutions";
+const DIRECT: &str = "direct convolutions in f32";
 
 /// FLUX.1-dev's transformer with `blocks` (double, single) blocks.
 fn flux_config(blocks: (usize, usize)) -> FluxConfig {
@@ -362,8 +368,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("invalid --runs 0: at least one timed run is needed");
     }
     let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    check_dtype_on_device(dtype, &device)?;
+    let requested = parse_dtype(&args.dtype)?;
+    set_cpu_bf16(requested == DType::BF16 && device.is_cpu());
+    // The weights' dtype: f32 for bf16 on the CPU, whose products round to bf16.
+    let dtype = weights_dtype(requested, &device);
     let stages: Vec<String> = args
         .stages
         .split(',')
@@ -600,7 +608,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let out = serde_json::json!({
             "impl": "sd-worker (candle)",
             "device": args.device,
-            "dtype": dtype_name(dtype),
+            "dtype": dtype_name(requested),
             "cpu_kernels": sd_models::modules::cpu::cpu_kernels(),
             "stages": stages,
         });
@@ -608,9 +616,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         let k = sd_models::modules::cpu::cpu_kernels();
         println!(
-            "CPU kernels: elementwise {}, gemm {}, convolution {}, {} threads (features: {})",
+            "CPU kernels: elementwise {}, gemm {}, products {}, convolution {}, {} threads (features: {})",
             k.elementwise,
             k.gemm,
+            k.products,
             k.convolution,
             k.threads,
             k.features.join(" ")

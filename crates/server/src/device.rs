@@ -43,12 +43,4 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
     }
 }
 
-/// Rejects combinations that candle cannot run.
-pub fn check_dtype_on_device(dtype: DType, device: &Device) -> Result<()> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("--dtype bf16 is not supported on the CPU (candle 0.11 has no bf16 matmul there); use f32 or f16");
-    }
-    Ok(())
-}
-
 pub use sd_engine::load::dtype_name;

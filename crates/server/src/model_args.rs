@@ -7,7 +7,7 @@ use sd_engine::hub::Progress;
 use sd_engine::load::LoadRequest;
 use sd_engine::source::SourceOptions;
 
-use crate::device::{check_dtype_on_device, parse_device, parse_dtype};
+use crate::device::{parse_device, parse_dtype};
 
 /// The model-source flags `generate` and `serve` share.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -59,7 +59,6 @@ impl ModelFlags<'_> {
     pub fn load_request(&self) -> Result<LoadRequest> {
         let device = parse_device(self.device)?;
         let dtype = parse_dtype(self.dtype)?;
-        check_dtype_on_device(dtype, &device)?;
         let text_device = self.text_encoder_device.map(parse_device).transpose()?;
         Ok(LoadRequest {
             model: self.model.to_path_buf(),

@@ -31,7 +31,9 @@ pub struct ParityArgs {
     /// Device: cpu, cuda[:N] or metal[:N].
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight precision: f32, f16 or bf16.
+    /// Precision: f32, f16 or bf16. On the CPU, bf16 keeps f32 weights and activations and
+    /// rounds the operands of linear layers, attention and 1x1 convolutions to bf16 (README,
+    /// "bf16 on the CPU").
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Only the cases whose suite/name contains this text (e.g. `sdxl/`, `flux/dev`).
@@ -429,6 +431,7 @@ pub fn run(args: ParityArgs) -> Result<()> {
             args.fixtures.display()
         );
     }
+    sd_engine::load::apply_cpu_precision(&load);
     let started = Instant::now();
     let mut report = Report {
         device: load.device_name.clone(),

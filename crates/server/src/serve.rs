@@ -40,7 +40,9 @@ pub struct ServeArgs {
     /// Device: cpu, cuda[:N] or metal[:N] (CUDA and Metal need the `cuda` / `metal` build features).
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight precision: f32, f16 or bf16.
+    /// Precision: f32, f16 or bf16. On the CPU, bf16 keeps f32 weights and activations and
+    /// rounds the operands of linear layers, attention and 1x1 convolutions to bf16 (README,
+    /// "bf16 on the CPU").
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Waiting jobs at most (the running job is not counted); more get 429.

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::bf16_gemm::{takes_bf16, Bf16Linear};
+
 /// The shape of an adaptable layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerShape {
@@ -236,6 +238,8 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
 pub struct Linear {
     inner: candle_nn::Linear,
     key: Option<Arc<str>>,
+    /// The weights packed for the CPU's bf16 product, at the first use with `--dtype bf16`.
+    bf16: std::sync::OnceLock<Arc<Bf16Linear>>,
 }
 
 impl Linear {
@@ -244,26 +248,39 @@ impl Linear {
     }
 }
 
+impl Linear {
+    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> Self {
+        Linear {
+            inner,
+            key,
+            bf16: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `x W^T + b`: in bf16 products where the CPU runs f32 layers so (see
+    /// [`super::bf16_gemm`]), else candle's.
+    fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !takes_bf16(x) {
+            return self.inner.forward(x);
+        }
+        Bf16Linear::cached(&self.bf16, self.inner.weight(), self.inner.bias())?.forward(x)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        adapt(&self.key, x, self.inner.forward(x)?)
+        adapt(&self.key, x, self.base(x)?)
     }
 }
 
 /// A linear layer with bias read from `vb`.
 pub fn linear(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear {
-        inner: candle_nn::linear(din, dout, vb)?,
-        key,
-    })
+    Ok(Linear::new(candle_nn::linear(din, dout, vb)?, key))
 }
 
 /// A linear layer without bias read from `vb`.
 pub fn linear_no_bias(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(din, dout, vb)?,
-        key,
-    })
+    Ok(Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key))
 }

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
 use super::winograd;
 
 /// Largest im2col band, in elements (64 MB in f32).
@@ -138,7 +139,7 @@ impl Module for CpuConv2d {
         if let (true, true, Some(taps)) = (self.pointwise, on_cpu_f32, &self.taps) {
             return xs
                 .contiguous()?
-                .apply_op2_no_bwd(&weight.contiguous()?, &Pointwise(taps.clone()));
+                .apply_op2_no_bwd(&weight.contiguous()?, &Pointwise(taps.clone(), cpu_bf16()));
         }
         if !self.fast || !xs.device().is_cpu() || xs.dtype() != weight.dtype() || !self.fits(xs)? {
             return self.inner.forward(xs);
@@ -346,9 +347,10 @@ impl CustomOp2 for TapConv {
 
 /// A 1x1 stride-1 f32 convolution: `W (c_out x c_in) x X (c_in x h * w)` per image, one GEMM
 /// into the output with the bias already in place (candle's conv2d copies the input into an
-/// im2col matrix and re-lays out the kernel on every call).
+/// im2col matrix and re-lays out the kernel on every call). With `true`, the products have
+/// bf16 operands ([`super::bf16_gemm`]).
 #[derive(Debug, Clone)]
-struct Pointwise(TapConv);
+struct Pointwise(TapConv, bool);
 
 impl CustomOp2 for Pointwise {
     fn name(&self) -> &'static str {
@@ -389,6 +391,16 @@ impl CustomOp2 for Pointwise {
         }
         let parallelism = gemm_parallelism();
         for (dst, image) in out.chunks_mut(c_out * n).zip(src.chunks(c_in * n)) {
+            if self.1 {
+                let image = PackedB::new(image, c_in, n, n, 1);
+                let weight = Lhs {
+                    data: weight,
+                    m: c_out,
+                    ld: c_in,
+                };
+                matmul(weight, &image, Start::Existing, dst);
+                continue;
+            }
             // SAFETY: dst is c_out x n (row stride n), lhs the (c_out, c_in) weights (row
             // stride c_in), rhs the (c_in, n) image (row stride n): all inside their slices.
             unsafe {
@@ -598,6 +610,37 @@ mod tests {
         let x = Tensor::zeros((1, 3, 0, 4), DType::F32, &dev).unwrap();
         let out = CpuConv2d::new(reference).unwrap().forward(&x).unwrap();
         assert_eq!(out.dims(), &[1, 5, 0, 4]);
+    }
+
+    /// With bf16 products: candle's conv2d of the rounded image and weights, the bias exact.
+    #[test]
+    fn pointwise_bf16_rounds_the_operands() {
+        use crate::modules::bf16_rounded;
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(16);
+        for (c_in, c_out, h, w) in [(3, 5, 7, 9), (77, 33, 5, 13)] {
+            let x = rng.randn(&[2, c_in, h, w], &dev).unwrap();
+            let wt = rng.randn(&[c_out, c_in, 1, 1], &dev).unwrap();
+            let b = rng.randn(&[c_out], &dev).unwrap();
+            let ours = CpuConv2d::new(candle_nn::Conv2d::new(
+                wt.clone(),
+                Some(b.clone()),
+                Default::default(),
+            ))
+            .unwrap();
+            let taps = ours.taps.clone().expect("f32 taps");
+            let got = x.apply_op2_no_bwd(&wt, &Pointwise(taps, true)).unwrap();
+            let rounded = candle_nn::Conv2d::new(bf16_rounded(&wt), Some(b), Default::default());
+            let want = rounded.forward(&bf16_rounded(&x)).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(
+                d < 1e-4,
+                "1x1 {c_in}->{c_out} {h}x{w} in bf16: differs by {d}"
+            );
+            // And the rounding shows: f32 products differ by more.
+            let f32_diff = max_diff(&got, &ours.forward(&x).unwrap());
+            assert!(f32_diff > 1e-4, "bf16 equals f32 ({f32_diff})");
+        }
     }
 
     /// `cargo test --release -p sd-models --lib conv_kernel::tests::pointwise_timing --

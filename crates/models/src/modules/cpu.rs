@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use super::bf16_gemm::{bf16_hardware, cpu_bf16};
 use super::conv_kernel::{conv_algorithm, ConvAlgorithm};
 use super::softmax::{simd_level, Simd};
 
@@ -20,9 +21,13 @@ pub struct CpuKernels {
     /// `--conv direct`), `taps` (k x k accumulating GEMMs over the padded input, images at
     /// least 96 wide) and `im2col` (banded, narrower images).
     pub convolution: &'static str,
-    /// The GEMM under matmul and convolution: the `gemm` crate, whose x86 kernels in a stable
-    /// build are AVX2+FMA at most.
+    /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX-512F, AVX2+FMA or
+    /// portable kernels.
     pub gemm: &'static str,
+    /// The linear layers' products: `f32` (the `gemm` crate), or with `--dtype bf16`
+    /// `bf16 avx512bf16` (the project's `vdpbf16ps` kernel) or `bf16 rounded, f32 gemm` (CPUs
+    /// without AVX512-BF16: the same rounded operands, multiplied in f32).
+    pub products: &'static str,
     /// Threads of the rayon pool the kernels share.
     pub threads: usize,
 }
@@ -46,6 +51,13 @@ pub fn cpu_kernels() -> CpuKernels {
         }
     }
     let avx2 = features.contains(&"avx2") && features.contains(&"fma");
+    let gemm = if features.contains(&"avx512f") {
+        "gemm crate, avx512f"
+    } else if avx2 {
+        "gemm crate, avx2+fma"
+    } else {
+        "gemm crate, portable"
+    };
     CpuKernels {
         features,
         elementwise: match simd_level() {
@@ -59,10 +71,11 @@ pub fn cpu_kernels() -> CpuKernels {
             }
             ConvAlgorithm::Direct => "taps (f32, width >= 96) / banded im2col",
         },
-        gemm: if avx2 {
-            "gemm crate, avx2+fma"
-        } else {
-            "gemm crate, portable"
+        gemm,
+        products: match (cpu_bf16(), bf16_hardware()) {
+            (false, _) => "f32",
+            (true, true) => "bf16 avx512bf16",
+            (true, false) => "bf16 rounded, f32 gemm",
         },
         threads: rayon::current_num_threads(),
     }

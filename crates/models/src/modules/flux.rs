@@ -10,13 +10,14 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::QTensor;
 use candle_nn::VarBuilder;
 
 use super::adapter::{self, LayerInfo, LayerShape};
 use super::attention::{score_budget, sliced_attention};
+use super::bf16_gemm::{takes_bf16, Bf16Linear};
 use super::config::{numbered_count, JsonConfig};
 use crate::Result;
 
@@ -28,6 +29,8 @@ pub struct Lin {
     bias: Option<Tensor>,
     /// The layer's name when it takes adapters (see [`adapter`]).
     key: Option<Arc<str>>,
+    /// A dense weight packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
+    bf16: OnceLock<Arc<Bf16Linear>>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,7 +63,14 @@ impl Lin {
                 take_rows(q.dequantize(x.device())?, rows)?.to_dtype(x.dtype())?
             }
         };
-        let y = candle_nn::Linear::new(w, self.bias.clone()).forward(x)?;
+        let y = if !takes_bf16(x) {
+            candle_nn::Linear::new(w, self.bias.clone()).forward(x)?
+        } else if matches!(self.weight, LinWeight::Dense(_)) {
+            Bf16Linear::cached(&self.bf16, &w, self.bias.as_ref())?.forward(x)?
+        } else {
+            // A dequantized weight lives for this call only.
+            Bf16Linear::new(&w, self.bias.as_ref())?.forward(x)?
+        };
         adapter::adapt(&self.key, x, y)
     }
 }
@@ -93,6 +103,7 @@ fn dequantize_group<const N: usize>(
             weight: LinWeight::Dense(take_rows(full.clone(), rows)?),
             bias: l.bias.clone(),
             key: l.key.clone(),
+            bf16: OnceLock::new(),
         });
     }
     Ok(out.try_into().ok())
@@ -257,6 +268,7 @@ fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
             weight: LinWeight::Dense(vb.get((dout, din), &src.name("weight"))?),
             bias: Some(vb.get(dout, &src.name("bias"))?),
             key,
+            bf16: OnceLock::new(),
         }),
         SrcKind::Gguf(w) => {
             let wname = src.name("weight");
@@ -279,6 +291,7 @@ fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
                 weight,
                 bias: Some(bias),
                 key,
+                bf16: OnceLock::new(),
             })
         }
     }

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod adapter;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod clip;
 pub mod config;
 pub mod conv;
@@ -37,4 +38,13 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
     (a - b)
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("comparable tensors")
+}
+
+/// `t` rounded to bf16 (to nearest, ties to even) and back to f32: the operands the bf16
+/// products see, for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn bf16_rounded(t: &candle_core::Tensor) -> candle_core::Tensor {
+    t.to_dtype(candle_core::DType::BF16)
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .expect("a rounded tensor")
 }

@@ -131,8 +131,11 @@ pub(super) struct CpuKernelsInfo {
     elementwise: &'static str,
     /// How 3x3 convolutions run.
     convolution: &'static str,
-    /// The GEMM under matmul and convolution.
+    /// The f32 GEMM under matmul and convolution.
     gemm: &'static str,
+    /// The products of linear layers, attention and 1x1 convolutions: `f32`, or with
+    /// `--dtype bf16` `bf16 avx512bf16` or `bf16 rounded, f32 gemm` (no AVX512-BF16).
+    products: &'static str,
     /// Threads the kernels share.
     threads: usize,
 }
@@ -144,6 +147,7 @@ impl From<sd_models::modules::cpu::CpuKernels> for CpuKernelsInfo {
             elementwise: k.elementwise,
             convolution: k.convolution,
             gemm: k.gemm,
+            products: k.products,
             threads: k.threads,
         }
     }

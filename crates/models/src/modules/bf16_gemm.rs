@@ -1,0 +1,855 @@
+//! Matrix products with bf16 operands and f32 sums on the CPU: the arithmetic of `--dtype bf16`
+//! there.
+//!
+//! Weights and activations stay f32; the linear layers, both products of attention and the 1x1
+//! convolutions round their operands to bf16 (to nearest, ties to even) and sum the products
+//! in f32, into f32 outputs. Norms, softmax, the residual stream and the 3x3 convolutions keep
+//! f32, so the error is that of the rounded operands alone (measured in `BENCHMARKS.md` and the
+//! README). The 3x3 convolutions stay f32 Winograd: bf16 operands in its 36 products made the
+//! SD 1.5 VAE decode 42 levels of 255 off (PSNR 36 dB; the transformed tiles span a wider range
+//! than the image) and no faster, since a quarter of the multiplications in f32 already beats
+//! twice the rate of direct products.
+//!
+//! Neither the `gemm` crate nor candle has a bf16 product on the CPU, so this module has its own:
+//! AVX512-BF16's `vdpbf16ps` multiplies a pair of bf16 values per f32 lane and adds both
+//! products to the lane, twice the multiplications of an f32 FMA per instruction (on the 2-core
+//! Zen 5 of `BENCHMARKS.md`, 360 GFLOPS against the `gemm` crate's 210 in f32). The right
+//! operand is packed into panels of [`NR`] columns holding the (even k, odd k) pairs of each
+//! column side by side: once for a layer's weights, at its first use; per call for an
+//! activation. The left one is rounded per call, [`MR`] rows at a time, with one conversion
+//! instruction per 32 values. CPUs without AVX512-BF16 compute the same rounded products with
+//! the `gemm` crate in f32: the numbers agree up to the order of the f32 sums.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Columns of a packed panel: two 16-lane vectors.
+pub(crate) const NR: usize = 32;
+/// Rows of the kernel's block: 2 x 12 accumulators, 2 right-hand vectors and a broadcast fill
+/// 27 of the 32 vector registers.
+pub(crate) const MR: usize = 12;
+/// k pairs per block: a panel's block is 256 x 32 x 4 bytes = 32 KB, within the L1 cache.
+const KC: usize = 256;
+/// Rows per task: the packed left block (96 x 256 pairs) stays in L2.
+const MC: usize = 8 * MR;
+
+static CPU_BF16: AtomicBool = AtomicBool::new(false);
+
+/// Whether f32 matrix products on the CPU round their operands to bf16 (`--dtype bf16`).
+pub fn set_cpu_bf16(on: bool) {
+    CPU_BF16.store(on, Ordering::Relaxed);
+}
+
+/// Whether f32 matrix products on the CPU round their operands to bf16.
+pub fn cpu_bf16() -> bool {
+    CPU_BF16.load(Ordering::Relaxed)
+}
+
+/// Whether the products of `x` round to bf16: f32 on the CPU with [`set_cpu_bf16`] on.
+pub(crate) fn takes_bf16(x: &Tensor) -> bool {
+    cpu_bf16() && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// The dtype a model's weights load in for `dtype` on `device`: on the CPU, bf16 means f32
+/// weights and activations whose matrix products round to bf16 ([`set_cpu_bf16`]).
+pub fn weights_dtype(dtype: DType, device: &Device) -> DType {
+    if dtype == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Whether this CPU has the AVX512-BF16 kernel.
+pub fn bf16_hardware() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its bits; NaN stays a (quiet) NaN.
+#[inline]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// `x` rounded to bf16, as an f32.
+#[inline]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// Two values rounded to bf16 in one 32-bit lane: `lo` in the low half, as `vdpbf16ps` pairs
+/// them.
+#[inline]
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+}
+
+/// The right operand (k x n) of a product, rounded to bf16 and laid out for the kernel.
+#[derive(Clone)]
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    data: Packed,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.data {
+            Packed::Pairs(_) => "bf16 pairs",
+            Packed::Rounded(_) => "rounded f32",
+        };
+        write!(f, "PackedB({} x {}, {kind})", self.k, self.n)
+    }
+}
+
+#[derive(Clone)]
+enum Packed {
+    /// `[panel][k pair][NR]`: lane j of pair p holds column j's (2p, 2p + 1) values; the last
+    /// panel and an odd k are padded with zeros.
+    Pairs(Vec<u32>),
+    /// The rounded values as f32, k x n row-major, for CPUs without AVX512-BF16.
+    Rounded(Vec<f32>),
+}
+
+impl PackedB {
+    /// Packs `b`, element (kk, j) at `b[kk * row_stride + j * col_stride]`, for the kernel this
+    /// CPU runs.
+    pub(crate) fn new(b: &[f32], k: usize, n: usize, row_stride: usize, col_stride: usize) -> Self {
+        Self::for_kernel(b, k, n, (row_stride, col_stride), bf16_hardware())
+    }
+
+    /// A linear layer's (n x k) weight as the right operand of `x W^T`.
+    pub(crate) fn from_weight(w: &[f32], n: usize, k: usize) -> Self {
+        Self::new(w, k, n, 1, k)
+    }
+
+    fn for_kernel(b: &[f32], k: usize, n: usize, (rs, cs): (usize, usize), pairs: bool) -> Self {
+        let at = |kk: usize, j: usize| b[kk * rs + j * cs];
+        let data = if pairs {
+            let kp = k.div_ceil(2);
+            let panels = n.div_ceil(NR);
+            let mut out = vec![0u32; panels * kp * NR];
+            out.par_chunks_mut((kp * NR).max(1))
+                .enumerate()
+                .for_each(|(panel, dst)| {
+                    let cols = NR.min(n - panel * NR);
+                    for (p, dst) in dst.chunks_exact_mut(NR).enumerate() {
+                        let dst: &mut [u32; NR] = dst.try_into().expect("NR lanes");
+                        if cs == 1 {
+                            // Rows 2p and 2p + 1 of the panel, vectorised.
+                            let row = |kk: usize| &b[kk * rs + panel * NR..][..cols];
+                            let odd = (2 * p + 1 < k).then(|| row(2 * p + 1));
+                            // SAFETY: `Pairs` is packed only where the CPU has AVX512-BF16.
+                            unsafe { kernel::interleave(row(2 * p), odd, dst) };
+                            continue;
+                        }
+                        for (j, d) in dst.iter_mut().enumerate().take(cols) {
+                            let col = panel * NR + j;
+                            let odd = if 2 * p + 1 < k {
+                                at(2 * p + 1, col)
+                            } else {
+                                0.0
+                            };
+                            *d = pair(at(2 * p, col), odd);
+                        }
+                    }
+                });
+            Packed::Pairs(out)
+        } else {
+            let mut out = vec![0f32; k * n];
+            for kk in 0..k {
+                for j in 0..n {
+                    out[kk * n + j] = round_bf16(at(kk, j));
+                }
+            }
+            Packed::Rounded(out)
+        };
+        PackedB { k, n, data }
+    }
+}
+
+/// What the sums of a product start from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a> {
+    Zero,
+    /// A value per column (a linear layer's bias), the same in every row.
+    Bias(&'a [f32]),
+    /// What `c` holds: the product is added to it.
+    Existing,
+}
+
+/// The left operand: m x k f32, row `i` from `data[i * ld]`, unit column stride.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lhs<'a> {
+    pub data: &'a [f32],
+    pub m: usize,
+    pub ld: usize,
+}
+
+/// `c = start + a b` with `a` and `b` rounded to bf16 and f32 sums; `c` is m x n row-major.
+pub(crate) fn matmul(a: Lhs, b: &PackedB, start: Start, c: &mut [f32]) {
+    assert!(c.len() >= a.m * b.n);
+    // SAFETY: c holds m rows of n.
+    unsafe { matmul_raw(a, b, start, c.as_mut_ptr(), b.n) }
+}
+
+/// [`matmul`] into m rows of n at `c`, `ldc` apart.
+///
+/// # Safety
+/// `c` points to m rows of n writable (and, for `Start::Existing`, initialised) f32, `ldc`
+/// apart (`ldc >= n`), that nothing else accesses during the call.
+pub(crate) unsafe fn matmul_raw(a: Lhs, b: &PackedB, start: Start, c: *mut f32, ldc: usize) {
+    let (m, k, n) = (a.m, b.k, b.n);
+    assert!(ldc >= n && (m == 0 || a.data.len() >= (m - 1) * a.ld + k));
+    if let Start::Bias(bias) = start {
+        assert!(bias.len() >= n);
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = Out(c);
+    if k == 0 || matches!(b.data, Packed::Rounded(_)) {
+        // The fallback (and k = 0): c takes its start, then the gemm crate adds the product.
+        for i in 0..m {
+            // SAFETY: row i of c, as the caller promises.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.at(i * ldc), n) };
+            match start {
+                Start::Zero => row.fill(0.0),
+                Start::Bias(bias) => row.copy_from_slice(&bias[..n]),
+                Start::Existing => {}
+            }
+        }
+    }
+    match &b.data {
+        _ if k == 0 => {}
+        Packed::Pairs(panels) => pairs_matmul(a, (k, n), panels, start, out, ldc),
+        // SAFETY: as the caller promises.
+        Packed::Rounded(rounded) => unsafe { rounded_matmul(a, (k, n), rounded, c, ldc) },
+    }
+}
+
+/// The fallback: the rounded operands multiplied by the `gemm` crate in f32 and added to `c`.
+///
+/// # Safety
+/// As [`matmul_raw`], `c` initialised.
+unsafe fn rounded_matmul(a: Lhs, (k, n): (usize, usize), b: &[f32], c: *mut f32, ldc: usize) {
+    let m = a.m;
+    let mut ar = vec![0f32; m * k];
+    ar.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+        for (d, s) in row.iter_mut().zip(&a.data[i * a.ld..i * a.ld + k]) {
+            *d = round_bf16(*s);
+        }
+    });
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: c is m x n (row stride ldc), ar m x k (k), b k x n (n), all in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            true,
+            ar.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A raw pointer to `c`, written by tasks whose (rows, columns) never overlap.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes only its own rectangle of `c`.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element `offset` past the start (the closure captures `Out`, not its field).
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// One task: rows `r0..r1` of `c`, panels `p0..p1`.
+struct Task {
+    rows: (usize, usize),
+    panels: (usize, usize),
+}
+
+/// Splits `m` rows and `panels` panels into tasks: row blocks of [`MC`] where there are enough
+/// of them for every thread, otherwise also groups of panels.
+fn tasks(m: usize, panels: usize) -> Vec<Task> {
+    let threads = rayon::current_num_threads();
+    let row_blocks = m.div_ceil(MC);
+    let want = 4 * threads;
+    let groups = if row_blocks >= want {
+        1
+    } else {
+        panels.min(want.div_ceil(row_blocks))
+    };
+    let per = panels.div_ceil(groups);
+    let mut out = Vec::new();
+    for rb in 0..row_blocks {
+        for p0 in (0..panels).step_by(per) {
+            out.push(Task {
+                rows: (rb * MC, ((rb + 1) * MC).min(m)),
+                panels: (p0, (p0 + per).min(panels)),
+            });
+        }
+    }
+    out
+}
+
+fn pairs_matmul(
+    a: Lhs,
+    (k, n): (usize, usize),
+    panels: &[u32],
+    start: Start,
+    out: Out,
+    ldc: usize,
+) {
+    let kp = k.div_ceil(2);
+    tasks(a.m, n.div_ceil(NR)).par_iter().for_each(|task| {
+        let (r0, r1) = task.rows;
+        let blocks = (r1 - r0).div_ceil(MR);
+        let mut packed = vec![0u32; blocks * MR * KC];
+        for kb in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - kb);
+            pack_a(a, k, (r0, r1), (kb, kc), &mut packed);
+            for panel in task.panels.0..task.panels.1 {
+                let cols = NR.min(n - panel * NR);
+                let b = &panels[(panel * kp + kb) * NR..(panel * kp + kb + kc) * NR];
+                let init = match start {
+                    _ if kb > 0 => Init::Load,
+                    Start::Zero => Init::Bias(None),
+                    Start::Bias(bias) => Init::Bias(Some(&bias[panel * NR..panel * NR + cols])),
+                    Start::Existing => Init::Load,
+                };
+                for blk in 0..blocks {
+                    let row = r0 + blk * MR;
+                    let tile = Tile {
+                        c: out.at(row * ldc + panel * NR),
+                        ldc,
+                        rows: MR.min(r1 - row),
+                        cols,
+                    };
+                    let ap = &packed[blk * MR * KC..(blk + 1) * MR * KC];
+                    // SAFETY: the kernel runs only where `bf16_hardware()` chose `Pairs`; the
+                    // tile lies inside this task's rectangle of c.
+                    unsafe { kernel::block(ap, b, kc, &tile, &init) };
+                }
+            }
+        }
+    });
+}
+
+/// Rounds rows `r0..r1`, k pairs `kb..kb + kc` of `a` into `packed` as
+/// `[row block][MR rows][KC pairs]`, rows past `r1` and the odd k's partner zero. A row's
+/// pairs lie side by side, so that rounding is one vector instruction per 32 values and the
+/// kernel finds row r's pair p at the constant offset `r * KC + p`.
+fn pack_a(
+    a: Lhs,
+    k: usize,
+    (r0, r1): (usize, usize),
+    (kb, kc): (usize, usize),
+    packed: &mut [u32],
+) {
+    for (blk, dst) in packed.chunks_mut(MR * KC).enumerate() {
+        for (r, dst) in dst.chunks_mut(KC).enumerate() {
+            let dst = &mut dst[..kc];
+            let row = r0 + blk * MR + r;
+            if row >= r1 {
+                dst.fill(0);
+                continue;
+            }
+            let start = row * a.ld;
+            let src = &a.data[start + 2 * kb..start + (2 * (kb + kc)).min(k)];
+            // SAFETY: only the `Pairs` path, chosen where the CPU has AVX512-BF16, packs a.
+            unsafe { kernel::row_pairs(src, dst) };
+        }
+    }
+}
+
+/// Where a kernel block writes: `rows` x `cols` of c from `c`, rows `ldc` apart.
+struct Tile {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// What a block's sums start from: the bias (or zero) on the first k block, c after it.
+enum Init<'a> {
+    Bias(Option<&'a [f32]>),
+    Load,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use super::{Init, Tile, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `dst[p]` = the pair (`src[2p]`, `src[2p + 1]`) rounded to bf16, zero past `src`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) {
+        debug_assert!(src.len() <= 2 * dst.len());
+        for (p0, out) in (0..dst.len()).step_by(16).zip(dst.chunks_mut(16)) {
+            let left = src.len().saturating_sub(2 * p0);
+            let at = src.as_ptr().wrapping_add(2 * p0);
+            let lo = _mm512_maskz_loadu_ps(lane_mask(left), at);
+            let hi = _mm512_maskz_loadu_ps(lane_mask(left.saturating_sub(16)), at.wrapping_add(16));
+            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().cast(), lane_mask(out.len()), pairs);
+        }
+    }
+
+    /// `dst[j]` = the pair (`even[j]`, `odd[j]`) rounded to bf16 (`odd` zero when absent),
+    /// zero past `even`'s length (at most [`NR`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `odd` is as long as `even`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32; NR]) {
+        debug_assert!(even.len() <= NR && odd.is_none_or(|o| o.len() == even.len()));
+        for half in 0..2 {
+            let mask = lane_mask(even.len().saturating_sub(16 * half));
+            let words = |row: &[f32]| {
+                let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(16 * half));
+                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                    _mm512_cvtneps_pbh(x),
+                ))
+            };
+            let mut pairs = words(even);
+            if let Some(odd) = odd {
+                pairs = _mm512_or_si512(pairs, _mm512_slli_epi32::<16>(words(odd)));
+            }
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * half).cast(), pairs);
+        }
+    }
+
+    /// `MR` x `NR` sums over `kc` pairs: `ap` is `[MR][KC]`, `b` `[pair][NR]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `tile` lies in writable memory.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block(ap: &[u32], b: &[u32], kc: usize, tile: &Tile, init: &Init) {
+        debug_assert!(kc <= KC && ap.len() >= KC * MR && b.len() >= kc * NR);
+        let m0 = lane_mask(tile.cols);
+        let m1 = lane_mask(tile.cols.saturating_sub(16));
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match init {
+            Init::Bias(Some(bias)) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            Init::Bias(None) => {}
+            Init::Load => {
+                for (r, row) in acc.iter_mut().enumerate().take(tile.rows) {
+                    let p = tile.c.add(r * tile.ldc);
+                    *row = [
+                        _mm512_maskz_loadu_ps(m0, p),
+                        _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
+                    ];
+                }
+            }
+        }
+        let (ap, bp) = (ap.as_ptr(), b.as_ptr());
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*ap.add(r * KC + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], a, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], a, b1);
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(tile.rows) {
+            let p = tile.c.add(r * tile.ldc);
+            _mm512_mask_storeu_ps(p, m0, row[0]);
+            _mm512_mask_storeu_ps(p.wrapping_add(16), m1, row[1]);
+        }
+    }
+
+    /// The first `n` of 16 lanes.
+    #[inline]
+    fn lane_mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::{Init, Tile, NR};
+
+    /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
+    pub(super) unsafe fn row_pairs(_: &[f32], _: &mut [u32]) {
+        unreachable!("the bf16 kernel needs AVX512-BF16")
+    }
+
+    /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
+    pub(super) unsafe fn interleave(_: &[f32], _: Option<&[f32]>, _: &mut [u32; NR]) {
+        unreachable!("the bf16 kernel needs AVX512-BF16")
+    }
+
+    /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
+    pub(super) unsafe fn block(_: &[u32], _: &[u32], _: usize, _: &Tile, _: &Init) {
+        unreachable!("the bf16 kernel needs AVX512-BF16")
+    }
+}
+
+/// A linear layer's weights and bias as the bf16 product uses them.
+#[derive(Debug)]
+pub(crate) struct Bf16Linear {
+    weight: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+impl Bf16Linear {
+    /// Packs an f32 (n x k) weight and its (n) bias.
+    pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bias = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Bf16Linear {
+            weight: PackedB::from_weight(&w, n, k),
+            bias,
+        })
+    }
+
+    /// The layer in `cell`, packed from `weight` and `bias` on the first call.
+    pub(crate) fn cached(
+        cell: &OnceLock<Arc<Self>>,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Arc<Self>> {
+        if let Some(p) = cell.get() {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Self::new(weight, bias)?);
+        Ok(cell.get_or_init(|| p).clone())
+    }
+
+    /// `x W^T + b` over the last dimension of an f32 CPU tensor.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "sd-bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_f32(self.name(), storage, layout)?;
+        let dims = layout.shape().dims();
+        let (k, n) = (self.weight.k, self.weight.n);
+        if dims.last() != Some(&k) {
+            candle_core::bail!("{}: input {:?}, weight in {k}", self.name(), dims);
+        }
+        let m = dims[..dims.len() - 1].iter().product();
+        let mut out = Vec::with_capacity(m * n);
+        let start = self.bias.as_deref().map_or(Start::Zero, Start::Bias);
+        // SAFETY: out has room for m rows of n; a start of zero or the bias writes every
+        // element before any is read.
+        unsafe {
+            matmul_raw(
+                Lhs { data: x, m, ld: k },
+                &self.weight,
+                start,
+                out.as_mut_ptr(),
+                n,
+            );
+            out.set_len(m * n);
+        }
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `start + a b` of the bf16-rounded operands in f64; `b(kk, j)` gives b.
+    fn reference(
+        a: Lhs,
+        k: usize,
+        n: usize,
+        b: impl Fn(usize, usize) -> f32,
+        start: &[f64],
+    ) -> Vec<f64> {
+        let mut out = start.to_vec();
+        for i in 0..a.m {
+            for j in 0..n {
+                for kk in 0..k {
+                    out[i * n + j] +=
+                        round_bf16(a.data[i * a.ld + kk]) as f64 * round_bf16(b(kk, j)) as f64;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to the even 1 + 2^-6.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80, "overflow rounds to infinity");
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_bits(-0.0), 0x8000);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert!(
+            round_bf16(f32::from_bits(0x7f80_0001)).is_nan(),
+            "a NaN does not become inf"
+        );
+        for x in random(1000, 7) {
+            let r = round_bf16(x * 100.0);
+            assert!((r - x * 100.0).abs() <= (x * 100.0).abs() / 256.0);
+        }
+    }
+
+    /// Both kernels against the rounded product in f64, on odd sizes: partial row blocks and
+    /// panels, odd k, several k blocks, a left operand with a row stride past k; the right
+    /// operand as a weight (n x k) and as an activation (k x n, rows apart by more than n);
+    /// each start, into rows of c apart by more than n.
+    #[test]
+    fn matches_the_rounded_product() {
+        let kernels: &[bool] = if bf16_hardware() {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (13, 77, 33),
+            (12, 64, 32),
+            (37, 600, 65),
+            (200, 3, 100),
+            (2, 768, 1280),
+        ] {
+            let a = random(m * (k + 3), (m * 31 + k) as u64);
+            let a = Lhs {
+                data: &a,
+                m,
+                ld: k + 3,
+            };
+            let w = random(n * k, (n * 17 + k) as u64);
+            let act = random(k * (n + 2), (n * 5 + k) as u64);
+            let bias = random(n, n as u64);
+            let existing = random(m * n, 99);
+            let ldc = n + 5;
+            for weight_layout in [true, false] {
+                let (src, strides) = if weight_layout {
+                    (&w, (1, k))
+                } else {
+                    (&act, (n + 2, 1))
+                };
+                let b_at = |kk: usize, j: usize| src[kk * strides.0 + j * strides.1];
+                for (s, start) in [Start::Zero, Start::Bias(&bias), Start::Existing]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let init: Vec<f64> = (0..m * n)
+                        .map(|i| match start {
+                            Start::Zero => 0.0,
+                            Start::Bias(b) => b[i % n] as f64,
+                            Start::Existing => existing[i] as f64,
+                        })
+                        .collect();
+                    let want = reference(a, k, n, b_at, &init);
+                    for &pairs in kernels {
+                        let b = PackedB::for_kernel(src, k, n, strides, pairs);
+                        let mut c = vec![f32::NAN; m * ldc];
+                        for i in 0..m {
+                            c[i * ldc..i * ldc + n].copy_from_slice(&existing[i * n..(i + 1) * n]);
+                        }
+                        // SAFETY: c holds m rows of ldc >= n.
+                        unsafe { matmul_raw(a, &b, start, c.as_mut_ptr(), ldc) };
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (got, want) = (c[i * ldc + j] as f64, want[i * n + j]);
+                                // Sums of k products of magnitude <= 1 in f32.
+                                let tol = 4e-6 * (k as f64).sqrt() + 1e-6;
+                                assert!(
+                                    (got - want).abs() <= tol,
+                                    "{m}x{k}x{n} pairs {pairs} weight {weight_layout} start {s}: c[{i}, {j}] {got} vs {want}"
+                                );
+                            }
+                            assert!(
+                                c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()),
+                                "past n"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_operands() {
+        let none = |m| Lhs {
+            data: &[],
+            m,
+            ld: 0,
+        };
+        let b = PackedB::from_weight(&[], 0, 5);
+        let mut c = vec![];
+        matmul(
+            Lhs {
+                data: &[0.0; 10],
+                m: 2,
+                ld: 5,
+            },
+            &b,
+            Start::Zero,
+            &mut c,
+        );
+        let b = PackedB::from_weight(&[0.0; 4], 4, 1);
+        matmul(none(0), &b, Start::Zero, &mut c);
+        // k = 0: c is the start.
+        let b = PackedB::from_weight(&[], 3, 0);
+        let mut c = vec![f32::NAN; 6];
+        matmul(none(2), &b, Start::Bias(&[1.0, 2.0, 3.0]), &mut c);
+        assert_eq!(c, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        matmul(none(2), &b, Start::Existing, &mut c);
+        assert_eq!(c, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        matmul(none(2), &b, Start::Zero, &mut c);
+        assert_eq!(c, [0.0; 6]);
+    }
+
+    /// The layer against candle's linear layer on rounded inputs and weights (bias exact),
+    /// over a 3-d input.
+    #[test]
+    fn linear_rounds_the_operands() {
+        use crate::modules::bf16_rounded;
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(17);
+        for (rows, k, n, bias) in [(7, 77, 33, true), (1, 320, 1280, false), (96, 40, 3, true)] {
+            let x = rng.randn(&[2, rows, k], &dev).unwrap();
+            let w = rng.randn(&[n, k], &dev).unwrap();
+            let b = bias.then(|| rng.randn(&[n], &dev).unwrap());
+            let got = Bf16Linear::new(&w, b.as_ref())
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            assert_eq!(got.dims(), &[2, rows, n]);
+            let want = candle_nn::Linear::new(bf16_rounded(&w), b)
+                .forward(&bf16_rounded(&x))
+                .unwrap();
+            let diff = crate::modules::max_abs_diff(&got, &want);
+            assert!(
+                diff < 1e-4 * (k as f32).sqrt(),
+                "{rows}x{k}x{n}: differs by {diff}"
+            );
+        }
+    }
+
+    /// Throughput of both kernels on a UNet-sized product (run with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn timing() {
+        let (m, k, n) = (8192, 320, 1280);
+        let a = random(m * k, 1);
+        let w = random(n * k, 2);
+        let mut c = vec![0f32; m * n];
+        let kernels: &[bool] = if bf16_hardware() {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        for &pairs in kernels {
+            let b = PackedB::for_kernel(&w, k, n, (1, k), pairs);
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                matmul(Lhs { data: &a, m, ld: k }, &b, Start::Zero, &mut c);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "pairs {pairs}: {:.1} GFLOPS",
+                2.0 * (m * k * n) as f64 / best / 1e9
+            );
+        }
+    }
+}
