@@ -21,8 +21,8 @@ pub struct CpuKernels {
     /// `--conv direct`), `taps` (k x k accumulating GEMMs over the padded input, images at
     /// least 96 wide) and `im2col` (banded, narrower images).
     pub convolution: &'static str,
-    /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX-512F, AVX2+FMA or
-    /// portable kernels.
+    /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX2+FMA or portable
+    /// kernels (its AVX-512 ones are not built in, see `Cargo.toml`).
     pub gemm: &'static str,
     /// The linear layers' products: `f32` (the `gemm` crate), or with `--dtype bf16`
     /// `bf16 avx512bf16` (the project's `vdpbf16ps` kernel) or `bf16 rounded, f32 gemm` (CPUs
@@ -51,9 +51,7 @@ pub fn cpu_kernels() -> CpuKernels {
         }
     }
     let avx2 = features.contains(&"avx2") && features.contains(&"fma");
-    let gemm = if features.contains(&"avx512f") {
-        "gemm crate, avx512f"
-    } else if avx2 {
+    let gemm = if avx2 {
         "gemm crate, avx2+fma"
     } else {
         "gemm crate, portable"
