@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use sd_models::modules::bf16_gemm::{set_cpu_bf16, weights_dtype};
+use sd_models::modules::cpu_gemm::{set_cpu_bf16, weights_dtype};
 use sd_models::pipelines::flux::FluxPipeline;
 
 use crate::backend::Model;
@@ -39,7 +39,7 @@ pub struct LoadRequest {
     /// FLUX: where the text encoders live (None: `device`).
     pub text_device: Option<Device>,
     /// On the CPU, bf16 loads f32 weights and rounds the operands of the matrix products to
-    /// bf16 (`sd_models::modules::bf16_gemm`).
+    /// bf16 (`sd_models::modules::cpu_gemm`).
     pub dtype: DType,
 }
 

@@ -214,7 +214,10 @@ fn bf16_products_on_the_cpu() {
     let (out, report) = parity(&["--report-only", "--cases", "sd1-"], &json);
     assert!(out.status.success());
     let report = report.expect("a report");
-    assert_eq!(report["cpu_kernels"]["products"], "f32", "{report}");
+    let products = report["cpu_kernels"]["products"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(products.starts_with("f32"), "{report}");
     let f32_mean: f64 = report["cases"]
         .as_array()
         .unwrap()

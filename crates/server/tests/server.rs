@@ -440,7 +440,8 @@ fn info_metrics_and_openapi_describe_the_worker() {
     assert_eq!(info["limits"]["read_timeout_s"], 30.0);
     let kernels = &info["cpu_kernels"];
     assert!(kernels["threads"].as_u64().unwrap() >= 1, "{kernels}");
-    assert_eq!(kernels["products"], "f32", "{kernels}");
+    let products = kernels["products"].as_str().unwrap_or_default();
+    assert!(products.starts_with("f32"), "{kernels}");
     assert!(
         ["avx512f", "avx2+fma", "scalar"].contains(&kernels["elementwise"].as_str().unwrap()),
         "{kernels}"

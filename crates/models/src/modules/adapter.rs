@@ -14,10 +14,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bf16_gemm::{takes_bf16, Bf16Linear};
+use super::cpu_gemm::{takes_bf16, PackedLinear};
 
 /// The shape of an adaptable layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,37 +233,60 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
     Ok(y)
 }
 
-/// candle's linear layer, adaptable when built inside [`registering`].
+/// A linear layer, adaptable when built inside [`registering`].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    base: Base,
     key: Option<Arc<str>>,
-    /// The weights packed for the CPU's bf16 product, at the first use with `--dtype bf16`.
-    bf16: std::sync::OnceLock<Arc<Bf16Linear>>,
+    /// The weights packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
+    bf16: std::sync::OnceLock<Arc<PackedLinear>>,
+}
+
+/// Where a linear layer's weights live.
+#[derive(Debug, Clone)]
+enum Base {
+    Candle(candle_nn::Linear),
+    /// f32 on a CPU with AVX-512F: the weights only as the panels of [`super::cpu_gemm`]
+    /// (the tensor is dropped), whose kernel runs the transposed-weight product at about 190
+    /// GFLOPS on two Zen 5 cores where candle's matmul reaches 100-125.
+    Panels(Arc<PackedLinear>),
 }
 
 impl Linear {
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
-    }
-}
-
-impl Linear {
-    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> Self {
-        Linear {
-            inner,
+    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> candle_core::Result<Self> {
+        let w = inner.weight();
+        let base = match (w.device().is_cpu() && w.dtype() == DType::F32)
+            .then(|| PackedLinear::f32(w, inner.bias()))
+            .transpose()?
+            .flatten()
+        {
+            Some(p) => Base::Panels(Arc::new(p)),
+            None => Base::Candle(inner),
+        };
+        Ok(Linear {
+            base,
             key,
             bf16: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     /// `x W^T + b`: in bf16 products where the CPU runs f32 layers so (see
-    /// [`super::bf16_gemm`]), else candle's.
+    /// [`super::cpu_gemm`]).
     fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !takes_bf16(x) {
-            return self.inner.forward(x);
+        match &self.base {
+            Base::Candle(l) if takes_bf16(x) => {
+                PackedLinear::cached(&self.bf16, l.weight(), l.bias())?.forward(x)
+            }
+            Base::Candle(l) => l.forward(x),
+            Base::Panels(p) if takes_bf16(x) => {
+                if let Some(b) = self.bf16.get() {
+                    return b.forward(x);
+                }
+                let b = Arc::new(p.to_bf16()?);
+                self.bf16.get_or_init(|| b).forward(x)
+            }
+            Base::Panels(p) => p.forward(x),
         }
-        Bf16Linear::cached(&self.bf16, self.inner.weight(), self.inner.bias())?.forward(x)
     }
 }
 
@@ -276,11 +299,11 @@ impl Module for Linear {
 /// A linear layer with bias read from `vb`.
 pub fn linear(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear::new(candle_nn::linear(din, dout, vb)?, key))
+    Linear::new(candle_nn::linear(din, dout, vb)?, key)
 }
 
 /// A linear layer without bias read from `vb`.
 pub fn linear_no_bias(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key))
+    Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key)
 }

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
+use super::cpu_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
 use super::softmax::{simd_level, softmax_row};
 
 /// Largest attention score matrix computed in one piece, in elements. Above it the scores
@@ -111,7 +111,7 @@ const MIN_TASK_ROWS: usize = 64;
 
 /// softmax(q k^T) v on the CPU in f32, fused per block of query rows (see the module doc).
 struct CpuAttention {
-    /// Both products with bf16 operands ([`super::bf16_gemm`]); the softmax stays f32.
+    /// Both products with bf16 operands ([`super::cpu_gemm`]); the softmax stays f32.
     bf16: bool,
 }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
+use super::cpu_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
 use super::winograd;
 
 /// Largest im2col band, in elements (64 MB in f32).
@@ -348,7 +348,7 @@ impl CustomOp2 for TapConv {
 /// A 1x1 stride-1 f32 convolution: `W (c_out x c_in) x X (c_in x h * w)` per image, one GEMM
 /// into the output with the bias already in place (candle's conv2d copies the input into an
 /// im2col matrix and re-lays out the kernel on every call). With `true`, the products have
-/// bf16 operands ([`super::bf16_gemm`]).
+/// bf16 operands ([`super::cpu_gemm`]).
 #[derive(Debug, Clone)]
 struct Pointwise(TapConv, bool);
 

@@ -4,8 +4,8 @@
 
 use serde::Serialize;
 
-use super::bf16_gemm::{bf16_hardware, cpu_bf16};
 use super::conv_kernel::{conv_algorithm, ConvAlgorithm};
+use super::cpu_gemm::{avx512_hardware, bf16_hardware, cpu_bf16};
 use super::softmax::{simd_level, Simd};
 
 /// The kernels f32 work on the CPU goes through.
@@ -24,9 +24,11 @@ pub struct CpuKernels {
     /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX2+FMA or portable
     /// kernels (its AVX-512 ones are not built in, see `Cargo.toml`).
     pub gemm: &'static str,
-    /// The linear layers' products: `f32` (the `gemm` crate), or with `--dtype bf16`
-    /// `bf16 avx512bf16` (the project's `vdpbf16ps` kernel) or `bf16 rounded, f32 gemm` (CPUs
-    /// without AVX512-BF16: the same rounded operands, multiplied in f32).
+    /// The products of linear layers, attention and 1x1 convolutions: `f32` (the `gemm`
+    /// crate; linear layers on the project's AVX-512F panels where the CPU has AVX-512F), or
+    /// with `--dtype bf16` `bf16 avx512bf16` (the project's `vdpbf16ps` kernel) or
+    /// `bf16 rounded, f32 gemm` (CPUs without AVX512-BF16: the same rounded operands,
+    /// multiplied in f32).
     pub products: &'static str,
     /// Threads of the rayon pool the kernels share.
     pub threads: usize,
@@ -71,6 +73,7 @@ pub fn cpu_kernels() -> CpuKernels {
         },
         gemm,
         products: match (cpu_bf16(), bf16_hardware()) {
+            (false, _) if avx512_hardware() => "f32, linear layers on avx512f panels",
             (false, _) => "f32",
             (true, true) => "bf16 avx512bf16",
             (true, false) => "bf16 rounded, f32 gemm",

@@ -17,8 +17,8 @@ use candle_nn::VarBuilder;
 
 use super::adapter::{self, LayerInfo, LayerShape};
 use super::attention::{score_budget, sliced_attention};
-use super::bf16_gemm::{takes_bf16, Bf16Linear};
 use super::config::{numbered_count, JsonConfig};
+use super::cpu_gemm::{takes_bf16, PackedLinear};
 use crate::Result;
 
 /// A linear layer whose weight is dense, or quantized (GGUF) and dequantized, together with
@@ -30,7 +30,7 @@ pub struct Lin {
     /// The layer's name when it takes adapters (see [`adapter`]).
     key: Option<Arc<str>>,
     /// A dense weight packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
-    bf16: OnceLock<Arc<Bf16Linear>>,
+    bf16: OnceLock<Arc<PackedLinear>>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,10 +66,10 @@ impl Lin {
         let y = if !takes_bf16(x) {
             candle_nn::Linear::new(w, self.bias.clone()).forward(x)?
         } else if matches!(self.weight, LinWeight::Dense(_)) {
-            Bf16Linear::cached(&self.bf16, &w, self.bias.as_ref())?.forward(x)?
+            PackedLinear::cached(&self.bf16, &w, self.bias.as_ref())?.forward(x)?
         } else {
             // A dequantized weight lives for this call only.
-            Bf16Linear::new(&w, self.bias.as_ref())?.forward(x)?
+            PackedLinear::new(&w, self.bias.as_ref())?.forward(x)?
         };
         adapter::adapt(&self.key, x, y)
     }

@@ -3,12 +3,12 @@
 pub mod activation;
 pub mod adapter;
 pub mod attention;
-pub mod bf16_gemm;
 pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod conv_kernel;
 pub mod cpu;
+pub mod cpu_gemm;
 pub mod flux;
 pub mod resnet;
 pub mod softmax;

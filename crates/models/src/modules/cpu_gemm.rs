@@ -63,6 +63,21 @@ pub fn weights_dtype(dtype: DType, device: &Device) -> DType {
     }
 }
 
+/// Whether this CPU has the f32 panel kernel (AVX-512F).
+pub fn avx512_hardware() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether this CPU has the AVX512-BF16 kernel.
 pub fn bf16_hardware() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -116,6 +131,7 @@ impl std::fmt::Debug for PackedB {
         let kind = match self.data {
             Packed::Pairs(_) => "bf16 pairs",
             Packed::Rounded(_) => "rounded f32",
+            Packed::Singles(_) => "f32 panels",
         };
         write!(f, "PackedB({} x {}, {kind})", self.k, self.n)
     }
@@ -128,6 +144,8 @@ enum Packed {
     Pairs(Vec<u32>),
     /// The rounded values as f32, k x n row-major, for CPUs without AVX512-BF16.
     Rounded(Vec<f32>),
+    /// Unrounded f32 (as bits), `[panel][k][NR]`, for the AVX-512F kernel.
+    Singles(Vec<u32>),
 }
 
 impl PackedB {
@@ -140,6 +158,27 @@ impl PackedB {
     /// A linear layer's (n x k) weight as the right operand of `x W^T`.
     pub(crate) fn from_weight(w: &[f32], n: usize, k: usize) -> Self {
         Self::new(w, k, n, 1, k)
+    }
+
+    /// A linear layer's (n x k) weight in f32 panels for the AVX-512F kernel, unrounded;
+    /// `None` where the CPU has no AVX-512F.
+    pub(crate) fn f32_weight(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        if !avx512_hardware() {
+            return None;
+        }
+        let mut out = vec![0u32; n.div_ceil(NR) * k * NR];
+        out.par_chunks_mut((k * NR).max(1))
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                let cols = NR.min(n - panel * NR);
+                for (kk, dst) in dst.chunks_exact_mut(NR).enumerate() {
+                    for (j, d) in dst.iter_mut().enumerate().take(cols) {
+                        *d = w[(panel * NR + j) * k + kk].to_bits();
+                    }
+                }
+            });
+        let data = Packed::Singles(out);
+        Some(PackedB { k, n, data })
     }
 
     fn for_kernel(b: &[f32], k: usize, n: usize, (rs, cs): (usize, usize), pairs: bool) -> Self {
@@ -241,7 +280,8 @@ pub(crate) unsafe fn matmul_raw(a: Lhs, b: &PackedB, start: Start, c: *mut f32, 
     }
     match &b.data {
         _ if k == 0 => {}
-        Packed::Pairs(panels) => pairs_matmul(a, (k, n), panels, start, out, ldc),
+        Packed::Pairs(panels) => panel_matmul(a, (k, n), (panels, false), start, out, ldc),
+        Packed::Singles(panels) => panel_matmul(a, (k, n), (panels, true), start, out, ldc),
         // SAFETY: as the caller promises.
         Packed::Rounded(rounded) => unsafe { rounded_matmul(a, (k, n), rounded, c, ldc) },
     }
@@ -335,22 +375,24 @@ fn tasks(m: usize, panels: usize) -> Vec<Task> {
     out
 }
 
-fn pairs_matmul(
+/// The product on packed panels: bf16 pairs, or with `singles` f32 values.
+fn panel_matmul(
     a: Lhs,
     (k, n): (usize, usize),
-    panels: &[u32],
+    (panels, singles): (&[u32], bool),
     start: Start,
     out: Out,
     ldc: usize,
 ) {
-    let kp = k.div_ceil(2);
+    // The k steps of the kernel: pairs of k, or single k.
+    let kp = if singles { k } else { k.div_ceil(2) };
     tasks(a.m, n.div_ceil(NR)).par_iter().for_each(|task| {
         let (r0, r1) = task.rows;
         let blocks = (r1 - r0).div_ceil(MR);
         let mut packed = vec![0u32; blocks * MR * KC];
         for kb in (0..kp).step_by(KC) {
             let kc = KC.min(kp - kb);
-            pack_a(a, k, (r0, r1), (kb, kc), &mut packed);
+            pack_a(a, (k, singles), (r0, r1), (kb, kc), &mut packed);
             for panel in task.panels.0..task.panels.1 {
                 let cols = NR.min(n - panel * NR);
                 let b = &panels[(panel * kp + kb) * NR..(panel * kp + kb + kc) * NR];
@@ -369,22 +411,29 @@ fn pairs_matmul(
                         cols,
                     };
                     let ap = &packed[blk * MR * KC..(blk + 1) * MR * KC];
-                    // SAFETY: the kernel runs only where `bf16_hardware()` chose `Pairs`; the
-                    // tile lies inside this task's rectangle of c.
-                    unsafe { kernel::block(ap, b, kc, &tile, &init) };
+                    // SAFETY: `Pairs` exist only where the CPU has AVX512-BF16, `Singles` only
+                    // where it has AVX-512F; the tile lies inside this task's rectangle of c.
+                    unsafe {
+                        if singles {
+                            kernel::block_f32(ap, b, kc, &tile, &init)
+                        } else {
+                            kernel::block(ap, b, kc, &tile, &init)
+                        }
+                    };
                 }
             }
         }
     });
 }
 
-/// Rounds rows `r0..r1`, k pairs `kb..kb + kc` of `a` into `packed` as
-/// `[row block][MR rows][KC pairs]`, rows past `r1` and the odd k's partner zero. A row's
-/// pairs lie side by side, so that rounding is one vector instruction per 32 values and the
-/// kernel finds row r's pair p at the constant offset `r * KC + p`.
+/// Rows `r0..r1`, k steps `kb..kb + kc` of `a` into `packed` as `[row block][MR rows][KC
+/// steps]`: a step is a pair of k rounded to bf16, or with `singles` one f32 value; rows past
+/// `r1` and steps past k are zero. A row's steps lie side by side, so that rounding is one
+/// vector instruction per 32 values and the kernel finds row r's step p at the constant offset
+/// `r * KC + p`.
 fn pack_a(
     a: Lhs,
-    k: usize,
+    (k, singles): (usize, bool),
     (r0, r1): (usize, usize),
     (kb, kc): (usize, usize),
     packed: &mut [u32],
@@ -398,8 +447,17 @@ fn pack_a(
                 continue;
             }
             let start = row * a.ld;
+            if singles {
+                let src = &a.data[start + kb..start + (kb + kc).min(k)];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s.to_bits();
+                }
+                dst[src.len()..].fill(0);
+                continue;
+            }
             let src = &a.data[start + 2 * kb..start + (2 * (kb + kc)).min(k)];
-            // SAFETY: only the `Pairs` path, chosen where the CPU has AVX512-BF16, packs a.
+            // SAFETY: only the `Pairs` path, chosen where the CPU has AVX512-BF16, packs
+            // pairs.
             unsafe { kernel::row_pairs(src, dst) };
         }
     }
@@ -465,52 +523,78 @@ mod kernel {
         }
     }
 
-    /// `MR` x `NR` sums over `kc` pairs: `ap` is `[MR][KC]`, `b` `[pair][NR]`.
-    ///
-    /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; `tile` lies in writable memory.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn block(ap: &[u32], b: &[u32], kc: usize, tile: &Tile, init: &Init) {
-        debug_assert!(kc <= KC && ap.len() >= KC * MR && b.len() >= kc * NR);
-        let m0 = lane_mask(tile.cols);
-        let m1 = lane_mask(tile.cols.saturating_sub(16));
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        match init {
-            Init::Bias(Some(bias)) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16));
-                for row in acc.iter_mut() {
-                    *row = [b0, b1];
+    /// A kernel block: `MR` x `NR` sums over `kc` steps of `ap` (`[MR][KC]`) and `b`
+    /// (`[step][NR]`), one `$step(acc, a, b)` per step, lane and row.
+    macro_rules! block {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $step:expr) => {
+            $(#[$doc])*
+            /// # Safety
+            /// The CPU has the features named; `tile` lies in writable memory.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(ap: &[u32], b: &[u32], kc: usize, tile: &Tile, init: &Init) {
+                debug_assert!(kc <= KC && ap.len() >= KC * MR && b.len() >= kc * NR);
+                let m0 = lane_mask(tile.cols);
+                let m1 = lane_mask(tile.cols.saturating_sub(16));
+                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                match init {
+                    Init::Bias(Some(bias)) => {
+                        let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                        let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16));
+                        for row in acc.iter_mut() {
+                            *row = [b0, b1];
+                        }
+                    }
+                    Init::Bias(None) => {}
+                    Init::Load => {
+                        for (r, row) in acc.iter_mut().enumerate().take(tile.rows) {
+                            let p = tile.c.add(r * tile.ldc);
+                            *row = [
+                                _mm512_maskz_loadu_ps(m0, p),
+                                _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
+                            ];
+                        }
+                    }
                 }
-            }
-            Init::Bias(None) => {}
-            Init::Load => {
-                for (r, row) in acc.iter_mut().enumerate().take(tile.rows) {
+                let (ap, bp) = (ap.as_ptr(), b.as_ptr());
+                for p in 0..kc {
+                    let b0 = _mm512_loadu_si512(bp.add(p * NR).cast());
+                    let b1 = _mm512_loadu_si512(bp.add(p * NR + 16).cast());
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_epi32(*ap.add(r * KC + p) as i32);
+                        row[0] = $step(row[0], a, b0);
+                        row[1] = $step(row[1], a, b1);
+                    }
+                }
+                for (r, row) in acc.iter().enumerate().take(tile.rows) {
                     let p = tile.c.add(r * tile.ldc);
-                    *row = [
-                        _mm512_maskz_loadu_ps(m0, p),
-                        _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
-                    ];
+                    _mm512_mask_storeu_ps(p, m0, row[0]);
+                    _mm512_mask_storeu_ps(p.wrapping_add(16), m1, row[1]);
                 }
             }
-        }
-        let (ap, bp) = (ap.as_ptr(), b.as_ptr());
-        for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*ap.add(r * KC + p) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], a, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], a, b1);
-            }
-        }
-        for (r, row) in acc.iter().enumerate().take(tile.rows) {
-            let p = tile.c.add(r * tile.ldc);
-            _mm512_mask_storeu_ps(p, m0, row[0]);
-            _mm512_mask_storeu_ps(p.wrapping_add(16), m1, row[1]);
-        }
+        };
     }
+
+    block!(
+        /// bf16 pairs: `vdpbf16ps`.
+        block,
+        "avx512f,avx512bf16",
+        |acc, a: __m512i, b: __m512i| _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512i, __m512bh>(b)
+        )
+    );
+
+    block!(
+        /// f32 values: FMA.
+        block_f32,
+        "avx512f",
+        |acc, a: __m512i, b: __m512i| _mm512_fmadd_ps(
+            _mm512_castsi512_ps(a),
+            _mm512_castsi512_ps(b),
+            acc
+        )
+    );
 
     /// The first `n` of 16 lanes.
     #[inline]
@@ -526,6 +610,11 @@ mod kernel {
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
     use super::{Init, Tile, NR};
+
+    /// Never called: `Singles` are packed only where AVX-512F exists.
+    pub(super) unsafe fn block_f32(_: &[u32], _: &[u32], _: usize, _: &Tile, _: &Init) {
+        unreachable!("the f32 panel kernel needs AVX-512F")
+    }
 
     /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
     pub(super) unsafe fn row_pairs(_: &[f32], _: &mut [u32]) {
@@ -543,28 +632,60 @@ mod kernel {
     }
 }
 
-/// A linear layer's weights and bias as the bf16 product uses them.
+/// A linear layer's weights and bias packed for this module's kernels: bf16 pairs, or f32
+/// panels.
 #[derive(Debug)]
-pub(crate) struct Bf16Linear {
+pub(crate) struct PackedLinear {
     weight: PackedB,
     bias: Option<Vec<f32>>,
 }
 
-impl Bf16Linear {
-    /// Packs an f32 (n x k) weight and its (n) bias.
+/// A weight (n x k) and bias as f32 values.
+fn linear_values(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok((values(weight)?, bias.map(values).transpose()?))
+}
+
+impl PackedLinear {
+    /// An (n x k) weight and its (n) bias for bf16 products.
     pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Self> {
         let (n, k) = weight.dims2()?;
-        let w = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let bias = match bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        Ok(Bf16Linear {
+        let (w, bias) = linear_values(weight, bias)?;
+        Ok(PackedLinear {
             weight: PackedB::from_weight(&w, n, k),
             bias,
+        })
+    }
+
+    /// An (n x k) weight and its bias in f32 panels; `None` where the CPU has no AVX-512F.
+    pub(crate) fn f32(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Option<Self>> {
+        if !avx512_hardware() {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let (w, bias) = linear_values(weight, bias)?;
+        Ok(PackedB::f32_weight(&w, n, k).map(|weight| PackedLinear { weight, bias }))
+    }
+
+    /// This f32-panel layer for bf16 products.
+    pub(crate) fn to_bf16(&self) -> candle_core::Result<Self> {
+        let Packed::Singles(panels) = &self.weight.data else {
+            candle_core::bail!("sd-linear: only f32 panels convert to bf16");
+        };
+        let (k, n) = (self.weight.k, self.weight.n);
+        // The panels hold (kk, j) of panel j / NR at [(j / NR * k + kk) * NR + j % NR].
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let (j, kk) = (i / k, i % k);
+                f32::from_bits(panels[((j / NR) * k + kk) * NR + j % NR])
+            })
+            .collect();
+        Ok(PackedLinear {
+            weight: PackedB::from_weight(&w, n, k),
+            bias: self.bias.clone(),
         })
     }
 
@@ -587,9 +708,9 @@ impl Bf16Linear {
     }
 }
 
-impl CustomOp1 for Bf16Linear {
+impl CustomOp1 for PackedLinear {
     fn name(&self) -> &'static str {
-        "sd-bf16-linear"
+        "sd-linear"
     }
 
     fn cpu_fwd(
@@ -809,7 +930,7 @@ mod tests {
             let x = rng.randn(&[2, rows, k], &dev).unwrap();
             let w = rng.randn(&[n, k], &dev).unwrap();
             let b = bias.then(|| rng.randn(&[n], &dev).unwrap());
-            let got = Bf16Linear::new(&w, b.as_ref())
+            let got = PackedLinear::new(&w, b.as_ref())
                 .unwrap()
                 .forward(&x)
                 .unwrap();
@@ -825,31 +946,102 @@ mod tests {
         }
     }
 
+    /// The f32 panels: the unrounded product (f64 reference), odd sizes, every start, a
+    /// left operand with a row stride past k; and the layer against candle's, and converted to
+    /// bf16 against the bf16 layer.
+    #[test]
+    fn f32_panels_match_the_product() {
+        if !avx512_hardware() {
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (13, 77, 33), (37, 600, 65), (200, 3, 100)] {
+            let a = random(m * (k + 3), (m + k) as u64);
+            let a = Lhs {
+                data: &a,
+                m,
+                ld: k + 3,
+            };
+            let w = random(n * k, (n * 3 + k) as u64);
+            let bias = random(n, 5);
+            let b = PackedB::f32_weight(&w, n, k).expect("AVX-512F");
+            let mut c = vec![f32::NAN; m * n];
+            matmul(a, &b, Start::Bias(&bias), &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = bias[j] as f64
+                        + (0..k)
+                            .map(|kk| a.data[i * a.ld + kk] as f64 * w[j * k + kk] as f64)
+                            .sum::<f64>();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * (k as f64).sqrt(),
+                        "{m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(19);
+        let x = rng.randn(&[2, 9, 70], &dev).unwrap();
+        let w = rng.randn(&[45, 70], &dev).unwrap();
+        let b = rng.randn(&[45], &dev).unwrap();
+        let panels = PackedLinear::f32(&w, Some(&b)).unwrap().expect("AVX-512F");
+        let want = candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap();
+        let diff = crate::modules::max_abs_diff(&panels.forward(&x).unwrap(), &want);
+        assert!(diff < 1e-5, "f32 panels differ from candle by {diff}");
+        let bf16 = PackedLinear::new(&w, Some(&b))
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let converted = panels.to_bf16().unwrap().forward(&x).unwrap();
+        assert_eq!(crate::modules::max_abs_diff(&bf16, &converted), 0.0);
+    }
+
     /// Throughput of both kernels on a UNet-sized product (run with `--ignored --nocapture`).
     #[test]
     #[ignore]
     fn timing() {
-        let (m, k, n) = (8192, 320, 1280);
-        let a = random(m * k, 1);
-        let w = random(n * k, 2);
-        let mut c = vec![0f32; m * n];
-        let kernels: &[bool] = if bf16_hardware() {
-            &[true, false]
-        } else {
-            &[false]
-        };
-        for &pairs in kernels {
-            let b = PackedB::for_kernel(&w, k, n, (1, k), pairs);
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                matmul(Lhs { data: &a, m, ld: k }, &b, Start::Zero, &mut c);
-                best = best.min(t.elapsed().as_secs_f64());
+        // A UNet projection, CLIP's MLP and attention projection (77 rows).
+        for (m, k, n) in [
+            (8192, 320, 1280),
+            (77, 768, 3072),
+            (77, 3072, 768),
+            (77, 768, 768),
+        ] {
+            let a = random(m * k, 1);
+            let w = random(n * k, 2);
+            let mut c = vec![0f32; m * n];
+            let mut packed = vec![("rounded f32", PackedB::for_kernel(&w, k, n, (1, k), false))];
+            if bf16_hardware() {
+                packed.push(("bf16 pairs", PackedB::for_kernel(&w, k, n, (1, k), true)));
             }
-            println!(
-                "pairs {pairs}: {:.1} GFLOPS",
+            if let Some(b) = PackedB::f32_weight(&w, n, k) {
+                packed.push(("f32 panels", b));
+            }
+            let gflops = |f: &mut dyn FnMut()| {
+                let mut best = f64::MAX;
+                for _ in 0..20 {
+                    let t = std::time::Instant::now();
+                    f();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
                 2.0 * (m * k * n) as f64 / best / 1e9
+            };
+            for (name, b) in &packed {
+                let g = gflops(&mut || matmul(Lhs { data: &a, m, ld: k }, b, Start::Zero, &mut c));
+                println!("{m}x{k}x{n} {name}: {g:.1} GFLOPS");
+            }
+            let (x, wt) = (
+                Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap(),
+                Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap(),
             );
+            let g = gflops(&mut || {
+                x.matmul(&wt.t().unwrap()).unwrap();
+            });
+            println!("{m}x{k}x{n} candle matmul: {g:.1} GFLOPS");
         }
     }
 }
