@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -236,57 +236,87 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
 /// A linear layer, adaptable when built inside [`registering`].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    base: Base,
+    state: Arc<LinearState>,
     key: Option<Arc<str>>,
-    /// The weights packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
-    bf16: std::sync::OnceLock<Arc<PackedLinear>>,
 }
 
-/// Where a linear layer's weights live.
-#[derive(Debug, Clone)]
-enum Base {
-    Candle(candle_nn::Linear),
-    /// f32 on a CPU with AVX-512F: the weights only as the panels of [`super::cpu_gemm`]
-    /// (the tensor is dropped), whose kernel runs the transposed-weight product at about 190
-    /// GFLOPS on two Zen 5 cores where candle's matmul reaches 100-125.
-    Panels(Arc<PackedLinear>),
+/// A linear layer's weights: candle's layer until the first call on a CPU with AVX-512F, which
+/// packs them into the f32 panels of [`super::cpu_gemm`] and drops the tensor. Those panels
+/// multiply by the transposed weight at about 190 GFLOPS on two Zen 5 cores where candle's
+/// matmul reaches 100-125. Packing at the first call rather than at load keeps the peak
+/// memory: a single-file checkpoint's tensors are all held until the model is built.
+#[derive(Debug)]
+struct LinearState {
+    candle: Mutex<Option<candle_nn::Linear>>,
+    /// Set at the first CPU f32 call: the panels, or `None` where candle's matmul stays.
+    panels: OnceLock<Option<Arc<PackedLinear>>>,
+    /// The weights packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
+    bf16: OnceLock<Arc<PackedLinear>>,
 }
 
 impl Linear {
-    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> candle_core::Result<Self> {
-        let w = inner.weight();
-        let base = match (w.device().is_cpu() && w.dtype() == DType::F32)
-            .then(|| PackedLinear::f32(w, inner.bias()))
-            .transpose()?
-            .flatten()
-        {
-            Some(p) => Base::Panels(Arc::new(p)),
-            None => Base::Candle(inner),
+    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> Self {
+        let state = LinearState {
+            candle: Mutex::new(Some(inner)),
+            panels: OnceLock::new(),
+            bf16: OnceLock::new(),
         };
-        Ok(Linear {
-            base,
+        Linear {
+            state: Arc::new(state),
             key,
-            bf16: std::sync::OnceLock::new(),
-        })
+        }
+    }
+
+    fn candle(&self) -> std::sync::MutexGuard<'_, Option<candle_nn::Linear>> {
+        // A panic elsewhere while the lock was held leaves the layer as it was.
+        self.state.candle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The layer's f32 panels, packed now if this is the first call; `None` where the weights
+    /// are not f32 on the CPU or the CPU has no AVX-512F.
+    fn panels(&self) -> candle_core::Result<Option<Arc<PackedLinear>>> {
+        if let Some(p) = self.state.panels.get() {
+            return Ok(p.clone());
+        }
+        let mut candle = self.candle();
+        if let Some(p) = self.state.panels.get() {
+            return Ok(p.clone());
+        }
+        let packed = match candle.as_ref() {
+            Some(l) if l.weight().device().is_cpu() && l.weight().dtype() == DType::F32 => {
+                PackedLinear::f32(l.weight(), l.bias())?.map(Arc::new)
+            }
+            _ => None,
+        };
+        if packed.is_some() {
+            *candle = None;
+        }
+        Ok(self.state.panels.get_or_init(|| packed).clone())
     }
 
     /// `x W^T + b`: in bf16 products where the CPU runs f32 layers so (see
     /// [`super::cpu_gemm`]).
     fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.base {
-            Base::Candle(l) if takes_bf16(x) => {
-                PackedLinear::cached(&self.bf16, l.weight(), l.bias())?.forward(x)
-            }
-            Base::Candle(l) => l.forward(x),
-            Base::Panels(p) if takes_bf16(x) => {
-                if let Some(b) = self.bf16.get() {
+        let bf16 = takes_bf16(x);
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            if let Some(p) = self.panels()? {
+                if !bf16 {
+                    return p.forward(x);
+                }
+                if let Some(b) = self.state.bf16.get() {
                     return b.forward(x);
                 }
                 let b = Arc::new(p.to_bf16()?);
-                self.bf16.get_or_init(|| b).forward(x)
+                return self.state.bf16.get_or_init(|| b).forward(x);
             }
-            Base::Panels(p) => p.forward(x),
         }
+        let Some(l) = self.candle().clone() else {
+            candle_core::bail!("linear layer: its weights are packed for the CPU only");
+        };
+        if bf16 {
+            return PackedLinear::cached(&self.state.bf16, l.weight(), l.bias())?.forward(x);
+        }
+        l.forward(x)
     }
 }
 
@@ -299,11 +329,38 @@ impl Module for Linear {
 /// A linear layer with bias read from `vb`.
 pub fn linear(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Linear::new(candle_nn::linear(din, dout, vb)?, key)
+    Ok(Linear::new(candle_nn::linear(din, dout, vb)?, key))
 }
 
 /// A linear layer without bias read from `vb`.
 pub fn linear_no_bias(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key)
+    Ok(Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The layer computes candle's linear layer before and after its weights move into the
+    /// f32 panels (on a CPU with AVX-512F), and says so by dropping candle's copy.
+    #[test]
+    fn linear_equals_candle_before_and_after_packing() {
+        let dev = Device::Cpu;
+        let mut rng = crate::samplers::TorchRng::new(21);
+        let w = rng.randn(&[45, 70], &dev).unwrap();
+        let b = rng.randn(&[45], &dev).unwrap();
+        let x = rng.randn(&[2, 9, 70], &dev).unwrap();
+        let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let want = reference.forward(&x).unwrap();
+        let tensors = HashMap::from([("weight".to_string(), w), ("bias".to_string(), b)]);
+        let layer = linear(70, 45, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+        for _ in 0..2 {
+            let diff = crate::modules::max_abs_diff(&layer.forward(&x).unwrap(), &want);
+            assert!(diff < 1e-5, "differs from candle's by {diff}");
+        }
+        let packed = super::super::cpu_gemm::avx512_hardware();
+        assert_eq!(layer.candle().is_none(), packed);
+    }
 }
