@@ -120,10 +120,10 @@ impl Attention {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
+            q: linear(d, d, vb.pp("q_proj"))?.with_panels(),
+            k: linear(d, d, vb.pp("k_proj"))?.with_panels(),
+            v: linear(d, d, vb.pp("v_proj"))?.with_panels(),
+            out: linear(d, d, vb.pp("out_proj"))?.with_panels(),
             heads: c.num_attention_heads,
             scale: ((d / c.num_attention_heads) as f64).powf(-0.5),
         })
@@ -167,8 +167,8 @@ impl EncoderLayer {
             ln1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(vb.pp("self_attn"), c)?,
             ln2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?.with_panels(),
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?.with_panels(),
             act: c.hidden_act,
         })
     }

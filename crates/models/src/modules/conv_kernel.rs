@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{cpu_bf16, matmul, Lhs, PackedB, Start};
+use super::cpu_gemm::{cpu_bf16, gemm_parallelism, matmul, Lhs, PackedB, Start};
 use super::winograd;
 
 /// Largest im2col band, in elements (64 MB in f32).
@@ -228,16 +228,6 @@ fn conv_operands<'a>(
         c_out,
         k,
     })
-}
-
-/// The `gemm` crate's parallelism over rayon's threads.
-fn gemm_parallelism() -> gemm::Parallelism {
-    let threads = rayon::current_num_threads();
-    if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    }
 }
 
 /// A stride-1 square f32 convolution as k x k accumulating GEMMs over the padded input (see

@@ -25,7 +25,8 @@ pub struct CpuKernels {
     /// kernels (its AVX-512 ones are not built in, see `Cargo.toml`).
     pub gemm: &'static str,
     /// The products of linear layers, attention and 1x1 convolutions: `f32` (the `gemm`
-    /// crate; linear layers on the project's AVX-512F panels where the CPU has AVX-512F), or
+    /// crate; the text encoders' linear layers on the project's AVX-512F panels where the CPU
+    /// has AVX-512F), or
     /// with `--dtype bf16` `bf16 avx512bf16` (the project's `vdpbf16ps` kernel) or
     /// `bf16 rounded, f32 gemm` (CPUs without AVX512-BF16: the same rounded operands,
     /// multiplied in f32).
@@ -73,7 +74,7 @@ pub fn cpu_kernels() -> CpuKernels {
         },
         gemm,
         products: match (cpu_bf16(), bf16_hardware()) {
-            (false, _) if avx512_hardware() => "f32, linear layers on avx512f panels",
+            (false, _) if avx512_hardware() => "f32, text encoders on avx512f panels",
             (false, _) => "f32",
             (true, true) => "bf16 avx512bf16",
             (true, false) => "bf16 rounded, f32 gemm",

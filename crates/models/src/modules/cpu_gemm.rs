@@ -299,12 +299,6 @@ unsafe fn rounded_matmul(a: Lhs, (k, n): (usize, usize), b: &[f32], c: *mut f32,
             *d = round_bf16(*s);
         }
     });
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: c is m x n (row stride ldc), ar m x k (k), b k x n (n), all in bounds.
     unsafe {
         gemm::gemm(
@@ -326,8 +320,18 @@ unsafe fn rounded_matmul(a: Lhs, (k, n): (usize, usize), b: &[f32], c: *mut f32,
             false,
             false,
             false,
-            par,
+            gemm_parallelism(),
         );
+    }
+}
+
+/// The `gemm` crate's parallelism over rayon's threads.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
     }
 }
 
@@ -666,8 +670,21 @@ impl PackedLinear {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
-        let (w, bias) = linear_values(weight, bias)?;
-        Ok(PackedB::f32_weight(&w, n, k).map(|weight| PackedLinear { weight, bias }))
+        let bias = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        // Packed straight from the tensor's storage: no second copy of the weights to free
+        // (each such copy leaves a hole the allocator may not reuse).
+        let weight = weight.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let packed = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => {
+                PackedB::f32_weight(&w[a..b], n, k)
+            }
+            _ => candle_core::bail!("sd-linear: f32 panels need an f32 CPU weight"),
+        };
+        Ok(packed.map(|weight| PackedLinear { weight, bias }))
     }
 
     /// This f32-panel layer for bf16 products.

@@ -133,8 +133,8 @@ pub(super) struct CpuKernelsInfo {
     convolution: &'static str,
     /// The f32 GEMM under matmul and convolution.
     gemm: &'static str,
-    /// The products of linear layers, attention and 1x1 convolutions: `f32` (`f32, linear
-    /// layers on avx512f panels` where the CPU has AVX-512F), or with `--dtype bf16`
+    /// The products of linear layers, attention and 1x1 convolutions: `f32` (`f32, text
+    /// encoders on avx512f panels` where the CPU has AVX-512F), or with `--dtype bf16`
     /// `bf16 avx512bf16` or `bf16 rounded, f32 gemm` (no AVX512-BF16).
     products: &'static str,
     /// Threads the kernels share.
