@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use sd_models::modules::cpu_gemm::{set_cpu_bf16, weights_dtype};
+use sd_models::modules::cpu_gemm::{products_in_bf16, set_cpu_bf16, weights_dtype};
 use sd_models::pipelines::flux::FluxPipeline;
 
 use crate::backend::Model;
@@ -46,7 +46,7 @@ pub struct LoadRequest {
 /// Sets the process's CPU matrix products to bf16 or f32 as the request's dtype says (bf16 on
 /// the CPU: f32 weights, bf16 products); [`load`] does it before loading.
 pub fn apply_cpu_precision(request: &LoadRequest) {
-    set_cpu_bf16(request.dtype == DType::BF16 && request.device.is_cpu());
+    set_cpu_bf16(products_in_bf16(request.dtype, &request.device));
 }
 
 pub fn dtype_name(dtype: DType) -> &'static str {

@@ -16,7 +16,7 @@ use candle_transformers::models::stable_diffusion::vae as candle_vae;
 use clap::Args;
 use sd_models::modules::adapter::{registering, with_adapters, AdapterSet, LayerInfo, LayerShape};
 use sd_models::modules::clip::{ClipTextConfig, ClipTextModel};
-use sd_models::modules::cpu_gemm::{cpu_bf16, set_cpu_bf16, weights_dtype};
+use sd_models::modules::cpu_gemm::{cpu_bf16, products_in_bf16, set_cpu_bf16, weights_dtype};
 use sd_models::modules::flux::{FluxConfig, FluxTransformer};
 use sd_models::modules::unet::{AddedCond, UNet, UNetConfig};
 use sd_models::modules::vae::{Vae, VaeConfig};
@@ -369,7 +369,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     let requested = parse_dtype(&args.dtype)?;
-    set_cpu_bf16(requested == DType::BF16 && device.is_cpu());
+    set_cpu_bf16(products_in_bf16(requested, &device));
     // The weights' dtype: f32 for bf16 on the CPU, whose products round to bf16.
     let dtype = weights_dtype(requested, &device);
     let stages: Vec<String> = args

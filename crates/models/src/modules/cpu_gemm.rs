@@ -53,10 +53,15 @@ pub(crate) fn takes_bf16(x: &Tensor) -> bool {
     cpu_bf16() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// Whether `dtype` on `device` means f32 layers with bf16 products: bf16 on the CPU.
+pub fn products_in_bf16(dtype: DType, device: &Device) -> bool {
+    dtype == DType::BF16 && device.is_cpu()
+}
+
 /// The dtype a model's weights load in for `dtype` on `device`: on the CPU, bf16 means f32
 /// weights and activations whose matrix products round to bf16 ([`set_cpu_bf16`]).
 pub fn weights_dtype(dtype: DType, device: &Device) -> DType {
-    if dtype == DType::BF16 && device.is_cpu() {
+    if products_in_bf16(dtype, device) {
         DType::F32
     } else {
         dtype
@@ -670,20 +675,8 @@ impl PackedLinear {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
-        let bias = match bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        // Packed straight from the tensor's storage: no second copy of the weights to free
-        // (each such copy leaves a hole the allocator may not reuse).
-        let weight = weight.contiguous()?;
-        let (storage, layout) = weight.storage_and_layout();
-        let packed = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => {
-                PackedB::f32_weight(&w[a..b], n, k)
-            }
-            _ => candle_core::bail!("sd-linear: f32 panels need an f32 CPU weight"),
-        };
+        let (w, bias) = linear_values(weight, bias)?;
+        let packed = PackedB::f32_weight(&w, n, k);
         Ok(packed.map(|weight| PackedLinear { weight, bias }))
     }
 
