@@ -4,14 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: glibc hands every block over 32 MB straight back to the
-/// kernel on free, so each large activation of the next layer page-faults and is zeroed again;
-/// mimalloc keeps freed blocks for reuse ([`keep_freed_memory`]). On the SD 1.5 VAE decode at
-/// 512x512 (2-core EPYC, f32): 36.9 s with glibc, 19.9 s with mimalloc's defaults, 17.6 s
-/// when it never purges, at a peak RSS of 2.3 GB (was 1.7 GB); see BENCHMARKS.md.
+/// mimalloc instead of glibc's malloc for ordinary blocks, and mapped regions kept for reuse
+/// for large ones ([`allocator`] says why). glibc hands every block over 32 MB straight back
+/// to the kernel on free, so each large activation of the next layer page-faults and is zeroed
+/// again: on the SD 1.5 VAE decode at 512x512 (2-core EPYC, f32) 36.9 s with glibc against
+/// 17.6 s with mimalloc never purging (BENCHMARKS.md).
 #[cfg(not(test))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::WorkerAlloc = allocator::WorkerAlloc::new();
 
 /// The unit tests' allocator: the fuzz harnesses' bound on a single allocation.
 #[cfg(test)]
@@ -23,18 +23,21 @@ static TEST_ALLOC: sd_fuzz::BoundedAlloc = sd_fuzz::BoundedAlloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Freed memory stays with the process for the next layer and the next job instead of being
-/// returned to the kernel after 10 ms (mimalloc's default), as a GPU caching allocator does:
-/// the resident size stays at the largest job's peak, plus the freed blocks that did not fit
-/// later sizes (SDXL VAE decode at 1024: 8.6 GB against 5.5 GB purging after 10 ms, which
-/// makes an SD 1.5 UNet step 16.1 s instead of 11.2 s). `MIMALLOC_PURGE_DELAY`
-/// (milliseconds) still chooses otherwise.
+/// returned to the kernel after 10 ms (mimalloc's default), as a GPU caching allocator does
+/// (purging after 10 ms makes an SD 1.5 UNet step 16.1 s instead of 11.2 s); large blocks are
+/// kept by [`allocator`] within its bound. With `MIMALLOC_PURGE_DELAY` set (milliseconds),
+/// mimalloc purges after that delay and freed large blocks go back at once.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets an option value; mimalloc reads options atomically.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    } else {
+        #[cfg(not(test))]
+        GLOBAL.return_freed();
     }
 }
 
+mod allocator;
 mod api;
 mod bench;
 mod device;

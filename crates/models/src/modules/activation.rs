@@ -36,6 +36,11 @@ pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// SiLU of `src` into `dst` (as long), at the CPU's SIMD level.
+pub(crate) fn silu_slice(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    apply(Kind::Silu, simd_level(), src, dst)
+}
+
 fn fast(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32 && simd_level() != Simd::None
 }

@@ -10,6 +10,7 @@ pub mod conv_kernel;
 pub mod cpu;
 pub mod cpu_gemm;
 pub mod flux;
+pub mod group_norm;
 pub mod resnet;
 pub mod softmax;
 pub mod t5;

@@ -2,11 +2,12 @@
 //! time embedding) and the VAE (without).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::adapter::{linear, Linear};
 
 use super::conv::Conv2d;
+use super::group_norm::{group_norm, GroupNorm};
 use crate::Result;
 
 /// A convolution with "same" padding for odd kernels.
@@ -65,16 +66,12 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward(&crate::modules::activation::silu(&self.norm1.forward(xs)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self
-            .conv2
-            .forward(&crate::modules::activation::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(xs)?,
             None => xs.clone(),

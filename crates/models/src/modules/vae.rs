@@ -1,12 +1,13 @@
 //! The KL autoencoder (diffusers `AutoencoderKL`) configured from its `config.json`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde_json::json;
 
 use super::attention::{score_budget, sliced_attention};
 use super::config::JsonConfig;
 use super::conv::Conv2d;
+use super::group_norm::{group_norm, GroupNorm};
 use super::resnet::{conv, ResnetBlock, ResnetSpec};
 use crate::Result;
 
@@ -246,9 +247,7 @@ impl Decoder {
                 xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
             }
         }
-        self.conv_out.forward(&crate::modules::activation::silu(
-            &self.norm_out.forward(&xs)?,
-        )?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -339,9 +338,7 @@ impl Encoder {
         xs = self.mid_resnets[0].forward(&xs, None)?;
         xs = self.mid_attention.forward(&xs)?;
         xs = self.mid_resnets[1].forward(&xs, None)?;
-        self.conv_out.forward(&crate::modules::activation::silu(
-            &self.norm_out.forward(&xs)?,
-        )?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 

@@ -7,11 +7,12 @@
 mod config;
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{conv2d, layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::modules::adapter::{linear, linear_no_bias, Linear};
 use crate::modules::attention::{score_budget, sliced_attention};
 use crate::modules::conv::Conv2d;
+use crate::modules::group_norm::{group_norm, GroupNorm};
 use crate::modules::resnet::{conv, ResnetBlock, ResnetSpec};
 use crate::Result;
 
@@ -602,9 +603,7 @@ impl UNet {
                 xs = us.forward(&xs.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let xs = self.conv_out.forward(&crate::modules::activation::silu(
-            &self.norm_out.forward(&xs)?,
-        )?)?;
+        let xs = self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?;
         Ok(xs)
     }
 
