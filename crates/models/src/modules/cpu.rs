@@ -21,8 +21,8 @@ pub struct CpuKernels {
     /// `--conv direct`), `taps` (k x k accumulating GEMMs over the padded input, images at
     /// least 96 wide) and `im2col` (banded, narrower images).
     pub convolution: &'static str,
-    /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX2+FMA or portable
-    /// kernels (its AVX-512 ones are not built in, see `Cargo.toml`).
+    /// The f32 GEMM under matmul and convolution: the `gemm` crate's AVX-512F, AVX2+FMA or
+    /// portable kernels, chosen by the crate at run time as here.
     pub gemm: &'static str,
     /// The products of linear layers, attention and 1x1 convolutions: `f32` (the `gemm`
     /// crate; the text encoders' linear layers on the project's AVX-512F panels where the CPU
@@ -54,7 +54,9 @@ pub fn cpu_kernels() -> CpuKernels {
         }
     }
     let avx2 = features.contains(&"avx2") && features.contains(&"fma");
-    let gemm = if avx2 {
+    let gemm = if features.contains(&"avx512f") {
+        "gemm crate, avx512f"
+    } else if avx2 {
         "gemm crate, avx2+fma"
     } else {
         "gemm crate, portable"
@@ -95,6 +97,14 @@ mod tests {
         let needs: &[&str] = match k.elementwise {
             "avx512f" => &["avx512f"],
             "avx2+fma" => &["avx2", "fma"],
+            _ => &[],
+        };
+        for f in needs {
+            assert!(k.features.contains(f), "{k:?}");
+        }
+        let needs: &[&str] = match k.gemm {
+            "gemm crate, avx512f" => &["avx512f"],
+            "gemm crate, avx2+fma" => &["avx2", "fma"],
             _ => &[],
         };
         for f in needs {
