@@ -105,47 +105,44 @@ impl Pool {
     /// A region for a block needing `len` bytes (header included) and whether its block is
     /// all zeros; `None` if the kernel refuses.
     fn region(&mut self, len: usize) -> Option<(Region, bool)> {
-        self.live += len;
-        self.high_water = self.high_water.max(self.live);
+        self.resize_live(0, len);
         let got = match self.take(len) {
-            Some(r) if r.len >= len && self.mapped > self.bound() && r.len > len => {
-                // SAFETY: `r` is the pool's and no longer in use.
-                let shrunk = unsafe { remap(r, len) };
-                match shrunk {
-                    Some(addr) => {
-                        self.mapped -= r.len - len;
-                        Some((Region { addr, len }, false))
-                    }
-                    None => Some((r, false)),
-                }
+            // Used whole: it fits, and the pool is within its bound or the fit is exact.
+            Some(r) if r.len >= len && (r.len == len || self.mapped <= self.bound()) => {
+                Some((r, false))
             }
-            Some(r) if r.len >= len => Some((r, false)),
-            Some(r) => {
-                // SAFETY: as above; on failure `r` stays mapped and goes back to the pool.
-                match unsafe { remap(r, len) } {
-                    Some(addr) => {
-                        self.mapped += len - r.len;
-                        Some((Region { addr, len }, false))
-                    }
-                    None => {
-                        self.keep(r);
-                        map(len).map(|addr| {
-                            self.mapped += len;
-                            (Region { addr, len }, true)
-                        })
-                    }
+            // SAFETY: `r` is the pool's and no longer in use; on failure it stays mapped.
+            Some(r) => match unsafe { remap(r, len) } {
+                Some(addr) => {
+                    self.mapped = self.mapped - r.len + len;
+                    Some((Region { addr, len }, false))
                 }
-            }
-            None => map(len).map(|addr| {
-                self.mapped += len;
-                (Region { addr, len }, true)
-            }),
+                None if r.len >= len => Some((r, false)),
+                None => {
+                    self.keep(r);
+                    self.fresh(len)
+                }
+            },
+            None => self.fresh(len),
         };
         if got.is_none() {
             self.live -= len;
         }
         self.trim();
         got
+    }
+
+    /// A new mapping of `len` bytes, all zeros.
+    fn fresh(&mut self, len: usize) -> Option<(Region, bool)> {
+        let addr = map(len)?;
+        self.mapped += len;
+        Some((Region { addr, len }, true))
+    }
+
+    /// A live block's need changes from `old` to `new` bytes.
+    fn resize_live(&mut self, old: usize, new: usize) {
+        self.live = self.live - old + new;
+        self.high_water = self.high_water.max(self.live);
     }
 
     /// Takes back the region of a block that needed `len` bytes.
@@ -271,16 +268,14 @@ impl LargeBlocks {
         let (old, new) = (Self::needed(layout.size()), Self::needed(new_size));
         let mut pool = self.lock();
         if new <= region.len {
-            pool.live = pool.live - old + new;
-            pool.high_water = pool.high_water.max(pool.live);
+            pool.resize_live(old, new);
             return ptr;
         }
         // SAFETY: the caller hands the block over; on failure it stays valid and theirs.
         match unsafe { remap(region, new) } {
             Some(addr) => {
                 pool.mapped += new - region.len;
-                pool.live = pool.live - old + new;
-                pool.high_water = pool.high_water.max(pool.live);
+                pool.resize_live(old, new);
                 pool.trim();
                 // SAFETY: the grown region is mapped and ours.
                 unsafe { Self::block(Region { addr, len: new }) }

@@ -238,6 +238,8 @@ pub(crate) fn adapt(key: &Option<Arc<str>>, x: &Tensor, y: Tensor) -> candle_cor
 pub struct Linear {
     state: Arc<LinearState>,
     key: Option<Arc<str>>,
+    /// Whether the weights move into f32 panels at the first CPU call.
+    takes_panels: bool,
 }
 
 /// A linear layer's weights: candle's layer, or for a layer built [`Linear::with_panels`], from
@@ -254,8 +256,6 @@ pub struct Linear {
 #[derive(Debug)]
 struct LinearState {
     candle: Mutex<Option<candle_nn::Linear>>,
-    /// Whether the weights move into f32 panels at the first CPU call.
-    takes_panels: bool,
     /// Set at the first CPU f32 call: the panels, or `None` where candle's matmul stays.
     panels: OnceLock<Option<Arc<PackedLinear>>>,
     /// The weights packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
@@ -266,30 +266,22 @@ impl Linear {
     fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> Self {
         let state = LinearState {
             candle: Mutex::new(Some(inner)),
-            takes_panels: false,
             panels: OnceLock::new(),
             bf16: OnceLock::new(),
         };
         Linear {
             state: Arc::new(state),
             key,
+            takes_panels: false,
         }
     }
 
     /// This layer, its weights moving into f32 panels at its first call on a CPU with AVX-512F
     /// (see [`LinearState`]): for layers whose calls have few rows.
     pub fn with_panels(self) -> Self {
-        let Linear { state, key } = self;
-        let state = match Arc::try_unwrap(state) {
-            Ok(mut s) => {
-                s.takes_panels = true;
-                s
-            }
-            Err(shared) => return Linear { state: shared, key },
-        };
         Linear {
-            state: Arc::new(state),
-            key,
+            takes_panels: true,
+            ..self
         }
     }
 
@@ -301,7 +293,7 @@ impl Linear {
     /// The layer's f32 panels, packed now if this is the first call; `None` where the layer
     /// does not take them, the weights are not f32 on the CPU or the CPU has no AVX-512F.
     fn panels(&self) -> candle_core::Result<Option<Arc<PackedLinear>>> {
-        if !self.state.takes_panels {
+        if !self.takes_panels {
             return Ok(None);
         }
         if let Some(p) = self.state.panels.get() {
