@@ -4,11 +4,12 @@
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::clip::text_model as candle_clip;
 use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
@@ -128,18 +129,22 @@ fn random_model<T>(
     device: &Device,
     build: impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T> {
-    let tensors = random_weights(dtype, device, &build)?;
-    Ok(build(VarBuilder::from_tensors(tensors, dtype, device))?)
+    Ok(random_adaptable(dtype, device, false, &build)?.model)
 }
 
-/// The random weights a model built by `build` reads, as plain tensors.
+/// The random weights a model built by `build` reads, as plain tensors. They are made with
+/// f32 products, so that no layer packs weights that are thrown away here.
 fn random_weights<T>(
     dtype: DType,
     device: &Device,
     build: impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<HashMap<String, Tensor>> {
+    let bf16 = cpu_bf16();
+    set_cpu_bf16(false);
     let map = VarMap::new();
-    drop(build(VarBuilder::from_varmap(&map, dtype, device))?);
+    let built = build(VarBuilder::from_varmap(&map, dtype, device));
+    set_cpu_bf16(bf16);
+    drop(built?);
     let tensors: HashMap<String, Tensor> = map
         .data()
         .lock()
@@ -150,18 +155,105 @@ fn random_weights<T>(
     Ok(tensors)
 }
 
-/// As [`random_model`], built as the loader builds our networks: with adaptable (LoRA) layers,
-/// which are returned too.
+/// Weights handed out once each, as the loader reads them from a file: a layer that keeps only
+/// a packed form of its weights (bf16 products on the CPU) frees each tensor as it is built,
+/// so the stage's peak RSS is what a loaded model's would be.
+struct TakeOnce(Mutex<HashMap<String, Tensor>>);
+
+impl TakeOnce {
+    fn take(&self, name: &str) -> candle_core::Result<Tensor> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })
+    }
+}
+
+impl SimpleBackend for TakeOnce {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.take(name)?;
+        if t.shape() != &shape {
+            candle_core::bail!("{name}: shape {:?}, expected {shape:?}", t.shape());
+        }
+        t.to_device(device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.take(name)?.to_device(device)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(name)
+    }
+}
+
+/// A model built from random weights, as the loader builds our networks (with adaptable
+/// layers, listed in `layers`), and where `--compare-direct` must build it again for its f32
+/// reference, the weights.
+struct Random<T> {
+    model: T,
+    layers: Vec<LayerInfo>,
+    kept: Option<HashMap<String, Tensor>>,
+}
+
+/// Builds a [`Random`] model; with `compare_direct` and bf16 products on the CPU, whose linear
+/// layers keep only their bf16 pairs, it keeps the weights for [`Random::direct`].
 fn random_adaptable<T>(
     dtype: DType,
     device: &Device,
-    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
-) -> Result<(T, Vec<LayerInfo>)> {
-    let tensors = random_weights(dtype, device, &build)?;
-    let (model, layers) = registering("bench", || {
-        build(VarBuilder::from_tensors(tensors, dtype, device))
-    });
-    Ok((model?, layers))
+    compare_direct: bool,
+    build: &impl Fn(VarBuilder) -> candle_core::Result<T>,
+) -> Result<Random<T>> {
+    let tensors = random_weights(dtype, device, build)?;
+    let kept = (compare_direct && cpu_bf16()).then(|| tensors.clone());
+    let vb = VarBuilder::from_backend(
+        Box::new(TakeOnce(Mutex::new(tensors))),
+        dtype,
+        device.clone(),
+    );
+    let (model, layers) = registering("bench", || build(vb));
+    Ok(Random {
+        model: model?,
+        layers,
+        kept,
+    })
+}
+
+impl<T> Random<T> {
+    /// `run` once with direct convolutions and f32 products: on this model, or where its
+    /// linear layers hold bf16 pairs only, on the model built again from the kept weights.
+    fn direct(
+        &mut self,
+        dtype: DType,
+        device: &Device,
+        build: &impl Fn(VarBuilder) -> candle_core::Result<T>,
+        run: impl Fn(&mut T) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        with_direct_convolutions(|| match &self.kept {
+            None => run(&mut self.model),
+            Some(weights) => {
+                let vb = VarBuilder::from_tensors(weights.clone(), dtype, device);
+                let (model, _) = registering("bench", || build(vb));
+                run(&mut model?)
+            }
+        })
+    }
 }
 
 /// A random rank-`rank` adapter on every layer of `layers`.
@@ -390,7 +482,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for stage in &stages {
         let (shape, times) = match stage.as_str() {
             "clip" => {
-                let (model, _) = random_adaptable(dtype, &device, |vb| {
+                let model = random_model(dtype, &device, |vb| {
                     ClipTextModel::new(vb, &ClipTextConfig::sd15()).map_err(candle_error)
                 })?;
                 let ids = Tensor::arange(0u32, 77, &device)?.unsqueeze(0)?;
@@ -401,13 +493,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ("1x77 tokens".to_string(), times)
             }
             "unet" | "unet-lora" => {
-                let (model, layers) = random_adaptable(dtype, &device, |vb| {
-                    UNet::new(vb, &UNetConfig::sd15()).map_err(candle_error)
-                })?;
+                let build =
+                    |vb: VarBuilder<'_>| UNet::new(vb, &UNetConfig::sd15()).map_err(candle_error);
+                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let (model, layers) = (&random.model, &random.layers);
                 let lora = stage == "unet-lora";
                 let set = if lora {
                     Some(Arc::new(random_adapters(
-                        &layers,
+                        layers,
                         BENCH_LORA_RANK,
                         dtype,
                         &device,
@@ -435,16 +528,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let mut shape = format!("batch 2 (CFG), 4x{lat}x{lat} latents{what}");
                 if let (true, Some(out)) = (args.compare_direct, &last) {
                     let direct = with_adapters(set, || {
-                        with_direct_convolutions(|| Ok(model.forward(&x, 999.0, &ctx)?))
+                        random.direct(dtype, &device, &build, |m| Ok(m.forward(&x, 999.0, &ctx)?))
                     })?;
                     shape += &format!(", {}", relative_error(out, &direct, DIRECT)?);
                 }
                 (shape, times)
             }
             "sdxl-unet" => {
-                let (model, _) = random_adaptable(dtype, &device, |vb| {
-                    UNet::new(vb, &UNetConfig::sdxl()).map_err(candle_error)
-                })?;
+                let build =
+                    |vb: VarBuilder<'_>| UNet::new(vb, &UNetConfig::sdxl()).map_err(candle_error);
+                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let model = &random.model;
                 let l = xl_lat;
                 let x = Tensor::randn(0f32, 1f32, (2, 4, l, l), &device)?.to_dtype(dtype)?;
                 let ctx = Tensor::randn(0f32, 1f32, (2, 77, 2048), &device)?.to_dtype(dtype)?;
@@ -460,8 +554,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })?;
                 let mut shape = format!("batch 2 (CFG), 4x{l}x{l} latents");
                 if let (true, Some(out)) = (args.compare_direct, &last) {
-                    let direct = with_direct_convolutions(|| {
-                        Ok(model.forward_with(&x, 999.0, &ctx, Some(&added))?)
+                    let direct = random.direct(dtype, &device, &build, |m| {
+                        Ok(m.forward_with(&x, 999.0, &ctx, Some(&added))?)
                     })?;
                     shape += &format!(", {}", relative_error(out, &direct, DIRECT)?);
                 }
@@ -472,9 +566,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     scaling_factor: 0.13025,
                     ..VaeConfig::sd15()
                 };
-                let mut model = random_model(dtype, &device, |vb| {
-                    Vae::new(vb, &cfg).map_err(candle_error)
-                })?;
+                let build = |vb: VarBuilder<'_>| Vae::new(vb, &cfg).map_err(candle_error);
+                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let model = &mut random.model;
                 model.tile_size = args.vae_tile_size;
                 let l = xl_lat;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, l, l), &device)?;
@@ -494,7 +588,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     );
                 }
                 if let (true, Some(out)) = (args.compare_direct, &last) {
-                    let direct = with_direct_convolutions(|| Ok(model.decode(&z)?))?;
+                    let tile = args.vae_tile_size;
+                    let direct = random.direct(dtype, &device, &build, |m| {
+                        m.tile_size = tile;
+                        Ok(m.decode(&z)?)
+                    })?;
                     shape += &format!(", {}", levels_error(out, &direct, DIRECT)?);
                 }
                 (shape, times)
@@ -568,9 +666,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 )
             }
             _ => {
-                let mut model = random_model(dtype, &device, |vb| {
-                    Vae::new(vb, &VaeConfig::sd15()).map_err(candle_error)
-                })?;
+                let build =
+                    |vb: VarBuilder<'_>| Vae::new(vb, &VaeConfig::sd15()).map_err(candle_error);
+                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let model = &mut random.model;
                 model.tile_size = args.vae_tile_size;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
                 let mut last = None;
@@ -580,7 +679,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })?;
                 let mut shape = format!("1x4x{lat}x{lat} latents -> {0}x{0}", args.size);
                 if let (true, Some(out)) = (args.compare_direct, &last) {
-                    let direct = with_direct_convolutions(|| Ok(model.decode(&z)?))?;
+                    let tile = args.vae_tile_size;
+                    let direct = random.direct(dtype, &device, &build, |m| {
+                        m.tile_size = tile;
+                        Ok(m.decode(&z)?)
+                    })?;
                     shape += &format!(", {}", levels_error(out, &direct, DIRECT)?);
                 }
                 (shape, times)

@@ -258,22 +258,33 @@ struct LinearState {
     candle: Mutex<Option<candle_nn::Linear>>,
     /// Set at the first CPU f32 call: the panels, or `None` where candle's matmul stays.
     panels: OnceLock<Option<Arc<PackedLinear>>>,
-    /// The weights packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
+    /// The weights packed for the CPU's bf16 products: at load where the process runs them
+    /// (`candle` is then `None`), else at the first bf16 call.
     bf16: OnceLock<Arc<PackedLinear>>,
 }
 
 impl Linear {
-    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> Self {
-        let state = LinearState {
-            candle: Mutex::new(Some(inner)),
-            panels: OnceLock::new(),
-            bf16: OnceLock::new(),
+    /// The layer of `inner`'s weights; with bf16 products on the CPU, those weights packed into
+    /// bf16 pairs now and dropped ([`PackedLinear::at_load`]).
+    fn new(inner: candle_nn::Linear, key: Option<Arc<str>>) -> candle_core::Result<Self> {
+        let bf16 = OnceLock::new();
+        let candle = match PackedLinear::at_load(inner.weight(), inner.bias())? {
+            Some(packed) => {
+                let _ = bf16.set(packed);
+                None
+            }
+            None => Some(inner),
         };
-        Linear {
+        let state = LinearState {
+            candle: Mutex::new(candle),
+            panels: OnceLock::new(),
+            bf16,
+        };
+        Ok(Linear {
             state: Arc::new(state),
             key,
             takes_panels: false,
-        }
+        })
     }
 
     /// This layer, its weights moving into f32 panels at its first call on a CPU with AVX-512F
@@ -319,20 +330,27 @@ impl Linear {
     /// [`super::cpu_gemm`]).
     fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let bf16 = takes_bf16(x);
+        if bf16 {
+            if let Some(b) = self.state.bf16.get() {
+                return b.forward(x);
+            }
+        }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             if let Some(p) = self.panels()? {
                 if !bf16 {
                     return p.forward(x);
-                }
-                if let Some(b) = self.state.bf16.get() {
-                    return b.forward(x);
                 }
                 let b = Arc::new(p.to_bf16()?);
                 return self.state.bf16.get_or_init(|| b).forward(x);
             }
         }
         let Some(l) = self.candle().clone() else {
-            candle_core::bail!("linear layer: its weights are packed for the CPU only");
+            candle_core::bail!(
+                "linear layer: its weights are packed for the CPU's {} products only, not for {:?} {:?}",
+                if self.state.bf16.get().is_some() { "bf16" } else { "f32" },
+                x.dtype(),
+                x.device()
+            );
         };
         if bf16 {
             return PackedLinear::cached(&self.state.bf16, l.weight(), l.bias())?.forward(x);
@@ -350,13 +368,13 @@ impl Module for Linear {
 /// A linear layer with bias read from `vb`.
 pub fn linear(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear::new(candle_nn::linear(din, dout, vb)?, key))
+    Linear::new(candle_nn::linear(din, dout, vb)?, key)
 }
 
 /// A linear layer without bias read from `vb`.
 pub fn linear_no_bias(din: usize, dout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let key = register(vb.prefix(), LayerShape::Linear { din, dout });
-    Ok(Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key))
+    Linear::new(candle_nn::linear_no_bias(din, dout, vb)?, key)
 }
 
 #[cfg(test)]

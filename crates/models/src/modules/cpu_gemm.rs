@@ -1,9 +1,10 @@
 //! Matrix products with bf16 operands and f32 sums on the CPU: the arithmetic of `--dtype bf16`
 //! there.
 //!
-//! Weights and activations stay f32; the linear layers, both products of attention and the 1x1
+//! Activations stay f32; the linear layers, both products of attention and the 1x1
 //! convolutions round their operands to bf16 (to nearest, ties to even) and sum the products
-//! in f32, into f32 outputs. Norms, softmax, the residual stream and the 3x3 convolutions keep
+//! in f32, into f32 outputs. A linear layer's weights are packed into bf16 pairs as the model
+//! loads and its f32 tensor dropped ([`PackedLinear::at_load`]); other weights stay f32. Norms, softmax, the residual stream and the 3x3 convolutions keep
 //! f32, so the error is that of the rounded operands alone (measured in `BENCHMARKS.md` and the
 //! README). The 3x3 convolutions stay f32 Winograd: bf16 operands in its 36 products made the
 //! SD 1.5 VAE decode 42 levels of 255 off (PSNR 36 dB; the transformed tiles span a wider range
@@ -709,6 +710,20 @@ impl PackedLinear {
             weight: PackedB::from_weight(&w, n, k),
             bias: self.bias.clone(),
         })
+    }
+
+    /// The layer packed now where this process runs bf16 products ([`set_cpu_bf16`]) and
+    /// `weight` is an f32 CPU tensor, else `None`. A layer so packed at load keeps only the
+    /// pairs: its f32 weights are never used again, and keeping them made `--dtype bf16` take
+    /// more memory than f32.
+    pub(crate) fn at_load(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Arc<Self>>> {
+        if !cpu_bf16() || !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Self::new(weight, bias)?)))
     }
 
     /// The layer in `cell`, packed from `weight` and `bias` on the first call.

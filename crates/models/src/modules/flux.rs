@@ -29,13 +29,16 @@ pub struct Lin {
     bias: Option<Tensor>,
     /// The layer's name when it takes adapters (see [`adapter`]).
     key: Option<Arc<str>>,
-    /// A dense weight packed for the CPU's bf16 products, at the first use with `--dtype bf16`.
+    /// A dense weight packed for the CPU's bf16 products at its first bf16 call (a layer loaded
+    /// while the process runs them is [`LinWeight::Packed`] instead).
     bf16: OnceLock<Arc<PackedLinear>>,
 }
 
 #[derive(Debug, Clone)]
 enum LinWeight {
     Dense(Tensor),
+    /// Packed at load for the CPU's bf16 products ([`PackedLinear::at_load`]), bias included.
+    Packed(Arc<PackedLinear>),
     Quant {
         q: Arc<QTensor>,
         /// Row ranges of `q` that make the weight, concatenated (empty: all rows).
@@ -56,8 +59,34 @@ fn take_rows(t: Tensor, ranges: &[(usize, usize)]) -> candle_core::Result<Tensor
 }
 
 impl Lin {
+    /// A layer of a dense weight: packed now where the CPU runs bf16 products.
+    fn dense(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        key: Option<Arc<str>>,
+    ) -> candle_core::Result<Self> {
+        let (weight, bias) = match PackedLinear::at_load(&weight, bias.as_ref())? {
+            Some(packed) => (LinWeight::Packed(packed), None),
+            None => (LinWeight::Dense(weight), bias),
+        };
+        Ok(Lin {
+            weight,
+            bias,
+            key,
+            bf16: OnceLock::new(),
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = match &self.weight {
+            LinWeight::Packed(p) if takes_bf16(x) => {
+                return adapter::adapt(&self.key, x, p.forward(x)?);
+            }
+            LinWeight::Packed(_) => candle_core::bail!(
+                "linear layer: its weights are packed for the CPU's bf16 products only, not for {:?} {:?}",
+                x.dtype(),
+                x.device()
+            ),
             LinWeight::Dense(w) => w.clone(),
             LinWeight::Quant { q, rows } => {
                 take_rows(q.dequantize(x.device())?, rows)?.to_dtype(x.dtype())?
@@ -83,11 +112,11 @@ fn dequantize_group<const N: usize>(
 ) -> candle_core::Result<Option<[Lin; N]>> {
     let first = match &lins[0].weight {
         LinWeight::Quant { q, .. } => q.clone(),
-        LinWeight::Dense(_) => return Ok(None),
+        LinWeight::Dense(_) | LinWeight::Packed(_) => return Ok(None),
     };
     let shared = lins.iter().all(|l| match &l.weight {
         LinWeight::Quant { q, .. } => Arc::ptr_eq(q, &first),
-        LinWeight::Dense(_) => false,
+        LinWeight::Dense(_) | LinWeight::Packed(_) => false,
     });
     if !shared {
         return Ok(None);
@@ -97,7 +126,7 @@ fn dequantize_group<const N: usize>(
     for l in lins {
         let rows = match &l.weight {
             LinWeight::Quant { rows, .. } => rows.as_slice(),
-            LinWeight::Dense(_) => &[],
+            LinWeight::Dense(_) | LinWeight::Packed(_) => &[],
         };
         out.push(Lin {
             weight: LinWeight::Dense(take_rows(full.clone(), rows)?),
@@ -264,12 +293,11 @@ impl<'a> Src<'a> {
 fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
     let key = adapter::register(src.prefix.clone(), LayerShape::Linear { din, dout });
     match &src.kind {
-        SrcKind::Vb(vb) => Ok(Lin {
-            weight: LinWeight::Dense(vb.get((dout, din), &src.name("weight"))?),
-            bias: Some(vb.get(dout, &src.name("bias"))?),
+        SrcKind::Vb(vb) => Lin::dense(
+            vb.get((dout, din), &src.name("weight"))?,
+            Some(vb.get(dout, &src.name("bias"))?),
             key,
-            bf16: OnceLock::new(),
-        }),
+        ),
         SrcKind::Gguf(w) => {
             let wname = src.name("weight");
             let shape = w.shapes.get(&wname).cloned().unwrap_or_default();
@@ -278,21 +306,22 @@ fn linear(din: usize, dout: usize, src: Src) -> candle_core::Result<Lin> {
                     "{wname}: shape {shape:?}, expected [{dout}, {din}]"
                 )));
             }
-            let weight = match w.entries.get(&wname) {
-                Some(GgufEntry::Dense(t)) => LinWeight::Dense(t.clone()),
-                Some(GgufEntry::Quant(q, rows)) => LinWeight::Quant {
-                    q: q.clone(),
-                    rows: rows.clone(),
-                },
-                None => return Err(candle_core::Error::Msg(format!("missing tensor {wname}"))),
+            let Some(entry) = w.entries.get(&wname) else {
+                return Err(candle_core::Error::Msg(format!("missing tensor {wname}")));
             };
-            let bias = src.get(dout, "bias")?;
-            Ok(Lin {
-                weight,
-                bias: Some(bias),
-                key,
-                bf16: OnceLock::new(),
-            })
+            let bias = Some(src.get(dout, "bias")?);
+            match entry {
+                GgufEntry::Dense(t) => Lin::dense(t.clone(), bias, key),
+                GgufEntry::Quant(q, rows) => Ok(Lin {
+                    weight: LinWeight::Quant {
+                        q: q.clone(),
+                        rows: rows.clone(),
+                    },
+                    bias,
+                    key,
+                    bf16: OnceLock::new(),
+                }),
+            }
         }
     }
 }
