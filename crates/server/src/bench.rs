@@ -133,7 +133,11 @@ fn random_model<T>(
 }
 
 /// The random weights a model built by `build` reads, as plain tensors. They are made with
-/// f32 products, so that no layer packs weights that are thrown away here.
+/// f32 products, so that no layer packs weights that are thrown away here. A matrix or kernel
+/// the builder reads without an initialiser (FLUX's linear layers, the VAE's attention) comes
+/// out of the map as zeros, pages the kernel never backs until written: such weights are
+/// drawn from N(0, 1 / fan-in) instead, so that they are resident as loaded ones are and the
+/// stage's peak RSS counts them.
 fn random_weights<T>(
     dtype: DType,
     device: &Device,
@@ -150,9 +154,25 @@ fn random_weights<T>(
         .lock()
         .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
         .iter()
-        .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
-        .collect();
+        .map(|(name, var)| Ok((name.clone(), drawn_if_zero(var.as_detached_tensor())?)))
+        .collect::<Result<_>>()?;
     Ok(tensors)
+}
+
+/// `t`, or where it is a matrix or kernel of zeros, values drawn from N(0, 1 / fan-in).
+fn drawn_if_zero(t: Tensor) -> Result<Tensor> {
+    if t.rank() < 2
+        || t.abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?
+            != 0.0
+    {
+        return Ok(t);
+    }
+    let fan_in = t.elem_count() / t.dim(0)?.max(1);
+    let std = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Ok(Tensor::randn(0f32, std as f32, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
 
 /// Weights handed out once each, as the loader reads them from a file: a layer that keeps only
