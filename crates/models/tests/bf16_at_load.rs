@@ -13,25 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sd_models::modules::adapter::linear;
-use sd_models::modules::config::JsonConfig;
 use sd_models::modules::cpu_gemm::set_cpu_bf16;
-use sd_models::modules::flux::{FluxConfig, FluxTransformer};
-
-fn flux(name: &str) -> FluxTransformer {
-    let dir = common::fixtures().join(format!("flux/transformer-{name}"));
-    let cfg =
-        FluxConfig::from_config(&JsonConfig::load(&dir.join("config.json")).unwrap()).unwrap();
-    // SAFETY: the fixture is not modified while mapped.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    FluxTransformer::new(vb, &cfg).unwrap()
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
@@ -56,7 +38,7 @@ fn layers_packed_at_load_equal_layers_packed_at_first_use() {
     ]);
     let x = rng.randn(&[2, 9, 70], &dev).unwrap();
     let vb = || VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
-    let reference = flux("dev");
+    let reference = common::flux_transformer("dev").0;
     let r = candle_core::safetensors::load(
         common::fixtures().join("flux/reference/transformer-dev.safetensors"),
         &dev,
@@ -77,7 +59,7 @@ fn layers_packed_at_load_equal_layers_packed_at_first_use() {
     let packed_panels = linear(70, 45, vb()).unwrap().with_panels();
     assert_eq!(max_diff(&packed.forward(&x).unwrap(), &want), 0.0);
     assert_eq!(max_diff(&packed_panels.forward(&x).unwrap(), &want), 0.0);
-    let flux_packed = flux("dev");
+    let flux_packed = common::flux_transformer("dev").0;
     let flux_got = common::flux_forward(&flux_packed, &r);
     assert_eq!(max_diff(&flux_got, &flux_want), 0.0);
 

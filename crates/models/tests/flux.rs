@@ -76,19 +76,8 @@ fn flux_schedules_equal_diffusers() {
 #[test]
 fn flux_transformer_matches_diffusers() {
     for name in ["dev", "schnell"] {
-        let dir = fixtures().join(format!("transformer-{name}"));
-        let cfg =
-            FluxConfig::from_config(&JsonConfig::load(&dir.join("config.json")).unwrap()).unwrap();
+        let (model, cfg) = common::flux_transformer(name);
         assert_eq!(cfg.guidance_embeds, name == "dev");
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("diffusion_pytorch_model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap()
-        };
-        let model = FluxTransformer::new(vb, &cfg).unwrap();
         let r = candle_core::safetensors::load(
             fixtures().join(format!("reference/transformer-{name}.safetensors")),
             &Device::Cpu,
@@ -101,18 +90,7 @@ fn flux_transformer_matches_diffusers() {
 
 fn load_core(model: &str) -> sd_models::pipelines::flux::FluxCore {
     use sd_models::modules::vae::{Vae, VaeConfig};
-    let dir = fixtures().join(format!("transformer-{model}"));
-    let cfg =
-        FluxConfig::from_config(&JsonConfig::load(&dir.join("config.json")).unwrap()).unwrap();
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let transformer = FluxTransformer::new(vb, &cfg).unwrap();
+    let (transformer, _) = common::flux_transformer(model);
     let vdir = fixtures().join("vae");
     let vcfg =
         VaeConfig::from_config(&JsonConfig::load(&vdir.join("config.json")).unwrap()).unwrap();

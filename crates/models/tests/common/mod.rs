@@ -97,6 +97,31 @@ pub fn flux_forward(
         .unwrap()
 }
 
+/// The tiny FLUX transformer `fixtures/flux/transformer-{name}` (`dev` or `schnell`) in f32 on
+/// the CPU, and its config.
+pub fn flux_transformer(
+    name: &str,
+) -> (
+    sd_models::modules::flux::FluxTransformer,
+    sd_models::modules::flux::FluxConfig,
+) {
+    use sd_models::modules::config::JsonConfig;
+    use sd_models::modules::flux::{FluxConfig, FluxTransformer};
+    let dir = fixtures().join(format!("flux/transformer-{name}"));
+    let cfg =
+        FluxConfig::from_config(&JsonConfig::load(&dir.join("config.json")).unwrap()).unwrap();
+    // SAFETY: the fixture is not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    (FluxTransformer::new(vb, &cfg).unwrap(), cfg)
+}
+
 /// The dense FLUX transformer of a GGUF file: every tensor dequantized at load, renamed to
 /// diffusers' names.
 pub fn dequantized_flux(
