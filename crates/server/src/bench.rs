@@ -176,8 +176,10 @@ fn drawn_if_zero(t: Tensor) -> Result<Tensor> {
 }
 
 /// Weights handed out once each, as the loader reads them from a file: a layer that keeps only
-/// a packed form of its weights (bf16 products on the CPU) frees each tensor as it is built,
-/// so the stage's peak RSS is what a loaded model's would be.
+/// a packed form of its weights (bf16 products on the CPU) frees its tensor as it is built,
+/// where a map kept for the whole build would hold them all. (The stage's peak RSS still
+/// includes every f32 weight at once, made before the build; a loaded model holds one at a
+/// time.)
 struct TakeOnce(Mutex<HashMap<String, Tensor>>);
 
 impl TakeOnce {

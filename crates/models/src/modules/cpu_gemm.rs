@@ -4,9 +4,10 @@
 //! Activations stay f32; the linear layers, both products of attention and the 1x1
 //! convolutions round their operands to bf16 (to nearest, ties to even) and sum the products
 //! in f32, into f32 outputs. A linear layer's weights are packed into bf16 pairs as the model
-//! loads and its f32 tensor dropped ([`PackedLinear::at_load`]); other weights stay f32. Norms, softmax, the residual stream and the 3x3 convolutions keep
-//! f32, so the error is that of the rounded operands alone (measured in `BENCHMARKS.md` and the
-//! README). The 3x3 convolutions stay f32 Winograd: bf16 operands in its 36 products made the
+//! loads and its f32 tensor dropped ([`PackedLinear::at_load`]); other weights stay f32.
+//! Norms, softmax, the residual stream and the 3x3 convolutions keep f32, so the error is that
+//! of the rounded operands alone (measured in `BENCHMARKS.md` and the README). The 3x3
+//! convolutions stay f32 Winograd: bf16 operands in its 36 products made the
 //! SD 1.5 VAE decode 42 levels of 255 off (PSNR 36 dB; the transformed tiles span a wider range
 //! than the image) and no faster, since a quarter of the multiplications in f32 already beats
 //! twice the rate of direct products.
@@ -16,7 +17,7 @@
 //! products to the lane, twice the multiplications of an f32 FMA per instruction (on the 2-core
 //! Zen 5 of `BENCHMARKS.md`, 360 GFLOPS against the `gemm` crate's 210 in f32). The right
 //! operand is packed into panels of [`NR`] columns holding the (even k, odd k) pairs of each
-//! column side by side: once for a layer's weights, at its first use; per call for an
+//! column side by side: once for a layer's weights, as it loads; per call for an
 //! activation. The left one is rounded per call, [`MR`] rows at a time, with one conversion
 //! instruction per 32 values. CPUs without AVX512-BF16 compute the same rounded products with
 //! the `gemm` crate in f32: the numbers agree up to the order of the f32 sums.
