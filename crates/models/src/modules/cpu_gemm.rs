@@ -155,6 +155,39 @@ enum Packed {
     Singles(Vec<u32>),
 }
 
+/// Where panel `panel` of a product with `n` columns and `steps` k steps starts in the packed
+/// data, and how many lanes it has: [`NR`], or half of it for a last panel of at most
+/// `NR / 2` columns, which the narrow kernel computes in one vector instead of two (attention's
+/// 40-wide heads of the SD 1.5 UNet take 48 lanes instead of 64). Every panel before the last
+/// is full, so panel `p` starts at `p * steps * NR`.
+fn panel_at(n: usize, steps: usize, panel: usize) -> (usize, usize) {
+    let width = if n - panel * NR <= NR / 2 { NR / 2 } else { NR };
+    (panel * steps * NR, width)
+}
+
+/// The packed length of `n` columns over `steps` k steps.
+fn packed_len(n: usize, steps: usize) -> usize {
+    let panels = n.div_ceil(NR);
+    if panels == 0 {
+        return 0;
+    }
+    let (start, width) = panel_at(n, steps, panels - 1);
+    start + steps * width
+}
+
+/// `data` cut into its panels, each `steps * width` long.
+fn panels_mut(data: &mut [u32], n: usize, steps: usize) -> Vec<(usize, &mut [u32])> {
+    let mut out = Vec::with_capacity(n.div_ceil(NR));
+    let mut rest = data;
+    for panel in 0..n.div_ceil(NR) {
+        let (_, width) = panel_at(n, steps, panel);
+        let (this, tail) = rest.split_at_mut(steps * width);
+        out.push((panel, this));
+        rest = tail;
+    }
+    out
+}
+
 impl PackedB {
     /// Packs `b`, element (kk, j) at `b[kk * row_stride + j * col_stride]`, for the kernel this
     /// CPU runs.
@@ -173,12 +206,13 @@ impl PackedB {
         if !avx512_hardware() {
             return None;
         }
-        let mut out = vec![0u32; n.div_ceil(NR) * k * NR];
-        out.par_chunks_mut((k * NR).max(1))
-            .enumerate()
+        let mut out = vec![0u32; packed_len(n, k)];
+        panels_mut(&mut out, n, k)
+            .into_par_iter()
             .for_each(|(panel, dst)| {
+                let (_, width) = panel_at(n, k, panel);
                 let cols = NR.min(n - panel * NR);
-                for (kk, dst) in dst.chunks_exact_mut(NR).enumerate() {
+                for (kk, dst) in dst.chunks_exact_mut(width).enumerate() {
                     for (j, d) in dst.iter_mut().enumerate().take(cols) {
                         *d = w[(panel * NR + j) * k + kk].to_bits();
                     }
@@ -192,14 +226,13 @@ impl PackedB {
         let at = |kk: usize, j: usize| b[kk * rs + j * cs];
         let data = if pairs {
             let kp = k.div_ceil(2);
-            let panels = n.div_ceil(NR);
-            let mut out = vec![0u32; panels * kp * NR];
-            out.par_chunks_mut((kp * NR).max(1))
-                .enumerate()
+            let mut out = vec![0u32; packed_len(n, kp)];
+            panels_mut(&mut out, n, kp)
+                .into_par_iter()
                 .for_each(|(panel, dst)| {
+                    let (_, width) = panel_at(n, kp, panel);
                     let cols = NR.min(n - panel * NR);
-                    for (p, dst) in dst.chunks_exact_mut(NR).enumerate() {
-                        let dst: &mut [u32; NR] = dst.try_into().expect("NR lanes");
+                    for (p, dst) in dst.chunks_exact_mut(width).enumerate() {
                         if cs == 1 {
                             // Rows 2p and 2p + 1 of the panel, vectorised.
                             let row = |kk: usize| &b[kk * rs + panel * NR..][..cols];
@@ -251,11 +284,89 @@ pub(crate) struct Lhs<'a> {
     pub ld: usize,
 }
 
+/// A left operand of bf16 pairs already in the kernel's layout, `[k block][row block][MR
+/// rows][KC steps]`, filled a row at a time by its owner: attention's softmax writes its
+/// probabilities here as it scales them, instead of writing f32 rows that the product then
+/// reads again to round. Only where the CPU has AVX512-BF16 ([`bf16_hardware`]).
+#[derive(Debug, Default)]
+pub(crate) struct PackedA {
+    m: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+impl PackedA {
+    /// Room for m x k, keeping the allocation (rows not yet set hold stale values).
+    pub(crate) fn resize(&mut self, m: usize, k: usize) {
+        let len = k.div_ceil(2).div_ceil(KC) * m.div_ceil(MR) * MR * KC;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        (self.m, self.k) = (m, k);
+    }
+
+    /// Row `i` := `values * scale`, each product rounded to bf16.
+    pub(crate) fn set_row(&mut self, i: usize, values: &[f32], scale: f32) {
+        assert!(i < self.m && values.len() == self.k && bf16_hardware());
+        let blocks = self.m.div_ceil(MR);
+        for (kb, src) in values.chunks(2 * KC).enumerate() {
+            let at = ((kb * blocks + i / MR) * MR + i % MR) * KC;
+            let dst = &mut self.data[at..at + src.len().div_ceil(2)];
+            // SAFETY: the CPU has AVX512-BF16, as asserted.
+            unsafe { kernel::row_pairs(src, scale, dst) };
+        }
+    }
+
+    /// Row block `blk`'s steps of k block `kb` (whose first step is `kb`, a multiple of KC).
+    fn block(&self, kb: usize, blk: usize) -> &[u32] {
+        let at = ((kb / KC) * self.m.div_ceil(MR) + blk) * MR * KC;
+        &self.data[at..at + MR * KC]
+    }
+}
+
+/// The left operand of [`panel_matmul`]: f32 rows it packs, or pairs packed already.
+#[derive(Clone, Copy)]
+enum Left<'a> {
+    Rows(Lhs<'a>),
+    Packed(&'a PackedA),
+}
+
+impl Left<'_> {
+    fn m(&self) -> usize {
+        match self {
+            Left::Rows(a) => a.m,
+            Left::Packed(a) => a.m,
+        }
+    }
+}
+
 /// `c = start + a b` with `a` and `b` rounded to bf16 and f32 sums; `c` is m x n row-major.
 pub(crate) fn matmul(a: Lhs, b: &PackedB, start: Start, c: &mut [f32]) {
     assert!(c.len() >= a.m * b.n);
     // SAFETY: c holds m rows of n.
     unsafe { matmul_raw(a, b, start, c.as_mut_ptr(), b.n) }
+}
+
+/// [`matmul`] on the calling thread alone, for callers that are one of many parallel tasks
+/// (attention's blocks of query rows): splitting again only adds packing and scheduling.
+pub(crate) fn matmul_in_task(a: Lhs, b: &PackedB, start: Start, c: &mut [f32]) {
+    assert!(c.len() >= a.m * b.n);
+    if !matches!(b.data, Packed::Pairs(_) | Packed::Singles(_)) || a.m == 0 || b.k == 0 {
+        return matmul(a, b, start, c);
+    }
+    assert!(a.data.len() >= (a.m - 1) * a.ld + b.k);
+    let out = Out(c.as_mut_ptr());
+    panel_matmul(Left::Rows(a), b, start, (out, b.n), false);
+}
+
+/// [`matmul_in_task`] with a left operand of packed pairs; `b` must be bf16 pairs.
+pub(crate) fn matmul_packed(a: &PackedA, b: &PackedB, start: Start, c: &mut [f32]) {
+    assert!(c.len() >= a.m * b.n && a.k == b.k && matches!(b.data, Packed::Pairs(_)));
+    if a.m == 0 || b.n == 0 {
+        return;
+    }
+    let out = Out(c.as_mut_ptr());
+    panel_matmul(Left::Packed(a), b, start, (out, b.n), false);
 }
 
 /// [`matmul`] into m rows of n at `c`, `ldc` apart.
@@ -287,8 +398,9 @@ pub(crate) unsafe fn matmul_raw(a: Lhs, b: &PackedB, start: Start, c: *mut f32, 
     }
     match &b.data {
         _ if k == 0 => {}
-        Packed::Pairs(panels) => panel_matmul(a, (k, n), (panels, false), start, out, ldc),
-        Packed::Singles(panels) => panel_matmul(a, (k, n), (panels, true), start, out, ldc),
+        Packed::Pairs(_) | Packed::Singles(_) => {
+            panel_matmul(Left::Rows(a), b, start, (out, ldc), true)
+        }
         // SAFETY: as the caller promises.
         Packed::Rounded(rounded) => unsafe { rounded_matmul(a, (k, n), rounded, c, ldc) },
     }
@@ -386,29 +498,26 @@ fn tasks(m: usize, panels: usize) -> Vec<Task> {
     out
 }
 
-/// The product on packed panels: bf16 pairs, or with `singles` f32 values.
-fn panel_matmul(
-    a: Lhs,
-    (k, n): (usize, usize),
-    (panels, singles): (&[u32], bool),
-    start: Start,
-    out: Out,
-    ldc: usize,
-) {
+/// The product on packed panels (bf16 pairs, or f32 values), over rayon's threads where
+/// `parallel`.
+fn panel_matmul(a: Left, b: &PackedB, start: Start, (out, ldc): (Out, usize), parallel: bool) {
+    let (k, n) = (b.k, b.n);
+    let (panels, singles) = match &b.data {
+        Packed::Pairs(p) => (p, false),
+        Packed::Singles(p) => (p, true),
+        Packed::Rounded(_) => unreachable!("the rounded fallback has no panels"),
+    };
     // The k steps of the kernel: pairs of k, or single k.
     let kp = if singles { k } else { k.div_ceil(2) };
-    // One buffer for the packed rows per thread, kept across its tasks: zeroing a fresh one
-    // per task was 4% of a bf16 UNet step.
-    tasks(a.m, n.div_ceil(NR))
-        .par_iter()
-        .for_each_init(Vec::new, |packed, task| {
-            let (r0, r1) = task.rows;
-            let blocks = (r1 - r0).div_ceil(MR);
-            if packed.len() < blocks * MR * KC {
-                packed.resize(blocks * MR * KC, 0);
-            }
-            for kb in (0..kp).step_by(KC) {
-                let kc = KC.min(kp - kb);
+    let run = |packed: &mut Vec<u32>, task: &Task| {
+        let (r0, r1) = task.rows;
+        let blocks = (r1 - r0).div_ceil(MR);
+        if matches!(a, Left::Rows(_)) && packed.len() < blocks * MR * KC {
+            packed.resize(blocks * MR * KC, 0);
+        }
+        for kb in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - kb);
+            if let Left::Rows(a) = a {
                 pack_a(
                     a,
                     (k, singles),
@@ -416,37 +525,60 @@ fn panel_matmul(
                     (kb, kc),
                     &mut packed[..blocks * MR * KC],
                 );
-                for panel in task.panels.0..task.panels.1 {
-                    let cols = NR.min(n - panel * NR);
-                    let b = &panels[(panel * kp + kb) * NR..(panel * kp + kb + kc) * NR];
-                    let init = match start {
-                        _ if kb > 0 => Init::Load,
-                        Start::Zero => Init::Bias(None),
-                        Start::Bias(bias) => Init::Bias(Some(&bias[panel * NR..panel * NR + cols])),
-                        Start::Existing => Init::Load,
+            }
+            for panel in task.panels.0..task.panels.1 {
+                let cols = NR.min(n - panel * NR);
+                let (at, width) = panel_at(n, kp, panel);
+                let b = &panels[at + kb * width..at + (kb + kc) * width];
+                let init = match start {
+                    _ if kb > 0 => Init::Load,
+                    Start::Zero => Init::Bias(None),
+                    Start::Bias(bias) => Init::Bias(Some(&bias[panel * NR..panel * NR + cols])),
+                    Start::Existing => Init::Load,
+                };
+                for blk in 0..blocks {
+                    let row = r0 + blk * MR;
+                    let tile = Tile {
+                        c: out.at(row * ldc + panel * NR),
+                        ldc,
+                        rows: MR.min(r1 - row),
+                        cols,
                     };
-                    for blk in 0..blocks {
-                        let row = r0 + blk * MR;
-                        let tile = Tile {
-                            c: out.at(row * ldc + panel * NR),
-                            ldc,
-                            rows: MR.min(r1 - row),
-                            cols,
-                        };
-                        let ap = &packed[blk * MR * KC..(blk + 1) * MR * KC];
-                        // SAFETY: `Pairs` exist only where the CPU has AVX512-BF16, `Singles` only
-                        // where it has AVX-512F; the tile lies inside this task's rectangle of c.
-                        unsafe {
-                            if singles {
-                                kernel::block_f32(ap, b, kc, &tile, &init)
-                            } else {
-                                kernel::block(ap, b, kc, &tile, &init)
-                            }
-                        };
-                    }
+                    let ap = match a {
+                        Left::Rows(_) => &packed[blk * MR * KC..(blk + 1) * MR * KC],
+                        Left::Packed(a) => a.block(kb, r0 / MR + blk),
+                    };
+                    // SAFETY: `Pairs` exist only where the CPU has AVX512-BF16, `Singles` only
+                    // where it has AVX-512F; the tile lies inside this task's rectangle of c.
+                    unsafe {
+                        match (singles, width == NR) {
+                            (true, true) => kernel::block_f32::<2>(ap, b, kc, &tile, &init),
+                            (true, false) => kernel::block_f32::<1>(ap, b, kc, &tile, &init),
+                            (false, true) => kernel::block::<2>(ap, b, kc, &tile, &init),
+                            (false, false) => kernel::block::<1>(ap, b, kc, &tile, &init),
+                        }
+                    };
                 }
             }
-        });
+        }
+    };
+    let panel_count = n.div_ceil(NR);
+    if !parallel {
+        let mut packed = Vec::new();
+        for rb in (0..a.m()).step_by(MC) {
+            let task = Task {
+                rows: (rb, (rb + MC).min(a.m())),
+                panels: (0, panel_count),
+            };
+            run(&mut packed, &task);
+        }
+        return;
+    }
+    // One buffer for the packed rows per thread, kept across its tasks: zeroing a fresh one
+    // per task was 4% of a bf16 UNet step.
+    tasks(a.m(), panel_count)
+        .par_iter()
+        .for_each_init(Vec::new, |packed, task| run(packed, task));
 }
 
 /// Rows `r0..r1`, k steps `kb..kb + kc` of `a` into `packed` as `[row block][MR rows][KC
@@ -481,7 +613,7 @@ fn pack_a(
             let src = &a.data[start + 2 * kb..start + (2 * (kb + kc)).min(k)];
             // SAFETY: only the `Pairs` path, chosen where the CPU has AVX512-BF16, packs
             // pairs.
-            unsafe { kernel::row_pairs(src, dst) };
+            unsafe { kernel::row_pairs(src, 1.0, dst) };
         }
     }
 }
@@ -505,32 +637,36 @@ mod kernel {
     use super::{Init, Tile, KC, MR, NR};
     use std::arch::x86_64::*;
 
-    /// `dst[p]` = the pair (`src[2p]`, `src[2p + 1]`) rounded to bf16, zero past `src`.
+    /// `dst[p]` = the pair (`src[2p] * scale`, `src[2p + 1] * scale`), each product in f32
+    /// rounded to bf16, zero past `src`.
     ///
     /// # Safety
     /// The CPU has AVX512F and AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn row_pairs(src: &[f32], dst: &mut [u32]) {
+    pub(super) unsafe fn row_pairs(src: &[f32], scale: f32, dst: &mut [u32]) {
         debug_assert!(src.len() <= 2 * dst.len());
+        let scale = _mm512_set1_ps(scale);
         for (p0, out) in (0..dst.len()).step_by(16).zip(dst.chunks_mut(16)) {
             let left = src.len().saturating_sub(2 * p0);
             let at = src.as_ptr().wrapping_add(2 * p0);
             let lo = _mm512_maskz_loadu_ps(lane_mask(left), at);
             let hi = _mm512_maskz_loadu_ps(lane_mask(left.saturating_sub(16)), at.wrapping_add(16));
+            let (lo, hi) = (_mm512_mul_ps(lo, scale), _mm512_mul_ps(hi, scale));
             let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             _mm512_mask_storeu_epi32(out.as_mut_ptr().cast(), lane_mask(out.len()), pairs);
         }
     }
 
     /// `dst[j]` = the pair (`even[j]`, `odd[j]`) rounded to bf16 (`odd` zero when absent),
-    /// zero past `even`'s length (at most [`NR`]).
+    /// zero past `even`'s length (at most `dst`'s, [`NR`] or half of it).
     ///
     /// # Safety
     /// The CPU has AVX512F and AVX512-BF16; `odd` is as long as `even`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn interleave(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32; NR]) {
-        debug_assert!(even.len() <= NR && odd.is_none_or(|o| o.len() == even.len()));
-        for half in 0..2 {
+    pub(super) unsafe fn interleave(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) {
+        debug_assert!(dst.len().is_multiple_of(16) && dst.len() <= NR);
+        debug_assert!(even.len() <= dst.len() && odd.is_none_or(|o| o.len() == even.len()));
+        for half in 0..dst.len() / 16 {
             let mask = lane_mask(even.len().saturating_sub(16 * half));
             let words = |row: &[f32]| {
                 let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(16 * half));
@@ -546,52 +682,70 @@ mod kernel {
         }
     }
 
-    /// A kernel block: `MR` x `NR` sums over `kc` steps of `ap` (`[MR][KC]`) and `b`
-    /// (`[step][NR]`), one `$step(acc, a, b)` per step, lane and row.
+    /// A kernel block: `MR` x `16 V` sums over `kc` steps of `ap` (`[MR][KC]`) and `b`
+    /// (`[step][16 V]`), one `$step(acc, a, b)` per step, lane and row. `V` is 2 for a full
+    /// panel ([`NR`] lanes) and 1 for a narrow one.
     macro_rules! block {
         ($(#[$doc:meta])* $name:ident, $features:literal, $step:expr) => {
             $(#[$doc])*
             /// # Safety
             /// The CPU has the features named; `tile` lies in writable memory.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(ap: &[u32], b: &[u32], kc: usize, tile: &Tile, init: &Init) {
-                debug_assert!(kc <= KC && ap.len() >= KC * MR && b.len() >= kc * NR);
-                let m0 = lane_mask(tile.cols);
-                let m1 = lane_mask(tile.cols.saturating_sub(16));
-                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            pub(super) unsafe fn $name<const V: usize>(
+                ap: &[u32],
+                b: &[u32],
+                kc: usize,
+                tile: &Tile,
+                init: &Init,
+            ) {
+                debug_assert!(kc <= KC && ap.len() >= KC * MR && b.len() >= kc * 16 * V);
+                debug_assert!(tile.cols <= 16 * V);
+                let masks: [__mmask16; V] =
+                    std::array::from_fn(|v| lane_mask(tile.cols.saturating_sub(16 * v)));
+                let mut acc = [[_mm512_setzero_ps(); V]; MR];
                 match init {
                     Init::Bias(Some(bias)) => {
-                        let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
-                        let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16));
+                        let b: [__m512; V] = std::array::from_fn(|v| {
+                            _mm512_maskz_loadu_ps(masks[v], bias.as_ptr().wrapping_add(16 * v))
+                        });
                         for row in acc.iter_mut() {
-                            *row = [b0, b1];
+                            *row = b;
                         }
                     }
                     Init::Bias(None) => {}
                     Init::Load => {
-                        for (r, row) in acc.iter_mut().enumerate().take(tile.rows) {
-                            let p = tile.c.add(r * tile.ldc);
-                            *row = [
-                                _mm512_maskz_loadu_ps(m0, p),
-                                _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
-                            ];
+                        // Constant bounds and a test per row, here and below, so that the
+                        // accumulators stay in registers: a loop to `tile.rows` put them in
+                        // memory, zeroed by a call to memset (7% of the bf16 attention).
+                        for r in 0..MR {
+                            if r < tile.rows {
+                                let p = tile.c.add(r * tile.ldc);
+                                for v in 0..V {
+                                    acc[r][v] =
+                                        _mm512_maskz_loadu_ps(masks[v], p.wrapping_add(16 * v));
+                                }
+                            }
                         }
                     }
                 }
                 let (ap, bp) = (ap.as_ptr(), b.as_ptr());
                 for p in 0..kc {
-                    let b0 = _mm512_loadu_si512(bp.add(p * NR).cast());
-                    let b1 = _mm512_loadu_si512(bp.add(p * NR + 16).cast());
+                    let b: [__m512i; V] =
+                        std::array::from_fn(|v| _mm512_loadu_si512(bp.add((p * V + v) * 16).cast()));
                     for (r, row) in acc.iter_mut().enumerate() {
                         let a = _mm512_set1_epi32(*ap.add(r * KC + p) as i32);
-                        row[0] = $step(row[0], a, b0);
-                        row[1] = $step(row[1], a, b1);
+                        for v in 0..V {
+                            row[v] = $step(row[v], a, b[v]);
+                        }
                     }
                 }
-                for (r, row) in acc.iter().enumerate().take(tile.rows) {
-                    let p = tile.c.add(r * tile.ldc);
-                    _mm512_mask_storeu_ps(p, m0, row[0]);
-                    _mm512_mask_storeu_ps(p.wrapping_add(16), m1, row[1]);
+                for r in 0..MR {
+                    if r < tile.rows {
+                        let p = tile.c.add(r * tile.ldc);
+                        for v in 0..V {
+                            _mm512_mask_storeu_ps(p.wrapping_add(16 * v), masks[v], acc[r][v]);
+                        }
+                    }
                 }
             }
         };
@@ -635,22 +789,28 @@ mod kernel {
     use super::{Init, Tile, NR};
 
     /// Never called: `Singles` are packed only where AVX-512F exists.
-    pub(super) unsafe fn block_f32(_: &[u32], _: &[u32], _: usize, _: &Tile, _: &Init) {
+    pub(super) unsafe fn block_f32<const V: usize>(
+        _: &[u32],
+        _: &[u32],
+        _: usize,
+        _: &Tile,
+        _: &Init,
+    ) {
         unreachable!("the f32 panel kernel needs AVX-512F")
     }
 
     /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
-    pub(super) unsafe fn row_pairs(_: &[f32], _: &mut [u32]) {
+    pub(super) unsafe fn row_pairs(_: &[f32], _: f32, _: &mut [u32]) {
         unreachable!("the bf16 kernel needs AVX512-BF16")
     }
 
     /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
-    pub(super) unsafe fn interleave(_: &[f32], _: Option<&[f32]>, _: &mut [u32; NR]) {
+    pub(super) unsafe fn interleave(_: &[f32], _: Option<&[f32]>, _: &mut [u32]) {
         unreachable!("the bf16 kernel needs AVX512-BF16")
     }
 
     /// Never called: `Pairs` is packed only where AVX512-BF16 exists.
-    pub(super) unsafe fn block(_: &[u32], _: &[u32], _: usize, _: &Tile, _: &Init) {
+    pub(super) unsafe fn block<const V: usize>(_: &[u32], _: &[u32], _: usize, _: &Tile, _: &Init) {
         unreachable!("the bf16 kernel needs AVX512-BF16")
     }
 }
@@ -700,11 +860,12 @@ impl PackedLinear {
             candle_core::bail!("sd-linear: only f32 panels convert to bf16");
         };
         let (k, n) = (self.weight.k, self.weight.n);
-        // The panels hold (kk, j) of panel j / NR at [(j / NR * k + kk) * NR + j % NR].
+        // The panels hold (kk, j) at [start + kk * width + j % NR] of panel j / NR.
         let w: Vec<f32> = (0..n * k)
             .map(|i| {
                 let (j, kk) = (i / k, i % k);
-                f32::from_bits(panels[((j / NR) * k + kk) * NR + j % NR])
+                let (start, width) = panel_at(n, k, j / NR);
+                f32::from_bits(panels[start + kk * width + j % NR])
             })
             .collect();
         Ok(PackedLinear {
@@ -861,7 +1022,11 @@ mod tests {
             (3, 5, 7),
             (13, 77, 33),
             (12, 64, 32),
+            (25, 40, 16),
+            (24, 9, 17),
+            (36, 4096, 40),
             (37, 600, 65),
+            (5, 80, 80),
             (200, 3, 100),
             (2, 768, 1280),
         ] {
@@ -920,6 +1085,53 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Rows packed by their owner ([`PackedA`]), scaled as they are set, and products on the
+    /// calling thread give exactly the numbers of [`matmul`] on the scaled f32 rows: odd k,
+    /// several k blocks, rows that do not fill the last row block, a narrow last panel.
+    #[test]
+    fn packed_rows_and_products_in_task_match_matmul() {
+        for &(m, k, n) in &[(1, 1, 1), (13, 77, 40), (25, 601, 33), (30, 1200, 80)] {
+            let a = random(m * k, (m + 3 * k) as u64);
+            let w = random(n * k, (7 * n + k) as u64);
+            let scale = 0.37f32;
+            let scaled: Vec<f32> = a.iter().map(|x| x * scale).collect();
+            let lhs = Lhs {
+                data: &scaled,
+                m,
+                ld: k,
+            };
+            let kernels: &[bool] = if bf16_hardware() {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &pairs in kernels {
+                let b = PackedB::for_kernel(&w, k, n, (1, k), pairs);
+                let mut want = vec![0f32; m * n];
+                matmul(lhs, &b, Start::Zero, &mut want);
+                let mut got = vec![f32::NAN; m * n];
+                matmul_in_task(lhs, &b, Start::Zero, &mut got);
+                assert_eq!(got, want, "{m}x{k}x{n} pairs {pairs}: in task");
+                if !pairs {
+                    continue;
+                }
+                let mut packed = PackedA::default();
+                // A larger use first: stale values must not leak into the smaller one.
+                packed.resize(m + 20, k + 9);
+                for i in 0..m + 20 {
+                    packed.set_row(i, &random(k + 9, i as u64), 5.0);
+                }
+                packed.resize(m, k);
+                for i in 0..m {
+                    packed.set_row(i, &a[i * k..(i + 1) * k], scale);
+                }
+                let mut got = vec![f32::NAN; m * n];
+                matmul_packed(&packed, &b, Start::Zero, &mut got);
+                assert_eq!(got, want, "{m}x{k}x{n}: packed rows");
             }
         }
     }
@@ -992,7 +1204,13 @@ mod tests {
         if !avx512_hardware() {
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (13, 77, 33), (37, 600, 65), (200, 3, 100)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 77, 33),
+            (7, 20, 48),
+            (37, 600, 65),
+            (200, 3, 100),
+        ] {
             let a = random(m * (k + 3), (m + k) as u64);
             let a = Lhs {
                 data: &a,

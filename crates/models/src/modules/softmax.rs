@@ -101,15 +101,33 @@ pub(crate) fn softmax_row(src: &[f32], dst: &mut [f32], level: Simd) {
     }
 }
 
-fn softmax_row_scalar(src: &[f32], dst: &mut [f32]) {
-    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = (s - max).exp();
-        sum += *d;
+/// The softmax of `row` before its last scaling, in place: exp(x - max) as [`softmax_row`]
+/// computes it at this `level`, returning the factor 1 / sum that the row still needs (the
+/// caller applies it as it writes the values elsewhere).
+pub(crate) fn exp_in_place(row: &mut [f32], level: Simd) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level was detected on this CPU; the row is read before it is written.
+        Simd::Avx512 => unsafe { x86::exp_row_avx512(row.as_ptr(), row.as_mut_ptr(), row.len()) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Simd::Avx2 => unsafe { x86::exp_row_avx2(row.as_ptr(), row.as_mut_ptr(), row.len()) },
+        _ => {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            1.0 / sum
+        }
     }
-    let inv = 1.0 / sum;
-    dst.iter_mut().for_each(|d| *d *= inv);
+}
+
+fn softmax_row_scalar(src: &[f32], dst: &mut [f32]) {
+    dst.copy_from_slice(src);
+    let scale = exp_in_place(dst, Simd::None);
+    dst.iter_mut().for_each(|d| *d *= scale);
 }
 
 /// Cephes `expf`: e^x = 2^n e^r with n = round(x log2 e), r = x - n ln 2 (in two parts), e^r
@@ -182,81 +200,101 @@ pub(crate) mod x86 {
     /// One row: max, exp(x - max) and its sum, then scale by 1 / sum.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_row_avx2(src: &[f32], dst: &mut [f32]) {
+        debug_assert_eq!(src.len(), dst.len());
+        let scale = exp_row_avx2(src.as_ptr(), dst.as_mut_ptr(), src.len());
+        for d in dst.iter_mut() {
+            *d *= scale;
+        }
+    }
+
+    /// As [`exp_row_avx512`], 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `src` and `dst` hold `n` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_row_avx2(src: *const f32, dst: *mut f32, n: usize) -> f32 {
         const W: usize = 8;
-        let n = src.len();
         let body = n - n % W;
         let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
         for i in (0..body).step_by(W) {
-            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(src.as_ptr().add(i)));
+            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(src.add(i)));
         }
         let mut lanes = [0f32; W];
         _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
         let max = lanes
             .iter()
-            .chain(&src[body..])
             .copied()
+            .chain((body..n).map(|i| *src.add(i)))
             .fold(f32::NEG_INFINITY, f32::max);
         let vm = _mm256_set1_ps(max);
         let mut vsum = _mm256_setzero_ps();
         for i in (0..body).step_by(W) {
-            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(src.as_ptr().add(i)), vm));
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), e);
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(src.add(i)), vm));
+            _mm256_storeu_ps(dst.add(i), e);
             vsum = _mm256_add_ps(vsum, e);
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), vsum);
         let mut sum: f32 = lanes.iter().sum();
         for i in body..n {
             let mut tail = [f32::NEG_INFINITY; W];
-            tail[0] = src[i] - max;
+            tail[0] = *src.add(i) - max;
             let e = exp256(_mm256_loadu_ps(tail.as_ptr()));
             _mm256_storeu_ps(lanes.as_mut_ptr(), e);
-            dst[i] = lanes[0];
+            *dst.add(i) = lanes[0];
             sum += lanes[0];
         }
-        let inv = _mm256_set1_ps(1.0 / sum);
-        for i in (0..body).step_by(W) {
-            let p = dst.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
-        }
-        for d in &mut dst[body..] {
-            *d *= 1.0 / sum;
-        }
+        1.0 / sum
     }
 
     /// As [`softmax_row_avx2`], 16 lanes.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn softmax_row_avx512(src: &[f32], dst: &mut [f32]) {
+        debug_assert_eq!(src.len(), dst.len());
+        let scale = exp_row_avx512(src.as_ptr(), dst.as_mut_ptr(), src.len());
+        scale_row_avx512(dst, scale);
+    }
+
+    /// The first two passes of [`softmax_row_avx512`]: `dst` := exp(src - max(src)), returning
+    /// 1 / their sum. `src` may be `dst`: each element is read before it is written.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `src` and `dst` hold `n` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_row_avx512(src: *const f32, dst: *mut f32, n: usize) -> f32 {
         const W: usize = 16;
-        let n = src.len();
         let body = n - n % W;
         let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
         for i in (0..body).step_by(W) {
-            vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(src.as_ptr().add(i)));
+            vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(src.add(i)));
         }
-        let max = src[body..]
-            .iter()
-            .copied()
+        let max = (body..n)
+            .map(|i| *src.add(i))
             .fold(_mm512_reduce_max_ps(vmax), f32::max);
         let vm = _mm512_set1_ps(max);
         let mut vsum = _mm512_setzero_ps();
         for i in (0..body).step_by(W) {
-            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(src.as_ptr().add(i)), vm));
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), e);
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(src.add(i)), vm));
+            _mm512_storeu_ps(dst.add(i), e);
             vsum = _mm512_add_ps(vsum, e);
         }
         let mut sum = _mm512_reduce_add_ps(vsum);
         if body < n {
             let mask: __mmask16 = (1u16 << (n - body)) - 1;
-            let x = _mm512_mask_loadu_ps(
-                _mm512_set1_ps(f32::NEG_INFINITY),
-                mask,
-                src.as_ptr().add(body),
-            );
+            let x = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, src.add(body));
             let e = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(x, vm)));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(body), mask, e);
+            _mm512_mask_storeu_ps(dst.add(body), mask, e);
             sum += _mm512_reduce_add_ps(e);
         }
-        let inv = _mm512_set1_ps(1.0 / sum);
+        1.0 / sum
+    }
+
+    /// The last pass of [`softmax_row_avx512`]: `dst *= scale`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scale_row_avx512(dst: &mut [f32], scale: f32) {
+        const W: usize = 16;
+        let n = dst.len();
+        let body = n - n % W;
+        let inv = _mm512_set1_ps(scale);
         for i in (0..body).step_by(W) {
             let p = dst.as_mut_ptr().add(i);
             _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), inv));
