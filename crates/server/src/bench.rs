@@ -3,14 +3,13 @@
 //! weight values).
 //! `scripts/bench_diffusers.py` times diffusers/PyTorch on the same shapes.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model as candle_clip;
 use candle_transformers::models::stable_diffusion::unet_2d as candle_unet;
 use candle_transformers::models::stable_diffusion::vae as candle_vae;
@@ -129,137 +128,133 @@ fn random_model<T>(
     device: &Device,
     build: impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T> {
-    Ok(random_adaptable(dtype, device, false, &build)?.model)
+    Ok(random_adaptable(dtype, device, &build)?.model)
 }
 
-/// The random weights a model built by `build` reads, as plain tensors. They are made with
-/// f32 products, so that no layer packs weights that are thrown away here. A matrix or kernel
-/// the builder reads without an initialiser (FLUX's linear layers, the VAE's attention) comes
-/// out of the map as zeros, pages the kernel never backs until written: such weights are
-/// drawn from N(0, 1 / fan-in) instead, so that they are resident as loaded ones are and the
-/// stage's peak RSS counts them.
-fn random_weights<T>(
-    dtype: DType,
-    device: &Device,
-    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
-) -> Result<HashMap<String, Tensor>> {
-    let bf16 = cpu_bf16();
-    set_cpu_bf16(false);
-    let map = VarMap::new();
-    let built = build(VarBuilder::from_varmap(&map, dtype, device));
-    set_cpu_bf16(bf16);
-    drop(built?);
-    let tensors: HashMap<String, Tensor> = map
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("weight map lock poisoned"))?
-        .iter()
-        .map(|(name, var)| Ok((name.clone(), drawn_if_zero(var.as_detached_tensor())?)))
-        .collect::<Result<_>>()?;
-    Ok(tensors)
-}
+/// Random weights drawn as the builder reads them, as the loader reads weights from a file: a
+/// layer that keeps only a packed form (bf16 products on the CPU) frees its f32 tensor as it
+/// is built, so the stage's peak RSS is what a loaded model holds, not every f32 weight at
+/// once. Each tensor is drawn from a generator seeded by its name, so that `--compare-direct`
+/// builds the same model again. The values are uniform with the mean and standard deviation of
+/// the builder's initialiser (the products take the same time whatever the distribution); a
+/// matrix or kernel whose initialiser is zero (FLUX's linear layers, the VAE's attention) gets
+/// a standard deviation of 1 / sqrt(fan-in) instead, like the layers around it, so that it is
+/// made of pages that are resident, as loaded weights are. No tensor is reported present
+/// (`contains_tensor`), so builders leave out their optional parts (the VAE's encoder).
+struct Drawn;
 
-/// `t`, or where it is a matrix or kernel of zeros, values drawn from N(0, 1 / fan-in).
-fn drawn_if_zero(t: Tensor) -> Result<Tensor> {
-    if t.rank() < 2
-        || t.abs()?
-            .max_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?
-            != 0.0
-    {
-        return Ok(t);
+/// Values per independently seeded chunk: drawn in parallel, the same on any thread count.
+const DRAW_CHUNK: usize = 1 << 16;
+
+/// The (mean, half-width) of the uniform values that stand for `init` on `shape`.
+fn uniform_for(init: candle_nn::Init, shape: &Shape) -> (f64, f64) {
+    use candle_nn::init::FanInOut;
+    use candle_nn::Init;
+    let fan_in = FanInOut::FanIn.for_shape(shape).max(1) as f64;
+    let from_std = |std: f64| 3f64.sqrt() * std;
+    match init {
+        Init::Const(c) if c == 0.0 && shape.rank() >= 2 => (0.0, from_std(1.0 / fan_in.sqrt())),
+        Init::Const(c) => (c, 0.0),
+        Init::Randn { mean, stdev } => (mean, from_std(stdev)),
+        Init::Uniform { lo, up } => ((lo + up) / 2.0, (up - lo) / 2.0),
+        // Normal or uniform, the same standard deviation.
+        Init::Kaiming {
+            fan, non_linearity, ..
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape).max(1) as f64).sqrt();
+            (0.0, from_std(std))
+        }
     }
-    let fan_in = t.elem_count() / t.dim(0)?.max(1);
-    let std = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Ok(Tensor::randn(0f32, std as f32, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
 
-/// Weights handed out once each, as the loader reads them from a file: a layer that keeps only
-/// a packed form of its weights (bf16 products on the CPU) frees its tensor as it is built,
-/// where a map kept for the whole build would hold them all. (The stage's peak RSS still
-/// includes every f32 weight at once, made before the build; a loaded model holds one at a
-/// time.)
-struct TakeOnce(Mutex<HashMap<String, Tensor>>);
+/// FNV-1a of `name`: the seed of its tensor.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
-impl TakeOnce {
-    fn take(&self, name: &str) -> candle_core::Result<Tensor> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(name).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
+/// `n` values uniform in `mean +- half`, from the seed's splitmix64 streams, one per chunk.
+fn draw_uniform(seed: u64, n: usize, (mean, half): (f64, f64)) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![mean as f32; n];
+    if half == 0.0 {
+        return out;
+    }
+    out.par_chunks_mut(DRAW_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let mut state = seed ^ (chunk as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for v in values {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                // 24 random bits in [-1, 1).
+                let unit = (z >> 40) as f64 / (1u64 << 23) as f64 - 1.0;
+                *v = (mean + half * unit) as f32;
             }
-            .bt()
-        })
-    }
+        });
+    out
 }
 
-impl SimpleBackend for TakeOnce {
+impl SimpleBackend for Drawn {
     fn get(
         &self,
         shape: Shape,
         name: &str,
-        _: candle_nn::Init,
+        init: candle_nn::Init,
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.take(name)?;
-        if t.shape() != &shape {
-            candle_core::bail!("{name}: shape {:?}, expected {shape:?}", t.shape());
-        }
-        t.to_device(device)?.to_dtype(dtype)
+        let values = draw_uniform(
+            name_seed(name),
+            shape.elem_count(),
+            uniform_for(init, &shape),
+        );
+        Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.take(name)?.to_device(device)?.to_dtype(dtype)
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: the bench draws only weights whose shape the model names")
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.contains_key(name)
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
     }
 }
 
 /// A model built from random weights, as the loader builds our networks (with adaptable
-/// layers, listed in `layers`), and where `--compare-direct` must build it again for its f32
-/// reference, the weights.
+/// layers, listed in `layers`).
 struct Random<T> {
     model: T,
     layers: Vec<LayerInfo>,
-    kept: Option<HashMap<String, Tensor>>,
+    /// Whether the linear layers hold bf16 pairs only, so that an f32 reference needs the model
+    /// built again.
+    packed: bool,
 }
 
-/// Builds a [`Random`] model; with `compare_direct` and bf16 products on the CPU, whose linear
-/// layers keep only their bf16 pairs, it keeps the weights for [`Random::direct`].
+/// Builds a [`Random`] model from [`Drawn`] weights.
 fn random_adaptable<T>(
     dtype: DType,
     device: &Device,
-    compare_direct: bool,
     build: &impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<Random<T>> {
-    let tensors = random_weights(dtype, device, build)?;
-    let kept = (compare_direct && cpu_bf16()).then(|| tensors.clone());
-    let vb = VarBuilder::from_backend(
-        Box::new(TakeOnce(Mutex::new(tensors))),
-        dtype,
-        device.clone(),
-    );
+    let vb = VarBuilder::from_backend(Box::new(Drawn), dtype, device.clone());
     let (model, layers) = registering("bench", || build(vb));
     Ok(Random {
         model: model?,
         layers,
-        kept,
+        packed: cpu_bf16(),
     })
 }
 
 impl<T> Random<T> {
     /// `run` once with direct convolutions and f32 products: on this model, or where its
-    /// linear layers hold bf16 pairs only, on the model built again from the kept weights.
+    /// linear layers hold bf16 pairs only, on the model built again from the same weights.
     fn direct(
         &mut self,
         dtype: DType,
@@ -267,13 +262,13 @@ impl<T> Random<T> {
         build: &impl Fn(VarBuilder) -> candle_core::Result<T>,
         run: impl Fn(&mut T) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        with_direct_convolutions(|| match &self.kept {
-            None => run(&mut self.model),
-            Some(weights) => {
-                let vb = VarBuilder::from_tensors(weights.clone(), dtype, device);
-                let (model, _) = registering("bench", || build(vb));
-                run(&mut model?)
+        with_direct_convolutions(|| {
+            if !self.packed {
+                return run(&mut self.model);
             }
+            let vb = VarBuilder::from_backend(Box::new(Drawn), dtype, device.clone());
+            let (model, _) = registering("bench", || build(vb));
+            run(&mut model?)
         })
     }
 }
@@ -517,7 +512,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "unet" | "unet-lora" => {
                 let build =
                     |vb: VarBuilder<'_>| UNet::new(vb, &UNetConfig::sd15()).map_err(candle_error);
-                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let mut random = random_adaptable(dtype, &device, &build)?;
                 let (model, layers) = (&random.model, &random.layers);
                 let lora = stage == "unet-lora";
                 let set = if lora {
@@ -559,7 +554,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "sdxl-unet" => {
                 let build =
                     |vb: VarBuilder<'_>| UNet::new(vb, &UNetConfig::sdxl()).map_err(candle_error);
-                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let mut random = random_adaptable(dtype, &device, &build)?;
                 let model = &random.model;
                 let l = xl_lat;
                 let x = Tensor::randn(0f32, 1f32, (2, 4, l, l), &device)?.to_dtype(dtype)?;
@@ -589,7 +584,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     ..VaeConfig::sd15()
                 };
                 let build = |vb: VarBuilder<'_>| Vae::new(vb, &cfg).map_err(candle_error);
-                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let mut random = random_adaptable(dtype, &device, &build)?;
                 let model = &mut random.model;
                 model.tile_size = args.vae_tile_size;
                 let l = xl_lat;
@@ -690,7 +685,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             _ => {
                 let build =
                     |vb: VarBuilder<'_>| Vae::new(vb, &VaeConfig::sd15()).map_err(candle_error);
-                let mut random = random_adaptable(dtype, &device, args.compare_direct, &build)?;
+                let mut random = random_adaptable(dtype, &device, &build)?;
                 let model = &mut random.model;
                 model.tile_size = args.vae_tile_size;
                 let z = Tensor::randn(0f32, 1f32, (1, 4, lat, lat), &device)?;
@@ -755,4 +750,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same name draws the same values (what `--compare-direct` relies on), another name
+    /// others; constants stay constant, zero-initialised matrices get the fan-in's scale.
+    #[test]
+    fn drawn_weights_follow_the_name_and_the_initialiser() {
+        let dev = Device::Cpu;
+        let get = |name: &str, dims: &[usize], init| {
+            Drawn
+                .get(Shape::from(dims), name, init, DType::F32, &dev)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .expect("drawn")
+        };
+        let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let a = get("down.0.weight", &[64, 300], kaiming);
+        assert_eq!(a, get("down.0.weight", &[64, 300], kaiming));
+        assert_ne!(a, get("down.1.weight", &[64, 300], kaiming));
+        let std = |v: &[f32]| {
+            let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+            (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let want = 2f64.sqrt() / 300f64.sqrt();
+        assert!((std(&a) / want - 1.0).abs() < 0.05, "{} vs {want}", std(&a));
+        // Zero-initialised matrix: 1 / sqrt(fan-in), 200 x 3 x 3 here; more values than one
+        // chunk.
+        let w = get("proj.weight", &[40, 200, 3, 3], candle_nn::init::ZERO);
+        assert!((std(&w) * (1800f64).sqrt() - 1.0).abs() < 0.05);
+        assert!(w.iter().all(|x| x.abs() <= 3f32.sqrt() / 1800f32.sqrt()));
+        let big = get("big.weight", &[3, DRAW_CHUNK], candle_nn::init::ZERO);
+        assert_ne!(big[..DRAW_CHUNK], big[DRAW_CHUNK..2 * DRAW_CHUNK]);
+        assert!(get("proj.bias", &[40], candle_nn::init::ZERO)
+            .iter()
+            .all(|x| *x == 0.0));
+        assert!(get("norm.weight", &[40], candle_nn::init::ONE)
+            .iter()
+            .all(|x| *x == 1.0));
+        assert!(!Drawn.contains_tensor("proj.weight"));
+    }
 }
