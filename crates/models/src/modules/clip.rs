@@ -23,7 +23,7 @@ impl ClipActivation {
         match self {
             ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
             ClipActivation::Gelu => super::activation::gelu_erf(xs),
-            ClipActivation::GeluTanh => xs.gelu(),
+            ClipActivation::GeluTanh => super::activation::gelu_tanh(xs),
         }
     }
 }

@@ -1262,6 +1262,7 @@ mod tests {
     fn timing() {
         // A UNet projection, CLIP's MLP and attention projection (77 rows).
         for (m, k, n) in [
+            (4608, 3072, 3072),
             (8192, 320, 1280),
             (77, 768, 3072),
             (77, 3072, 768),

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::QTensor;
 use candle_nn::VarBuilder;
 
+use super::activation::gelu_tanh;
 use super::adapter::{self, LayerInfo, LayerShape};
 use super::attention::{score_budget, sliced_attention};
 use super::config::{numbered_count, JsonConfig};
@@ -641,14 +642,16 @@ impl DoubleBlock {
 
         let img = (img + img_attn.broadcast_mul(&m[2])?)?;
         let img_n = modulate(&img, &m[3], &m[4])?;
-        let ff = self.ff_out.forward(&self.ff_in.forward(&img_n)?.gelu()?)?;
+        let ff = self
+            .ff_out
+            .forward(&gelu_tanh(&self.ff_in.forward(&img_n)?)?)?;
         let img = (img + ff.broadcast_mul(&m[5])?)?;
 
         let txt = (txt + txt_attn.broadcast_mul(&mc[2])?)?;
         let txt_n = modulate(&txt, &mc[3], &mc[4])?;
         let ff = self
             .ffc_out
-            .forward(&self.ffc_in.forward(&txt_n)?.gelu()?)?;
+            .forward(&gelu_tanh(&self.ffc_in.forward(&txt_n)?)?)?;
         let txt = (txt + ff.broadcast_mul(&mc[5])?)?;
         // As diffusers: keep f16 activations finite.
         let txt = if txt.dtype() == DType::F16 {
@@ -709,7 +712,7 @@ impl SingleBlock {
             Some([a, b, c, e]) => [a, b, c, e],
             None => [&self.to_q, &self.to_k, &self.to_v, &self.proj_mlp],
         };
-        let mlp = proj_mlp.forward(&xn)?.gelu()?;
+        let mlp = gelu_tanh(&proj_mlp.forward(&xn)?)?;
         let q = self.norm_q.forward(&heads(&to_q.forward(&xn)?, h, d)?)?;
         let k = self.norm_k.forward(&heads(&to_k.forward(&xn)?, h, d)?)?;
         let v = heads(&to_v.forward(&xn)?, h, d)?;

@@ -230,7 +230,9 @@ impl T5Encoder {
             x = (x + blk.o.forward(&o)?)?;
             let xn = blk.ln_ff.forward(&x)?;
             let ff = match &blk.wi_1 {
-                Some(wi_1) => (blk.wi_0.forward(&xn)?.gelu()? * wi_1.forward(&xn)?)?,
+                Some(wi_1) => {
+                    (super::activation::gelu_tanh(&blk.wi_0.forward(&xn)?)? * wi_1.forward(&xn)?)?
+                }
                 None => blk.wi_0.forward(&xn)?.relu()?,
             };
             x = (x + blk.wo.forward(&ff)?)?;
