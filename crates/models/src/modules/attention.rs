@@ -4,7 +4,10 @@
 //! computes its scores, their softmax and their product with `v` in buffers of its own that
 //! stay in cache ([`CpuAttention`]), instead of candle ops on 16 MB score slices that go
 //! through memory three times. The products and the softmax are the same as the candle ops';
-//! only the blocking differs.
+//! only the blocking differs. With bf16 products the blocks are whole row blocks of the bf16
+//! kernel, both products run on the task's thread, and the softmax scales each row straight
+//! into the packed bf16 pairs of the second product: on the SD 1.5 UNet's 64x64
+//! self-attention (16 x 4096 x 40, 2-core EPYC) 0.26 s became 0.17 s, the same numbers.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;

@@ -17,9 +17,10 @@
 //! products to the lane, twice the multiplications of an f32 FMA per instruction (on the 2-core
 //! Zen 5 of `BENCHMARKS.md`, 360 GFLOPS against the `gemm` crate's 210 in f32). The right
 //! operand is packed into panels of [`NR`] columns holding the (even k, odd k) pairs of each
-//! column side by side: once for a layer's weights, as it loads; per call for an
-//! activation. The left one is rounded per call, [`MR`] rows at a time, with one conversion
-//! instruction per 32 values. CPUs without AVX512-BF16 compute the same rounded products with
+//! column side by side (a last panel of at most `NR / 2` columns half as wide): once for a
+//! layer's weights, as it loads; per call for an activation. The left one is rounded per call,
+//! [`MR`] rows at a time, with one conversion instruction per 32 values, or handed over packed
+//! ([`PackedA`]: attention's softmax writes its probabilities so). CPUs without AVX512-BF16 compute the same rounded products with
 //! the `gemm` crate in f32: the numbers agree up to the order of the f32 sums.
 
 use std::sync::atomic::{AtomicBool, Ordering};
