@@ -241,52 +241,45 @@ fn softmax_rows(scores: &mut [f32], m: usize, level: Simd) {
 
 /// `scores` (r x m) := q k^T in f32 for r rows of `q` (rows of d) and this head's `k` (m x d).
 fn f32_scores(q: &[f32], k: &[f32], (r, m, d): (usize, usize, usize), scores: &mut [f32]) {
-    // SAFETY: scores is r x m (row stride m); lhs element (i, j) is q[i * d + j] with i < r,
-    // j < d, inside this head's block; rhs element (j, c) is k[c * d + j], c < m, j < d.
-    unsafe {
-        gemm::gemm(
-            r,
-            m,
-            d,
-            scores.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            q.as_ptr(),
-            1,
-            d as isize,
-            k.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    };
+    f32_product(scores, (r, m, d), (q, d, 1), (k, 1, d));
 }
 
 /// `out` (r x dv) := probs v in f32, `probs` r x m and this head's `v` m x dv.
 fn f32_values(probs: &[f32], v: &[f32], (r, m, dv): (usize, usize, usize), out: &mut [f32]) {
-    // SAFETY: out is r x dv (row stride dv); lhs element (i, c) is probs[i * m + c], i < r,
-    // c < m; rhs element (c, j) is v[c * dv + j], c < m, j < dv, inside this head's v.
+    f32_product(out, (r, dv, m), (probs, m, 1), (v, dv, 1));
+}
+
+/// `c` (rows x cols, row-major) := a b over `depth`, each operand given with its (row, column)
+/// strides, by the `gemm` crate on this thread.
+fn f32_product(
+    c: &mut [f32],
+    (rows, cols, depth): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+) {
+    let last = |rs: usize, cs: usize, r: usize, k: usize| (r - 1) * rs + (k - 1) * cs;
+    if rows == 0 || cols == 0 || depth == 0 {
+        c[..rows * cols].fill(0.0);
+        return;
+    }
+    assert!(c.len() >= rows * cols);
+    assert!(a.len() > last(a_rs, a_cs, rows, depth) && b.len() > last(b_rs, b_cs, depth, cols));
+    // SAFETY: every element read or written lies inside its slice, as asserted.
     unsafe {
         gemm::gemm(
-            r,
-            dv,
-            m,
-            out.as_mut_ptr(),
+            rows,
+            cols,
+            depth,
+            c.as_mut_ptr(),
             1,
-            dv as isize,
+            cols as isize,
             false,
-            probs.as_ptr(),
-            1,
-            m as isize,
-            v.as_ptr(),
-            1,
-            dv as isize,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
             0.0,
             1.0,
             false,
@@ -392,9 +385,9 @@ mod tests {
     fn timing() {
         let dev = Device::Cpu;
         let mut rng = crate::samplers::TorchRng::new(9);
-        // The UNet's 64x64 self-attention, the VAE's at 64x64 latents and the SDXL VAE's at
-        // 128x128.
-        for shape in [[16, 4096, 40], [1, 4096, 512], [1, 16384, 512]] {
+        // The SD 1.5 UNet's 64x64 self-attention, the SDXL UNet's, the VAE's at 64x64 latents
+        // and the SDXL VAE's at 128x128.
+        for shape in [[16, 4096, 40], [20, 4096, 64], [1, 4096, 512], [1, 16384, 512]] {
             let q = (rng.randn(&shape, &dev).unwrap() * 0.05).unwrap();
             let k = rng.randn(&shape, &dev).unwrap();
             let v = rng.randn(&shape, &dev).unwrap();
