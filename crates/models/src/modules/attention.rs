@@ -11,9 +11,11 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cpu_gemm::{
-    bf16_hardware, cpu_bf16, matmul_in_task, matmul_packed, Lhs, PackedA, PackedB, Start, MR,
+    avx512_hardware, bf16_hardware, cpu_bf16, matmul_in_task, matmul_packed, Lhs, PackedA, PackedB,
+    Start, MR,
 };
 use super::softmax::{exp_in_place, simd_level, Simd};
 
@@ -58,6 +60,10 @@ pub fn sliced_attention(
 /// against 3.5 s (2-core EPYC). The UNet's and FLUX's heads are 40-160 wide. The bf16
 /// products stay fused (0.10 s and 1.8 s): they pack `v` once per head.
 const F32_FUSED_MAX_HEAD_DIM: usize = 256;
+
+/// Whether f32 attention runs its products on the f32 panels of [`super::cpu_gemm`] (where the
+/// CPU has AVX-512F) rather than the `gemm` crate. A switch for the timing test.
+static F32_PANELS: AtomicBool = AtomicBool::new(true);
 
 /// [`sliced_attention`] as candle ops, for every device and dtype.
 fn sliced_ops(
@@ -148,9 +154,10 @@ impl CustomOp3 for CpuAttention {
         let q = super::contiguous_f32(self.name(), q, q_layout)?;
         let k = super::contiguous_f32(self.name(), k, k_layout)?;
         let v = super::contiguous_f32(self.name(), v, v_layout)?;
+        let f32_panels = !self.bf16 && avx512_hardware() && F32_PANELS.load(Ordering::Relaxed);
         let mut rows = (TASK_SCORE_BYTES / (4 * m.max(1))).clamp(MIN_TASK_ROWS, 256);
-        if self.bf16 {
-            // Whole row blocks of the bf16 kernel: 64 rows would compute 72.
+        if self.bf16 || f32_panels {
+            // Whole row blocks of the panel kernels: 64 rows would compute 72.
             rows = rows.next_multiple_of(MR);
         }
         let rows = rows.min(n.max(1));
@@ -163,9 +170,14 @@ impl CustomOp3 for CpuAttention {
         out.par_chunks_mut(n * dv).enumerate().for_each(|(h, out)| {
             let (q, k, v) = (&q[h * n * d..], &k[h * m * d..], &v[h * m * dv..]);
             // With `--dtype bf16`: k as the right operand of q k^T, v of p v, packed once per head.
-            let packed = self
-                .bf16
-                .then(|| (PackedB::new(k, d, m, 1, d), PackedB::new(v, m, dv, dv, 1)));
+            // In f32 where the CPU has AVX-512F, the same operands in f32 panels.
+            let packed = if self.bf16 {
+                Some((PackedB::new(k, d, m, 1, d), PackedB::new(v, m, dv, dv, 1)))
+            } else if f32_panels {
+                PackedB::f32_panels(k, d, m, (1, d)).zip(PackedB::f32_panels(v, m, dv, (dv, 1)))
+            } else {
+                None
+            };
             out.par_chunks_mut(rows * dv)
                 .enumerate()
                 .for_each(|(blk, out)| {
@@ -387,11 +399,21 @@ mod tests {
         let mut rng = crate::samplers::TorchRng::new(9);
         // The SD 1.5 UNet's 64x64 self-attention, the SDXL UNet's, the VAE's at 64x64 latents
         // and the SDXL VAE's at 128x128.
-        for shape in [[16, 4096, 40], [20, 4096, 64], [1, 4096, 512], [1, 16384, 512]] {
+        for shape in [
+            [16, 4096, 40],
+            [20, 4096, 64],
+            [1, 4096, 512],
+            [1, 16384, 512],
+        ] {
             let q = (rng.randn(&shape, &dev).unwrap() * 0.05).unwrap();
             let k = rng.randn(&shape, &dev).unwrap();
             let v = rng.randn(&shape, &dev).unwrap();
             for _ in 0..2 {
+                F32_PANELS.store(false, Ordering::Relaxed);
+                let t = std::time::Instant::now();
+                sliced_attention(&q, &k, &v, false, 1 << 22).unwrap();
+                let gemm_crate = t.elapsed();
+                F32_PANELS.store(true, Ordering::Relaxed);
                 let t = std::time::Instant::now();
                 sliced_attention(&q, &k, &v, false, 1 << 22).unwrap();
                 let fused = t.elapsed();
@@ -402,7 +424,9 @@ mod tests {
                 let t = std::time::Instant::now();
                 sliced_ops(&q, &k, &v, false, 1 << 22).unwrap();
                 let ops = t.elapsed();
-                println!("{shape:?}: fused {fused:?}, bf16 {bf16:?}, candle ops {ops:?}");
+                println!(
+                    "{shape:?}: fused {fused:?} (gemm crate {gemm_crate:?}), bf16 {bf16:?}, candle ops {ops:?}"
+                );
             }
         }
     }

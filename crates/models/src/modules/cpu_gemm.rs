@@ -204,6 +204,17 @@ impl PackedB {
     /// A linear layer's (n x k) weight in f32 panels for the AVX-512F kernel, unrounded;
     /// `None` where the CPU has no AVX-512F.
     pub(crate) fn f32_weight(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        Self::f32_panels(w, k, n, (1, k))
+    }
+
+    /// `b` (k x n), element (kk, j) at `b[kk * rs + j * cs]`, in f32 panels for the AVX-512F
+    /// kernel, unrounded; `None` where the CPU has no AVX-512F.
+    pub(crate) fn f32_panels(
+        b: &[f32],
+        k: usize,
+        n: usize,
+        (rs, cs): (usize, usize),
+    ) -> Option<Self> {
         if !avx512_hardware() {
             return None;
         }
@@ -215,7 +226,7 @@ impl PackedB {
                 let cols = NR.min(n - panel * NR);
                 for (kk, dst) in dst.chunks_exact_mut(width).enumerate() {
                     for (j, d) in dst.iter_mut().enumerate().take(cols) {
-                        *d = w[(panel * NR + j) * k + kk].to_bits();
+                        *d = b[kk * rs + (panel * NR + j) * cs].to_bits();
                     }
                 }
             });
