@@ -21,7 +21,7 @@ pub enum ClipActivation {
 impl ClipActivation {
     fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
+            ClipActivation::QuickGelu => super::activation::quick_gelu(xs),
             ClipActivation::Gelu => super::activation::gelu_erf(xs),
             ClipActivation::GeluTanh => super::activation::gelu_tanh(xs),
         }
