@@ -20,8 +20,9 @@
 //! column side by side (a last panel of at most `NR / 2` columns half as wide): once for a
 //! layer's weights, as it loads; per call for an activation. The left one is rounded per call,
 //! [`MR`] rows at a time, with one conversion instruction per 32 values, or handed over packed
-//! ([`PackedA`]: attention's softmax writes its probabilities so). CPUs without AVX512-BF16 compute the same rounded products with
-//! the `gemm` crate in f32: the numbers agree up to the order of the f32 sums.
+//! ([`PackedA`]: attention's softmax writes its probabilities so). CPUs without AVX512-BF16
+//! compute the same rounded products with the `gemm` crate in f32: the numbers agree up to the
+//! order of the f32 sums.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
